@@ -1,0 +1,246 @@
+"""The agent's config tree and the one function that loads TOML into a validated model.
+
+Validators are pure: no network, no files opened. Must not import onnxruntime, paho or torch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar, Union, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from edgekit.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class Strict(BaseModel):
+    """Base for every config model: unknown keys are errors, values are not coerced silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+class ReplaySource(Strict):
+    kind: Literal["replay"] = Field("replay", description="Replay a recorded file.")
+    path: Path = Field(description="Recorded file: IPOL *_lb.txt gait trial, SKAB CSV (';'), or NAB CSV.")
+    format: Literal["auto", "ipol", "skab", "nab"] = Field(
+        "auto", description="File format; 'auto' decides from the name and header."
+    )
+    speed: float = Field(
+        0.0, ge=0.0, description="1 = real time, N = N times faster, 0 = as fast as possible."
+    )
+
+
+class SerialSource(Strict):
+    kind: Literal["serial"] = Field("serial", description="Read samples from a serial port.")
+    port: str = Field(description="Serial device, e.g. /dev/ttyUSB0.")
+    baudrate: int = Field(115200, gt=0, description="Line speed in baud.")
+    channels: int = Field(gt=0, description="Comma-separated values expected per line.")
+    rate_hz: float = Field(gt=0, description="Sample rate of the sensor, used to time-stamp samples.")
+
+
+class MqttSource(Strict):
+    kind: Literal["mqtt"] = Field("mqtt", description="Samples published by a sensor gateway.")
+    topic: str = Field(description="Topic to subscribe to; payload: JSON {'t': seconds, 'values': [...]}.")
+    url: str | None = Field(None, description="Broker URL; default: the agent's own broker.")
+    channels: int = Field(gt=0, description="Values expected per sample.")
+
+
+class SimulatedSource(Strict):
+    kind: Literal["simulated"] = Field("simulated", description="Synthetic signal for demos.")
+    generator: Literal["gait", "pump"] = Field(description="'gait': TUG-like lower-back IMU; 'pump': SKAB-like.")
+    duration_s: float = Field(60.0, gt=0, description="Length of the simulated stream in seconds.")
+    seed: int = Field(0, description="Random seed.")
+    speed: float = Field(0.0, ge=0.0, description="1 = real time, 0 = as fast as possible.")
+
+
+SourceConfig = Annotated[
+    Union[ReplaySource, SerialSource, MqttSource, SimulatedSource], Field(discriminator="kind")
+]
+
+
+# --- the rest of the agent -----------------------------------------------------------------------
+
+
+class MqttConfig(Strict):
+    url: str | None = Field(
+        "mqtt://127.0.0.1:1883", description="Broker as mqtt://HOST:PORT; empty or null: outbox only."
+    )
+    username: str | None = Field(None, description="Broker user name, if the broker wants one.")
+    password: str | None = Field(None, description="Broker password.")
+    keepalive_s: int = Field(30, ge=5, description="MQTT keepalive in seconds.")
+    batch_interval_s: float = Field(
+        0.0, ge=0.0, description="0: one message per result; >0: results batched per interval."
+    )
+    max_batch: int = Field(500, gt=0, description="Most results in one batched message.")
+    max_inflight: int = Field(200, gt=0, description="Most unacknowledged QoS 1 messages at once.")
+    reconnect_max_s: float = Field(10.0, gt=0, description="Longest wait between reconnect attempts.")
+
+    @field_validator("url")
+    @classmethod
+    def _url_scheme(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        if not v.startswith(("mqtt://", "mqtts://")):
+            raise ValueError(f"must look like mqtt://HOST:PORT (got {v!r})")
+        return v
+
+
+class OutboxConfig(Strict):
+    path: Path = Field(Path("edgekit-outbox.db"), description="SQLite (WAL) file holding unsent results.")
+    max_rows: int = Field(1_000_000, gt=0, description="Bound; beyond it the oldest are dropped and counted.")
+
+
+class GateConfig(Strict):
+    enabled: bool = Field(True, description="False: every window is accepted (no deferral).")
+    downsample_points: int = Field(
+        128, ge=8, description="Points per channel kept with a deferred window for the reviewer."
+    )
+
+
+class RuntimeConfig(Strict):
+    profile: str = Field("auto", description="Device profile name from devices/profiles, or 'auto'.")
+    intra_op_threads: int | None = Field(None, ge=1, description="Override the profile's thread count.")
+
+
+class AgentConfig(Strict):
+    device_id: str = Field("edge-1", min_length=1, description="This device's id, used in topics and result ids.")
+    site: str = Field("default", min_length=1, description="Site name, used in topics.")
+    bundle: Path = Field(description="Bundle directory written by `edgekit export`.")
+    public_key: Path | None = Field(None, description="Ed25519 public key; when set the bundle must verify.")
+    source: SourceConfig = Field(description="Where samples come from.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Disk outbox.")
+    gate: GateConfig = Field(default_factory=GateConfig, description="Human hand-off.")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="onnxruntime settings.")
+    metrics_interval_s: float = Field(10.0, gt=0, description="How often metrics are published.")
+
+    @field_validator("device_id", "site")
+    @classmethod
+    def _topic_safe(cls, v: str) -> str:
+        bad = set(v) & set("/+#$ ")
+        if bad:
+            raise ValueError(f"must not contain {''.join(sorted(bad))!r} (used in MQTT topics; got {v!r})")
+        return v
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def _members(annotation: Any) -> list[Any]:
+    """The model classes inside an annotation (unwrapping Optional, Annotated and unions)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    out: list[Any] = []
+    for arg in get_args(annotation):
+        out.extend(_members(arg))
+    return out
+
+
+def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], list[str]]:
+    """Follow a pydantic error location; return (shown key parts, allowed keys at its end).
+
+    Tags of discriminated unions (e.g. `replay` in `source.replay.path`) are dropped from the shown key.
+    """
+    shown: list[str] = []
+    current: list[Any] = [model]
+    for part in loc[:-1]:
+        tagged = [m for m in current if "kind" in m.model_fields and part == m.model_fields["kind"].default]
+        if tagged:
+            current = tagged
+            continue
+        shown.append(str(part))
+        nxt: list[Any] = []
+        for m in current:
+            if part in m.model_fields:
+                nxt.extend(_members(m.model_fields[part].annotation))
+        current = nxt
+    if loc:
+        shown.append(str(loc[-1]))
+    allowed = sorted({f for m in current for f in m.model_fields})
+    return shown, allowed
+
+
+def format_validation_error(source: str, model: type[BaseModel], err: ValidationError) -> str:
+    """One line per problem: `file: a.b: message (got X)` plus 'did you mean' for unknown keys."""
+    lines = []
+    for e in err.errors():
+        shown, allowed = _walk(model, tuple(e["loc"]))
+        key = ".".join(shown) or "(top level)"
+        if e["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(shown[-1], allowed, n=1)
+            msg = "unknown key"
+            if close:
+                msg += f", did you mean {close[0]!r}?"
+            elif allowed:
+                msg += f"; expected one of {', '.join(allowed)}"
+        else:
+            msg = e["msg"]
+            if e["type"] != "missing" and "input" in e:
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{source}: {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_toml(path: Path | str) -> dict[str, Any]:
+    """Read a TOML file, turning a missing file or a syntax error into ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("file not found", where=str(p), hint="expected a TOML file")
+    try:
+        with p.open("rb") as fh:
+            return tomllib.load(fh)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"not valid TOML: {exc}", where=str(p)) from None
+
+
+def validate(model: type[M], data: dict[str, Any], source: str) -> M:
+    """Validate a dict against a model; errors become one ConfigError naming file and key."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(source, model, err)) from None
+
+
+def load_config(path: Path | str, model: type[M], overrides: dict[str, Any] | None = None) -> M:
+    """The one place a TOML file becomes a config object. `overrides` are dotted keys from flags."""
+    data = load_toml(path)
+    for dotted, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    base = Path(path).parent
+    cfg = validate(model, data, str(path))
+    return _resolve_paths(cfg, base) if isinstance(cfg, AgentConfig) else cfg
+
+
+def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
+    """Relative paths in a config file are relative to that file, not to the working directory."""
+
+    def fix(p: Path | None) -> Path | None:
+        return p if p is None or p.is_absolute() else (base / p)
+
+    source = cfg.source
+    if isinstance(source, ReplaySource):
+        source = source.model_copy(update={"path": fix(source.path)})
+    return cfg.model_copy(
+        update={
+            "bundle": fix(cfg.bundle),
+            "public_key": fix(cfg.public_key),
+            "source": source,
+            "outbox": cfg.outbox.model_copy(update={"path": fix(cfg.outbox.path)}),
+        }
+    )

@@ -1,0 +1,52 @@
+"""The exception tree. Library code raises these; only the CLI maps them to exit codes and prints.
+
+    EdgekitError            every error edgekit raises on purpose; .hint says what to do
+    ├── ConfigError         a config, recipe or flag is wrong (names file and key)
+    ├── DataError           a dataset or sample is unusable (names file, row, column)
+    ├── DeviceError         a device profile or execution provider problem
+    ├── ModelError          a bundle, manifest, ONNX file or signature problem
+    ├── TransportError      the broker or network (names the endpoint)
+    └── ExportError         training/export/quantization/parity failed
+"""
+
+from __future__ import annotations
+
+
+class EdgekitError(Exception):
+    """Base class. `where` names the file, key, topic or endpoint; `hint` what to do about it."""
+
+    def __init__(self, message: str, *, where: str | None = None, hint: str | None = None) -> None:
+        self.message = message
+        self.where = where
+        self.hint = hint
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+class ConfigError(EdgekitError):
+    """A config file, recipe or command-line value is invalid."""
+
+
+class DataError(EdgekitError):
+    """A dataset file, column or sample is missing or unusable."""
+
+
+class DeviceError(EdgekitError):
+    """A device profile is invalid, or an execution provider cannot be used."""
+
+
+class ModelError(EdgekitError):
+    """A bundle, manifest, model file or signature is missing, altered or inconsistent."""
+
+
+class TransportError(EdgekitError):
+    """The MQTT broker refused us or could not be reached."""
+
+
+class ExportError(EdgekitError):
+    """Training, export, quantization or a parity check failed."""
