@@ -1,0 +1,266 @@
+"""The composition root: source -> window -> features -> models -> gate -> result -> outbox/MQTT.
+
+The only module that wires the stages together. Never imports torch (tests/test_no_torch.py).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit import topics
+from edgekit.config import AgentConfig
+from edgekit.errors import ConfigError, ModelError
+from edgekit.gate import Gate
+from edgekit.values import GateDecision, Quarantined, Window
+
+log = logging.getLogger(__name__)
+
+SEQ_BLOCK = 1024  # result sequence numbers reserved per outbox write (a gap after restart is harmless)
+
+
+@dataclass
+class Counters:
+    windows: int = 0
+    accepted: int = 0
+    deferred: int = 0
+    quarantined: int = 0
+    samples: int = 0
+    quarantine_reasons: Counter = field(default_factory=Counter)
+    started_s: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True)
+class Summary:
+    windows: int
+    accepted: int
+    deferred: int
+    quarantined: int
+    published: int
+    queued: int
+    dropped: int
+
+    def line(self) -> str:
+        return (f"windows={self.windows} accepted={self.accepted} deferred={self.deferred} "
+                f"quarantined={self.quarantined} published={self.published} queued={self.queued} "
+                f"dropped={self.dropped}")
+
+
+def _downsample(data: np.ndarray, points: int) -> list[list[float]]:
+    """(size, C) -> per-channel lists of at most `points` block means, for the reviewer's plot."""
+    size = data.shape[0]
+    if size > points:
+        step = int(np.ceil(size / points))
+        cut = (size // step) * step
+        data = data[:cut].reshape(-1, step, data.shape[1]).mean(axis=1)
+    return np.round(data.T, 5).tolist()
+
+
+class Agent:
+    """Runs one config until the source ends or `stop` is set. Use as a context manager."""
+
+    def __init__(self, cfg: AgentConfig, stop: threading.Event | None = None) -> None:
+        self.cfg = cfg
+        self.stop = stop or threading.Event()
+        self.counters = Counters()
+        self._seq_next = 0
+        self._seq_end = 0
+        self._stack: list[Any] = []
+
+    # --- setup -------------------------------------------------------------------------------------
+
+    def __enter__(self) -> "Agent":
+        from edgekit import manifest as manifest_mod
+        from edgekit.devices import detect as detect_mod
+        from edgekit.devices import profile as profile_mod
+        from edgekit.outbox import Outbox
+        from edgekit.runtime import ModelSet, Preprocess
+        from edgekit.transport import Transport
+
+        cfg = self.cfg
+        self.manifest = manifest_mod.load_bundle(cfg.bundle, public_key=cfg.public_key)
+        m = self.manifest
+        if m.input.kind != "window":
+            raise ConfigError(f"bundle {cfg.bundle} takes table rows ({m.input.kind}), not a sensor stream",
+                              where=f"{cfg.bundle}/manifest.json: input.kind",
+                              hint="use a bundle trained on windows (e.g. examples/skab.toml)")
+        profile = (detect_mod.detect() if cfg.runtime.profile == "auto"
+                   else profile_mod.load_profile(cfg.runtime.profile))
+        import onnxruntime as ort
+
+        providers = profile_mod.available_providers(profile, ort.get_available_providers())
+        threads = cfg.runtime.intra_op_threads or profile.intra_op_threads
+        self.models = ModelSet(Path(cfg.bundle), m, providers, threads)
+        self.pre = Preprocess.from_manifest(m)
+        th = m.thresholds
+        self.gate = Gate(th.ood_max_score, th.min_confidence, th.max_disagreement, enabled=cfg.gate.enabled)
+        self.labels = list(m.labels)
+        self.model_version = f"{m.task}@{m.data_fingerprint[:12]}"
+        self.outbox = Outbox(Path(cfg.outbox.path), max_rows=cfg.outbox.max_rows)
+        self._stack.append(self.outbox)
+        self.transport = Transport(
+            cfg.mqtt.url, site=cfg.site, device=cfg.device_id, outbox=self.outbox,
+            username=cfg.mqtt.username, password=cfg.mqtt.password, keepalive_s=cfg.mqtt.keepalive_s,
+            batch_interval_s=cfg.mqtt.batch_interval_s, max_batch=cfg.mqtt.max_batch,
+            max_inflight=cfg.mqtt.max_inflight, reconnect_max_s=cfg.mqtt.reconnect_max_s,
+            status_extra=self._status_extra,
+        )
+        self._stack.append(self.transport)
+        self.transport.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for res in reversed(self._stack):
+            try:
+                res.close()
+            except Exception:  # closing must not hide the original error
+                log.exception("agent.close_failed resource=%s", type(res).__name__)
+        self._stack.clear()
+
+    def _status_extra(self) -> dict[str, Any]:
+        return {"model_version": self.model_version, "queued": self.outbox.backlog(),
+                "dropped": self.outbox.dropped}
+
+    # --- the loop ----------------------------------------------------------------------------------
+
+    def _next_seq(self) -> int:
+        if self._seq_next >= self._seq_end:
+            self._seq_next = self.outbox.next_seq(SEQ_BLOCK)
+            self._seq_end = self._seq_next + SEQ_BLOCK
+        seq = self._seq_next
+        self._seq_next += 1
+        return seq
+
+    def _check_channels(self, source_channels: tuple[str, ...]) -> list[int]:
+        wanted = list(self.manifest.input.channels or [])
+        missing = [c for c in wanted if c not in source_channels]
+        if missing:
+            raise ConfigError(f"the source lacks channels {missing} that the bundle needs "
+                              f"(source has {list(source_channels)})", where="source")
+        return [source_channels.index(c) for c in wanted]
+
+    def process(self, window: Window) -> None:
+        """One window through features, models and gate, into the outbox."""
+        from edgekit.features import extract
+
+        m = self.manifest
+        rate = float(m.input.rate_hz or 1.0)
+        raw = extract(m.input.extractor, window.data[None], rate)
+        feats = self.pre.features(raw)
+        win = self.pre.window(window.data) if "window" in self.models.input_kind.values() else None
+        out = self.models.infer(feats, win)
+        probs = out.probs[0]
+        second = None if out.second_probs is None else out.second_probs[0]
+        ood = None if out.ood_score is None else float(out.ood_score[0])
+        decision = self.gate.decide(probs, second, ood)
+        self._emit(window, raw[0], probs, second, decision)
+
+    def _emit(self, window: Window, raw_features: np.ndarray, probs: np.ndarray, second: np.ndarray | None,
+              decision: GateDecision) -> None:
+        c = self.counters
+        c.windows += 1
+        seq = self._next_seq()
+        label_i = int(probs.argmax())
+        payload: dict[str, Any] = {
+            "schema": topics.SCHEMA_RESULT,
+            "id": topics.result_id(self.cfg.device_id, seq),
+            "seq": seq,
+            "site": self.cfg.site,
+            "device": self.cfg.device_id,
+            "ts": time.time(),
+            "window": {"start_s": window.start_s, "end_s": window.end_s},
+            "model_version": self.model_version,
+            "task": self.manifest.task,
+            "label": self.labels[label_i],
+            "confidence": float(probs[label_i]),
+            "probs": {k: float(v) for k, v in zip(self.labels, probs)},
+            "decision": decision.action,
+            "reasons": list(decision.reasons),
+            "scores": decision.scores,
+            "thresholds": decision.thresholds,
+        }
+        if second is not None:
+            payload["second_opinion"] = {"label": self.labels[int(second.argmax())],
+                                         "probs": {k: float(v) for k, v in zip(self.labels, second)}}
+        self.transport.send("result", topics.encode(payload))
+        if decision.action == "defer":
+            c.deferred += 1
+            payload["schema"] = topics.SCHEMA_REVIEW
+            payload["features"] = {n: float(v) for n, v in zip(self.manifest.input.feature_names, raw_features)}
+            payload["signal"] = {"channels": list(self.manifest.input.channels or []),
+                                 "rate_hz": self.manifest.input.rate_hz, "start_s": window.start_s,
+                                 "points": _downsample(window.data, self.cfg.gate.downsample_points)}
+            self.transport.send("review", topics.encode(payload))
+        else:
+            c.accepted += 1
+
+    def metrics(self) -> dict[str, Any]:
+        c = self.counters
+        stats = self.transport.stats()
+        return {"schema": topics.SCHEMA_METRICS, "site": self.cfg.site, "device": self.cfg.device_id,
+                "ts": time.time(), "windows": c.windows, "accepted": c.accepted, "deferred": c.deferred,
+                "quarantined": c.quarantined, "quarantine_reasons": dict(c.quarantine_reasons),
+                "samples": c.samples, "published": stats.get("acked", 0), "queued": self.outbox.backlog(),
+                "dropped": self.outbox.dropped, "replayed": stats.get("replayed", 0),
+                "uptime_s": time.monotonic() - c.started_s}
+
+    def _publish_metrics(self) -> None:
+        self.transport.send("metrics", topics.encode(self.metrics()))
+
+    def run(self, drain_timeout_s: float = 30.0) -> Summary:
+        """Read the source to its end (or until stop), then drain the outbox as far as the broker allows."""
+        from edgekit.source import open_source
+        from edgekit.window import Windower
+
+        m = self.manifest
+        size, hop = int(m.input.window_size), int(m.input.window_hop)
+        with open_source(self.cfg.source, stop=self.stop, mqtt_url=self.cfg.mqtt.url) as source:
+            idx = self._check_channels(tuple(source.channels))
+            windower = Windower(size, hop, len(idx))
+            select = None if idx == list(range(len(source.channels))) else np.asarray(idx)
+            next_metrics = time.monotonic() + self.cfg.metrics_interval_s
+            log.info("agent.start device=%s site=%s bundle=%s source=%s broker=%s", self.cfg.device_id,
+                     self.cfg.site, self.cfg.bundle, self.cfg.source.kind, self.cfg.mqtt.url or "none")
+            if not self.cfg.mqtt.url:
+                log.warning("agent.offline reason=no-broker results stay in the outbox path=%s",
+                            self.cfg.outbox.path)
+            for item in source:
+                if self.stop.is_set():
+                    break
+                if isinstance(item, Quarantined):
+                    self.counters.quarantined += 1
+                    self.counters.quarantine_reasons[item.reason.split(":")[0]] += 1
+                    log.warning("agent.quarantine where=%s reason=%s", item.where, item.reason)
+                    continue
+                self.counters.samples += 1
+                sample = item if select is None else type(item)(item.t_s, item.values[select])
+                window = windower.push(sample)
+                if window is not None:
+                    self.process(window)
+                now = time.monotonic()
+                if now >= next_metrics:
+                    self._publish_metrics()
+                    next_metrics = now + self.cfg.metrics_interval_s
+        self._publish_metrics()
+        if self.cfg.mqtt.url:
+            self.transport.flush(drain_timeout_s)
+        stats = self.transport.stats()
+        c = self.counters
+        summary = Summary(c.windows, c.accepted, c.deferred, c.quarantined, stats.get("acked", 0),
+                          self.outbox.backlog(), self.outbox.dropped)
+        log.info("agent.done %s", summary.line())
+        return summary
+
+
+def run_agent(cfg: AgentConfig, stop: threading.Event | None = None, drain_timeout_s: float = 30.0) -> Summary:
+    if not Path(cfg.bundle).is_dir():
+        raise ModelError("bundle directory not found", where=str(cfg.bundle), hint="run `edgekit export` first")
+    with Agent(cfg, stop) as agent:
+        return agent.run(drain_timeout_s)

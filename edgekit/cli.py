@@ -1,0 +1,318 @@
+"""The `edgekit` command line. The only place that configures logging, prints, and maps errors to exit codes.
+
+Every command imports its stage lazily, so `edgekit run` never pulls in torch and `--help` is instant.
+Exit codes: 0 ok, 1 unexpected error, 2 bad input (config, data, bundle, broker), 3 parity/export failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from edgekit import __version__
+
+log = logging.getLogger("edgekit.cli")
+
+EXIT_CODES = {"ExportError": 3}
+
+
+def _setup_logging(verbose: int) -> None:
+    level = logging.WARNING - 10 * verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+
+
+def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """EdgekitError -> one clear message and a non-zero exit; traceback only with --debug."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from edgekit.errors import EdgekitError
+
+        ctx = click.get_current_context()
+        debug = bool(ctx.find_root().params.get("debug"))
+        try:
+            return fn(*args, **kwargs)
+        except EdgekitError as exc:
+            if debug:
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(EXIT_CODES.get(type(exc).__name__, 2))
+        except KeyboardInterrupt:
+            sys.exit(130)
+
+    return wrapper
+
+
+def stop_on_signals() -> threading.Event:
+    """SIGTERM/SIGINT set an event: stages stop reading, the agent flushes and says offline, exit 0."""
+    stop = threading.Event()
+
+    def _handler(signum: int, _frame: Any) -> None:
+        log.warning("cli.signal signal=%s stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _handler)
+    signal.signal(signal.SIGINT, _handler)
+    return stop
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edgekit")
+@click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
+@click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
+def main(verbose: int, debug: bool) -> None:
+    """edgekit: train a sensor model, ship it to edge devices as a signed bundle, run it there, and hand the
+    doubtful cases to a person.
+
+    \b
+    The path of the data:
+      edgekit train examples/skab.toml --out runs/skab          # server (CUDA if present)
+      edgekit export runs/skab --int8 --out bundles/skab        # ONNX, INT8, parity, bundle
+      edgekit run --bundle bundles/skab --source replay:FILE    # edge agent (no torch)
+      edgekit hub --broker mqtt://127.0.0.1:1883                # collect + review web page
+      edgekit demo                                              # all of it, end to end
+    """
+    _setup_logging(verbose + (1 if debug else 0))
+
+
+# --- training side -------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
+@click.option("--extra-labels", type=click.Path(path_type=Path), default=None,
+              help="labels.csv from `edgekit labels export`: reviewed cases added to the training split.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@handle_errors
+def train(recipe: Path, out: Path, extra_labels: Path | None, epochs: int | None, no_progress: bool) -> None:
+    """Train the predictor, autoencoder gate and second opinion described by RECIPE (TOML)."""
+    from edgekit.exporters.train import train as train_fn
+
+    run_dir = train_fn(recipe, out, extra_labels=extra_labels, epochs=epochs, progress=not no_progress)
+    click.echo(f"run written to {run_dir} (report: {run_dir / 'report'})")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
+@click.option("--int8/--no-int8", default=False, help="Also quantize to INT8 (static QDQ) and check parity.")
+@click.option("--sign-key", type=click.Path(path_type=Path), default=None, help="Ed25519 private key (PEM).")
+@click.option("--target-error", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Largest error rate accepted on cases the device answers alone (overrides the recipe).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@handle_errors
+def export(run_dir: Path, out: Path, int8: bool, sign_key: Path | None, target_error: float | None,
+           no_progress: bool) -> None:
+    """Export RUN_DIR to ONNX (and INT8), check parity, calibrate the gate, write a bundle."""
+    from edgekit.exporters.export import export as export_fn
+
+    report = export_fn(run_dir, out, int8=int8, sign_key=sign_key, target_error=target_error,
+                       progress=not no_progress)
+    status = "passed" if report.get("passed", True) else "FAILED"
+    click.echo(f"bundle written to {out} (parity {status}; see {out / 'parity.json'})")
+
+
+@main.command()
+@click.option("--out", default=Path("keys"), type=click.Path(path_type=Path), show_default=True,
+              help="Directory for the key pair.")
+@click.option("--name", default="edgekit", show_default=True, help="File name stem.")
+@handle_errors
+def keygen(out: Path, name: str) -> None:
+    """Make an Ed25519 key pair for signing bundles (private key mode 0600)."""
+    from edgekit.manifest import keygen as keygen_fn
+
+    priv, pub = keygen_fn(out, name)
+    click.echo(f"private key: {priv}\npublic key:  {pub}")
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--pub", required=True, type=click.Path(path_type=Path), help="Ed25519 public key (PEM).")
+@handle_errors
+def verify(bundle: Path, pub: Path) -> None:
+    """Check a bundle's signature and the sha256 of every file it lists."""
+    from edgekit.manifest import verify_bundle
+
+    m = verify_bundle(bundle, pub)
+    click.echo(f"ok: {bundle} ({m.task}, {len(m.files)} files, signature valid)")
+
+
+# --- edge side -----------------------------------------------------------------------------------
+
+
+def _source_from_flag(value: str, speed: float | None) -> dict[str, Any]:
+    from edgekit.errors import ConfigError
+
+    kind, _, arg = value.partition(":")
+    if kind == "replay" and arg:
+        out: dict[str, Any] = {"kind": "replay", "path": arg}
+    elif kind == "simulated" and arg:
+        out = {"kind": "simulated", "generator": arg}
+    elif kind == "serial" and arg:
+        port, _, channels = arg.partition("@")
+        out = {"kind": "serial", "port": port, "channels": int(channels or 0) or 6, "rate_hz": 100.0}
+    else:
+        raise ConfigError(f"expected replay:PATH, simulated:gait|pump or serial:PORT@CHANNELS (got {value!r})",
+                          where="--source")
+    if speed is not None and kind in ("replay", "simulated"):
+        out["speed"] = speed
+    return out
+
+
+def agent_config(config: Path | None, **flags: Any) -> Any:
+    """The agent config from a TOML file and/or flags; flags win. One validation point: edgekit.config."""
+    from edgekit.config import AgentConfig, load_toml, validate
+
+    data: dict[str, Any] = load_toml(config) if config else {}
+    where = str(config) if config else "command line"
+    if flags.get("bundle"):
+        data["bundle"] = str(flags["bundle"])
+    if flags.get("source"):
+        data["source"] = _source_from_flag(flags["source"], flags.get("speed"))
+    elif flags.get("speed") is not None and isinstance(data.get("source"), dict):
+        data["source"]["speed"] = flags["speed"]
+    if flags.get("broker") is not None:
+        data.setdefault("mqtt", {})["url"] = flags["broker"] or None
+    for key, name in (("device_id", "device_id"), ("site", "site")):
+        if flags.get(key):
+            data[name] = flags[key]
+    if flags.get("outbox"):
+        data.setdefault("outbox", {})["path"] = str(flags["outbox"])
+    if flags.get("batch_interval") is not None:
+        data.setdefault("mqtt", {})["batch_interval_s"] = flags["batch_interval"]
+    cfg = validate(AgentConfig, data, where)
+    if config:
+        from edgekit.config import _resolve_paths
+
+        cfg = _resolve_paths(cfg, config.parent)
+    return cfg
+
+
+@main.command()
+@click.option("--config", "config", type=click.Path(path_type=Path), default=None, help="agent.toml.")
+@click.option("--bundle", type=click.Path(path_type=Path), default=None, help="Bundle directory.")
+@click.option("--source", default=None, help="replay:PATH, simulated:gait|pump or serial:PORT@CHANNELS.")
+@click.option("--speed", type=float, default=None, help="Replay speed: 1 real time, N faster, 0 max.")
+@click.option("--broker", default=None, help="mqtt://HOST:PORT; '' for outbox only.")
+@click.option("--device-id", default=None, help="This device's id.")
+@click.option("--site", default=None, help="Site name.")
+@click.option("--outbox", type=click.Path(path_type=Path), default=None, help="Outbox SQLite file.")
+@click.option("--batch-interval", type=float, default=None, help="Seconds per batched result message.")
+@click.option("--drain-timeout", type=float, default=30.0, show_default=True,
+              help="At the end of a finite source, wait this long for the broker to take the backlog.")
+@handle_errors
+def run(config: Path | None, drain_timeout: float, **flags: Any) -> None:
+    """Run the edge agent: read a sensor stream, window it, run the gate and models, publish over MQTT.
+
+    Results go to a disk outbox first and leave it only when the broker acknowledges them. At the end
+    of a finite source the agent drains what it can and prints a one-line summary.
+    """
+    from edgekit.agent import run_agent
+
+    cfg = agent_config(config, **flags)
+    stop = stop_on_signals()
+    summary = run_agent(cfg, stop=stop, drain_timeout_s=drain_timeout)
+    if not cfg.mqtt.url:
+        click.echo(f"no broker: {summary.queued} results wait in the outbox {cfg.outbox.path}", err=True)
+    click.echo(summary.line())
+
+
+@main.command("check-config")
+@click.argument("file", type=click.Path(path_type=Path))
+@handle_errors
+def check_config(file: Path) -> None:
+    """Validate an agent config (agent.toml) or a training recipe and say what is wrong, key by key."""
+    from edgekit.config import AgentConfig, load_toml, validate
+
+    data = load_toml(file)
+    if "source" in data or "bundle" in data:
+        validate(AgentConfig, data, str(file))
+        kind = "agent config"
+    else:
+        from edgekit.recipe import Recipe
+
+        validate(Recipe, data, str(file))
+        kind = "recipe"
+    click.echo(f"ok: {file} is a valid {kind}")
+
+
+@main.group()
+def device() -> None:
+    """Device profiles (devices/profiles/*.toml)."""
+
+
+@device.command("detect")
+@click.option("--root", type=click.Path(path_type=Path), default=Path("/"), help="Filesystem root to inspect.")
+@handle_errors
+def device_detect(root: Path) -> None:
+    """Print the profile that fits this machine."""
+    from edgekit.devices.detect import describe, detect
+
+    click.echo(describe(detect(root)))
+
+
+# --- hub -----------------------------------------------------------------------------------------
+
+
+@main.group(invoke_without_command=True)
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="mqtt://HOST:PORT")
+@click.option("--db", default="sqlite:///hub.db", show_default=True, help="sqlite:///FILE or postgresql://...")
+@click.option("--http", default="127.0.0.1:8080", show_default=True, help="HOST:PORT for the review page; '' for none.")
+@click.option("--share-group", default="edgekit-hub", show_default=True, help="MQTT v5 shared subscription group.")
+@click.pass_context
+@handle_errors
+def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str) -> None:
+    """Collect results from every device and serve the review station."""
+    ctx.obj = {"db": db}
+    if ctx.invoked_subcommand is not None:
+        return
+    from edgekit.hub import run_hub
+
+    stop = stop_on_signals()
+    click.echo(f"hub: broker {broker}, db {db}, review page http://{http}/" if http else "hub: ingest only")
+    run_hub(broker, db, http or None, share_group=share_group, stop=stop)
+
+
+@hub.command("adduser")
+@click.argument("name")
+@click.option("--password", prompt=True, hide_input=True, confirmation_prompt=True,
+              help="Password (prompted when not given).")
+@click.pass_context
+@handle_errors
+def hub_adduser(ctx: click.Context, name: str, password: str) -> None:
+    """Create a reviewer (password stored as a salted hash)."""
+    from edgekit.hub import add_user
+
+    add_user(ctx.obj["db"], name, password)
+    click.echo(f"reviewer {name!r} added")
+
+
+@main.group()
+def labels() -> None:
+    """Reviewed labels, for the next training run."""
+
+
+@labels.command("export")
+@click.option("--db", default="sqlite:///hub.db", show_default=True, help="Hub database URL.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="CSV to write.")
+@handle_errors
+def labels_export(db: str, out: Path) -> None:
+    """Write reviewed cases (latest label each) to CSV; feed it to `edgekit train --extra-labels`."""
+    from edgekit.hub import export_labels
+
+    n = export_labels(db, out)
+    click.echo(f"{n} labelled cases written to {out}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()
