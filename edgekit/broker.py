@@ -1,5 +1,5 @@
-"""A real mosquitto on a free loopback port, started from deploy/mosquitto/test.conf; stoppable and
-restartable on the same port (for outage tests). Used by the fixtures in conftest.py."""
+"""A local mosquitto on a free loopback port for the demo and the tests, from deploy/mosquitto/test.conf
+(so it runs from a source checkout); stoppable and restartable on the same port (outage tests)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,14 @@ from pathlib import Path
 CONF = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "test.conf"
 
 
+def installed() -> str | None:
+    """Path of the mosquitto binary, or None."""
+    found = shutil.which("mosquitto")
+    if found:
+        return found
+    return "/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -20,12 +28,17 @@ def free_port() -> int:
 
 class Mosquitto:
     def __init__(self, workdir: Path, port: int | None = None) -> None:
-        self.binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
+        binary = installed()
+        if binary is None:
+            raise FileNotFoundError("mosquitto is not installed (apt-get install mosquitto)")
+        self.binary = binary
         self.workdir = workdir
         self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
+        if not CONF.exists():
+            raise FileNotFoundError(f"{CONF} not found: the local broker runs from a source checkout")
         self.conf.write_text(CONF.read_text().format(port=self.port, data_dir=workdir))
         self.log = workdir / "mosquitto.log"
 

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
-from broker import Mosquitto
+from edgekit.broker import Mosquitto, installed
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -16,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def mosquitto(tmp_path: Path):
     """A fresh broker on a free loopback port; `.stop()` / `.start()` for outages on the same port."""
-    if not (shutil.which("mosquitto") or Path("/usr/sbin/mosquitto").exists()):
+    if installed() is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
     with Mosquitto(tmp_path / "broker") as broker:
         yield broker
