@@ -186,6 +186,8 @@ def agent_config(config: Path | None, **flags: Any) -> Any:
     for key, name in (("device_id", "device_id"), ("site", "site")):
         if flags.get(key):
             data[name] = flags[key]
+    if flags.get("public_key"):
+        data["public_key"] = str(flags["public_key"])
     if flags.get("outbox"):
         data.setdefault("outbox", {})["path"] = str(flags["outbox"])
     if flags.get("batch_interval") is not None:
@@ -207,6 +209,8 @@ def agent_config(config: Path | None, **flags: Any) -> Any:
 @click.option("--device-id", default=None, help="This device's id.")
 @click.option("--site", default=None, help="Site name.")
 @click.option("--outbox", type=click.Path(path_type=Path), default=None, help="Outbox SQLite file.")
+@click.option("--public-key", type=click.Path(path_type=Path), default=None,
+              help="Refuse the bundle unless its signature verifies with this Ed25519 public key.")
 @click.option("--batch-interval", type=float, default=None, help="Seconds per batched result message.")
 @click.option("--drain-timeout", type=float, default=30.0, show_default=True,
               help="At the end of a finite source, wait this long for the broker to take the backlog.")
@@ -312,6 +316,36 @@ def labels_export(db: str, out: Path) -> None:
 
     n = export_labels(db, out)
     click.echo(f"{n} labelled cases written to {out}")
+
+
+@main.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo"), show_default=True,
+              help="Where runs, bundles, keys, broker files and the outbox go.")
+@click.option("--fault-file", default="valve1/1.csv", show_default=True,
+              help="SKAB fault file (under skab/data) that the agent replays.")
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
+@handle_errors
+def demo(workdir: Path, fault_file: str, epochs: int | None) -> None:
+    """Run the whole path end to end: train, export INT8 + sign, verify, run the agent through a local
+    broker on a recorded fault, and show the results and the deferred cases."""
+    from edgekit.demo import run_demo
+
+    run_demo(workdir, click.echo, fault_file=fault_file, epochs=epochs)
+
+
+@main.command("eval")
+@click.argument("name", type=click.Choice(["skab", "fall-screening", "ipol", "deferral"]))
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="Write the plot (PNG).")
+@handle_errors
+def evaluate(name: str, json_out: Path | None, plot_out: Path | None) -> None:
+    """Evaluate on real data against the published results (run by hand; minutes, not seconds)."""
+    from edgekit.exporters.evaluate import EVALUATIONS, table
+
+    plot_out = plot_out or Path(f"eval-{name}.png")
+    result = EVALUATIONS[name](json_out, plot_out, progress=True)
+    click.echo(table(name, result))
+    click.echo(f"plot: {plot_out}" + (f", json: {json_out}" if json_out else ""))
 
 
 if __name__ == "__main__":  # pragma: no cover
