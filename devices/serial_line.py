@@ -1,0 +1,124 @@
+"""Serial-line sensor source (pyserial, the `serial` extra): one sample per text line.
+
+Line format, ASCII/UTF-8, ended by "\\n" ("\\r\\n" accepted), values separated by commas:
+
+    v1,v2,...,vN          N = source.channels; t = previous t + 1/rate_hz (0 for the first sample)
+    t,v1,v2,...,vN        N + 1 values: the first is the sensor's time in seconds
+
+Every line is validated like a replayed file: wrong value count, a non-numeric or non-finite value,
+time going backwards (or repeating) or undecodable bytes give a Quarantined item naming `port:line`.
+Must not import torch or paho.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import serial  # pyserial; a missing package is reported by edgekit.source.resolve with the extra's name
+
+from edgekit.config import SerialSource
+from edgekit.errors import ConfigError, DeviceError
+from edgekit.source import Item, LineRejected, BaseReader, check_time, to_floats
+from edgekit.values import Quarantined, Sample
+
+log = logging.getLogger(__name__)
+
+MAX_LINE_BYTES = 4096  # a line longer than this is noise on the wire (wrong baud rate), not a sample
+
+
+class SerialReader(BaseReader):
+    """Reads `port` (a device path or any pyserial URL such as loop://) at `baudrate`."""
+
+    finite = False
+
+    def __init__(self, cfg: SerialSource, *, stop: threading.Event, channel_names: Sequence[str] | None = None,
+                 **_: Any) -> None:
+        super().__init__(stop)
+        self.port = cfg.port
+        self.baudrate = cfg.baudrate
+        self.rate_hz = float(cfg.rate_hz)
+        self.channels = tuple(channel_names) if channel_names else tuple(f"ch{i}" for i in range(cfg.channels))
+        if len(self.channels) != cfg.channels:
+            raise ConfigError(f"{len(self.channels)} channel names for {cfg.channels} channels",
+                              where="source.channels")
+        self._serial: Any = None
+        self._last_t: float | None = None
+
+    def __enter__(self) -> SerialReader:
+        try:
+            # timeout: readline returns at least every 0.1 s so a set stop event is noticed promptly
+            self._serial = serial.serial_for_url(self.port, baudrate=self.baudrate, timeout=0.1)
+        except (serial.SerialException, ValueError, OSError) as exc:
+            raise DeviceError(f"cannot open serial port: {exc}", where=self.port,
+                              hint="check source.port, that the device is plugged in, and that this user "
+                                   "may open it (group dialout)") from exc
+        log.info("source_serial_open port=%s baudrate=%d", self.port, self.baudrate)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        if self._serial is not None:
+            self._serial.close()
+            self._serial = None
+
+    def parse(self, text: str) -> Sample:
+        """One decoded line to a Sample (LineRejected with the reason otherwise)."""
+        cells = text.split(",")
+        n = len(self.channels)
+        if len(cells) == n + 1:
+            t = float(to_floats(cells[:1], ["t"])[0])
+            values = to_floats(cells[1:], self.channels)
+        elif len(cells) == n:
+            values = to_floats(cells, self.channels)
+            t = 0.0 if self._last_t is None else self._last_t + 1.0 / self.rate_hz
+        else:
+            raise LineRejected(f"expected {n} values (or {n + 1} with a leading time), got {len(cells)}")
+        check_time(t, self._last_t)
+        self._last_t = t
+        return Sample(t, values)
+
+    def _items(self) -> Iterator[Item]:
+        if self._serial is None:
+            raise DeviceError("the serial source is not open", where=self.port,
+                              hint="use it as a context manager: with open_source(...) as src")
+        self._last_t = None
+        buf = bytearray()
+        lineno = 0
+        while not self.stop.is_set():
+            try:
+                chunk = self._serial.read(max(1, self._serial.in_waiting))
+            except serial.SerialException as exc:
+                raise DeviceError(f"serial read failed: {exc}", where=self.port,
+                                  hint="the device was unplugged or reset") from exc
+            if not chunk:
+                continue
+            buf += chunk
+            while True:
+                end = buf.find(b"\n")
+                if end < 0:
+                    if len(buf) > MAX_LINE_BYTES:
+                        lineno += 1
+                        raw = bytes(buf[:200]).decode("ascii", "replace")
+                        del buf[:]
+                        yield Quarantined(where=f"{self.port}:{lineno}",
+                                          reason=f"line longer than {MAX_LINE_BYTES} bytes", raw=raw)
+                    break
+                line = bytes(buf[:end]).rstrip(b"\r")
+                del buf[: end + 1]
+                lineno += 1
+                if not line.strip():
+                    continue
+                where = f"{self.port}:{lineno}"
+                try:
+                    text = line.decode("utf-8")
+                except UnicodeDecodeError:
+                    yield Quarantined(where=where, reason="not UTF-8 text (wrong baud rate?)",
+                                      raw=line.decode("ascii", "replace"))
+                    continue
+                try:
+                    yield self.parse(text)
+                except LineRejected as exc:
+                    yield Quarantined(where=where, reason=str(exc), raw=text)

@@ -1,0 +1,627 @@
+"""Sensor sources: replay a recorded file, simulate a signal, read a serial line or an MQTT topic.
+
+Each source is a context manager and an iterator of `Sample` or `Quarantined` items: a bad line or
+message never stops the stream, it comes out as `Quarantined(where, reason, raw)` and the agent counts
+it. Drivers are import strings in `SOURCES`, resolved only when selected. Must not import torch, and
+must not import paho or pyserial at module level (they are imported by the driver that needs them).
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+import logging
+import math
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+import numpy as np
+
+from edgekit.config import MqttSource, ReplaySource, SimulatedSource
+from edgekit.datasets import IPOL_CHANNELS, SKAB_CHANNELS
+from edgekit.errors import ConfigError, DataError, TransportError
+from edgekit.values import Quarantined, Sample
+
+log = logging.getLogger(__name__)
+
+# kind -> "module:Class"; a class is imported only when its kind is selected.
+SOURCES: dict[str, str] = {
+    "replay": "edgekit.source:ReplayReader",
+    "simulated": "edgekit.source:SimulatedReader",
+    "serial": "edgekit.devices.serial_line:SerialReader",
+    "mqtt": "edgekit.source:MqttReader",
+}
+# top-level module a driver needs -> the extra that installs it
+EXTRAS: dict[str, str] = {"serial": "serial"}
+
+Item = Sample | Quarantined
+
+
+@runtime_checkable
+class Source(Protocol):
+    """What the agent iterates over. `finite` is True for files and simulations, False for live inputs."""
+
+    channels: tuple[str, ...]
+    rate_hz: float
+    finite: bool
+
+    def __enter__(self) -> Source: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def __iter__(self) -> Iterator[Item]: ...
+
+
+def resolve(kind: str) -> type:
+    """The reader class registered for `kind`; a missing optional dependency names the extra to install."""
+    if kind not in SOURCES:
+        raise ConfigError(f"unknown source kind {kind!r}", where="source.kind",
+                          hint=f"one of {', '.join(sorted(SOURCES))}")
+    module_name, _, attr = SOURCES[kind].partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        top = (exc.name or "").split(".")[0]
+        if top in EXTRAS:
+            raise ConfigError(f"source kind {kind!r} needs the Python package {top!r}", where="source.kind",
+                              hint=f"pip install 'edgekit[{EXTRAS[top]}]'") from exc
+        raise
+    return getattr(module, attr)
+
+
+def open_source(cfg: Any, *, rate_hint: float | None = None, stop: threading.Event | None = None,
+                mqtt_url: str | None = None, channel_names: Sequence[str] | None = None) -> Source:
+    """Build the source selected by `cfg.kind` (not started yet: use it as a context manager).
+
+    rate_hint: the sample rate the bundle was trained at (needed by `mqtt`, which carries no rate);
+    stop: set it to end the iteration promptly; mqtt_url: the agent's broker, used when `cfg.url` is
+    unset; channel_names: names for `serial`/`mqtt` channels (default ch0, ch1, ...).
+    """
+    cls = resolve(cfg.kind)
+    return cls(cfg, rate_hint=rate_hint, stop=stop or threading.Event(), mqtt_url=mqtt_url,
+               channel_names=channel_names)
+
+
+# --- shared line checks (replay, serial and mqtt use the same ones) ----------------------------------
+
+
+class LineRejected(ValueError):
+    """Internal: a line or message that cannot become a Sample; the message is the quarantine reason."""
+
+
+def to_floats(cells: Sequence[Any], names: Sequence[str]) -> np.ndarray:
+    """Cells to a float64 vector; a non-numeric or non-finite cell raises LineRejected naming its column."""
+    if len(cells) != len(names):
+        raise LineRejected(f"expected {len(names)} values, got {len(cells)}")
+    out = np.empty(len(names), dtype=np.float64)
+    for i, (cell, name) in enumerate(zip(cells, names)):
+        if isinstance(cell, bool):
+            raise LineRejected(f"column {name!r}: not a number (got {cell!r})")
+        try:
+            v = float(cell)
+        except (TypeError, ValueError):
+            shown = cell.strip() if isinstance(cell, str) else cell
+            raise LineRejected(f"column {name!r}: not a number (got {shown!r})") from None
+        if not math.isfinite(v):
+            shown = cell.strip() if isinstance(cell, str) else cell
+            raise LineRejected(f"column {name!r}: not finite (got {shown!r})")
+        out[i] = v
+    return out
+
+
+def check_time(t_s: float, last_s: float | None, *, strict: bool = True) -> None:
+    """Raise LineRejected when time goes backwards (or, with `strict`, does not advance)."""
+    if not math.isfinite(t_s):
+        raise LineRejected(f"time not finite (got {t_s!r})")
+    if last_s is not None and (t_s < last_s or (strict and t_s == last_s)):
+        word = "went backwards" if t_s < last_s else "did not advance"
+        raise LineRejected(f"time {word}: {t_s:.6g} s after {last_s:.6g} s")
+
+
+class Pacer:
+    """Keeps a stream at `speed` times the sensor clock; speed 0 = no waiting. `wait(t)` is False on stop."""
+
+    def __init__(self, speed: float, stop: threading.Event) -> None:
+        self.speed = speed
+        self.stop = stop
+        self._origin: tuple[float, float] | None = None
+
+    def wait(self, t_s: float) -> bool:
+        if self.speed <= 0:
+            return not self.stop.is_set()
+        now = time.monotonic()
+        if self._origin is None:
+            self._origin = (now, t_s)
+        wall0, t0 = self._origin
+        delay = wall0 + (t_s - t0) / self.speed - now
+        if delay > 0.0005:  # shorter waits are caught up on later samples
+            return not self.stop.wait(delay)
+        return not self.stop.is_set()
+
+
+class BaseReader:
+    """Common context-manager plumbing: __exit__ closes the running iterator (and its file/socket)."""
+
+    channels: tuple[str, ...]
+    rate_hz: float
+    finite: bool
+
+    def __init__(self, stop: threading.Event) -> None:
+        self.stop = stop
+        self._gen: Iterator[Item] | None = None
+
+    def __enter__(self) -> BaseReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._gen is not None:
+            self._gen.close()  # type: ignore[attr-defined]
+            self._gen = None
+
+    def __iter__(self) -> Iterator[Item]:
+        self._gen = self._items()
+        return self._gen
+
+    def _items(self) -> Iterator[Item]:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+
+# --- replay ---------------------------------------------------------------------------------------
+
+_EPOCH = datetime(1970, 1, 1)
+_CHUNK_LINES = 2048
+
+
+def _parse_stamp(cell: str) -> float:
+    """A naive ISO timestamp as seconds, read as UTC so daylight-saving changes cannot reorder it."""
+    try:
+        return (datetime.fromisoformat(cell.strip()) - _EPOCH).total_seconds()
+    except (TypeError, ValueError):
+        raise LineRejected(f"timestamp not understood (got {cell.strip()!r})") from None
+
+
+class _Layout:
+    """Where time and values sit in one recorded format's lines."""
+
+    def __init__(self, fmt: str, delimiter: str, header: list[str], names: tuple[str, ...],
+                 first_line: int, rate_hz: float, time_col: int | None) -> None:
+        self.fmt = fmt
+        self.delimiter = delimiter
+        self.ncols = len(header)
+        self.names = names
+        self.value_cols = tuple(header.index(n) for n in names)
+        self.first_line = first_line  # 1-based number of the first data line
+        self.rate_hz = rate_hz
+        self.time_col = time_col  # ipol: PacketCounter (checked, not used as time); csv: timestamp
+
+
+def _sniff(path: Path, fmt: str) -> tuple[_Layout, list[str]]:
+    """Read the header of a recorded file and decide its layout; file-level problems raise DataError."""
+    with path.open(newline=None) as fh:
+        first = fh.readline().rstrip("\n")
+        second = fh.readline().rstrip("\n")
+        head = [line.rstrip("\n") for line in itertools.islice(fh, 256)]
+    if fmt == "auto":
+        if first.startswith("Acquisition frequency"):
+            fmt = "ipol"
+        elif first.split(";")[0] == "datetime":
+            fmt = "skab"
+        elif first.split(",")[:2] == ["timestamp", "value"]:
+            fmt = "nab"
+        else:
+            raise DataError(f"cannot tell the format from line 1 (got {first[:80]!r})", where=f"{path}:1",
+                            hint="set source.format to ipol, skab or nab")
+    if fmt == "ipol":
+        if not first.startswith("Acquisition frequency"):
+            raise DataError(f"expected 'Acquisition frequency: N Hz' (got {first[:80]!r})", where=f"{path}:1")
+        try:
+            rate = float(first.split(":", 1)[1].split()[0])
+        except (IndexError, ValueError):
+            raise DataError(f"sample rate not understood (got {first!r})", where=f"{path}:1") from None
+        header = second.split("\t")
+        _require_columns(path, 2, header, IPOL_CHANNELS)
+        time_col = header.index("PacketCounter") if "PacketCounter" in header else None
+        return _Layout("ipol", "\t", header, IPOL_CHANNELS, 3, rate, time_col), head
+    if fmt == "skab":
+        header = first.split(";")
+        if header[0] != "datetime":
+            raise DataError(f"expected a SKAB header starting with 'datetime' (got {first[:80]!r})",
+                            where=f"{path}:1")
+        _require_columns(path, 1, header, SKAB_CHANNELS)
+        return _Layout("skab", ";", header, SKAB_CHANNELS, 2, 1.0, 0), [second, *head]
+    if fmt == "nab":
+        header = first.split(",")
+        if header[:2] != ["timestamp", "value"]:
+            raise DataError(f"expected header timestamp,value (got {first[:80]!r})", where=f"{path}:1")
+        stamps = []
+        for line in [second, *head]:
+            try:
+                stamps.append(_parse_stamp(line.split(",")[0]))
+            except LineRejected:
+                continue
+        steps = np.diff(stamps)
+        steps = steps[steps > 0]
+        rate = 1.0 / float(np.median(steps)) if len(steps) else 1.0
+        return _Layout("nab", ",", header, ("value",), 2, rate, 0), [second, *head]
+    raise ConfigError(f"unknown replay format {fmt!r}", where="source.format", hint="auto, ipol, skab or nab")
+
+
+def _require_columns(path: Path, line: int, header: list[str], names: Sequence[str]) -> None:
+    missing = [c for c in names if c not in header]
+    if missing:
+        raise DataError(f"missing columns {missing}; the header has {header}", where=f"{path}:{line}")
+
+
+class ReplayReader(BaseReader):
+    """Replays an IPOL `*_lb.txt`, SKAB or NAB file, validating every line.
+
+    Time: IPOL t = (line - first data line) / rate, the same clock `datasets.read_ipol` gives training
+    (PacketCounter has real gaps and a repeat in 11-1_lb.txt, so it is only checked not to go backwards);
+    SKAB and NAB t = timestamp - first timestamp, and a timestamp that does not advance is quarantined.
+    Clean chunks are parsed with numpy in one go; a chunk with any bad line is re-read line by line.
+    """
+
+    finite = True
+
+    def __init__(self, cfg: ReplaySource, *, stop: threading.Event, **_: Any) -> None:
+        super().__init__(stop)
+        self.path = Path(cfg.path)
+        if not self.path.is_file():
+            raise ConfigError("replay file not found", where=str(self.path), hint="check source.path")
+        self.speed = cfg.speed
+        self.layout, _ = _sniff(self.path, cfg.format)
+        self.channels = self.layout.names
+        self.rate_hz = self.layout.rate_hz
+        self.format = self.layout.fmt
+        self._last_t: float | None = None
+        self._last_counter: float | None = None
+        self._t0: float | None = None
+
+    # one line -> Sample, or LineRejected
+    def _parse_line(self, text: str, lineno: int) -> Sample:
+        lay = self.layout
+        cells = text.split(lay.delimiter)
+        if len(cells) != lay.ncols:
+            raise LineRejected(f"expected {lay.ncols} cells, got {len(cells)}")
+        values = to_floats([cells[i] for i in lay.value_cols], lay.names)
+        if lay.fmt == "ipol":
+            if lay.time_col is not None:
+                counter = to_floats([cells[lay.time_col]], ["PacketCounter"])[0]
+                last = self._last_counter
+                # XSens counters are 16-bit: a drop from near the top to near zero is a wrap, not a rewind
+                if last is not None and counter < last and not (last > 60000 and counter < 5000):
+                    raise LineRejected(f"PacketCounter went backwards: {counter:.0f} after {last:.0f}")
+                self._last_counter = counter
+            t = (lineno - lay.first_line) / lay.rate_hz
+            check_time(t, self._last_t)
+        else:
+            stamp = _parse_stamp(cells[lay.time_col or 0])
+            if self._t0 is None:
+                self._t0 = stamp
+            t = stamp - self._t0
+            check_time(t, self._last_t)
+        self._last_t = t
+        return Sample(t, values)
+
+    def _parse_chunk(self, texts: list[str], linenos: list[int]) -> list[Sample] | None:
+        """Vectorised parse of a clean chunk; None when any line needs the careful per-line path."""
+        lay = self.layout
+        if not texts:
+            return []
+        d = lay.delimiter
+        want = lay.ncols - 1
+        if any(s.count(d) != want for s in texts):
+            return None
+        try:
+            if lay.fmt == "ipol":
+                cols = (lay.time_col, *lay.value_cols) if lay.time_col is not None else lay.value_cols
+                arr = np.loadtxt(texts, delimiter=d, usecols=cols, ndmin=2, dtype=np.float64, comments=None)
+            else:
+                arr = np.loadtxt(texts, delimiter=d, usecols=lay.value_cols, ndmin=2, dtype=np.float64,
+                                 comments=None)
+        except ValueError:
+            return None
+        if not np.isfinite(arr).all():
+            return None
+        if lay.fmt == "ipol":
+            if lay.time_col is not None:
+                counters = arr[:, 0]
+                prev = self._last_counter if self._last_counter is not None else counters[0]
+                if np.any(np.diff(counters, prepend=prev) < 0):
+                    return None
+                values = arr[:, 1:]
+            else:
+                values = arr
+            t = (np.asarray(linenos, dtype=np.float64) - lay.first_line) / lay.rate_hz
+        else:
+            try:
+                stamps = np.array([_parse_stamp(s.split(d, 1)[0]) for s in texts])
+            except LineRejected:
+                return None
+            t0 = self._t0 if self._t0 is not None else stamps[0]
+            t = stamps - t0
+            values = arr
+            if not np.isfinite(t).all() or np.any(np.diff(t) <= 0):
+                return None
+        if self._last_t is not None and t[0] <= self._last_t:
+            return None
+        if lay.fmt == "ipol" and lay.time_col is not None:
+            self._last_counter = float(arr[-1, 0])
+        if lay.fmt != "ipol":
+            self._t0 = t0
+        self._last_t = float(t[-1])
+        return [Sample(float(t[k]), values[k]) for k in range(len(t))]
+
+    def _items(self) -> Iterator[Item]:
+        pacer = Pacer(self.speed, self.stop)
+        self._last_t = self._last_counter = self._t0 = None
+        where = str(self.path)
+        with self.path.open(newline=None) as fh:
+            for _ in range(self.layout.first_line - 1):
+                fh.readline()
+            lineno = self.layout.first_line
+            while True:
+                raw = list(itertools.islice(fh, _CHUNK_LINES))
+                if not raw:
+                    return
+                texts: list[str] = []
+                linenos: list[int] = []
+                for i, line in enumerate(raw):
+                    text = line.rstrip("\r\n")
+                    if text.strip():  # blank lines (a trailing newline) are not samples
+                        texts.append(text)
+                        linenos.append(lineno + i)
+                lineno += len(raw)
+                fast = self._parse_chunk(texts, linenos)
+                if fast is not None:
+                    for sample in fast:
+                        if not pacer.wait(sample.t_s):
+                            return
+                        yield sample
+                    continue
+                for text, n in zip(texts, linenos):
+                    try:
+                        sample = self._parse_line(text, n)
+                    except (LineRejected, ValueError) as exc:
+                        if self.stop.is_set():
+                            return
+                        yield Quarantined(where=f"{where}:{n}", reason=str(exc), raw=text)
+                        continue
+                    if not pacer.wait(sample.t_s):
+                        return
+                    yield sample
+
+
+# --- simulated ------------------------------------------------------------------------------------
+
+# Lower-back IMU in the IPOL sensor frame, measured on 1-1_lb.txt while still: gravity reads
+# (8.30, 0.13, 5.77) m/s^2, i.e. the sensor is tilted ~35 deg; the U-turn's yaw rate shows on Gyr_X and
+# Gyr_Z in the same proportion. Steps: ~2 per second (README of ipol_gait: healthy adults, 10 m walks).
+_GRAVITY = np.array([8.30, 0.13, 5.77])
+_UP = _GRAVITY / np.linalg.norm(_GRAVITY)
+_SIDE = np.array([0.0, 1.0, 0.0])
+
+# SKAB anomaly-free.csv, 9,405 rows: per-channel mean and standard deviation (SKAB_CHANNELS order).
+_PUMP_MEAN = np.array([0.213, 0.268, 2.403, 0.111, 89.472, 28.474, 228.647, 125.237])
+_PUMP_STD = np.array([0.005, 0.004, 0.486, 0.253, 0.667, 0.731, 10.98, 1.605])
+# fault name -> per-channel shift in units of the channel's std (valve closures, rotor imbalance)
+_PUMP_FAULTS = {
+    "valve1": np.array([1.0, 1.0, -2.0, -1.5, 0.5, 0.0, 0.0, -25.0]),   # inlet closure: flow and pressure fall
+    "valve2": np.array([1.5, 1.5, 1.0, 3.0, 0.5, 0.0, 0.0, -20.0]),     # outlet closure: pressure rises
+    "imbalance": np.array([8.0, 10.0, 1.0, 0.0, 1.0, 0.0, 0.0, -1.0]),  # rotor imbalance: vibration
+}
+
+
+def gait_trial(rng: np.random.Generator, rate_hz: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+    """One TUG-like trial: still, walk, 180 deg turn, walk back, still. Returns (values (T, 6), phase (T,))."""
+    still1, walk1, turn, walk2, still2 = (
+        rng.uniform(1.8, 2.4), rng.uniform(6.0, 8.5), rng.uniform(1.3, 1.8), rng.uniform(6.0, 8.5),
+        rng.uniform(1.8, 2.4),
+    )
+    bounds = np.cumsum([0.0, still1, walk1, turn, walk2, still2])
+    n = int(round(bounds[-1] * rate_hz))
+    t = np.arange(n) / rate_hz
+    phase = np.searchsorted(bounds[1:], t, side="right")  # 0 still, 1 walk, 2 turn, 3 walk, 4 still
+    moving = ((phase >= 1) & (phase <= 3)).astype(np.float64)
+    step_hz = rng.uniform(1.8, 2.2)
+    # vertical bounce at the step rate, sway at the stride rate (half of it)
+    bounce = 2.2 * np.sin(2 * np.pi * step_hz * t) * moving
+    sway = 1.2 * np.sin(np.pi * step_hz * t + rng.uniform(0, np.pi)) * moving
+    acc = _GRAVITY + bounce[:, None] * _UP + sway[:, None] * _SIDE
+    gyr = np.zeros((n, 3))
+    gyr += (0.35 * np.sin(np.pi * step_hz * t) * moving)[:, None] * np.array([0.6, 0.5, -0.6])
+    in_turn = phase == 2
+    if in_turn.any():
+        # half-sine yaw rate whose integral over the turn is pi
+        tt = (t[in_turn] - bounds[2]) / (bounds[3] - bounds[2])
+        yaw = (np.pi * np.pi / (2 * (bounds[3] - bounds[2]))) * np.sin(np.pi * tt)
+        gyr[in_turn] += -yaw[:, None] * _UP * rng.choice([-1.0, 1.0])
+    acc += rng.normal(0.0, 0.06, acc.shape)
+    gyr += rng.normal(0.0, 0.012, gyr.shape)
+    labels = np.select([phase == 2, moving > 0], [2, 1], 0).astype(np.int8)
+    return np.hstack([acc, gyr]), labels
+
+
+def pump_block(rng: np.random.Generator, n: int, fault: str | None) -> np.ndarray:
+    """`n` seconds of SKAB-like pump readings (n, 8), with `fault`'s shift ramped in and held."""
+    values = _PUMP_MEAN + rng.normal(0.0, 1.0, (n, 8)) * _PUMP_STD
+    if fault is not None:
+        ramp = np.clip(np.arange(n) / max(1.0, min(30.0, n / 3)), 0.0, 1.0)
+        values += ramp[:, None] * _PUMP_FAULTS[fault] * _PUMP_STD
+    return values
+
+
+class SimulatedReader(BaseReader):
+    """Deterministic synthetic streams per seed: 'gait' (IPOL channels, 100 Hz), 'pump' (SKAB, 1 Hz)."""
+
+    finite = True
+
+    def __init__(self, cfg: SimulatedSource, *, stop: threading.Event, **_: Any) -> None:
+        super().__init__(stop)
+        self.generator = cfg.generator
+        self.duration_s = cfg.duration_s
+        self.seed = cfg.seed
+        self.speed = cfg.speed
+        if cfg.generator == "gait":
+            self.channels, self.rate_hz = IPOL_CHANNELS, 100.0
+        else:
+            self.channels, self.rate_hz = SKAB_CHANNELS, 1.0
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """The stream as consecutive (rows, channels) blocks; same seed, same numbers."""
+        rng = np.random.default_rng(self.seed)
+        if self.generator == "gait":
+            while True:
+                yield gait_trial(rng, self.rate_hz)[0]
+        while True:
+            normal = int(rng.integers(300, 1200))
+            yield pump_block(rng, normal, None)
+            fault = str(rng.choice(sorted(_PUMP_FAULTS)))
+            yield pump_block(rng, int(rng.integers(60, 300)), fault)
+
+    def _items(self) -> Iterator[Item]:
+        pacer = Pacer(self.speed, self.stop)
+        total = int(round(self.duration_s * self.rate_hz))
+        k = 0
+        for block in self.blocks():
+            for row in block:
+                if k >= total:
+                    return
+                t = k / self.rate_hz
+                if not pacer.wait(t):
+                    return
+                yield Sample(t, row)
+                k += 1
+
+
+# --- mqtt -----------------------------------------------------------------------------------------
+
+
+def parse_mqtt_url(url: str) -> tuple[str, int]:
+    """`mqtt://host:port` -> (host, port); ConfigError otherwise."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError(f"broker URL must look like mqtt://HOST:PORT (got {url!r})", where="source.url")
+    return parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+
+class MqttReader(BaseReader):
+    """Subscribes to a gateway topic; payload JSON {"t": seconds, "values": [...]} (QoS 1).
+
+    Messages wait in a bounded queue filled by paho's network thread; when it is full the oldest
+    waiting message is dropped and counted in `dropped`. Bad payloads come out as Quarantined.
+    """
+
+    finite = False
+
+    def __init__(self, cfg: MqttSource, *, stop: threading.Event, rate_hint: float | None = None,
+                 mqtt_url: str | None = None, channel_names: Sequence[str] | None = None,
+                 queue_size: int = 100_000, **_: Any) -> None:
+        super().__init__(stop)
+        url = cfg.url or mqtt_url
+        if not url:
+            raise ConfigError("no broker for the mqtt source", where="source.url",
+                              hint="set source.url or mqtt.url")
+        if rate_hint is None or rate_hint <= 0:
+            raise ConfigError("the mqtt source needs the sample rate", where="source",
+                              hint="pass rate_hint (the bundle's rate_hz) to open_source")
+        self.url = url
+        self.host, self.port = parse_mqtt_url(url)
+        self.topic = cfg.topic
+        self.rate_hz = float(rate_hint)
+        self.channels = tuple(channel_names) if channel_names else tuple(f"ch{i}" for i in range(cfg.channels))
+        if len(self.channels) != cfg.channels:
+            raise ConfigError(f"{len(self.channels)} channel names for {cfg.channels} channels",
+                              where="source.channels")
+        self.dropped = 0
+        self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=queue_size)
+        self._client: Any = None
+        self.subscribed = threading.Event()
+
+    def __enter__(self) -> MqttReader:
+        import paho.mqtt.client as mqtt
+
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                             client_id=f"edgekit-source-{id(self):x}", protocol=mqtt.MQTTv311)
+        client.on_connect = self._on_connect
+        client.on_message = self._on_message
+        client.on_subscribe = lambda *a: self.subscribed.set()
+        client.reconnect_delay_set(0.2, 10)
+        try:
+            client.connect(self.host, self.port, keepalive=30)
+        except OSError as exc:
+            raise TransportError(f"cannot connect: {exc}", where=self.url,
+                                 hint="is the broker running and reachable?") from exc
+        client.loop_start()
+        self._client = client
+        log.info("source_mqtt_connect url=%s topic=%s", self.url, self.topic)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        super().__exit__(*exc)
+        if self._client is not None:
+            self._client.disconnect()
+            self._client.loop_stop()
+            self._client = None
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        if reason.is_failure:
+            log.warning("source_mqtt_refused url=%s reason=%s", self.url, reason)
+            return
+        client.subscribe(self.topic, qos=1)
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        item = (msg.topic, bytes(msg.payload))
+        while True:
+            try:
+                self._queue.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    self._queue.get_nowait()
+                    self.dropped += 1
+                except queue.Empty:
+                    pass
+
+    def parse(self, payload: bytes, last_t: float | None) -> Sample:
+        """One payload to a Sample, or LineRejected with the reason."""
+        import orjson
+
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise LineRejected(f"not JSON: {exc}") from None
+        if not isinstance(obj, dict) or "t" not in obj or "values" not in obj:
+            raise LineRejected("expected a JSON object with 't' and 'values'")
+        values = obj["values"]
+        if not isinstance(values, list):
+            raise LineRejected(f"'values' must be a list (got {type(values).__name__})")
+        t = float(to_floats([obj["t"]], ["t"])[0])
+        arr = to_floats(values, self.channels)
+        check_time(t, last_t)
+        return Sample(t, arr)
+
+    def _items(self) -> Iterator[Item]:
+        if self._client is None:
+            raise TransportError("the mqtt source is not open", where=self.url,
+                                 hint="use it as a context manager: with open_source(...) as src")
+        last_t: float | None = None
+        while not self.stop.is_set():
+            try:
+                topic, payload = self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+            try:
+                sample = self.parse(payload, last_t)
+            except LineRejected as exc:
+                yield Quarantined(where=f"topic {topic}", reason=str(exc),
+                                  raw=payload[:500].decode("utf-8", "replace"))
+                continue
+            last_t = sample.t_s
+            yield sample
