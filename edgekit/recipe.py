@@ -1,0 +1,307 @@
+"""A training recipe: the TOML file `edgekit train` reads, as pydantic models loaded only by `load_recipe`.
+
+Validators are pure (no files, no network); whether columns and files exist is checked when the data is
+read (exporters/tasks.py raises DataError naming file and column). Must not import torch or sklearn.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationInfo, field_validator
+
+from edgekit.config import Strict, load_config
+
+WINDOW_LOADERS = ("skab", "ipol")
+TABLE_LOADERS = ("fall_screening", "table")
+# The extractor each loader's data needs: window loaders feed edgekit.features, tables are features already.
+EXTRACTOR_FOR_LOADER = {"skab": "machine", "ipol": "gait", "fall_screening": "table", "table": "table"}
+DEFAULT_PATHS = {
+    "skab": "skab/data",
+    "ipol": "ipol_gait/GaitData",
+    "fall_screening": "fall_screening/tug_accel_features.csv",
+}
+
+
+class DataSection(Strict):
+    """Where the rows come from and, for tables, which columns are features, target and groups."""
+
+    loader: Literal["skab", "ipol", "fall_screening", "table"] = Field(
+        description="skab: SKAB pump CSVs (windows, label anomaly); ipol: IPOL gait trials (windows, label "
+        "phase still/walk/turn); fall_screening: TUG accelerometer features with 12-month falls; "
+        "table: any CSV/TSV with one row per example."
+    )
+    path: str | None = Field(
+        None,
+        description="File or folder. Relative to EDGEKIT_DATA_DIR (relative_to='data_dir') or to the recipe "
+        "file (relative_to='recipe'). Default for skab: skab/data, ipol: ipol_gait/GaitData, "
+        "fall_screening: fall_screening/tug_accel_features.csv; table needs it.",
+    )
+    relative_to: Literal["data_dir", "recipe"] = Field(
+        "data_dir", description="What a relative `path` is relative to: EDGEKIT_DATA_DIR or the recipe's folder."
+    )
+    skab_groups: list[Literal["valve1", "valve2", "other"]] = Field(
+        default_factory=lambda: ["valve1", "valve2", "other"],
+        description="skab: fault folders to use (anomaly-free/anomaly-free.csv is always added as normal data).",
+    )
+    normal_chunk_rows: int = Field(
+        1000, ge=64,
+        description="skab: anomaly-free.csv is one long recording; it is cut into chunks of this many rows, "
+        "each its own split group, so normal data reaches train, cal and test without windows straddling.",
+    )
+    max_files: int | None = Field(
+        None, ge=1, description="Use only the first N recordings (in the readers' stable order); for quick runs."
+    )
+    features: list[str] | None = Field(
+        None, description="table: feature columns, in order (fall_screening defaults to its nine features)."
+    )
+    target: str | None = Field(
+        None, description="table: target column holding class indices 0..K-1 in the order of `labels` "
+        "(fall_screening defaults to faller_12m)."
+    )
+    exclude_column: str | None = Field(
+        None, description="table: rows where this column is 1 are dropped (fall_screening defaults to 'excluded')."
+    )
+    group_columns: list[str] = Field(
+        default_factory=list,
+        description="table: categorical columns reported per group in the report (e.g. gender). ipol always "
+        "reports Gender; skab reports the fault folder.",
+    )
+    age_column: str | None = Field(
+        None, description="Numeric age column (table) whose bands become a report group 'age_band'; ipol uses "
+        "its JSON 'Age' when `age_bands` is set.",
+    )
+    age_bands: list[float] = Field(
+        default_factory=list, description="Band edges for age_band, ascending, e.g. [75, 85] -> <75, 75-85, >=85."
+    )
+    imputation: Literal["median", "none"] = Field(
+        "none",
+        description="table: 'median' fills empty cells with the TRAIN split's column median (recorded in "
+        "run.json 'imputation'); 'none' makes an empty cell a DataError.",
+    )
+
+    @field_validator("age_bands")
+    @classmethod
+    def _ascending(cls, v: list[float]) -> list[float]:
+        if any(b <= a for a, b in zip(v, v[1:])):
+            raise ValueError(f"must be strictly ascending (got {v})")
+        return v
+
+    @field_validator("features")
+    @classmethod
+    def _unique_features(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None:
+            if not v:
+                raise ValueError("must name at least one column")
+            dup = sorted({c for c in v if v.count(c) > 1})
+            if dup:
+                raise ValueError(f"columns named twice: {dup}")
+        return v
+
+    def resolved_path(self) -> str:
+        return self.path if self.path is not None else DEFAULT_PATHS.get(self.loader, "")
+
+
+class WindowSection(Strict):
+    size: int = Field(gt=1, description="Samples per window.")
+    hop: int = Field(gt=0, description="Samples between window starts (size = no overlap).")
+
+
+class FeaturesSection(Strict):
+    extractor: Literal["machine", "gait", "table"] = Field(
+        description="edgekit.features extractor for windows ('machine' for skab, 'gait' for ipol), or 'table' "
+        "when the rows are features already."
+    )
+
+
+class PredictorSection(Strict):
+    arch: Literal["mlp", "cnn1d"] = Field("mlp", description="mlp on features, or cnn1d on the raw window.")
+    hidden: list[int] = Field(
+        default_factory=lambda: [64, 32], description="mlp: hidden layer widths; cnn1d: [conv width]."
+    )
+    dropout: float = Field(0.1, ge=0.0, lt=1.0, description="Dropout before each hidden/last layer.")
+    epochs: int = Field(30, ge=1, description="Passes over the training split.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="Adam weight decay.")
+    batch_size: int = Field(64, ge=1, description="Rows per optimiser step.")
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(h < 1 for h in v):
+            raise ValueError(f"must be a non-empty list of positive widths (got {v})")
+        return v
+
+
+class AutoencoderSection(Strict):
+    hidden: list[int] = Field(default_factory=lambda: [32, 8], description="Encoder widths; the last is the code.")
+    epochs: int = Field(50, ge=1, description="Passes over the normal training rows.")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate.")
+    batch_size: int = Field(64, ge=1, description="Rows per optimiser step.")
+    normal: str | None = Field(
+        None, description="The label whose training rows are 'normal' (default: the first of `labels`)."
+    )
+    fit_on: Literal["normal", "all"] = Field(
+        "normal",
+        description="'normal': fit on training rows of the normal label only (anomaly tasks); 'all': every "
+        "training row (multi-class tasks where every class is in-distribution, e.g. gait phases).",
+    )
+
+    @field_validator("hidden")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or any(h < 1 for h in v):
+            raise ValueError(f"must be a non-empty list of positive widths (got {v})")
+        return v
+
+
+class SecondOpinionSection(Strict):
+    kind: Literal["random_forest", "svm"] = Field(
+        "random_forest", description="scikit-learn RandomForestClassifier or SVC(probability=True)."
+    )
+    params: dict[str, int | float | str | bool | None] = Field(
+        default_factory=dict,
+        description="Constructor arguments for the estimator (checked against scikit-learn when training).",
+    )
+
+
+class SplitsSection(Strict):
+    cal: float = Field(0.2, gt=0, lt=1, description="Fraction for calibration (gate thresholds); never trained on.")
+    test: float = Field(0.2, gt=0, lt=1, description="Fraction held out for the final metrics; never fitted on.")
+    group_by: Literal["file", "subject"] | None = Field(
+        None, description="Keep all windows of one recording ('file') or person ('subject') in one split."
+    )
+
+    @field_validator("test")
+    @classmethod
+    def _room_to_train(cls, v: float, info: ValidationInfo) -> float:
+        cal = info.data.get("cal")
+        if cal is not None and cal + v > 0.8:
+            raise ValueError(f"cal + test must leave at least 20% to train (cal={cal}, test={v})")
+        return v
+
+
+class GateSection(Strict):
+    target_error: float = Field(
+        0.05, gt=0, lt=1, description="Wanted error rate on accepted cases; the gate defers the rest."
+    )
+    delta: float = Field(0.1, gt=0, lt=1, description="Allowed probability that the guarantee fails.")
+
+
+class Recipe(Strict):
+    """A whole recipe. Field order matters: later validators look at earlier sections."""
+
+    task: str = Field(min_length=1, description="Name of the task; becomes the model name in the bundle.")
+    seed: int = Field(0, description="Seed for splits, weight init and batch order.")
+    labels: list[str] = Field(description="Class names in index order; the first is 'normal' unless set.")
+    data: DataSection = Field(description="Where the rows come from.")
+    window: WindowSection | None = Field(
+        None, validate_default=True, description="Window size and hop (skab and ipol only)."
+    )
+    features: FeaturesSection = Field(description="Feature extractor.")
+    predictor: PredictorSection = Field(default_factory=PredictorSection, description="The classifier.")
+    autoencoder: AutoencoderSection = Field(
+        default_factory=AutoencoderSection, description="Out-of-distribution scorer for the gate."
+    )
+    second_opinion: SecondOpinionSection = Field(
+        default_factory=SecondOpinionSection, description="A different model family; disagreement defers."
+    )
+    splits: SplitsSection = Field(default_factory=SplitsSection, description="Train / cal / test split.")
+    gate: GateSection = Field(default_factory=GateSection, description="What the gate promises.")
+
+    @field_validator("task")
+    @classmethod
+    def _name_safe(cls, v: str) -> str:
+        bad = set(v) & set("/\\+#$ ")
+        if bad:
+            raise ValueError(f"must not contain {''.join(sorted(bad))!r} (used in paths and topics; got {v!r})")
+        return v
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: list[str]) -> list[str]:
+        if len(v) < 2:
+            raise ValueError(f"needs at least two classes (got {v})")
+        if len(set(v)) != len(v):
+            raise ValueError(f"names a class twice (got {v})")
+        return v
+
+    @field_validator("data")
+    @classmethod
+    def _table_columns(cls, v: DataSection) -> DataSection:
+        if v.loader == "table":
+            missing = [k for k in ("path", "features", "target") if getattr(v, k) is None]
+            if missing:
+                raise ValueError(f"loader 'table' needs {', '.join(missing)}")
+        return v
+
+    @field_validator("window")
+    @classmethod
+    def _window_for_loader(cls, v: WindowSection | None, info: ValidationInfo) -> WindowSection | None:
+        data = info.data.get("data")
+        if data is None:
+            return v
+        if data.loader in WINDOW_LOADERS and v is None:
+            raise ValueError(f"[window] is required for loader {data.loader!r}")
+        if data.loader in TABLE_LOADERS and v is not None:
+            raise ValueError(f"[window] does not apply to loader {data.loader!r}: its rows are features already")
+        if v is not None and v.hop > v.size:
+            raise ValueError(f"hop {v.hop} > size {v.size} would skip samples")
+        return v
+
+    @field_validator("features")
+    @classmethod
+    def _extractor_for_loader(cls, v: FeaturesSection, info: ValidationInfo) -> FeaturesSection:
+        data = info.data.get("data")
+        if data is not None and EXTRACTOR_FOR_LOADER[data.loader] != v.extractor:
+            raise ValueError(
+                f"extractor {v.extractor!r} does not fit loader {data.loader!r}; "
+                f"use {EXTRACTOR_FOR_LOADER[data.loader]!r}"
+            )
+        return v
+
+    @field_validator("predictor")
+    @classmethod
+    def _arch_for_loader(cls, v: PredictorSection, info: ValidationInfo) -> PredictorSection:
+        data = info.data.get("data")
+        if data is not None and v.arch == "cnn1d":
+            if data.loader not in WINDOW_LOADERS:
+                raise ValueError(f"arch 'cnn1d' needs windows; loader {data.loader!r} gives a table (use 'mlp')")
+            if len(v.hidden) != 1:
+                raise ValueError(f"cnn1d takes one conv width in hidden (got {v.hidden})")
+        return v
+
+    @field_validator("autoencoder")
+    @classmethod
+    def _normal_is_a_label(cls, v: AutoencoderSection, info: ValidationInfo) -> AutoencoderSection:
+        labels = info.data.get("labels")
+        if labels and v.normal is not None and v.normal not in labels:
+            raise ValueError(f"normal {v.normal!r} is not one of labels {labels}")
+        return v
+
+    @field_validator("splits")
+    @classmethod
+    def _group_for_loader(cls, v: SplitsSection, info: ValidationInfo) -> SplitsSection:
+        data = info.data.get("data")
+        if data is not None and v.group_by == "subject" and data.loader != "ipol":
+            raise ValueError(f"group_by 'subject' needs subject ids; loader {data.loader!r} has none (use 'file' or none)")
+        if data is not None and v.group_by == "file" and data.loader in TABLE_LOADERS:
+            raise ValueError(f"group_by 'file' needs recordings; loader {data.loader!r} is one table")
+        return v
+
+    @property
+    def normal_label(self) -> str:
+        return self.autoencoder.normal or self.labels[0]
+
+    @property
+    def positive_label(self) -> str | None:
+        """The 'positive' class of a binary task: the label that is not normal; None for multi-class."""
+        if len(self.labels) != 2:
+            return None
+        return next(lab for lab in self.labels if lab != self.normal_label)
+
+
+def load_recipe(path: Path | str, overrides: dict[str, object] | None = None) -> Recipe:
+    """The one way a recipe file becomes a Recipe; errors read `file: key: message (got X)`."""
+    return load_config(path, Recipe, overrides=overrides)

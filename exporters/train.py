@@ -1,0 +1,578 @@
+"""Train a recipe: predictor (torch), dense autoencoder (torch, normal rows), second opinion (scikit-learn).
+
+`train(recipe_path, out)` writes a run directory that the exporter (exporters/export.py) reads. Its
+contract, binding for both sides (additive keys allowed, nothing renamed):
+
+runs/NAME/
+  run.json          {"schema": "edgekit.run/1", "task": str, "recipe": {validated recipe as a dict},
+                     "seed": int, "device": "cpu"|"cuda", "labels": [str], "normal_label": str,
+                     "positive_label": str|null (binary tasks: the label that is not normal),
+                     "input": {"kind": "window"|"table", "extractor": "machine"|"gait"|"table",
+                               "channels": [str]|null, "rate_hz": float|null, "window_size": int|null,
+                               "window_hop": int|null, "feature_names": [str]},
+                     "normalize": {"features": {"mean": [F], "std": [F]},
+                                   "window": {"mean": [C], "std": [C]} | null (cnn1d only)},
+                     "imputation": {"method": "median", "values": {column: train median}} | null,
+                     "data_fingerprint": sha256 hex over the raw data files' bytes (sorted by path), then the
+                                         extra-labels file's bytes,
+                     "models": {"predictor": {"file": "predictor.pt", "arch": "mlp"|"cnn1d",
+                                              "input": "features"|"window"},
+                                "autoencoder": {"file": "autoencoder.pt", "arch": "dense_ae",
+                                                "input": "features", "fit_on": "normal"|"all"},
+                                "second_opinion": {"file": "second_opinion.pkl",
+                                                   "kind": "random_forest"|"svm", "input": "features"}},
+                     "gate": {"target_error": float, "delta": float},
+                     "metrics": {"train"|"cal"|"test": {...}}, "groups_metrics": {group: {value: {...}}},
+                     "split_sizes": {split: n}, "extra_labels_added": int, "created_at": ISO 8601 UTC,
+                     "code_version": edgekit.__version__}
+  splits.npz        for split in train, cal, test:
+                      {split}_features      float32 (n, F) NORMALISED ((raw - mean) / std)
+                      {split}_features_raw  float32 (n, F) before normalisation (after imputation)
+                      {split}_window        float32 (n, C, W) NORMALISED per channel (cnn1d tasks only)
+                      {split}_y             int64 (n,) index into labels
+                      {split}_group         str (n,) the split group (file/subject), when group_by is set
+  predictor.pt, autoencoder.pt   exporters.models.save_checkpoint (load with load_checkpoint)
+  second_opinion.pkl             pickled scikit-learn estimator, fitted on NORMALISED features
+  report/index.html              plots and tables (exporters/report.py)
+
+Normalisation: mean/std of the TRAIN split (std floored at 1e-6); test is never used for fitting or
+calibration. The autoencoder's score is its per-row mean squared reconstruction error.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.metrics import (
+    balanced_accuracy_score,
+    confusion_matrix,
+    f1_score,
+    log_loss,
+    roc_auc_score,
+)
+from sklearn.model_selection import StratifiedGroupKFold, train_test_split
+from sklearn.svm import SVC
+from torch import nn
+from tqdm import tqdm
+
+import edgekit
+from edgekit.errors import ConfigError, DataError
+from edgekit.exporters.models import build, save_checkpoint
+from edgekit.exporters.tasks import load_task
+from edgekit.recipe import Recipe, load_recipe
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "edgekit.run/1"
+SPLITS = ("train", "cal", "test")
+STD_FLOOR = 1e-6
+SECOND_OPINIONS: dict[str, tuple[type, dict[str, Any]]] = {
+    # class_weight balanced: the minority class (faults, fallers) must not be ignored.
+    "random_forest": (RandomForestClassifier, {"n_estimators": 200, "class_weight": "balanced", "n_jobs": 1}),
+    "svm": (SVC, {"probability": True, "class_weight": "balanced"}),
+}
+
+
+# --- seeding and device --------------------------------------------------------------------------
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same splits, weights and batch order (on one device kind and thread count)."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # needed for deterministic cuBLAS
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# --- splits, imputation, normalisation -----------------------------------------------------------
+
+
+def split_indices(y: np.ndarray, groups: np.ndarray | None, cal: float, test: float, seed: int,
+                  labels: list[str], where: str) -> dict[str, np.ndarray]:
+    """Stratified train/cal/test row indices; with `groups`, no group is in two splits."""
+    counts = np.bincount(y, minlength=len(labels))
+    few = [f"{lab} ({c})" for lab, c in zip(labels, counts) if c < 3]
+    if few:
+        raise DataError(f"too few rows of class(es) {', '.join(few)}: a stratified train/cal/test split needs "
+                        "at least 3 of each", where=where, hint="add data or drop the class from labels")
+    idx = np.arange(len(y))
+    if groups is None:
+        try:
+            rest, te = train_test_split(idx, test_size=test, stratify=y, random_state=seed)
+            tr, ca = train_test_split(rest, test_size=cal / (1 - test), stratify=y[rest], random_state=seed)
+        except ValueError as exc:
+            raise DataError(f"cannot stratify the split: {exc}", where=where,
+                            hint="change splits.cal/test or add data") from None
+    else:
+        n_groups = len(np.unique(groups))
+        k_test = max(2, round(1 / test))
+        k_cal = max(2, round((1 - test) / cal))
+        if n_groups < k_test + 1:
+            raise DataError(f"{n_groups} groups cannot make a grouped split with test={test}", where=where,
+                            hint="lower splits.test or set splits.group_by to none")
+        rest, te = next(StratifiedGroupKFold(k_test, shuffle=True, random_state=seed).split(idx, y, groups))
+        sub_tr, sub_ca = next(StratifiedGroupKFold(k_cal, shuffle=True, random_state=seed)
+                              .split(rest, y[rest], groups[rest]))
+        tr, ca = rest[sub_tr], rest[sub_ca]
+    out = {"train": np.sort(tr), "cal": np.sort(ca), "test": np.sort(te)}
+    for name, rows in out.items():
+        missing = [lab for k, lab in enumerate(labels) if not np.any(y[rows] == k)]
+        if missing:
+            raise DataError(f"split {name!r} has no rows of class(es) {missing} ({len(rows)} rows)", where=where,
+                            hint="change seed or splits.cal/test, or add data for that class")
+    return out
+
+
+def fit_imputation(x_train: np.ndarray, names: list[str], method: str, where: str) -> dict[str, float] | None:
+    """Train-split median of every feature column (method 'median'); None for 'none'."""
+    if method == "none":
+        return None
+    values = {}
+    for j, name in enumerate(names):
+        col = x_train[:, j]
+        if np.isnan(col).all():
+            raise DataError(f"column {name!r} is empty in every training row; no median to impute",
+                            where=where, hint="add data or drop the column from data.features")
+        values[name] = float(np.nanmedian(col))
+    return values
+
+
+def apply_imputation(x: np.ndarray, names: list[str], values: dict[str, float] | None) -> np.ndarray:
+    if values is None:
+        return x
+    x = x.copy()
+    for j, name in enumerate(names):
+        x[np.isnan(x[:, j]), j] = values[name]
+    return x
+
+
+def fit_normalizer(x: np.ndarray, axis: int | tuple[int, ...] = 0) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(axis=axis)
+    std = np.maximum(x.std(axis=axis), STD_FLOOR)
+    return mean, std
+
+
+# --- extra labels from the hub -------------------------------------------------------------------
+
+
+def read_extra_labels(path: Path, labels: list[str], names: list[str], need_window: bool,
+                      channels: list[str] | None, window_size: int | None
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Reviewed results exported by the hub: column `label` (a label name) and the raw features, either as
+    one column per feature name or as a `features` column holding a JSON list (feature order) or object
+    (name -> value). cnn1d tasks also need `window`: JSON list of W rows of C values. `result_id` and any
+    other columns are ignored. Returns raw features (n, F), y (n,), windows (n, W, C) or None.
+    """
+    if not path.is_file():
+        raise DataError("not found", where=str(path), hint="the CSV of reviewed labels from the hub")
+    with path.open(newline="") as fh:
+        reader = csv.DictReader(fh)
+        header = reader.fieldnames or []
+        rows = list(reader)
+    if "label" not in header:
+        raise DataError(f"missing column 'label'; the file has {header}", where=str(path))
+    per_column = all(n in header for n in names)
+    if not per_column and "features" not in header:
+        missing = [n for n in names if n not in header]
+        raise DataError(f"needs a 'features' JSON column or one column per feature; missing {missing[:5]}"
+                        f"{' ...' if len(missing) > 5 else ''}", where=str(path))
+    if need_window and "window" not in header:
+        raise DataError("cnn1d tasks need a 'window' column (JSON list of rows of channel values)",
+                        where=str(path))
+    xs, ys, ws = [], [], []
+    for i, row in enumerate(rows, start=2):
+        where = f"{path}:{i}"
+        if row["label"] not in labels:
+            close = difflib.get_close_matches(row["label"], labels, n=1)
+            raise DataError(f"label {row['label']!r} is not one of {labels}", where=where,
+                            hint=f"did you mean {close[0]!r}?" if close else None)
+        try:
+            if per_column:
+                vec = [float(row[n]) for n in names]
+            else:
+                raw = json.loads(row["features"])
+                vec = [float(raw[n]) for n in names] if isinstance(raw, dict) else [float(v) for v in raw]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise DataError(f"features not readable: {exc}", where=where) from None
+        if len(vec) != len(names) or not np.all(np.isfinite(vec)):
+            raise DataError(f"expected {len(names)} finite feature values (got {len(vec)})", where=where)
+        xs.append(vec)
+        ys.append(labels.index(row["label"]))
+        if need_window:
+            try:
+                win = np.asarray(json.loads(row["window"]), dtype=np.float64)
+            except (ValueError, TypeError) as exc:
+                raise DataError(f"window not readable: {exc}", where=where) from None
+            if win.shape != (window_size, len(channels or [])):
+                raise DataError(f"window shape {win.shape} != ({window_size}, {len(channels or [])})", where=where)
+            ws.append(win)
+    x = np.asarray(xs, dtype=np.float64).reshape(len(xs), len(names))
+    w = np.stack(ws) if need_window and ws else (
+        np.empty((0, window_size or 0, len(channels or []))) if need_window else None)
+    return x, np.asarray(ys, dtype=np.int64), w
+
+
+# --- torch fitting -------------------------------------------------------------------------------
+
+
+def _batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    perm = rng.permutation(n)
+    return [perm[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def fit_predictor(model: nn.Module, x: np.ndarray, y: np.ndarray, x_cal: np.ndarray, y_cal: np.ndarray,
+                  n_classes: int, cfg: Any, device: torch.device, seed: int,
+                  progress: bool) -> dict[str, list[float]]:
+    """Class-weighted cross-entropy on the model's logits; returns per-epoch train and cal loss."""
+    counts = np.bincount(y, minlength=n_classes).astype(np.float64)
+    weight = torch.tensor(len(y) / (n_classes * np.maximum(counts, 1)), dtype=torch.float32, device=device)
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    xt, yt = torch.from_numpy(x).to(device), torch.from_numpy(y).to(device)
+    xc, yc = torch.from_numpy(x_cal).to(device), torch.from_numpy(y_cal).to(device)
+    rng = np.random.default_rng(seed)
+    history: dict[str, list[float]] = {"train": [], "cal": []}
+    for _ in tqdm(range(cfg.epochs), desc="predictor", disable=not progress, leave=False):
+        model.train()
+        total = 0.0
+        for idx in _batches(len(y), cfg.batch_size, rng):
+            b = torch.from_numpy(idx).to(device)
+            opt.zero_grad()
+            loss = loss_fn(model.logits(xt[b]), yt[b])
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        model.eval()
+        with torch.no_grad():
+            history["train"].append(total / len(y))
+            history["cal"].append(float(loss_fn(model.logits(xc), yc)))
+    return history
+
+
+def fit_autoencoder(model: nn.Module, x: np.ndarray, x_cal: np.ndarray, cfg: Any, device: torch.device,
+                    seed: int, progress: bool) -> dict[str, list[float]]:
+    """Mean squared reconstruction error (the model's forward is that score per row)."""
+    model.to(device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    xt, xc = torch.from_numpy(x).to(device), torch.from_numpy(x_cal).to(device)
+    rng = np.random.default_rng(seed + 1)
+    history: dict[str, list[float]] = {"train": [], "cal": []}
+    for _ in tqdm(range(cfg.epochs), desc="autoencoder", disable=not progress, leave=False):
+        model.train()
+        total = 0.0
+        for idx in _batches(len(x), cfg.batch_size, rng):
+            b = torch.from_numpy(idx).to(device)
+            opt.zero_grad()
+            loss = model(xt[b]).mean()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        model.eval()
+        with torch.no_grad():
+            history["train"].append(total / len(x))
+            history["cal"].append(float(model(xc).mean()) if len(x_cal) else float("nan"))
+    return history
+
+
+def _predict(model: nn.Module, x: np.ndarray, device: torch.device) -> np.ndarray:
+    model.eval()
+    with torch.no_grad():
+        return model(torch.from_numpy(x).to(device)).cpu().numpy().astype(np.float64)
+
+
+def fit_second_opinion(recipe: Recipe, x: np.ndarray, y: np.ndarray, where: str) -> Any:
+    """RandomForest or SVC on the normalised features; recipe params override our defaults."""
+    cls, defaults = SECOND_OPINIONS[recipe.second_opinion.kind]
+    params = dict(recipe.second_opinion.params)
+    allowed = sorted(cls().get_params())
+    for key in params:
+        if key not in allowed:
+            close = difflib.get_close_matches(key, allowed, n=1)
+            raise ConfigError(f"unknown parameter for {cls.__name__}" + (f", did you mean {close[0]!r}?" if close else ""),
+                              where=f"{where}: second_opinion.params.{key}")
+    est = cls(**{**defaults, "random_state": recipe.seed, **params})
+    try:
+        est.fit(x, y)
+    except ValueError as exc:  # scikit-learn's InvalidParameterError is a ValueError
+        raise ConfigError(f"{cls.__name__} rejected the parameters: {exc}", where=f"{where}: second_opinion.params"
+                          ) from None
+    return est
+
+
+# --- metrics -------------------------------------------------------------------------------------
+
+
+def _safe_auc(y: np.ndarray, score: np.ndarray, **kw: Any) -> float | None:
+    if len(np.unique(y)) < 2:
+        return None
+    try:
+        return float(roc_auc_score(y, score, **kw))
+    except ValueError:
+        return None
+
+
+def classification_metrics(y: np.ndarray, probs: np.ndarray, labels: list[str], normal: int) -> dict[str, Any]:
+    k = len(labels)
+    pred = probs.argmax(axis=1)
+    cm = confusion_matrix(y, pred, labels=list(range(k)))
+    out: dict[str, Any] = {
+        "n": int(len(y)),
+        "accuracy": float((pred == y).mean()) if len(y) else None,
+        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(np.unique(y)) > 1 else None,
+        "macro_f1": float(f1_score(y, pred, average="macro", labels=list(range(k)), zero_division=0)),
+        "recall": {lab: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, lab in enumerate(labels)},
+        "confusion": cm.tolist(),
+    }
+    if len(np.unique(y)) > 1:
+        clipped = np.clip(probs, 1e-7, 1)
+        out["log_loss"] = float(log_loss(y, clipped / clipped.sum(axis=1, keepdims=True), labels=list(range(k))))
+    if k == 2:
+        pos = 1 - normal
+        out["auc"] = _safe_auc((y == pos).astype(int), probs[:, pos])
+        out["sensitivity"] = out["recall"][labels[pos]]
+        out["specificity"] = out["recall"][labels[normal]]
+    else:
+        out["auc"] = (_safe_auc(y, probs, multi_class="ovr", labels=list(range(k)))
+                      if len(np.unique(y)) == k else None)
+    return out
+
+
+def split_metrics(y: np.ndarray, probs: np.ndarray, second: np.ndarray, ae_score: np.ndarray,
+                  labels: list[str], normal: int) -> dict[str, Any]:
+    m = classification_metrics(y, probs, labels, normal)
+    m["second_opinion"] = classification_metrics(y, second, labels, normal)
+    m["agreement"] = float((probs.argmax(1) == second.argmax(1)).mean()) if len(y) else None
+    is_normal = y == normal
+    m["autoencoder"] = {
+        "score_mean_normal": float(ae_score[is_normal].mean()) if is_normal.any() else None,
+        "score_mean_other": float(ae_score[~is_normal].mean()) if (~is_normal).any() else None,
+        "auc_other_vs_normal": _safe_auc((~is_normal).astype(int), ae_score),
+    }
+    return m
+
+
+def group_metrics(groups: dict[str, np.ndarray], y: np.ndarray, probs: np.ndarray, labels: list[str],
+                  normal: int) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for name, values in groups.items():
+        out[name] = {}
+        for v in sorted(np.unique(values)):
+            rows = values == v
+            m = classification_metrics(y[rows], probs[rows], labels, normal)
+            out[name][str(v)] = {key: m[key] for key in ("n", "accuracy", "balanced_accuracy", "auc",
+                                                         "sensitivity", "specificity") if key in m}
+    return out
+
+
+# --- the whole run -------------------------------------------------------------------------------
+
+
+def fingerprint(files: list[Path], extra: Path | None) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files, key=lambda p: str(p)):
+        h.update(f.read_bytes())
+    if extra is not None:
+        h.update(extra.read_bytes())
+    return h.hexdigest()
+
+
+def train(recipe_path: Path, out: Path, *, extra_labels: Path | None = None, epochs: int | None = None,
+          progress: bool = True) -> Path:
+    """Train everything a recipe asks for and write the run directory `out` (see the module docstring)."""
+    started = time.perf_counter()
+    recipe_path, out = Path(recipe_path), Path(out)
+    overrides = {"predictor.epochs": epochs, "autoencoder.epochs": epochs} if epochs is not None else None
+    recipe = load_recipe(recipe_path, overrides)
+    where = str(recipe_path)
+    seed_everything(recipe.seed)
+    device = pick_device()
+    log.info("train_start task=%s device=%s seed=%d recipe=%s", recipe.task, device.type, recipe.seed, where)
+
+    data = load_task(recipe, recipe_path.parent)
+    labels = recipe.labels
+    normal = labels.index(recipe.normal_label)
+    split = split_indices(data.y, data.split_groups, recipe.splits.cal, recipe.splits.test, recipe.seed,
+                          labels, where=f"{data.source} (splits)")
+
+    imputation = fit_imputation(data.features[split["train"]], data.feature_names, recipe.data.imputation,
+                                where=data.source)
+    if imputation is not None:
+        log.info("imputation method=median columns=%d missing_cells=%d", len(imputation),
+                 int(np.isnan(data.features).sum()))
+    raw = apply_imputation(data.features, data.feature_names, imputation)
+    use_window = recipe.predictor.arch == "cnn1d"
+
+    parts: dict[str, dict[str, Any]] = {}
+    for name, rows in split.items():
+        parts[name] = {
+            "raw": raw[rows], "y": data.y[rows],
+            "window": data.windows[rows] if use_window and data.windows is not None else None,
+            "group": data.split_groups[rows] if data.split_groups is not None else None,
+            "report": {k: v[rows] for k, v in data.report_groups.items()},
+        }
+
+    added = 0
+    if extra_labels is not None:
+        ex_x, ex_y, ex_w = read_extra_labels(Path(extra_labels), labels, data.feature_names, use_window,
+                                             data.channels, recipe.window.size if recipe.window else None)
+        added = len(ex_y)
+        tr = parts["train"]
+        tr["raw"] = np.concatenate([tr["raw"], ex_x])
+        tr["y"] = np.concatenate([tr["y"], ex_y])
+        if use_window and ex_w is not None:
+            tr["window"] = np.concatenate([tr["window"], ex_w])
+        if tr["group"] is not None:
+            tr["group"] = np.concatenate([tr["group"], np.full(added, "extra_labels")])
+        log.info("extra_labels added=%d file=%s", added, extra_labels)
+
+    mean, std = fit_normalizer(parts["train"]["raw"])
+    w_mean = w_std = None
+    if use_window:
+        w_mean, w_std = fit_normalizer(parts["train"]["window"], axis=(0, 1))
+    for p in parts.values():
+        p["x"] = ((p["raw"] - mean) / std).astype(np.float32)
+        if use_window:
+            p["w"] = np.ascontiguousarray(((p["window"] - w_mean) / w_std).transpose(0, 2, 1)).astype(np.float32)
+
+    k, n_feat = len(labels), len(data.feature_names)
+    pcfg = recipe.predictor
+    if use_window:
+        p_kwargs: dict[str, Any] = {"n_channels": len(data.channels or []), "n_classes": k,
+                                    "window": int(recipe.window.size if recipe.window else 0),
+                                    "width": pcfg.hidden[0], "dropout": pcfg.dropout}
+    else:
+        p_kwargs = {"n_features": n_feat, "n_classes": k, "hidden": tuple(pcfg.hidden), "dropout": pcfg.dropout}
+    in_key = "w" if use_window else "x"
+
+    torch.manual_seed(recipe.seed)
+    predictor = build(pcfg.arch, **p_kwargs)
+    p_hist = fit_predictor(predictor, parts["train"][in_key], parts["train"]["y"], parts["cal"][in_key],
+                           parts["cal"]["y"], k, pcfg, device, recipe.seed, progress)
+
+    acfg = recipe.autoencoder
+    fit_all = acfg.fit_on == "all"
+    ae_rows = {s: (np.ones(len(p["y"]), bool) if fit_all else p["y"] == normal) for s, p in parts.items()}
+    if not ae_rows["train"].any():
+        raise DataError(f"no training rows of the normal label {recipe.normal_label!r} for the autoencoder",
+                        where=data.source)
+    a_kwargs = {"n_features": n_feat, "hidden": tuple(acfg.hidden)}
+    torch.manual_seed(recipe.seed)
+    autoencoder = build("dense_ae", **a_kwargs)
+    a_hist = fit_autoencoder(autoencoder, parts["train"]["x"][ae_rows["train"]],
+                             parts["cal"]["x"][ae_rows["cal"]], acfg, device, recipe.seed, progress)
+
+    second = fit_second_opinion(recipe, parts["train"]["x"], parts["train"]["y"], where)
+
+    metrics, outputs = {}, {}
+    for s, p in parts.items():
+        probs = _predict(predictor, p[in_key], device)
+        ae_score = _predict(autoencoder, p["x"], device)
+        sec = second.predict_proba(p["x"]).astype(np.float64)
+        outputs[s] = {"y": p["y"], "probs": probs, "ae_score": ae_score, "second": sec}
+        metrics[s] = split_metrics(p["y"], probs, sec, ae_score, labels, normal)
+    test_report = {kk: v for kk, v in parts["test"]["report"].items()}
+    groups_m = group_metrics(test_report, outputs["test"]["y"], outputs["test"]["probs"], labels, normal)
+
+    out.mkdir(parents=True, exist_ok=True)
+    predictor.cpu()
+    autoencoder.cpu()
+    save_checkpoint(out / "predictor.pt", predictor, pcfg.arch, p_kwargs)
+    save_checkpoint(out / "autoencoder.pt", autoencoder, "dense_ae", a_kwargs)
+    with (out / "second_opinion.pkl").open("wb") as fh:
+        pickle.dump(second, fh)
+    arrays: dict[str, np.ndarray] = {}
+    for s, p in parts.items():
+        arrays[f"{s}_features"] = p["x"]
+        arrays[f"{s}_features_raw"] = p["raw"].astype(np.float32)
+        arrays[f"{s}_y"] = p["y"].astype(np.int64)
+        if use_window:
+            arrays[f"{s}_window"] = p["w"]
+        if p["group"] is not None:
+            arrays[f"{s}_group"] = p["group"].astype(str)
+    np.savez_compressed(out / "splits.npz", **arrays)
+
+    run = {
+        "schema": SCHEMA,
+        "task": recipe.task,
+        "recipe": recipe.model_dump(mode="json"),
+        "seed": recipe.seed,
+        "device": device.type,
+        "labels": labels,
+        "normal_label": recipe.normal_label,
+        "positive_label": recipe.positive_label,
+        "input": {
+            "kind": data.kind, "extractor": data.extractor, "channels": data.channels,
+            "rate_hz": data.rate_hz,
+            "window_size": recipe.window.size if recipe.window else None,
+            "window_hop": recipe.window.hop if recipe.window else None,
+            "feature_names": data.feature_names,
+        },
+        "normalize": {
+            "features": {"mean": mean.tolist(), "std": std.tolist()},
+            "window": {"mean": w_mean.tolist(), "std": w_std.tolist()} if use_window else None,
+        },
+        "imputation": {"method": "median", "values": imputation} if imputation is not None else None,
+        "data_fingerprint": fingerprint(data.files, Path(extra_labels) if extra_labels else None),
+        "models": {
+            "predictor": {"file": "predictor.pt", "arch": pcfg.arch, "input": "window" if use_window else "features"},
+            "autoencoder": {"file": "autoencoder.pt", "arch": "dense_ae", "input": "features",
+                            "fit_on": acfg.fit_on},
+            "second_opinion": {"file": "second_opinion.pkl", "kind": recipe.second_opinion.kind,
+                               "input": "features"},
+        },
+        "gate": {"target_error": recipe.gate.target_error, "delta": recipe.gate.delta},
+        "metrics": metrics,
+        "groups_metrics": groups_m,
+        "split_sizes": {s: int(len(p["y"])) for s, p in parts.items()},
+        "extra_labels_added": added,
+        "history": {"predictor": p_hist, "autoencoder": a_hist},
+        "train_seconds": round(time.perf_counter() - started, 2),
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "code_version": edgekit.__version__,
+    }
+    run = _finite(run)
+    (out / "run.json").write_text(json.dumps(run, indent=2, allow_nan=False))
+
+    from edgekit.exporters.report import write_report  # matplotlib only when a report is written
+
+    write_report(out, run, outputs["test"])
+    t = metrics["test"]
+    log.info("train_done task=%s out=%s seconds=%.1f test_accuracy=%.3f test_balanced_accuracy=%s test_auc=%s",
+             recipe.task, out, time.perf_counter() - started, t["accuracy"], t["balanced_accuracy"], t["auc"])
+    return out
+
+
+def _finite(o: Any) -> Any:
+    """JSON-safe copy: numpy scalars become Python numbers, NaN/inf become null."""
+    if isinstance(o, dict):
+        return {k: _finite(v) for k, v in o.items()}
+    if isinstance(o, (list, tuple)):
+        return [_finite(v) for v in o]
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (float, np.floating)):
+        return float(o) if np.isfinite(o) else None
+    return o
