@@ -21,7 +21,7 @@ import serial  # pyserial; a missing package is reported by edgekit.source.resol
 
 from edgekit.config import SerialSource
 from edgekit.errors import ConfigError, DeviceError
-from edgekit.source import Item, LineRejected, BaseReader, check_time, to_floats
+from edgekit.source import BaseReader, Item, LineRejected, check_time, to_floats
 from edgekit.values import Quarantined, Sample
 
 log = logging.getLogger(__name__)
