@@ -1,0 +1,245 @@
+"""The durable outbox: every message is written here before it is published, and deleted on PUBACK.
+
+One SQLite file in WAL mode, one table of messages plus a small meta table (row count, drop counter, the
+persistent sequence for result ids). Each Outbox is used from any thread: each thread gets its own
+connection (check_same_thread stays on), so a connection never crosses threads.
+Must not import paho, onnxruntime or torch.
+
+Durability: synchronous=NORMAL in WAL mode keeps every committed row across a process crash or SIGKILL
+(the WAL is in the OS page cache); only a power cut can lose the last commits since the WAL was synced.
+FULL costs an fsync per commit: put() measured 41 us (NORMAL) vs 203 us (FULL) on this project's VM disk,
+and far more on SD cards; the agent pays it once per result. Pass synchronous="FULL" where power cuts are
+the common failure.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal, NamedTuple
+
+from edgekit.errors import DataError
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    topic TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    batchable INTEGER NOT NULL,
+    replayed INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO meta (key, value) VALUES ('rows', 0), ('dropped', 0), ('seq', 0);
+"""
+
+# SQLite caps bound parameters per statement (32766 since 3.32); stay far below it.
+_IDS_PER_STATEMENT = 900
+_DROP_LOG_EVERY_S = 10.0
+
+
+class OutboxRow(NamedTuple):
+    """One queued message. A NamedTuple, not a dataclass: a 100k-row drain builds one per row."""
+
+    id: int
+    topic: str
+    payload: bytes
+    batchable: bool
+    replayed: bool
+
+
+class Outbox:
+    """A bounded, durable FIFO of (topic, payload) rows; drop-oldest beyond `max_rows`, drops counted."""
+
+    def __init__(self, path: Path, max_rows: int = 1_000_000, *,
+                 synchronous: Literal["NORMAL", "FULL"] = "NORMAL", busy_timeout_s: float = 10.0) -> None:
+        if max_rows < 1:
+            raise ValueError(f"outbox max_rows must be >= 1 (got {max_rows})")
+        if synchronous not in ("NORMAL", "FULL"):
+            raise ValueError(f"outbox synchronous must be NORMAL or FULL (got {synchronous!r})")
+        self.path = Path(path)
+        self.max_rows = max_rows
+        self.owner_thread = threading.get_ident()
+        self._last_drop_log = 0.0
+        self._synchronous = synchronous
+        self._busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._closed = False
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._conn().executescript(_SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise DataError(f"cannot open outbox ({exc})", where=str(self.path),
+                            hint="delete the file if it is not an edgekit outbox") from None
+
+    def _conn(self) -> sqlite3.Connection:
+        """This thread's connection (opened on first use): a connection never crosses threads."""
+        db = getattr(self._local, "db", None)
+        if db is None:
+            if self._closed:
+                raise DataError("outbox is closed", where=str(self.path))
+            try:
+                # isolation_level=None: we issue BEGIN IMMEDIATE ourselves, so writers never deadlock
+                # upgrading a read lock.
+                db = sqlite3.connect(self.path, isolation_level=None, timeout=self._busy_timeout_s,
+                                     check_same_thread=True)
+                mode = db.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    db.close()
+                    raise DataError(f"outbox needs WAL mode, SQLite gave {mode!r}", where=str(self.path),
+                                    hint="put the outbox on a local filesystem (WAL does not work on NFS)")
+                db.execute(f"PRAGMA synchronous={self._synchronous}")
+            except sqlite3.DatabaseError as exc:
+                raise DataError(f"cannot open outbox ({exc})", where=str(self.path),
+                                hint="delete the file if it is not an edgekit outbox") from None
+            self._local.db = db
+        return db
+
+    # -- context manager ---------------------------------------------------------------------------
+    def __enter__(self) -> Outbox:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close this thread's connection and refuse new ones; other threads call release() first."""
+        self._closed = True
+        self.release()
+
+    def release(self) -> None:
+        """Close the calling thread's connection (a worker thread does this before it ends)."""
+        db = getattr(self._local, "db", None)
+        if db is not None:
+            self._local.db = None
+            db.close()
+
+    # -- writing -----------------------------------------------------------------------------------
+    def put(self, topic: str, payload: bytes, *, batchable: bool = True, replayed: bool = False) -> int:
+        """Queue one message durably; returns its row id (monotonic, never reused)."""
+        return self.put_many([(topic, payload, batchable)], replayed=replayed)[0]
+
+    def put_many(self, items: list[tuple[str, bytes, bool]], *, replayed: bool = False) -> list[int]:
+        """Queue (topic, payload, batchable) items in one transaction: all or none."""
+        if not items:
+            return []
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            ids = []
+            flag = int(replayed)
+            for topic, payload, batchable in items:
+                cur = db.execute("INSERT INTO outbox (topic, payload, batchable, replayed) VALUES (?, ?, ?, ?)",
+                                 (topic, payload, int(batchable), flag))
+                ids.append(cur.lastrowid)
+            rows = db.execute("UPDATE meta SET value = value + ? WHERE key = 'rows' RETURNING value",
+                              (len(items),)).fetchone()[0]
+            if rows > self.max_rows:
+                self._drop_oldest(rows - self.max_rows)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return ids  # type: ignore[return-value]
+
+    def _drop_oldest(self, n: int) -> None:
+        db = self._conn()
+        cur = db.execute("DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT ?)", (n,))
+        gone = cur.rowcount
+        db.execute("UPDATE meta SET value = value - ? WHERE key = 'rows'", (gone,))
+        total = db.execute("UPDATE meta SET value = value + ? WHERE key = 'dropped' RETURNING value",
+                           (gone,)).fetchone()[0]
+        now = time.monotonic()
+        if now - self._last_drop_log >= _DROP_LOG_EVERY_S:
+            self._last_drop_log = now
+            log.warning("outbox.dropped n=%d total=%d max_rows=%d path=%s", gone, total, self.max_rows, self.path)
+
+    def next_seq(self, n: int = 1) -> int:
+        """Reserve n sequence numbers (persistent, monotonic across restarts); returns the first."""
+        if n < 1:
+            raise ValueError(f"next_seq n must be >= 1 (got {n})")
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            last = db.execute("UPDATE meta SET value = value + ? WHERE key = 'seq' RETURNING value",
+                              (n,)).fetchone()[0]
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return int(last) - n + 1
+
+    def ack(self, ids: Sequence[int]) -> None:
+        """Delete rows the broker acknowledged; ids already gone (dropped, acked twice) are ignored."""
+        if not ids:
+            return
+        runs = _runs(sorted(set(ids)))
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            gone = 0
+            singles = [lo for lo, hi in runs if lo == hi]
+            for lo, hi in runs:
+                if lo != hi:
+                    gone += db.execute("DELETE FROM outbox WHERE id BETWEEN ? AND ?", (lo, hi)).rowcount
+            for i in range(0, len(singles), _IDS_PER_STATEMENT):
+                chunk = singles[i:i + _IDS_PER_STATEMENT]
+                marks = ",".join("?" * len(chunk))
+                gone += db.execute(f"DELETE FROM outbox WHERE id IN ({marks})", chunk).rowcount
+            if gone:
+                db.execute("UPDATE meta SET value = value - ? WHERE key = 'rows'", (gone,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def mark_all_replayed(self) -> int:
+        """Flag every queued row as replayed (queued during an outage or before a restart); returns how many."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            n = db.execute("UPDATE outbox SET replayed = 1 WHERE replayed = 0").rowcount
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return n
+
+    # -- reading -----------------------------------------------------------------------------------
+    def pending(self, limit: int, *, after_id: int = 0) -> list[OutboxRow]:
+        """Up to `limit` rows with id > after_id, oldest first."""
+        cur = self._conn().execute(
+            "SELECT id, topic, payload, batchable, replayed FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit))
+        return [OutboxRow(i, t, p, bool(b), bool(r)) for i, t, p, b, r in cur]
+
+    def backlog(self) -> int:
+        """Rows queued and not yet acknowledged (O(1): a counter kept in the meta table)."""
+        return int(self._meta("rows"))
+
+    @property
+    def dropped(self) -> int:
+        """Rows dropped by the max_rows bound since the file was created (persisted)."""
+        return int(self._meta("dropped"))
+
+    def _meta(self, key: str) -> int:
+        return self._conn().execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()[0]
+
+    def journal_mode(self) -> str:
+        return str(self._conn().execute("PRAGMA journal_mode").fetchone()[0])
+
+
+def _runs(ids: list[int]) -> list[tuple[int, int]]:
+    """Sorted ids as contiguous (lo, hi) runs: a batch of 500 rows becomes one ranged DELETE."""
+    runs: list[tuple[int, int]] = []
+    for i in ids:
+        if runs and runs[-1][1] == i - 1:
+            runs[-1] = (runs[-1][0], i)
+        else:
+            runs.append((i, i))
+    return runs

@@ -1,0 +1,133 @@
+"""The SQLite outbox: order, durability across reopen (and SIGKILL), the persistent sequence, drop-oldest."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from edgekit.outbox import Outbox, OutboxRow
+
+T = "edgekit/v1/s/d/result"
+
+
+def test_rows_come_back_oldest_first_and_ack_deletes(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as ob:
+        ids = [ob.put(T, b'{"n":%d}' % i) for i in range(10)]
+        ob.put("edgekit/v1/s/d/review", b'{"r":1}', batchable=False)
+        assert ids == sorted(ids) and len(set(ids)) == 10
+        rows = ob.pending(100)
+        assert [r.payload for r in rows[:10]] == [b'{"n":%d}' % i for i in range(10)]
+        assert rows[10] == OutboxRow(ids[-1] + 1, "edgekit/v1/s/d/review", b'{"r":1}', False, False)
+        assert [r.id for r in ob.pending(3, after_id=ids[4])] == ids[5:8]
+        ob.ack(ids[2:5] + [ids[7], ids[7], 999_999])  # duplicates and unknown ids are ignored
+        assert ob.backlog() == 7
+        assert [r.id for r in ob.pending(100)][:6] == ids[:2] + ids[5:7] + ids[8:10]
+
+
+def test_rows_and_sequence_survive_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path) as ob:
+        first = ob.next_seq(1024)
+        ob.put(T, b'{"a":1}')
+        ob.put(T, b'{"a":2}')
+        ob.ack([ob.pending(1)[0].id])
+    with Outbox(path) as ob:
+        assert [r.payload for r in ob.pending(10)] == [b'{"a":2}']
+        assert ob.backlog() == 1
+        assert ob.next_seq() == first + 1024
+        assert ob.next_seq(5) == first + 1025
+        assert ob.next_seq() == first + 1030
+
+
+def test_committed_rows_survive_sigkill(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    code = (
+        "import os, signal, sys\n"
+        "from pathlib import Path\n"
+        "from edgekit.outbox import Outbox\n"
+        f"ob = Outbox(Path({str(path)!r}))\n"
+        "seq = ob.next_seq(100)\n"
+        "for i in range(500): ob.put('t', b'{\"i\":%d}' % i)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, timeout=60)
+    assert proc.returncode == -9, proc.stderr.decode()
+    with Outbox(path) as ob:
+        assert ob.backlog() == 500
+        assert [r.payload for r in ob.pending(1000)][-1] == b'{"i":499}'
+        assert ob.next_seq() == 101
+
+
+def test_drop_oldest_bound_is_counted_and_persisted(tmp_path: Path) -> None:
+    path = tmp_path / "o.db"
+    with Outbox(path, max_rows=5) as ob:
+        for i in range(8):
+            ob.put(T, b'{"i":%d}' % i)
+        assert ob.backlog() == 5
+        assert ob.dropped == 3
+        assert [r.payload for r in ob.pending(10)] == [b'{"i":%d}' % i for i in range(3, 8)]
+        ob.put_many([(T, b'{"j":%d}' % i, True) for i in range(7)])
+        assert ob.backlog() == 5 and ob.dropped == 10
+        assert [r.payload for r in ob.pending(10)] == [b'{"j":%d}' % i for i in range(2, 7)]
+    with Outbox(path, max_rows=5) as ob:
+        assert ob.dropped == 10
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("SELECT value FROM meta WHERE key='dropped'").fetchone()[0] == 10
+
+
+def test_wal_mode_is_on(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as ob:
+        assert ob.journal_mode() == "wal"
+    with sqlite3.connect(tmp_path / "o.db") as raw:
+        assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_put_many_is_atomic(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as ob:
+        ob.put(T, b'{"before":1}')
+        with pytest.raises(sqlite3.IntegrityError):
+            ob.put_many([(T, b'{"ok":1}', True), (T, b'{"ok":2}', True), (T, None, True)])  # type: ignore[list-item]
+        assert ob.backlog() == 1
+        assert [r.payload for r in ob.pending(10)] == [b'{"before":1}']
+        ids = ob.put_many([(T, b'{"x":1}', True), ("edgekit/v1/s/d/review", b'{"x":2}', False)])
+        assert len(ids) == 2 and ob.backlog() == 3
+        assert [r.batchable for r in ob.pending(10)] == [True, True, False]
+
+
+def test_mark_all_replayed_flags_queued_rows_only(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as ob:
+        ob.put_many([(T, b"{}", True)] * 3)
+        assert ob.mark_all_replayed() == 3
+        ob.put(T, b'{"new":1}')
+        assert [r.replayed for r in ob.pending(10)] == [True, True, True, False]
+        ob.put(T, b'{"late":1}', replayed=True)
+        assert ob.pending(10)[-1].replayed
+
+
+def test_each_thread_uses_its_own_connection(tmp_path: Path) -> None:
+    with Outbox(tmp_path / "o.db") as ob:
+        errors: list[BaseException] = []
+
+        def writer() -> None:
+            try:
+                for i in range(200):
+                    ob.put(T, b'{"w":%d}' % i)
+                ob.release()
+            except BaseException as exc:  # surfaced by the assert below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for i in range(200):
+            ob.put(T, b'{"m":%d}' % i)
+        for t in threads:
+            t.join(30)
+        assert errors == []
+        assert ob.backlog() == 800
+        assert len({r.id for r in ob.pending(1000)}) == 800
