@@ -1,0 +1,331 @@
+"""The bundle manifest: one schema written by the exporter and read by the agent, plus hashing and signing.
+
+A bundle is a directory: manifest.json (this schema), manifest.sig (optional Ed25519 signature over the exact
+bytes of manifest.json), and every other file listed in `files` with its sha256, so the signature covers all of
+them. Must not import torch or onnx: the agent imports this (numpy, pydantic, cryptography, hashlib only).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edgekit.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "edgekit.manifest/1"
+MANIFEST_FILE = "manifest.json"
+SIGNATURE_FILE = "manifest.sig"
+Role = Literal["predictor", "gate", "second_opinion"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class InputSpec(_Strict):
+    kind: Literal["window", "table"] = Field(description="'window': a sliding window over a sample stream; "
+                                             "'table': one row of precomputed values per case.")
+    extractor: Literal["machine", "gait", "table"] = Field(
+        description="Feature extractor the agent runs on each window (or 'table' for table rows).")
+    channels: list[str] | None = Field(None, description="Sensor channels in the order the window holds them.")
+    rate_hz: float | None = Field(None, gt=0, description="Sample rate the model was trained at.")
+    window_size: int | None = Field(None, gt=0, description="Samples per window.")
+    window_hop: int | None = Field(None, gt=0, description="Samples between consecutive window starts.")
+    feature_names: list[str] = Field(description="Names of the feature vector, in model input order.")
+    imputation: dict[str, Any] | None = Field(
+        None, description="How missing table values are filled (copied from the run), or null.")
+
+
+class Stats(_Strict):
+    mean: list[float] = Field(description="Per-feature (or per-channel) mean subtracted before the model.")
+    std: list[float] = Field(description="Per-feature (or per-channel) std divided by after the mean.")
+
+
+class Normalize(_Strict):
+    features: Stats = Field(description="Normalisation of the feature vector: (x - mean) / std.")
+    window: Stats | None = Field(None, description="Per-channel normalisation of raw windows (cnn1d), or null.")
+
+
+class ModelSpec(_Strict):
+    file: str = Field(description="ONNX file the agent runs, relative to the bundle.")
+    fp32_file: str = Field(description="The fp32 ONNX file (same as `file` when fp32 is used).")
+    input: Literal["features", "window"] = Field(description="Normalised features [N, F] or window [N, C, W].")
+    input_name: Literal["x"] = Field("x", description="Name of the single ONNX input.")
+    input_shape: list[int | None] = Field(description="Input shape; null is the dynamic batch axis.")
+    dtype: Literal["float32"] = Field("float32", description="Input element type.")
+    outputs: list[str] = Field(description="ONNX output names, e.g. ['probs'], ['score'], "
+                               "['label', 'probabilities'].")
+    quantization: Literal["int8-qdq", "fp32"] = Field(description="Which variant `file` is.")
+    quantization_reason: str = Field(description="Why that variant was chosen (parity, latency).")
+
+
+class Thresholds(_Strict):
+    ood_max_score: float = Field(description="Defer when the autoencoder score is above this (out of "
+                                 "distribution).")
+    min_confidence: float = Field(description="Defer when the predictor's top probability is below this.")
+    max_disagreement: float = Field(description="Defer when the total variation distance between predictor "
+                                    "and second-opinion probabilities is above this.")
+    defer_all: bool = Field(False, description="True when no threshold met the error target on the "
+                            "calibration split: the agent must defer every case.")
+
+
+class GateCalibration(_Strict):
+    method: str = Field(description="How thresholds were chosen, e.g. 'ltt-fixed-sequence-binomial'.")
+    target_error: float = Field(gt=0, lt=1, description="Error rate allowed among accepted cases.")
+    delta: float = Field(gt=0, lt=1, description="Allowed probability that the guarantee fails.")
+    ood_quantile: float = Field(description="Quantile of normal calibration scores used for ood_max_score.")
+    n_cal: int = Field(ge=0, description="Calibration cases used.")
+    cal_accepted: int = Field(ge=0, description="Calibration cases accepted at the chosen thresholds.")
+    cal_error: float | None = Field(None, description="Error rate among accepted calibration cases.")
+    cal_coverage: float = Field(description="Fraction of calibration cases accepted.")
+    p_value: float | None = Field(None, description="Binomial p-value of the chosen threshold.")
+    valid: bool = Field(description="False when no threshold met the target: every case is deferred.")
+    n_test: int = Field(ge=0, description="Held-out (test) cases.")
+    test_accepted: int = Field(ge=0, description="Held-out cases accepted.")
+    test_error: float | None = Field(None, description="Error rate among accepted held-out cases "
+                                     "(null when none accepted).")
+    test_coverage: float = Field(description="Fraction of held-out cases accepted.")
+    models: dict[str, str] = Field(default_factory=dict,
+                                   description="Role -> the file whose outputs were calibrated.")
+
+
+class Manifest(_Strict):
+    schema_: Literal["edgekit.manifest/1"] = Field(SCHEMA, alias="schema", description="Schema version.")
+    task: str = Field(description="Task name from the recipe.")
+    created_at: str = Field(description="UTC time of export, ISO 8601.")
+    code_version: str = Field(description="edgekit version (and git commit when known) that trained it.")
+    edgekit_version: str = Field(description="edgekit version that exported the bundle.")
+    data_fingerprint: str = Field(description="Hash of the training data, from the run.")
+    labels: list[str] = Field(min_length=1, description="Class names in output order.")
+    normal_label: str = Field(description="The label meaning 'nothing wrong'.")
+    positive_label: str | None = Field(None, description="The label of interest for binary F1, or null.")
+    input: InputSpec = Field(description="What the agent feeds the models and how it builds it.")
+    normalize: Normalize = Field(description="Normalisation statistics from the training split.")
+    models: dict[Role, ModelSpec] = Field(description="Role -> ONNX model spec.")
+    thresholds: Thresholds = Field(description="Gate thresholds calibrated on the quantized outputs.")
+    gate_calibration: GateCalibration = Field(description="How the thresholds were chosen and how they did.")
+    parity: dict[str, Any] = Field(description="Summary of parity.json: per model pass/fail and metrics.")
+    files: dict[str, str] = Field(description="Relative path -> sha256 of every file except manifest.json "
+                                  "and manifest.sig.")
+
+    def model_path(self, bundle: Path, role: str) -> Path:
+        """The ONNX file the agent runs for `role`, as a path inside `bundle`."""
+        if role not in self.models:
+            raise ModelError(f"bundle has no model for role {role!r} (has {sorted(self.models)})",
+                             where=str(Path(bundle) / MANIFEST_FILE))
+        return Path(bundle) / self.models[role].file
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def bundle_files(bundle: Path) -> dict[str, str]:
+    """sha256 of every file under `bundle` except manifest.json and manifest.sig, keyed by posix path."""
+    bundle = Path(bundle)
+    out: dict[str, str] = {}
+    for path in sorted(bundle.rglob("*")):
+        rel = path.relative_to(bundle).as_posix()
+        if path.is_file() and rel not in (MANIFEST_FILE, SIGNATURE_FILE):
+            out[rel] = sha256_file(path)
+    return out
+
+
+def write_manifest(path: Path, manifest: Manifest) -> Path:
+    """Write `manifest` as manifest.json into the bundle directory `path` (or to `path` if it ends in .json)."""
+    path = Path(path)
+    target = path if path.suffix == ".json" else path / MANIFEST_FILE
+    text = json.dumps(manifest.model_dump(mode="json", by_alias=True), indent=2, sort_keys=False) + "\n"
+    target.write_text(text, encoding="utf-8")
+    log.info("manifest_written path=%s files=%d", target, len(manifest.files))
+    return target
+
+
+def read_manifest(bundle: Path) -> Manifest:
+    """Parse manifest.json without checking files or signature."""
+    where = str(Path(bundle) / MANIFEST_FILE)
+    try:
+        raw = (Path(bundle) / MANIFEST_FILE).read_bytes()
+    except FileNotFoundError:
+        raise ModelError("manifest.json is missing", where=where,
+                         hint="point at a bundle directory written by `edgekit export`") from None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ModelError(f"not valid JSON: {exc}", where=where, hint="re-export the bundle") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        raise ModelError(f"schema must be {SCHEMA!r} (got {got!r})", where=where,
+                         hint="export the bundle with this edgekit version")
+    try:
+        return Manifest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        raise ModelError(f"{key}: {first['msg']} ({len(exc.errors())} problem(s))", where=where,
+                         hint="re-export the bundle; the manifest does not match this edgekit's schema") from None
+
+
+def check_files(bundle: Path, manifest: Manifest) -> None:
+    """Every listed file exists with its sha256, every model file is listed, nothing unlisted is present."""
+    bundle = Path(bundle)
+    for rel, expected in manifest.files.items():
+        path = bundle / rel
+        if not path.is_file():
+            raise ModelError(f"listed file is missing (expected sha256 {expected})", where=str(path),
+                             hint="copy the whole bundle directory")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ModelError(f"sha256 mismatch: expected {expected}, got {actual}", where=str(path),
+                             hint="the file was altered or corrupted; re-copy or re-export the bundle")
+    for role, spec in manifest.models.items():
+        for rel in {spec.file, spec.fp32_file}:
+            if rel not in manifest.files:
+                raise ModelError(f"models.{role} names {rel!r}, which files does not list",
+                                 where=str(bundle / MANIFEST_FILE), hint="re-export the bundle")
+    unlisted = sorted(set(bundle_files_names(bundle)) - set(manifest.files))
+    if unlisted:
+        raise ModelError(f"bundle holds files the manifest does not list: {unlisted}", where=str(bundle),
+                         hint="remove them, or re-export the bundle")
+
+
+def bundle_files_names(bundle: Path) -> list[str]:
+    bundle = Path(bundle)
+    return [p.relative_to(bundle).as_posix() for p in sorted(bundle.rglob("*"))
+            if p.is_file() and p.relative_to(bundle).as_posix() not in (MANIFEST_FILE, SIGNATURE_FILE)]
+
+
+def _load_public_key(path: Path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    try:
+        key = load_pem_public_key(Path(path).read_bytes())
+    except FileNotFoundError:
+        raise ModelError("public key file not found", where=str(path),
+                         hint="create a key pair with `edgekit keygen`") from None
+    except ValueError as exc:
+        raise ModelError(f"not a PEM public key: {exc}", where=str(path),
+                         hint="pass the .pub file written by `edgekit keygen`") from None
+    if not isinstance(key, Ed25519PublicKey):
+        raise ModelError(f"public key must be Ed25519 (got {type(key).__name__})", where=str(path),
+                         hint="create a key pair with `edgekit keygen`")
+    return key
+
+
+def _load_private_key(path: Path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    try:
+        key = load_pem_private_key(Path(path).read_bytes(), password=None)
+    except FileNotFoundError:
+        raise ModelError("private key file not found", where=str(path),
+                         hint="create a key pair with `edgekit keygen`") from None
+    except (ValueError, TypeError) as exc:
+        raise ModelError(f"not an unencrypted PEM private key: {exc}", where=str(path),
+                         hint="pass the .key file written by `edgekit keygen`") from None
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ModelError(f"private key must be Ed25519 (got {type(key).__name__})", where=str(path),
+                         hint="create a key pair with `edgekit keygen`")
+    return key
+
+
+def check_signature(bundle: Path, public_key: Path) -> None:
+    """manifest.sig must be a valid Ed25519 signature of manifest.json's exact bytes under `public_key`."""
+    from cryptography.exceptions import InvalidSignature
+
+    bundle = Path(bundle)
+    key = _load_public_key(public_key)
+    sig_path = bundle / SIGNATURE_FILE
+    if not sig_path.is_file():
+        raise ModelError("manifest.sig is missing: the bundle is not signed, but a public key was given",
+                         where=str(sig_path),
+                         hint="sign it with `edgekit export --sign-key KEY` (or sign_bundle), or run "
+                              "without a public key")
+    try:
+        signature = base64.b64decode(sig_path.read_bytes().strip(), validate=True)
+    except ValueError:
+        raise ModelError("manifest.sig is not base64", where=str(sig_path), hint="re-sign the bundle") from None
+    try:
+        key.verify(signature, (bundle / MANIFEST_FILE).read_bytes())
+    except InvalidSignature:
+        raise ModelError(f"signature does not match manifest.json under {public_key}", where=str(sig_path),
+                         hint="the manifest was altered or signed with another key; re-export and re-sign"
+                         ) from None
+    except FileNotFoundError:
+        raise ModelError("manifest.json is missing", where=str(bundle / MANIFEST_FILE)) from None
+
+
+def load_bundle(path: Path, *, public_key: Path | None = None) -> Manifest:
+    """Read and check a bundle: signature first (when `public_key` is given), then schema and every sha256."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelError("bundle directory not found", where=str(path),
+                         hint="pass the directory written by `edgekit export --out`")
+    if public_key is not None:
+        check_signature(path, public_key)
+    manifest = read_manifest(path)
+    check_files(path, manifest)
+    log.info("bundle_loaded path=%s task=%s signed=%s files=%d", path, manifest.task,
+             public_key is not None, len(manifest.files))
+    return manifest
+
+
+def verify_bundle(path: Path, public_key: Path) -> Manifest:
+    """Signature, schema and every file's sha256; raises ModelError naming the first problem."""
+    return load_bundle(path, public_key=public_key)
+
+
+def sign_bundle(path: Path, private_key: Path) -> Path:
+    """Write manifest.sig (base64 Ed25519 signature of manifest.json). Returns the signature's path."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ModelError("manifest.json is missing", where=str(manifest_path),
+                         hint="export the bundle before signing it")
+    key = _load_private_key(private_key)
+    signature = key.sign(manifest_path.read_bytes())
+    sig_path = path / SIGNATURE_FILE
+    sig_path.write_bytes(base64.b64encode(signature) + b"\n")
+    log.info("bundle_signed path=%s key=%s", path, private_key)
+    return sig_path
+
+
+def keygen(out_dir: Path, name: str = "edgekit") -> tuple[Path, Path]:
+    """Create an Ed25519 key pair: OUT/NAME.key (PEM PKCS8, mode 0600) and OUT/NAME.pub. Never overwrites."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    out_dir = Path(out_dir)
+    private_path, public_path = out_dir / f"{name}.key", out_dir / f"{name}.pub"
+    for existing in (private_path, public_path):
+        if existing.exists():
+            raise ModelError("key file already exists; refusing to overwrite it", where=str(existing),
+                             hint="choose another --name or directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    key = Ed25519PrivateKey.generate()
+    private_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                    serialization.NoEncryption())
+    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+    fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(private_pem)
+    os.chmod(private_path, 0o600)
+    public_path.write_bytes(public_pem)
+    log.info("keygen private=%s public=%s", private_path, public_path)
+    return private_path, public_path

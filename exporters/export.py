@@ -1,0 +1,461 @@
+"""Run directory -> signed bundle, in small steps: export -> quantize -> check parity -> recalibrate -> bundle.
+
+    export_onnx      torch/scikit-learn -> ONNX fp32 (input "x", dynamic batch; outputs probs / score /
+                     label+probabilities), key facts in each file's metadata_props
+    quantize_models  static QDQ INT8 of the torch models, calibrated on the train split
+    check_parity     torch vs fp32, fp32 vs INT8 side by side; chooses the file each role uses
+    recalibrate      gate thresholds on the cal split from the outputs of the files the bundle uses
+    write_bundle     heldout.npz, parity.json, run.json, manifest.json (sha256 of every file), manifest.sig
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import pickle
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+import edgekit
+from edgekit.errors import ExportError
+from edgekit.manifest import Manifest, bundle_files, sign_bundle, write_manifest
+
+from . import calibrate as calibrate_mod
+from . import parity as parity_mod
+from .quantize import calibration_sample, quantize_model
+
+log = logging.getLogger(__name__)
+
+RUN_SCHEMA = "edgekit.run/1"
+OPSET = 17
+SPLITS = ("train", "cal", "test")
+# role in the bundle -> (key in run.json "models", ONNX output names, file stem)
+ROLES: dict[str, dict[str, Any]] = {
+    "predictor": {"run_key": "predictor", "outputs": ["probs"], "stem": "predictor"},
+    "gate": {"run_key": "autoencoder", "outputs": ["score"], "stem": "autoencoder"},
+    "second_opinion": {"run_key": "second_opinion", "outputs": ["label", "probabilities"],
+                       "stem": "second_opinion"},
+}
+TORCH_ROLES = ("predictor", "gate")
+OOD_QUANTILE = 0.99
+
+
+@dataclass
+class Run:
+    """A loaded run directory: run.json, the splits, and what each role's model takes as input."""
+
+    path: Path
+    meta: dict[str, Any]
+    splits: dict[str, np.ndarray]
+    labels: list[str] = field(default_factory=list)
+    normal_index: int = 0
+    positive_index: int | None = None
+
+    def x(self, role: str, split: str) -> np.ndarray:
+        kind = self.meta["models"][ROLES[role]["run_key"]]["input"]
+        return self.splits[f"{split}_{kind}"]
+
+    def y(self, split: str) -> np.ndarray:
+        return self.splits[f"{split}_y"]
+
+
+def _require(meta: dict[str, Any], key: str, where: str) -> Any:
+    node: Any = meta
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            raise ExportError(f"missing key {key!r}", where=f"{where}:{key}",
+                              hint="was this run written by `edgekit train` of this version?")
+        node = node[part]
+    return node
+
+
+def load_run(run_dir: Path) -> Run:
+    """Read and check run.json and splits.npz."""
+    run_dir = Path(run_dir)
+    run_json = run_dir / "run.json"
+    if not run_json.is_file():
+        raise ExportError("run.json not found", where=str(run_json), hint="pass a directory written by `edgekit train`")
+    try:
+        meta = json.loads(run_json.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ExportError(f"not valid JSON: {exc}", where=str(run_json)) from None
+    if meta.get("schema") != RUN_SCHEMA:
+        raise ExportError(f"schema must be {RUN_SCHEMA!r} (got {meta.get('schema')!r})", where=f"{run_json}:schema")
+    for key in ("task", "labels", "normal_label", "input.kind", "input.extractor", "input.feature_names",
+                "normalize.features.mean", "normalize.features.std", "models.predictor.file",
+                "models.predictor.input", "models.autoencoder.file", "models.second_opinion.file",
+                "gate.target_error", "gate.delta"):
+        _require(meta, key, str(run_json))
+    labels = list(meta["labels"])
+    if meta["normal_label"] not in labels:
+        raise ExportError(f"normal_label {meta['normal_label']!r} is not one of labels {labels}",
+                          where=f"{run_json}:normal_label")
+    positive = meta.get("positive_label")
+    if positive is not None and positive not in labels:
+        raise ExportError(f"positive_label {positive!r} is not one of labels {labels}",
+                          where=f"{run_json}:positive_label")
+    npz = run_dir / "splits.npz"
+    if not npz.is_file():
+        raise ExportError("splits.npz not found", where=str(npz), hint="re-run `edgekit train`")
+    with np.load(npz) as data:
+        splits = {k: data[k] for k in data.files}
+    needed = {f"{s}_{k}" for s in SPLITS for k in ("features", "y")}
+    if meta["models"]["predictor"]["input"] == "window":
+        needed |= {f"{s}_window" for s in SPLITS}
+    missing = sorted(needed - set(splits))
+    if missing:
+        raise ExportError(f"arrays missing: {missing}", where=str(npz), hint="re-run `edgekit train`")
+    return Run(run_dir, meta, splits, labels, labels.index(meta["normal_label"]),
+               labels.index(positive) if positive is not None else None)
+
+
+def _metadata(run: Run, role: str, quantization: str) -> dict[str, str]:
+    meta = run.meta
+    return {
+        "edgekit.schema": "edgekit.model/1",
+        "edgekit.version": edgekit.__version__,
+        "edgekit.task": str(meta["task"]),
+        "edgekit.role": role,
+        "edgekit.labels": json.dumps(run.labels),
+        "edgekit.normal_label": str(meta["normal_label"]),
+        "edgekit.feature_names": json.dumps(list(meta["input"]["feature_names"])),
+        "edgekit.input_kind": str(meta["input"]["kind"]),
+        "edgekit.model_input": str(meta["models"][ROLES[role]["run_key"]]["input"]),
+        "edgekit.quantization": quantization,
+        "edgekit.data_fingerprint": str(meta.get("data_fingerprint", "")),
+    }
+
+
+def set_metadata(path: Path, props: dict[str, str]) -> None:
+    """Replace the edgekit.* metadata_props of an ONNX file, keeping others."""
+    model = onnx.load(str(path))
+    kept = {p.key: p.value for p in model.metadata_props if not p.key.startswith("edgekit.")}
+    onnx.helper.set_model_props(model, {**kept, **props})
+    onnx.save(model, str(path))
+
+
+# --- step 1: export -------------------------------------------------------------------------------
+
+
+def _export_torch(model: Any, example: np.ndarray, path: Path, output: str) -> None:
+    import torch
+
+    x = torch.from_numpy(np.ascontiguousarray(example[:2], np.float32))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # legacy exporter's DeprecationWarning; dynamo needs no graph breaks
+        torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=[output],
+                          dynamic_axes={"x": {0: "batch"}, output: {0: "batch"}}, opset_version=OPSET,
+                          dynamo=False)
+
+
+def _torch_outputs(model: Any, x: np.ndarray, batch: int = 1024) -> np.ndarray:
+    import torch
+
+    outs = []
+    with torch.inference_mode():
+        for i in range(0, len(x), batch):
+            outs.append(model(torch.from_numpy(np.ascontiguousarray(x[i:i + batch], np.float32))).numpy())
+    return np.concatenate(outs, axis=0)
+
+
+def export_onnx(run: Run, out: Path) -> dict[str, Any]:
+    """fp32 ONNX for every role. Returns per role: fp32 file name and reference outputs on cal/test."""
+    import torch
+    from skl2onnx import convert_sklearn
+    from skl2onnx.common.data_types import FloatTensorType
+
+    from .models import load_checkpoint
+
+    result: dict[str, Any] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # never a multi-threaded torch beside onnxruntime (FIELD-NOTES)
+    try:
+        for role in TORCH_ROLES:
+            spec = run.meta["models"][ROLES[role]["run_key"]]
+            ckpt_path = run.path / spec["file"]
+            if not ckpt_path.is_file():
+                raise ExportError("model checkpoint not found", where=str(ckpt_path), hint="re-run `edgekit train`")
+            model, _ = load_checkpoint(ckpt_path)
+            fname = f"{ROLES[role]['stem']}.fp32.onnx"
+            try:
+                _export_torch(model, run.x(role, "train"), out / fname, ROLES[role]["outputs"][0])
+            except Exception as exc:
+                raise ExportError(f"torch.onnx.export failed: {exc}", where=str(ckpt_path)) from exc
+            set_metadata(out / fname, _metadata(run, role, "fp32"))
+            result[role] = {"fp32_file": fname,
+                            "reference": {s: _torch_outputs(model, run.x(role, s)) for s in ("cal", "test")}}
+    finally:
+        torch.set_num_threads(threads)
+
+    spec = run.meta["models"]["second_opinion"]
+    pkl = run.path / spec["file"]
+    try:
+        with open(pkl, "rb") as fh:
+            clf = pickle.load(fh)  # noqa: S301 - our own training output
+    except FileNotFoundError:
+        raise ExportError("second-opinion model not found", where=str(pkl), hint="re-run `edgekit train`") from None
+    classes = np.asarray(getattr(clf, "classes_", []))
+    if classes.tolist() != list(range(len(run.labels))):
+        raise ExportError(f"second opinion classes {classes.tolist()} != label indices 0..{len(run.labels) - 1}",
+                          where=str(pkl), hint="every label needs training rows for the second opinion")
+    n_features = run.x("second_opinion", "train").shape[1]
+    try:
+        onx = convert_sklearn(clf, initial_types=[("x", FloatTensorType([None, n_features]))],
+                              options={id(clf): {"zipmap": False}},
+                              target_opset={"": OPSET, "ai.onnx.ml": 3})
+    except Exception as exc:
+        raise ExportError(f"skl2onnx failed: {exc}", where=str(pkl)) from exc
+    fname = "second_opinion.onnx"
+    onnx.save(onx, str(out / fname))
+    set_metadata(out / fname, _metadata(run, "second_opinion", "fp32"))
+    result["second_opinion"] = {
+        "fp32_file": fname,
+        "reference": {s: clf.predict_proba(run.x("second_opinion", s).astype(np.float32)) for s in ("cal", "test")},
+        "reference_label": {s: clf.predict(run.x("second_opinion", s).astype(np.float32)) for s in ("cal", "test")},
+    }
+    log.info("exported_onnx roles=%s", ",".join(result))
+    return result
+
+
+# --- step 2: quantize -----------------------------------------------------------------------------
+
+
+def quantize_models(run: Run, out: Path, exported: dict[str, Any]) -> dict[str, Any]:
+    """INT8 QDQ for the torch roles; a failure is recorded per role, not raised."""
+    result: dict[str, Any] = {}
+    for role in TORCH_ROLES:
+        fname = f"{ROLES[role]['stem']}.int8.onnx"
+        try:
+            qdq = quantize_model(out / exported[role]["fp32_file"], out / fname,
+                                 calibration_sample(run.x(role, "train")))
+        except ExportError as exc:
+            log.warning("quantize_failed role=%s error=%s", role, exc)
+            (out / fname).unlink(missing_ok=True)
+            result[role] = {"int8_file": None, "error": str(exc)}
+            continue
+        set_metadata(out / fname, _metadata(run, role, "int8-qdq"))
+        result[role] = {"int8_file": fname, "qdq_nodes": qdq}
+    return result
+
+
+# --- step 3: parity -------------------------------------------------------------------------------
+
+
+def check_parity(run: Run, out: Path, exported: dict[str, Any], quantized: dict[str, Any],
+                 criteria: dict[str, float] | None = None) -> dict[str, Any]:
+    """The parity report; `models[role]['use']` names the file each role will run."""
+    crit = {**parity_mod.CRITERIA, **(criteria or {})}
+    y_test = run.y("test")
+    models: dict[str, Any] = {}
+    ae_threshold = None
+    for role in TORCH_ROLES:
+        fp32_file = exported[role]["fp32_file"]
+        x_test = run.x(role, "test")
+        out_name = ROLES[role]["outputs"][0]
+        fp32_test = parity_mod.run_model(out / fp32_file, x_test)[out_name]
+        fp32_cal = parity_mod.run_model(out / fp32_file, run.x(role, "cal"))[out_name]
+        report: dict[str, Any] = {
+            "fp32": {"file": fp32_file,
+                     "torch_vs_onnx": parity_mod.closeness(exported[role]["reference"]["test"], fp32_test,
+                                                           crit["fp32_atol"], crit["fp32_rtol"])},
+        }
+        report["fp32"]["pass"] = report["fp32"]["torch_vs_onnx"]["pass"]
+        if role == "gate":
+            normal = fp32_cal[run.y("cal") == run.normal_index]
+            ae_threshold = float(np.quantile(normal if normal.size else fp32_cal, OOD_QUANTILE))
+        q = quantized.get(role)
+        latency: dict[str, float | None] = {"fp32": parity_mod.latency_us(out / fp32_file, x_test[0]), "int8": None}
+        int8_report = None
+        if q is not None and q.get("int8_file"):
+            int8_test = parity_mod.run_model(out / q["int8_file"], x_test)[out_name]
+            int8_report = parity_mod.compare_int8(
+                "probs" if role == "predictor" else "score", fp32_test, int8_test, y_test,
+                n_classes=len(run.labels), positive_index=run.positive_index, normal_index=run.normal_index,
+                ae_threshold=ae_threshold if role == "gate" else None, criteria=crit)
+            int8_report = {"file": q["int8_file"], "qdq_nodes": q["qdq_nodes"], **int8_report}
+            latency["int8"] = parity_mod.latency_us(out / q["int8_file"], x_test[0])
+        elif q is not None:
+            int8_report = {"file": None, "pass": False, "error": q.get("error"), "fail_reasons": [q.get("error")]}
+        if role == "predictor" and int8_report is None:
+            metric, value = parity_mod.classification_metric(y_test, fp32_test.argmax(-1), len(run.labels),
+                                                             run.positive_index)
+            report["heldout"] = {"metric": metric, "fp32": value}
+        report["int8"] = int8_report
+        report["latency_us"] = latency
+        choice = parity_mod.choose(role, fp32_file, q.get("int8_file") if q else None,
+                                   int8_report if int8_report and int8_report.get("file") else None, latency)
+        report["use"] = choice
+        report["pass"] = report["fp32"]["pass"]  # the used file passes: fp32 by closeness, int8 by its report
+        models[role] = report
+
+    # second opinion: ONNX vs scikit-learn
+    so = exported["second_opinion"]
+    onnx_out = parity_mod.run_model(out / so["fp32_file"], run.x("second_opinion", "test"))
+    agreement = float(np.mean(onnx_out["label"] == so["reference_label"]["test"]))
+    max_abs = float(np.abs(onnx_out["probabilities"] - so["reference"]["test"]).max(initial=0.0))
+    so_pass = agreement >= crit["sklearn_min_agreement"] and max_abs <= crit["sklearn_max_abs"]
+    metric, value = parity_mod.classification_metric(y_test, onnx_out["probabilities"].argmax(-1),
+                                                     len(run.labels), run.positive_index)
+    models["second_opinion"] = {
+        "fp32": {"file": so["fp32_file"], "label_agreement_vs_sklearn": agreement,
+                 "max_abs_vs_sklearn": max_abs, "pass": so_pass},
+        "heldout": {"metric": metric, "onnx": value},
+        "latency_us": {"fp32": parity_mod.latency_us(out / so["fp32_file"], run.x("second_opinion", "test")[0])},
+        "use": {"file": so["fp32_file"], "quantization": "fp32",
+                "reason": "scikit-learn model: not quantized"},
+        "pass": so_pass,
+    }
+    passed = all(m["pass"] for m in models.values())
+    report = {"schema": "edgekit.parity/1", "passed": passed, "criteria": crit,
+              "n_test": int(len(y_test)), "models": models}
+    for role, m in models.items():
+        log.info("parity role=%s pass=%s use=%s reason=%r", role, m["pass"], m["use"]["file"], m["use"]["reason"])
+    return report
+
+
+# --- step 4: recalibrate --------------------------------------------------------------------------
+
+
+def used_outputs(run: Run, out: Path, parity: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """Outputs of the files the bundle uses on cal and test: probs, second, second_label, score, y."""
+    res: dict[str, dict[str, np.ndarray]] = {}
+    for split in ("cal", "test"):
+        pred = parity_mod.run_model(out / parity["models"]["predictor"]["use"]["file"], run.x("predictor", split))
+        gate = parity_mod.run_model(out / parity["models"]["gate"]["use"]["file"], run.x("gate", split))
+        so = parity_mod.run_model(out / parity["models"]["second_opinion"]["use"]["file"],
+                                  run.x("second_opinion", split))
+        res[split] = {"probs": pred["probs"], "score": gate["score"], "second": so["probabilities"],
+                      "second_label": so["label"], "y": run.y(split)}
+    return res
+
+
+def recalibrate(run: Run, outputs: dict[str, dict[str, np.ndarray]], target_error: float,
+                delta: float) -> dict[str, Any]:
+    return calibrate_mod.calibrate_gate(outputs["cal"], outputs["test"], normal_index=run.normal_index,
+                                        target_error=target_error, delta=delta, ood_quantile=OOD_QUANTILE)
+
+
+# --- step 5: bundle -------------------------------------------------------------------------------
+
+
+def _parity_summary(parity: dict[str, Any]) -> dict[str, Any]:
+    summary: dict[str, Any] = {"passed": parity["passed"], "report": "parity.json", "models": {}}
+    for role, m in parity["models"].items():
+        entry = {"pass": m["pass"], "file": m["use"]["file"], "quantization": m["use"]["quantization"]}
+        if m.get("int8") and m["int8"].get("file"):
+            entry.update({"metric": m["int8"]["metric"], "heldout_fp32": m["int8"]["heldout_fp32"],
+                          "heldout_int8": m["int8"]["heldout_int8"],
+                          "decision_agreement": m["int8"]["decision_agreement"], "int8_pass": m["int8"]["pass"]})
+        summary["models"][role] = entry
+    return summary
+
+
+def write_bundle(run: Run, out: Path, parity: dict[str, Any], calibration: dict[str, Any],
+                 outputs: dict[str, dict[str, np.ndarray]], sign_key: Path | None) -> Manifest:
+    meta = run.meta
+    test = outputs["test"]
+    held: dict[str, np.ndarray] = {
+        "x_raw": run.splits["test_features_raw"] if "test_features_raw" in run.splits else run.x("gate", "test"),
+        "x_features": run.splits["test_features"], "y": test["y"], "probs": test["probs"],
+        "score": test["score"], "second_probs": test["second"], "second_label": test["second_label"],
+    }
+    if "test_window" in run.splits:
+        held["x_window"] = run.splits["test_window"]
+    np.savez_compressed(out / "heldout.npz", **held)
+    (out / "parity.json").write_text(json.dumps(parity, indent=2) + "\n", encoding="utf-8")
+    shutil.copyfile(run.path / "run.json", out / "run.json")
+
+    models = {}
+    for role in ROLES:
+        use = parity["models"][role]["use"]
+        fp32_file = parity["models"][role]["fp32"]["file"]
+        x = run.x(role, "test")
+        models[role] = {"file": use["file"], "fp32_file": fp32_file,
+                        "input": meta["models"][ROLES[role]["run_key"]]["input"], "input_name": "x",
+                        "input_shape": [None, *x.shape[1:]], "dtype": "float32",
+                        "outputs": ROLES[role]["outputs"], "quantization": use["quantization"],
+                        "quantization_reason": use["reason"]}
+    inp = meta["input"]
+    cal_report = {**calibration["calibration"], "models": {r: models[r]["file"] for r in models}}
+    manifest = Manifest.model_validate({
+        "schema": "edgekit.manifest/1",
+        "task": meta["task"],
+        "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": str(meta.get("code_version", "")),
+        "edgekit_version": edgekit.__version__,
+        "data_fingerprint": str(meta.get("data_fingerprint", "")),
+        "labels": run.labels, "normal_label": meta["normal_label"], "positive_label": meta.get("positive_label"),
+        "input": {"kind": inp["kind"], "extractor": inp["extractor"], "channels": inp.get("channels"),
+                  "rate_hz": inp.get("rate_hz"), "window_size": inp.get("window_size"),
+                  "window_hop": inp.get("window_hop"), "feature_names": inp["feature_names"],
+                  "imputation": meta.get("imputation")},
+        "normalize": {"features": meta["normalize"]["features"], "window": meta["normalize"].get("window")},
+        "models": models,
+        "thresholds": calibration["thresholds"],
+        "gate_calibration": cal_report,
+        "parity": _parity_summary(parity),
+        "files": bundle_files(out),
+    })
+    write_manifest(out, manifest)
+    if sign_key is not None:
+        sign_bundle(out, sign_key)
+    return manifest
+
+
+def export(run_dir: Path, out: Path, *, int8: bool = True, sign_key: Path | None = None,
+           target_error: float | None = None, progress: bool = True) -> dict:
+    """Export a run directory to a bundle at `out`; returns the parity report (also out/parity.json).
+
+    Raises ExportError when a file the bundle uses fails parity (torch vs ONNX fp32 always counts).
+    """
+    from tqdm import tqdm
+
+    run_dir, out = Path(run_dir), Path(out)
+    run = load_run(run_dir)
+    if out.exists() and any(out.iterdir()):
+        raise ExportError("output directory is not empty", where=str(out),
+                          hint="choose a new --out or remove the old bundle")
+    if sign_key is not None and not Path(sign_key).is_file():
+        raise ExportError("signing key not found", where=str(sign_key), hint="create one with `edgekit keygen`")
+    target = float(target_error if target_error is not None else run.meta["gate"]["target_error"])
+    delta = float(run.meta["gate"]["delta"])
+    if not 0 < target < 1 or not 0 < delta < 1:
+        raise ExportError(f"target_error and delta must be in (0, 1) (got {target}, {delta})",
+                          where=f"{run_dir / 'run.json'}:gate")
+    out.mkdir(parents=True, exist_ok=True)
+    steps = tqdm(total=5, desc="export", disable=not progress)
+    steps.set_postfix_str("onnx")
+    exported = export_onnx(run, out)
+    steps.update()
+    steps.set_postfix_str("int8")
+    quantized = quantize_models(run, out, exported) if int8 else {}
+    steps.update()
+    steps.set_postfix_str("parity")
+    parity = check_parity(run, out, exported, quantized)
+    steps.update()
+    failed = [r for r, m in parity["models"].items() if not m["pass"]]
+    if failed:
+        (out / "parity.json").write_text(json.dumps(parity, indent=2) + "\n", encoding="utf-8")
+        details = {r: parity["models"][r]["fp32"] for r in failed}
+        steps.close()
+        raise ExportError(f"parity failed for {failed}: {details}", where=str(out / "parity.json"),
+                          hint="the ONNX graph does not reproduce the trained model; see parity.json")
+    steps.set_postfix_str("calibrate")
+    outputs = used_outputs(run, out, parity)
+    calibration = recalibrate(run, outputs, target, delta)
+    parity["gate_calibration"] = {**calibration["calibration"], "thresholds": calibration["thresholds"]}
+    steps.update()
+    steps.set_postfix_str("bundle")
+    manifest = write_bundle(run, out, parity, calibration, outputs, sign_key)
+    steps.update()
+    steps.close()
+    log.info("export_done out=%s task=%s files=%d signed=%s", out, manifest.task, len(manifest.files),
+             sign_key is not None)
+    return parity

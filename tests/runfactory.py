@@ -1,0 +1,122 @@
+"""A small run directory in the exact layout `exporters.train.train` writes (run.json + splits.npz + models),
+trained in seconds on synthetic signals, so export tests do not depend on the training pipeline or datasets.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from pathlib import Path
+
+import numpy as np
+
+
+def _signals(rng: np.random.Generator, n: int, n_classes: int, channels: int, width: int):
+    y = rng.integers(0, n_classes, size=n)
+    t = np.arange(width) / width
+    freq = 2.0 + 3.0 * y  # class sets the frequency
+    phase = rng.uniform(0, 2 * np.pi, size=(n, channels))
+    amp = 1.0 + 0.3 * y[:, None]
+    windows = amp[:, :, None] * np.sin(2 * np.pi * freq[:, None, None] * t[None, None, :] + phase[:, :, None])
+    windows = windows + rng.normal(0, 0.6, size=windows.shape)  # noisy: not every case is easy
+    return windows.astype(np.float32), y.astype(np.int64)
+
+
+def _features(windows: np.ndarray) -> np.ndarray:
+    diff = np.diff(windows, axis=-1)
+    return np.concatenate([windows.std(-1), np.abs(diff).mean(-1), windows.max(-1) - windows.min(-1)],
+                          axis=1).astype(np.float32)
+
+
+def make_run(root: Path, *, arch: str = "mlp", n_classes: int = 2, second: str = "random_forest",
+             n: int = 1500, seed: int = 0, epochs: int = 60) -> Path:
+    """Train tiny models and write a run directory under `root`; returns its path."""
+    import torch
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.svm import SVC
+
+    from edgekit.exporters.models import build, save_checkpoint
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    channels, width = 3, 32
+    windows, y = _signals(rng, n, n_classes, channels, width)
+    raw = _features(windows)
+    idx = rng.permutation(n)
+    parts = {"train": idx[: n // 2], "cal": idx[n // 2: 3 * n // 4], "test": idx[3 * n // 4:]}
+    f_mean, f_std = raw[parts["train"]].mean(0), raw[parts["train"]].std(0) + 1e-6
+    w_mean = windows[parts["train"]].mean(axis=(0, 2))
+    w_std = windows[parts["train"]].std(axis=(0, 2)) + 1e-6
+    feats = ((raw - f_mean) / f_std).astype(np.float32)
+    wins = ((windows - w_mean[None, :, None]) / w_std[None, :, None]).astype(np.float32)
+    splits: dict[str, np.ndarray] = {}
+    for name, ix in parts.items():
+        splits[f"{name}_features"] = feats[ix]
+        splits[f"{name}_features_raw"] = raw[ix]
+        splits[f"{name}_y"] = y[ix]
+        if arch == "cnn1d":
+            splits[f"{name}_window"] = wins[ix]
+
+    run = root / f"run-{arch}-{n_classes}"
+    run.mkdir(parents=True)
+    n_features = feats.shape[1]
+    if arch == "mlp":
+        kwargs = {"n_features": n_features, "n_classes": n_classes, "hidden": (32, 16)}
+        x_train = splits["train_features"]
+    else:
+        kwargs = {"n_channels": channels, "n_classes": n_classes, "window": width, "width": 8}
+        x_train = splits["train_window"]
+    model = build(arch, **kwargs)
+    xt, yt = torch.from_numpy(x_train), torch.from_numpy(splits["train_y"])
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    for _ in range(epochs):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model.logits(xt), yt)
+        loss.backward()
+        opt.step()
+    model.eval()
+    save_checkpoint(run / "predictor.pt", model, arch, kwargs)
+
+    ae_kwargs = {"n_features": n_features, "hidden": (8, 3)}
+    ae = build("dense_ae", **ae_kwargs)
+    normal = torch.from_numpy(splits["train_features"][splits["train_y"] == 0])
+    opt = torch.optim.Adam(ae.parameters(), lr=1e-2)
+    ae.train()
+    for _ in range(epochs * 2):
+        opt.zero_grad()
+        loss = ae(normal).mean()
+        loss.backward()
+        opt.step()
+    ae.eval()
+    save_checkpoint(run / "autoencoder.pt", ae, "dense_ae", ae_kwargs)
+
+    if second == "random_forest":
+        clf = RandomForestClassifier(n_estimators=30, max_depth=6, random_state=seed)
+    else:
+        clf = SVC(probability=True, random_state=seed)
+    clf.fit(splits["train_features"], splits["train_y"])
+    with open(run / "second_opinion.pkl", "wb") as fh:
+        pickle.dump(clf, fh)
+
+    np.savez_compressed(run / "splits.npz", **splits)
+    labels = ["normal"] + [f"fault_{i}" for i in range(1, n_classes)]
+    names = [f"{stat}_{c}" for stat in ("std", "mad", "range") for c in ("ax", "ay", "az")]
+    meta = {
+        "schema": "edgekit.run/1", "task": f"synthetic-{arch}", "recipe": {"name": "synthetic"}, "seed": seed,
+        "device": "cpu", "labels": labels, "normal_label": "normal",
+        "positive_label": "fault_1" if n_classes == 2 else None,
+        "input": {"kind": "window", "extractor": "machine", "channels": ["ax", "ay", "az"], "rate_hz": 32.0,
+                  "window_size": width, "window_hop": width // 2, "feature_names": names},
+        "normalize": {"features": {"mean": f_mean.tolist(), "std": f_std.tolist()},
+                      "window": {"mean": w_mean.tolist(), "std": w_std.tolist()} if arch == "cnn1d" else None},
+        "imputation": None, "data_fingerprint": "0" * 64,
+        "models": {"predictor": {"file": "predictor.pt", "arch": arch,
+                                 "input": "features" if arch == "mlp" else "window"},
+                   "autoencoder": {"file": "autoencoder.pt", "arch": "dense_ae", "input": "features"},
+                   "second_opinion": {"file": "second_opinion.pkl", "kind": second, "input": "features"}},
+        "gate": {"target_error": 0.05, "delta": 0.1}, "metrics": {},
+        "created_at": "2026-01-01T00:00:00+00:00", "code_version": "test",
+    }
+    (run / "run.json").write_text(json.dumps(meta, indent=2))
+    return run
