@@ -1,0 +1,433 @@
+"""The hub's database: results (deferred ones are review cases), labels with history, reviewers, devices.
+
+One code path for SQLite (default) and PostgreSQL (psycopg 3), SQLAlchemy 2 Core. Writes are idempotent by
+result id (INSERT .. ON CONFLICT), so redelivered and replayed messages are stored exactly once. Must not
+import paho, fastapi or torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+
+from edgekit.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+metadata = sa.MetaData()
+
+results = sa.Table(
+    "edgekit_results", metadata,
+    sa.Column("id", sa.String(128), primary_key=True),  # "{device}:{seq:012d}", the idempotency key
+    sa.Column("site", sa.String(128), nullable=False),
+    sa.Column("device", sa.String(128), nullable=False),
+    sa.Column("seq", sa.BigInteger),
+    sa.Column("ts", sa.Float, nullable=False),
+    sa.Column("window_start_s", sa.Float),
+    sa.Column("window_end_s", sa.Float),
+    sa.Column("model_version", sa.String(128)),
+    sa.Column("task", sa.String(64)),
+    sa.Column("label", sa.String(128)),
+    sa.Column("confidence", sa.Float),
+    sa.Column("decision", sa.String(16), nullable=False),
+    sa.Column("reasons", sa.String(512), nullable=False),  # ",ood,disagreement," so LIKE '%,ood,%' filters
+    sa.Column("probs", sa.Text),  # JSON texts below (orjson; decoded by the reader)
+    sa.Column("second_opinion", sa.Text),
+    sa.Column("scores", sa.Text),
+    sa.Column("thresholds", sa.Text),
+    sa.Column("features", sa.Text),  # from the review message; NULL until it arrives
+    sa.Column("signal", sa.Text),
+    sa.Column("replayed", sa.Boolean, nullable=False),
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Index("ix_edgekit_results_decision_ts", "decision", "ts"),
+    sa.Index("ix_edgekit_results_device", "site", "device"),
+)
+
+labels = sa.Table(
+    "edgekit_labels", metadata,
+    sa.Column("id", sa.Integer, sa.Identity(), primary_key=True),
+    sa.Column("result_id", sa.String(128), sa.ForeignKey("edgekit_results.id"), nullable=False, index=True),
+    sa.Column("label", sa.String(128), nullable=False),
+    sa.Column("reviewer", sa.String(128), nullable=False),
+    sa.Column("note", sa.Text, nullable=False, default=""),
+    sa.Column("labelled_at", sa.Float, nullable=False),
+)
+
+users = sa.Table(
+    "edgekit_users", metadata,
+    sa.Column("name", sa.String(128), primary_key=True),
+    sa.Column("password", sa.String(512), nullable=False),  # auth.hash_password's self-describing string
+    sa.Column("created_at", sa.Float, nullable=False),
+)
+
+devices = sa.Table(
+    "edgekit_devices", metadata,
+    sa.Column("site", sa.String(128), primary_key=True),
+    sa.Column("device", sa.String(128), primary_key=True),
+    sa.Column("last_seen", sa.Float),  # newest payload ts of any message from the device
+    sa.Column("state", sa.String(16)),  # online | offline, from the retained status / last will
+    sa.Column("status_ts", sa.Float),
+    sa.Column("model_version", sa.String(128)),
+    sa.Column("queued", sa.BigInteger),
+    sa.Column("dropped", sa.BigInteger),
+    sa.Column("metrics", sa.Text),
+    sa.Column("metrics_ts", sa.Float),
+)
+
+settings = sa.Table(
+    "edgekit_settings", metadata,
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False),
+)
+
+
+def engine_url(url: str) -> str:
+    """sqlite:///hub.db as is; postgresql:// and postgres:// use the psycopg 3 driver."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    if url.startswith(("sqlite:", "postgresql+psycopg:")):
+        return url
+    raise ConfigError(f"database URL must start with sqlite:/// or postgresql:// (got {url!r})",
+                      where="hub.db_url", hint="e.g. sqlite:///hub.db or postgresql://user@host/db")
+
+
+def make_engine(url: str) -> sa.Engine:
+    url = engine_url(url)
+    if url.startswith("sqlite"):
+        # 30 s busy timeout: two hub processes may write one file; WAL lets the web read meanwhile.
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_conn: Any, _record: Any) -> None:
+            cur = dbapi_conn.cursor()
+            cur.execute("PRAGMA journal_mode=WAL")
+            cur.execute("PRAGMA synchronous=NORMAL")
+            cur.execute("PRAGMA foreign_keys=ON")
+            cur.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def _dumps(value: Any) -> str:
+    return orjson.dumps(value).decode()
+
+
+def _loads(text: str | None) -> Any:
+    return None if text is None else orjson.loads(text)
+
+
+def _num(obj: dict[str, Any], key: str, kind: type = float, required: bool = False) -> Any:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise DataError(f"{key} is missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{key} must be a number (got {value!r})")
+    return kind(value)
+
+
+def _text(obj: dict[str, Any], key: str, limit: int = 128) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise DataError(f"{key} must be a string of at most {limit} characters (got {value!r:.80})")
+    return value
+
+
+def result_row(obj: dict[str, Any], site: str, device: str, replayed: bool, now: float) -> dict[str, Any]:
+    """A result (or review) object as a results row; DataError names the first bad field."""
+    rid = obj.get("id")
+    if not isinstance(rid, str) or not rid or len(rid) > 128:
+        raise DataError(f"id must be a non-empty string (got {rid!r:.80})")
+    decision = obj.get("decision")
+    if decision not in ("accept", "defer"):
+        raise DataError(f"decision must be accept or defer (got {decision!r:.40})")
+    reasons = obj.get("reasons") or []
+    if not isinstance(reasons, list) or not all(isinstance(r, str) and "," not in r for r in reasons):
+        raise DataError(f"reasons must be a list of names (got {reasons!r:.80})")
+    window = obj.get("window") or {}
+    if not isinstance(window, dict):
+        raise DataError(f"window must be an object (got {window!r:.80})")
+    for key in ("probs", "second_opinion", "scores", "thresholds"):
+        if obj.get(key) is not None and not isinstance(obj[key], dict):
+            raise DataError(f"{key} must be an object (got {obj[key]!r:.80})")
+    return {
+        "id": rid, "site": site, "device": device,
+        "seq": _num(obj, "seq", int), "ts": _num(obj, "ts", float, required=True),
+        "window_start_s": _num(window, "start_s"), "window_end_s": _num(window, "end_s"),
+        "model_version": _text(obj, "model_version"), "task": _text(obj, "task", 64),
+        "label": _text(obj, "label"), "confidence": _num(obj, "confidence"),
+        "decision": decision, "reasons": "," + ",".join(reasons) + "," if reasons else "",
+        "probs": _dumps(obj.get("probs") or {}), "second_opinion": _dumps(obj.get("second_opinion")),
+        "scores": _dumps(obj.get("scores") or {}), "thresholds": _dumps(obj.get("thresholds") or {}),
+        "features": None, "signal": None,
+        "replayed": bool(replayed or obj.get("replayed")), "received_at": now,
+    }
+
+
+def review_row(obj: dict[str, Any], site: str, device: str, replayed: bool, now: float) -> dict[str, Any]:
+    row = result_row(obj, site, device, replayed, now)
+    features, signal = obj.get("features"), obj.get("signal")
+    if not isinstance(features, dict):
+        raise DataError(f"features must be an object (got {features!r:.80})")
+    if not isinstance(signal, dict) or not isinstance(signal.get("points"), list):
+        raise DataError("signal must be an object with points")
+    row["features"] = _dumps(features)
+    row["signal"] = _dumps(signal)
+    return row
+
+
+@dataclass
+class Batch:
+    """What one ingest transaction writes: rows by kind, plus the device facts seen in them."""
+
+    results: list[dict[str, Any]] = field(default_factory=list)
+    reviews: list[dict[str, Any]] = field(default_factory=list)
+    seen: dict[tuple[str, str], float] = field(default_factory=dict)
+    status: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    metrics: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+
+    def see(self, site: str, device: str, ts: float | None) -> None:
+        if ts is not None and ts > self.seen.get((site, device), float("-inf")):
+            self.seen[(site, device)] = ts
+
+    def __len__(self) -> int:
+        return len(self.results) + len(self.reviews) + len(self.status) + len(self.metrics)
+
+
+@dataclass
+class Stored:
+    new_results: int = 0  # rows created (by a result or a review message)
+    reviews: int = 0  # review messages written (new rows or merged into a result row)
+
+
+class HubDB:
+    """The hub's tables on one engine. Use as a context manager (disposes the pool)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engine = make_engine(url)
+        self.dialect = self.engine.dialect.name
+        self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
+
+    def __enter__(self) -> HubDB:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def create(self) -> None:
+        metadata.create_all(self.engine)
+
+    @contextmanager
+    def begin(self) -> Iterator[sa.Connection]:
+        with self.engine.begin() as conn:
+            yield conn
+
+    # --- ingest ------------------------------------------------------------------------------------
+
+    def store(self, batch: Batch, now: float | None = None) -> Stored:
+        """Write one batch in one transaction; safe to repeat (duplicates change nothing)."""
+        out = Stored()
+        now = time.time() if now is None else now
+        ins = self._insert
+        with self.engine.begin() as conn:
+            if batch.results:
+                stmt = ins(results).on_conflict_do_nothing(index_elements=["id"]).returning(results.c.id)
+                out.new_results += len(conn.execute(stmt, _unique(batch.results)).all())
+            if batch.reviews:
+                before = conn.execute(
+                    sa.select(sa.func.count()).select_from(results)
+                    .where(results.c.id.in_([r["id"] for r in batch.reviews]))).scalar_one()
+                stmt = ins(results)
+                stmt = stmt.on_conflict_do_update(
+                    index_elements=["id"],
+                    set_={"features": stmt.excluded.features, "signal": stmt.excluded.signal},
+                    where=results.c.features.is_(None),
+                )
+                rows = _unique(batch.reviews)
+                conn.execute(stmt, rows)
+                out.reviews += len(rows)
+                out.new_results += len(rows) - before
+            for (site, device), ts in batch.seen.items():
+                stmt = ins(devices).values(site=site, device=device, last_seen=ts)
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=["site", "device"], set_={"last_seen": ts},
+                    where=sa.or_(devices.c.last_seen.is_(None), devices.c.last_seen < ts)))
+            for (site, device), st in batch.status.items():
+                values = {"state": st["state"], "status_ts": st["ts"], "model_version": st.get("model_version"),
+                          "queued": st.get("queued"), "dropped": st.get("dropped")}
+                values = {k: v for k, v in values.items() if v is not None}
+                stmt = ins(devices).values(site=site, device=device, **values)
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=["site", "device"], set_=values,
+                    where=sa.or_(devices.c.status_ts.is_(None), devices.c.status_ts <= st["ts"])))
+            for (site, device), m in batch.metrics.items():
+                values = {"metrics": _dumps(m), "metrics_ts": m["ts"]}
+                for key in ("queued", "dropped"):
+                    if isinstance(m.get(key), int):
+                        values[key] = m[key]
+                stmt = ins(devices).values(site=site, device=device, **values)
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=["site", "device"], set_=values,
+                    where=sa.or_(devices.c.metrics_ts.is_(None), devices.c.metrics_ts <= m["ts"])))
+        return out
+
+    # --- review ------------------------------------------------------------------------------------
+
+    def cases(self, *, site: str | None = None, device: str | None = None, reason: str | None = None,
+              status: str = "all", limit: int = 50, offset: int = 0) -> list[dict[str, Any]]:
+        """Deferred results, newest first, each with its latest label (or None)."""
+        latest = _latest_labels()
+        q = (sa.select(results.c.id, results.c.site, results.c.device, results.c.ts, results.c.label,
+                       results.c.confidence, results.c.reasons, results.c.model_version,
+                       results.c.features.is_not(None).label("has_review"),
+                       latest.c.label.label("review_label"), latest.c.reviewer, latest.c.labelled_at)
+             .select_from(results.outerjoin(latest, latest.c.result_id == results.c.id))
+             .where(results.c.decision == "defer"))
+        if site:
+            q = q.where(results.c.site == site)
+        if device:
+            q = q.where(results.c.device == device)
+        if reason:
+            q = q.where(results.c.reasons.like(f"%,{reason},%"))
+        if status == "unlabelled":
+            q = q.where(latest.c.label.is_(None))
+        elif status == "labelled":
+            q = q.where(latest.c.label.is_not(None))
+        q = q.order_by(results.c.ts.desc(), results.c.id.desc()).limit(limit).offset(offset)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+        for r in rows:
+            r["reasons"] = _reasons(r["reasons"])
+            r["has_review"] = bool(r["has_review"])
+        return rows
+
+    def facets(self) -> dict[str, list[str]]:
+        """Distinct sites, devices and reasons among deferred results, for the queue's filters."""
+        with self.engine.connect() as conn:
+            pairs = conn.execute(sa.select(results.c.site, results.c.device, results.c.reasons)
+                                 .where(results.c.decision == "defer").distinct()).all()
+        return {"sites": sorted({p[0] for p in pairs}), "devices": sorted({p[1] for p in pairs}),
+                "reasons": sorted({r for p in pairs for r in _reasons(p[2])})}
+
+    def case(self, result_id: str) -> dict[str, Any] | None:
+        """One result with decoded JSON fields and its label history (newest first)."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(results).where(results.c.id == result_id)).first()
+            if row is None:
+                return None
+            history = conn.execute(sa.select(labels).where(labels.c.result_id == result_id)
+                                   .order_by(labels.c.labelled_at.desc(), labels.c.id.desc())).all()
+        case = dict(row._mapping)
+        for key in ("probs", "second_opinion", "scores", "thresholds", "features", "signal"):
+            case[key] = _loads(case[key])
+        case["reasons"] = _reasons(case["reasons"])
+        case["labels"] = [dict(h._mapping) for h in history]
+        return case
+
+    def add_label(self, result_id: str, label: str, reviewer: str, note: str = "",
+                  at: float | None = None) -> int:
+        """Append a label (history is kept; the latest wins). Returns the label row id."""
+        if not label.strip():
+            raise DataError("label must not be empty", where=f"case {result_id}")
+        with self.engine.begin() as conn:
+            exists = conn.execute(sa.select(results.c.id).where(results.c.id == result_id)).first()
+            if exists is None:
+                raise DataError("no such result", where=f"case {result_id}")
+            return conn.execute(labels.insert().values(
+                result_id=result_id, label=label.strip(), reviewer=reviewer, note=note.strip(),
+                labelled_at=time.time() if at is None else at).returning(labels.c.id)).scalar_one()
+
+    def labelled(self) -> Iterable[dict[str, Any]]:
+        """Each labelled result with its latest label, oldest label first (for export)."""
+        latest = _latest_labels()
+        q = (sa.select(results, latest.c.label.label("review_label"), latest.c.reviewer,
+                       latest.c.labelled_at, latest.c.note)
+             .select_from(results.join(latest, latest.c.result_id == results.c.id))
+             .order_by(latest.c.labelled_at, results.c.id))
+        with self.engine.connect() as conn:
+            for r in conn.execute(q):
+                row = dict(r._mapping)
+                row["features"] = _loads(row["features"]) or {}
+                row["reasons"] = _reasons(row["reasons"])
+                yield row
+
+    def fleet(self) -> list[dict[str, Any]]:
+        counts = (sa.select(results.c.site, results.c.device,
+                            sa.func.count().label("results"),
+                            sa.func.sum(sa.case((results.c.decision == "defer", 1), else_=0)).label("deferred"))
+                  .group_by(results.c.site, results.c.device).subquery())
+        q = (sa.select(devices, counts.c.results, counts.c.deferred)
+             .select_from(devices.outerjoin(counts, sa.and_(counts.c.site == devices.c.site,
+                                                              counts.c.device == devices.c.device)))
+             .order_by(devices.c.site, devices.c.device))
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+        for r in rows:
+            r["metrics"] = _loads(r["metrics"])
+            r["results"] = int(r["results"] or 0)
+            r["deferred"] = int(r["deferred"] or 0)
+        return rows
+
+    def count(self, decision: str | None = None) -> int:
+        q = sa.select(sa.func.count()).select_from(results)
+        if decision:
+            q = q.where(results.c.decision == decision)
+        with self.engine.connect() as conn:
+            return conn.execute(q).scalar_one()
+
+    # --- users and settings ------------------------------------------------------------------------
+
+    def set_user(self, name: str, password_hash: str) -> None:
+        stmt = self._insert(users).values(name=name, password=password_hash, created_at=time.time())
+        with self.engine.begin() as conn:
+            conn.execute(stmt.on_conflict_do_update(index_elements=["name"],
+                                                    set_={"password": password_hash}))
+
+    def user_password(self, name: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(users.c.password).where(users.c.name == name)).scalar_one_or_none()
+
+    def secret(self, key: str = "session_secret") -> str:
+        """A random secret created once and shared by every hub process on this database."""
+        stmt = self._insert(settings).values(key=key, value=secrets.token_urlsafe(32))
+        with self.engine.begin() as conn:
+            conn.execute(stmt.on_conflict_do_nothing(index_elements=["key"]))
+            return conn.execute(sa.select(settings.c.value).where(settings.c.key == key)).scalar_one()
+
+
+def _unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """First row per id: PostgreSQL refuses one statement touching the same key twice."""
+    seen: dict[str, dict[str, Any]] = {}
+    for r in rows:
+        seen.setdefault(r["id"], r)
+    return list(seen.values())
+
+
+def _reasons(text: str) -> list[str]:
+    return [r for r in text.split(",") if r]
+
+
+def _latest_labels() -> sa.Subquery:
+    """Per result, its newest label row (ties broken by row id)."""
+    ranked = sa.select(labels, sa.func.row_number().over(
+        partition_by=labels.c.result_id, order_by=(labels.c.labelled_at.desc(), labels.c.id.desc()),
+    ).label("rank")).subquery()
+    return sa.select(ranked).where(ranked.c.rank == 1).subquery()

@@ -1,0 +1,279 @@
+"""Ingest: an MQTT v5 shared subscription on edgekit/v1/+/+/+ written to the hub database in batches.
+
+paho's network thread only queues messages; one writer thread decodes a batch, writes it in one
+transaction and only then acknowledges (manual PUBACK), so a crash loses nothing and a redelivery is a
+no-op (writes are idempotent by result id). Bad payloads are logged and acknowledged, never fatal.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as mqtt
+import sqlalchemy.exc
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.subscribeoptions import SubscribeOptions
+
+from edgekit import topics
+from edgekit.errors import ConfigError, DataError
+from edgekit.hub.db import Batch, HubDB, result_row, review_row
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 2000  # messages per transaction; a result-batch message holds many results
+SESSION_EXPIRY_S = 86400  # a named hub's queued messages wait a day for it at the broker
+RANDOM_SESSION_EXPIRY_S = 300  # an unnamed one's survive a broker restart or a short network outage
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    host: str
+    port: int
+    tls: bool
+
+
+def parse_broker_url(url: str) -> Endpoint:
+    """mqtt://HOST[:1883] or mqtts://HOST[:8883]."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+        raise ConfigError(f"broker URL must look like mqtt://HOST:PORT (got {url!r})", where="hub.broker_url")
+    tls = parts.scheme == "mqtts"
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise ConfigError(f"broker URL has a bad port (got {url!r})", where="hub.broker_url") from None
+    return Endpoint(parts.hostname, port, tls)
+
+
+@dataclass
+class IngestStats:
+    messages: int = 0
+    results: int = 0  # result objects received (a batch counts each), duplicates included
+    new_results: int = 0  # rows created
+    reviews: int = 0
+    bad: int = 0
+    batches: int = 0
+
+
+def to_batch(messages: list[tuple[str, bytes]], now: float, stats: IngestStats | None = None) -> Batch:
+    """Decode (topic, payload) pairs into one Batch; bad ones are logged as hub.bad_payload and skipped."""
+    out = Batch()
+    for name, payload in messages:
+        try:
+            where = f"topic {name!r}"
+            tp = topics.parse_topic(name)
+            obj = topics.decode(payload, where)
+            schema = obj["schema"]
+            site, device = tp.site, tp.device
+            if tp.kind == "result" and schema in (topics.SCHEMA_RESULT, topics.SCHEMA_RESULT_BATCH):
+                items = topics.results_of(obj)
+                if not isinstance(items, list):
+                    raise DataError("results must be a list")
+                replayed = bool(obj.get("replayed"))
+                rows = []
+                for item in items:
+                    if not isinstance(item, dict):
+                        raise DataError(f"each result must be an object (got {item!r:.60})")
+                    rows.append(result_row(item, site, device, replayed, now))
+                out.results.extend(rows)
+                for r in rows:
+                    out.see(site, device, r["ts"])
+                if stats:
+                    stats.results += len(rows)
+            elif tp.kind == "review" and schema == topics.SCHEMA_REVIEW:
+                row = review_row(obj, site, device, bool(obj.get("replayed")), now)
+                out.reviews.append(row)
+                out.see(site, device, row["ts"])
+            elif tp.kind == "status" and schema == topics.SCHEMA_STATUS:
+                if obj.get("state") not in ("online", "offline"):
+                    raise DataError(f"state must be online or offline (got {obj.get('state')!r:.40})")
+                st = _counters(obj, ("ts",), ("queued", "dropped"))
+                st["state"] = obj["state"]
+                mv = obj.get("model_version")
+                st["model_version"] = mv if isinstance(mv, str) else None
+                old = out.status.get((site, device))
+                if old is None or old["ts"] <= st["ts"]:
+                    out.status[(site, device)] = st
+                out.see(site, device, st["ts"])
+            elif tp.kind == "metrics" and schema == topics.SCHEMA_METRICS:
+                m = dict(obj)
+                m.update(_counters(obj, ("ts",), ()))
+                old = out.metrics.get((site, device))
+                if old is None or old["ts"] <= m["ts"]:
+                    out.metrics[(site, device)] = m
+                out.see(site, device, m["ts"])
+            else:
+                raise DataError(f"schema {schema!r} does not belong on a {tp.kind} topic")
+        except DataError as exc:
+            log.warning("hub.bad_payload topic=%s reason=%s", name, exc.message)
+            if stats:
+                stats.bad += 1
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("hub.bad_payload topic=%s reason=%s", name, f"{type(exc).__name__}: {exc}")
+            if stats:
+                stats.bad += 1
+    return out
+
+
+def _counters(obj: dict[str, Any], floats: tuple[str, ...], ints: tuple[str, ...]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in floats:
+        v = obj.get(key)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise DataError(f"{key} must be a number (got {v!r:.40})")
+        out[key] = float(v)
+    for key in ints:
+        v = obj.get(key)
+        out[key] = v if isinstance(v, int) and not isinstance(v, bool) else None
+    return out
+
+
+class Ingest:
+    """Subscribe, batch, write, acknowledge. A context manager; `stats` counts what happened."""
+
+    def __init__(self, broker_url: str, db: HubDB, share_group: str | None = "edgekit-hub",
+                 client_id: str | None = None, max_batch: int = MAX_BATCH) -> None:
+        self.endpoint = parse_broker_url(broker_url)
+        self.db = db
+        self.share_group = share_group
+        self.max_batch = max_batch
+        self.named = client_id is not None
+        self.client_id = client_id or f"edgekit-hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.stats = IngestStats()
+        self.connected = threading.Event()
+        self._queue: queue.SimpleQueue[mqtt.MQTTMessage | None] = queue.SimpleQueue()
+        self._stop = threading.Event()
+        self._writer: threading.Thread | None = None
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+                                  protocol=mqtt.MQTTv5, manual_ack=True)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        if self.endpoint.tls:
+            self.client.tls_set()
+
+    # paho callbacks run on its network thread: keep them tiny.
+    def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.warning("hub.connect_refused broker=%s:%s reason=%s", self.endpoint.host, self.endpoint.port,
+                        reason)
+            return
+        flt = topics.subscription(share_group=self.share_group)
+        client.subscribe(flt, options=SubscribeOptions(qos=topics.QOS))
+        log.info("hub.connected broker=%s:%s client_id=%s subscription=%s", self.endpoint.host,
+                 self.endpoint.port, self.client_id, flt)
+        self.connected.set()
+
+    def _on_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self.connected.clear()
+        if not self._stop.is_set():
+            log.warning("hub.disconnected broker=%s:%s reason=%s", self.endpoint.host, self.endpoint.port,
+                        reason)
+
+    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        self._queue.put(msg)
+
+    def start(self) -> None:
+        self.db.create()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S if self.named else RANDOM_SESSION_EXPIRY_S
+        props.ReceiveMaximum = 65535
+        # A named hub resumes its session (and what the broker queued for it); an unnamed one starts clean
+        # once, then resumes on reconnects within the same process.
+        clean = False if self.named else mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        self.client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=30, clean_start=clean,
+                                  properties=props)
+        self._writer = threading.Thread(target=self._write_loop, name="hub-ingest-writer", daemon=True)
+        self._writer.start()
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        """Write and acknowledge what has arrived, then disconnect."""
+        self._stop.set()
+        self._queue.put(None)
+        if self._writer:
+            self._writer.join(timeout=30)
+        self.client.disconnect()
+        self.client.loop_stop()
+        log.info("hub.ingest_stopped messages=%d results=%d new=%d reviews=%d bad=%d", self.stats.messages,
+                 self.stats.results, self.stats.new_results, self.stats.reviews, self.stats.bad)
+
+    def __enter__(self) -> Ingest:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _write_loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            msgs: list[mqtt.MQTTMessage] = [] if first is None else [first]
+            done = first is None
+            while len(msgs) < self.max_batch:
+                try:
+                    m = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if m is None:
+                    done = True
+                    break
+                msgs.append(m)
+            if msgs:
+                self._write(msgs)
+            if done:
+                return
+
+    def _write(self, msgs: list[mqtt.MQTTMessage]) -> None:
+        pairs = [(m.topic, m.payload) for m in msgs]
+        self.stats.messages += len(msgs)
+        batch = to_batch(pairs, time.time(), self.stats)
+        delay = 0.5
+        while True:
+            try:
+                stored = self.db.store(batch)
+                self.stats.new_results += stored.new_results
+                self.stats.reviews += stored.reviews
+                break
+            except sqlalchemy.exc.OperationalError as exc:
+                # The database is down or locked: keep the batch unacknowledged and retry.
+                log.warning("hub.db_retry rows=%d error=%s", len(batch), str(exc).splitlines()[0])
+                if self._stop.is_set():
+                    log.error("hub.db_gave_up rows=%d (unacknowledged: the broker redelivers)", len(batch))
+                    return
+                self._stop.wait(delay)
+                delay = min(delay * 2, 10)
+            except sqlalchemy.exc.DBAPIError:
+                self._write_one_by_one(pairs)
+                break
+        self.stats.batches += 1
+        for m in msgs:
+            if m.qos > 0:
+                try:
+                    self.client.ack(m.mid, m.qos)
+                except Exception as exc:  # noqa: BLE001 - a lost connection: the broker redelivers
+                    log.debug("hub.ack_failed mid=%s error=%s", m.mid, exc)
+
+    def _write_one_by_one(self, pairs: list[tuple[str, bytes]]) -> None:
+        """A batch the database refused: find and skip the message(s) it cannot take."""
+        for name, payload in pairs:
+            one = to_batch([(name, payload)], time.time())
+            try:
+                stored = self.db.store(one)
+                self.stats.new_results += stored.new_results
+                self.stats.reviews += stored.reviews
+            except sqlalchemy.exc.DBAPIError as exc:
+                log.warning("hub.bad_payload topic=%s reason=database refused: %s", name,
+                            str(exc).splitlines()[0])
+                self.stats.bad += 1

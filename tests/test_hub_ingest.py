@@ -1,0 +1,288 @@
+"""Hub ingest against a real mosquitto: idempotent by result id across duplicates, batches, replayed
+resends after a broker outage, review/result merging, bad payloads, and two hubs on one shared subscription."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import sqlalchemy as sa
+
+from edgekit import topics
+from edgekit.hub import run_hub
+from edgekit.hub.db import HubDB, results
+from edgekit.hub.ingest import to_batch
+
+ROOT = Path(__file__).resolve().parent.parent
+LABELS = ("walk", "turn", "sit")
+FEATURES = ("acc_rms", "gyro_rms", "cadence_hz")
+
+
+def result(device: str, seq: int, *, site: str = "lab", defer: bool | None = None) -> dict[str, Any]:
+    """A result payload as the agent publishes it; every 5th one deferred unless `defer` says."""
+    defer = seq % 5 == 0 if defer is None else defer
+    p = 0.45 if defer else 0.9
+    return {
+        "schema": topics.SCHEMA_RESULT, "id": topics.result_id(device, seq), "seq": seq, "site": site,
+        "device": device, "ts": 1_700_000_000.0 + seq, "window": {"start_s": seq * 2.0, "end_s": seq * 2.0 + 2},
+        "model_version": "gait-cnn@3", "task": "classify", "label": "walk", "confidence": p,
+        "probs": {"walk": p, "turn": (1 - p) * 0.7, "sit": (1 - p) * 0.3},
+        "second_opinion": {"label": "turn" if defer else "walk",
+                           "probs": {"walk": 0.3, "turn": 0.6, "sit": 0.1} if defer else
+                           {"walk": 0.85, "turn": 0.1, "sit": 0.05}},
+        "decision": "defer" if defer else "accept",
+        "reasons": ["low_confidence", "disagreement"] if defer else [],
+        "scores": {"ood": 0.8, "confidence": p, "disagreement": 0.5 if defer else 0.05},
+        "thresholds": {"ood_max_score": 1.5, "min_confidence": 0.6, "max_disagreement": 0.3},
+    }
+
+
+def review(res: dict[str, Any], n: int = 128) -> dict[str, Any]:
+    """The review message the agent sends for a deferred result: same id, plus features and signal."""
+    import math
+
+    seq = res["seq"]
+    return {**res, "schema": topics.SCHEMA_REVIEW,
+            "features": {"acc_rms": 1.0 + seq / 100, "gyro_rms": 0.5, "cadence_hz": 1.8},
+            "signal": {"channels": ["acc_x", "acc_y", "gyro_z"], "rate_hz": 64.0, "start_s": res["window"]["start_s"],
+                       "points": [[round(math.sin(i / 8 + c) * (c + 1), 4) for i in range(n)] for c in range(3)]}}
+
+
+def publisher(url_port: int, client_id: str = "test-pub") -> mqtt.Client:
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
+    c.connect("127.0.0.1", url_port)
+    c.loop_start()
+    return c
+
+
+def publish_all(client: mqtt.Client, msgs: list[tuple[str, bytes]]) -> None:
+    infos = [client.publish(t, p, qos=1) for t, p in msgs]
+    for info in infos:
+        info.wait_for_publish(timeout=20)
+        assert info.is_published()
+
+
+def wait_for(check: Callable[[], bool], timeout_s: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def settled(db: HubDB, expected: int, timeout_s: float = 20.0) -> None:
+    """Wait until `expected` rows exist and nothing more arrives for a moment."""
+    wait_for(lambda: db.count() >= expected, timeout_s, f"{expected} results")
+    time.sleep(0.5)
+
+
+class HubThread:
+    """run_hub in a thread (ingest only), stopped by its event."""
+
+    def __init__(self, broker_url: str, db_url: str, **kw: Any) -> None:
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=run_hub, args=(broker_url, db_url),
+                                       kwargs={"http": None, "stop": self.stop, **kw}, daemon=True)
+
+    def __enter__(self) -> HubThread:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=30)
+        assert not self.thread.is_alive()
+
+
+def hub_listening(db_url: str, port: int, timeout_s: float = 20.0) -> None:
+    """Publish probe status messages until the hub stores one: it is connected and subscribed."""
+    pub = publisher(port, f"probe-{time.monotonic_ns()}")
+    try:
+        with HubDB(db_url) as db:
+            deadline = time.monotonic() + timeout_s
+            while time.monotonic() < deadline:
+                ts = time.time()
+                publish_all(pub, [(topics.topic("probe", "probe", "status"), topics.status("probe", "probe", "online", ts))])
+                t_end = time.monotonic() + 0.5
+                while time.monotonic() < t_end:
+                    try:
+                        if any(d["device"] == "probe" and d["status_ts"] == ts for d in db.fleet()):
+                            return
+                    except sa.exc.OperationalError:  # tables not created yet
+                        pass
+                    time.sleep(0.05)
+        raise AssertionError("hub did not store a probe message")
+    finally:
+        pub.disconnect()
+        pub.loop_stop()
+
+
+def rows_by_id(db: HubDB) -> dict[str, dict[str, Any]]:
+    with db.engine.connect() as conn:
+        return {r.id: dict(r._mapping) for r in conn.execute(sa.select(results))}
+
+
+@pytest.mark.broker
+def test_each_result_stored_once_across_duplicates_batches_and_replayed_resends(mosquitto, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'hub.db'}"
+    res = [result("edge-1", s) for s in range(1, 61)]
+    deferred = [r for r in res if r["decision"] == "defer"]
+    singles = [(topics.topic("lab", "edge-1", "result"), topics.encode(r)) for r in res[:30]]
+    batched = [(topics.topic("lab", "edge-1", "result"),
+                topics.batch("lab", "edge-1", [topics.encode(r) for r in res[30 + i:40 + i]])) for i in (0, 10, 20)]
+    reviews = [(topics.topic("lab", "edge-1", "review"), topics.encode(review(r))) for r in deferred]
+    with HubThread(mosquitto.url, db_url, client_id="hub-a"), HubDB(db_url) as db:
+        hub_listening(db_url, mosquitto.port)
+        pub = publisher(mosquitto.port)
+        # Reviews of the first half arrive before their results, the rest after: both orders merge.
+        publish_all(pub, reviews[:6] + singles + batched + reviews[6:])
+        publish_all(pub, singles[:5] + batched[:1] + reviews[:2])  # plain duplicates
+        settled(db, 60)
+        pub.disconnect()
+        pub.loop_stop()
+
+        # Outage: the broker goes away; the agent then re-sends what it had not seen acknowledged.
+        mosquitto.stop()
+        time.sleep(0.5)
+        mosquitto.start()
+        # The test broker cannot persist sessions (mosquitto drops root to its own user): wait for the hub
+        # to re-subscribe, as a broker with working persistence would have kept its subscription.
+        hub_listening(db_url, mosquitto.port)
+        pub = publisher(mosquitto.port, "test-pub-2")
+        resend = [(t, topics.mark_replayed(p)) for t, p in singles[20:] + batched + reviews]
+        new = [result("edge-1", s) for s in range(61, 71)]
+        resend.append((topics.topic("lab", "edge-1", "result"),
+                       topics.mark_replayed(topics.batch("lab", "edge-1", [topics.encode(r) for r in new]))))
+        resend += [(topics.topic("lab", "edge-1", "review"), topics.mark_replayed(topics.encode(review(r))))
+                   for r in new if r["decision"] == "defer"]
+        publish_all(pub, resend)
+        settled(db, 70, timeout_s=40)
+        pub.disconnect()
+        pub.loop_stop()
+
+        rows = rows_by_id(db)
+        assert sorted(rows) == sorted(topics.result_id("edge-1", s) for s in range(1, 71))
+        with db.engine.connect() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(results)).scalar_one() == 70
+        defer_ids = {r["id"] for r in rows.values() if r["decision"] == "defer"}
+        assert defer_ids == {topics.result_id("edge-1", s) for s in range(5, 71, 5)}
+        # Every deferred case has its review merged into the result row, whichever came first.
+        assert all(rows[i]["features"] and rows[i]["signal"] for i in defer_ids)
+        assert all(rows[i]["features"] is None for i in rows if i not in defer_ids)
+        # The results first stored from a replayed resend say so; the others do not.
+        assert all(rows[topics.result_id("edge-1", s)]["replayed"] for s in range(61, 71))
+        assert not rows[topics.result_id("edge-1", 1)]["replayed"]
+        case = db.case(topics.result_id("edge-1", 5))
+        assert case["reasons"] == ["low_confidence", "disagreement"]
+        assert case["second_opinion"]["label"] == "turn"
+        assert case["signal"]["channels"] == ["acc_x", "acc_y", "gyro_z"]
+        assert len(case["signal"]["points"][0]) == 128
+
+
+@pytest.mark.broker
+def test_bad_payloads_are_logged_and_ingest_goes_on(mosquitto, tmp_path, caplog):
+    db_url = f"sqlite:///{tmp_path / 'hub.db'}"
+    good = result("edge-2", 1, defer=False)
+    no_id = {k: v for k, v in result("edge-2", 2).items() if k != "id"}
+    bad_batch = {"schema": topics.SCHEMA_RESULT_BATCH, "site": "lab", "device": "edge-2", "results": "nope"}
+    t = topics.topic("lab", "edge-2", "result")
+    msgs = [(t, b"not json"), (t, b'{"schema": "edgekit.nothing/9"}'), (t, topics.encode(no_id)),
+            (t, topics.encode(bad_batch)), (t, topics.encode({**good, "ts": "yesterday"})),
+            (topics.topic("lab", "edge-2", "review"), topics.encode(good)),  # a review without features
+            ("edgekit/v1/lab/edge-2/result/extra", topics.encode(good)), (t, topics.encode(good))]
+    caplog.set_level(logging.WARNING, logger="edgekit.hub")
+    with HubThread(mosquitto.url, db_url), HubDB(db_url) as db:
+        hub_listening(db_url, mosquitto.port)
+        pub = publisher(mosquitto.port)
+        publish_all(pub, msgs)
+        settled(db, 1)
+        pub.disconnect()
+        pub.loop_stop()
+        assert list(rows_by_id(db)) == [good["id"]]
+    bad = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hub.bad_payload")]
+    assert len(bad) == 6, bad
+    assert all("topic=edgekit/v1/lab/edge-2/re" in b and "reason=" in b for b in bad)
+    assert any("not JSON" in b for b in bad) and any("id must be" in b for b in bad)
+
+
+def test_status_and_metrics_update_the_fleet_newest_wins(tmp_path):
+    with HubDB(f"sqlite:///{tmp_path / 'hub.db'}") as db:
+        db.create()
+        st = topics.topic("lab", "edge-3", "status")
+        online = topics.status("lab", "edge-3", "online", 100.0, model_version="m@1", queued=4, dropped=0)
+        offline = topics.status("lab", "edge-3", "offline", 90.0, model_version="m@1")  # older: ignored
+        metrics = topics.encode({"schema": topics.SCHEMA_METRICS, "site": "lab", "device": "edge-3", "ts": 120.0,
+                                 "windows": 10, "accepted": 8, "deferred": 2, "quarantined": 0,
+                                 "quarantine_reasons": {}, "published": 10, "queued": 7, "dropped": 3,
+                                 "replayed": 0})
+        db.store(to_batch([(st, online), (st, offline)], 1.0))
+        db.store(to_batch([(st, offline)], 2.0))
+        db.store(to_batch([(topics.topic("lab", "edge-3", "metrics"), metrics)], 3.0))
+        [dev] = db.fleet()
+        assert (dev["state"], dev["model_version"], dev["last_seen"]) == ("online", "m@1", 120.0)
+        assert (dev["queued"], dev["dropped"], dev["metrics"]["windows"]) == (7, 3, 10)
+        db.store(to_batch([(st, topics.status("lab", "edge-3", "offline", 130.0))], 4.0))
+        assert db.fleet()[0]["state"] == "offline"
+
+
+HUB_PROCESS = """
+import logging, signal, sys, threading
+from edgekit.hub import run_hub
+logging.basicConfig(level=logging.INFO)
+stop = threading.Event()
+signal.signal(signal.SIGTERM, lambda *a: stop.set())
+run_hub(sys.argv[1], sys.argv[2], http=None, share_group="pair", client_id=sys.argv[3], stop=stop)
+"""
+
+
+@pytest.mark.broker
+@pytest.mark.slow
+def test_two_hub_processes_on_one_shared_subscription_store_every_result_once(mosquitto, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'hub.db'}"
+    with HubDB(db_url) as db:
+        db.create()  # before both processes race to create the tables
+    procs = [subprocess.Popen([sys.executable, "-c", HUB_PROCESS, mosquitto.url, db_url, f"hub-{i}"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT) for i in (1, 2)]
+    logs = []
+    try:
+        hub_listening(db_url, mosquitto.port)
+        time.sleep(1.0)  # the second one too
+        pub = publisher(mosquitto.port)
+        msgs = []
+        for d in range(4):
+            dev = f"edge-{d}"
+            res = [result(dev, s) for s in range(1, 501)]
+            for i in range(0, 500, 25):
+                msgs.append((topics.topic("lab", dev, "result"),
+                             topics.batch("lab", dev, [topics.encode(r) for r in res[i:i + 25]])))
+            msgs += [(topics.topic("lab", dev, "result"), topics.encode(r)) for r in res[:50]]  # duplicates
+        publish_all(pub, msgs)
+        pub.disconnect()
+        pub.loop_stop()
+        with HubDB(db_url) as db:
+            settled(db, 2000, timeout_s=60)
+            assert db.count() == 2000
+            assert db.count("defer") == 400
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            out, _ = p.communicate(timeout=30)
+            logs.append(out.decode())
+    # Both consumers took part; each logged what it stored when it stopped.
+    stored = []
+    for text in logs:
+        line = [ln for ln in text.splitlines() if "hub.ingest_stopped" in ln]
+        assert line, text[-2000:]
+        stored.append(int(line[-1].split(" new=")[1].split()[0]))
+    assert sum(stored) == 2000
+    assert all(n > 0 for n in stored), stored
