@@ -75,7 +75,7 @@ class SerialReader(BaseReader):
             values = to_floats(cells, self.channels)
             t = 0.0 if self._last_t is None else self._last_t + 1.0 / self.rate_hz
         else:
-            raise LineRejected(f"expected {n} values (or {n + 1} with a leading time), got {len(cells)}")
+            raise LineRejected(f"wrong width: expected {n} values (or {n + 1} with a leading time), got {len(cells)}")
         check_time(t, self._last_t)
         self._last_t = t
         return Sample(t, values)
@@ -104,7 +104,7 @@ class SerialReader(BaseReader):
                         raw = bytes(buf[:200]).decode("ascii", "replace")
                         del buf[:]
                         yield Quarantined(where=f"{self.port}:{lineno}",
-                                          reason=f"line longer than {MAX_LINE_BYTES} bytes", raw=raw)
+                                          reason=f"line too long: over {MAX_LINE_BYTES} bytes without a newline", raw=raw)
                     break
                 line = bytes(buf[:end]).rstrip(b"\r")
                 del buf[: end + 1]
@@ -115,7 +115,7 @@ class SerialReader(BaseReader):
                 try:
                     text = line.decode("utf-8")
                 except UnicodeDecodeError:
-                    yield Quarantined(where=where, reason="not UTF-8 text (wrong baud rate?)",
+                    yield Quarantined(where=where, reason="not text: bytes are not UTF-8 (wrong baud rate?)",
                                       raw=line.decode("ascii", "replace"))
                     continue
                 try:

@@ -79,7 +79,8 @@ def open_source(cfg: Any, *, rate_hint: float | None = None, stop: threading.Eve
                 mqtt_url: str | None = None, channel_names: Sequence[str] | None = None) -> Source:
     """Build the source selected by `cfg.kind` (not started yet: use it as a context manager).
 
-    rate_hint: the sample rate the bundle was trained at (needed by `mqtt`, which carries no rate);
+    rate_hint: the bundle's sample rate, reported as `rate_hz` by `mqtt` (whose config has no rate; 0.0
+    when not given: its payloads carry their own time);
     stop: set it to end the iteration promptly; mqtt_url: the agent's broker, used when `cfg.url` is
     unset; channel_names: names for `serial`/`mqtt` channels (default ch0, ch1, ...).
     """
@@ -98,19 +99,19 @@ class LineRejected(ValueError):
 def to_floats(cells: Sequence[Any], names: Sequence[str]) -> np.ndarray:
     """Cells to a float64 vector; a non-numeric or non-finite cell raises LineRejected naming its column."""
     if len(cells) != len(names):
-        raise LineRejected(f"expected {len(names)} values, got {len(cells)}")
+        raise LineRejected(f"wrong width: expected {len(names)} values, got {len(cells)}")
     out = np.empty(len(names), dtype=np.float64)
     for i, (cell, name) in enumerate(zip(cells, names)):
         if isinstance(cell, bool):
-            raise LineRejected(f"column {name!r}: not a number (got {cell!r})")
+            raise LineRejected(f"not a number: column {name!r} (got {cell!r})")
         try:
             v = float(cell)
         except (TypeError, ValueError):
             shown = cell.strip() if isinstance(cell, str) else cell
-            raise LineRejected(f"column {name!r}: not a number (got {shown!r})") from None
+            raise LineRejected(f"not a number: column {name!r} (got {shown!r})") from None
         if not math.isfinite(v):
             shown = cell.strip() if isinstance(cell, str) else cell
-            raise LineRejected(f"column {name!r}: not finite (got {shown!r})")
+            raise LineRejected(f"not finite: column {name!r} (got {shown!r})")
         out[i] = v
     return out
 
@@ -118,7 +119,7 @@ def to_floats(cells: Sequence[Any], names: Sequence[str]) -> np.ndarray:
 def check_time(t_s: float, last_s: float | None, *, strict: bool = True) -> None:
     """Raise LineRejected when time goes backwards (or, with `strict`, does not advance)."""
     if not math.isfinite(t_s):
-        raise LineRejected(f"time not finite (got {t_s!r})")
+        raise LineRejected(f"not finite: time (got {t_s!r})")
     if last_s is not None and (t_s < last_s or (strict and t_s == last_s)):
         word = "went backwards" if t_s < last_s else "did not advance"
         raise LineRejected(f"time {word}: {t_s:.6g} s after {last_s:.6g} s")
@@ -183,7 +184,7 @@ def _parse_stamp(cell: str) -> float:
     try:
         return (datetime.fromisoformat(cell.strip()) - _EPOCH).total_seconds()
     except (TypeError, ValueError):
-        raise LineRejected(f"timestamp not understood (got {cell.strip()!r})") from None
+        raise LineRejected(f"bad timestamp: not understood (got {cell.strip()!r})") from None
 
 
 class _Layout:
@@ -288,7 +289,7 @@ class ReplayReader(BaseReader):
         lay = self.layout
         cells = text.split(lay.delimiter)
         if len(cells) != lay.ncols:
-            raise LineRejected(f"expected {lay.ncols} cells, got {len(cells)}")
+            raise LineRejected(f"wrong width: expected {lay.ncols} cells, got {len(cells)}")
         values = to_floats([cells[i] for i in lay.value_cols], lay.names)
         if lay.fmt == "ipol":
             if lay.time_col is not None:
@@ -296,7 +297,7 @@ class ReplayReader(BaseReader):
                 last = self._last_counter
                 # XSens counters are 16-bit: a drop from near the top to near zero is a wrap, not a rewind
                 if last is not None and counter < last and not (last > 60000 and counter < 5000):
-                    raise LineRejected(f"PacketCounter went backwards: {counter:.0f} after {last:.0f}")
+                    raise LineRejected(f"time went backwards: PacketCounter {counter:.0f} after {last:.0f}")
                 self._last_counter = counter
             t = (lineno - lay.first_line) / lay.rate_hz
             check_time(t, self._last_t)
@@ -528,13 +529,10 @@ class MqttReader(BaseReader):
         if not url:
             raise ConfigError("no broker for the mqtt source", where="source.url",
                               hint="set source.url or mqtt.url")
-        if rate_hint is None or rate_hint <= 0:
-            raise ConfigError("the mqtt source needs the sample rate", where="source",
-                              hint="pass rate_hint (the bundle's rate_hz) to open_source")
         self.url = url
         self.host, self.port = parse_mqtt_url(url)
         self.topic = cfg.topic
-        self.rate_hz = float(rate_hint)
+        self.rate_hz = float(rate_hint or 0.0)  # 0.0: unknown; each payload carries its own time
         self.channels = tuple(channel_names) if channel_names else tuple(f"ch{i}" for i in range(cfg.channels))
         if len(self.channels) != cfg.channels:
             raise ConfigError(f"{len(self.channels)} channel names for {cfg.channels} channels",
@@ -598,10 +596,10 @@ class MqttReader(BaseReader):
         except orjson.JSONDecodeError as exc:
             raise LineRejected(f"not JSON: {exc}") from None
         if not isinstance(obj, dict) or "t" not in obj or "values" not in obj:
-            raise LineRejected("expected a JSON object with 't' and 'values'")
+            raise LineRejected("bad payload: expected a JSON object with 't' and 'values'")
         values = obj["values"]
         if not isinstance(values, list):
-            raise LineRejected(f"'values' must be a list (got {type(values).__name__})")
+            raise LineRejected(f"bad payload: 'values' must be a list (got {type(values).__name__})")
         t = float(to_floats([obj["t"]], ["t"])[0])
         arr = to_floats(values, self.channels)
         check_time(t, last_t)
