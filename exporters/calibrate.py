@@ -18,6 +18,9 @@ from edgekit.errors import ExportError
 log = logging.getLogger(__name__)
 
 DEFAULT_GRID_POINTS = 200
+# The walk starts where START_FACTOR * min_accepted cases are accepted: at exactly min_accepted a single
+# error ends the whole sequence, so a little more data at the first test buys robustness.
+START_FACTOR = 2
 
 
 def min_accepted(target_error: float, delta: float) -> int:
@@ -34,8 +37,8 @@ def ltt_threshold(scores: np.ndarray, errors: np.ndarray, target_error: float, d
     their errors are Binomial(n, risk), so p = P(Binomial(n, target_error) <= k errors) is a valid p-value.
     Fixed-sequence testing walks the grid from strict to lax, rejecting while p <= delta, and stops at the
     first failure: the family-wise error rate stays <= delta without a multiplicity correction.
-    Grid points accepting fewer than `min_accepted` cases can never be rejected, so the walk starts at the
-    first point with enough of them; that choice looks at the scores only, never at the errors.
+    Grid points accepting fewer than START_FACTOR * `min_accepted` cases are skipped (at fewer than
+    min_accepted a rejection is impossible); that choice looks at the scores only, never at the errors.
     The default grid is up to 200 score quantiles. Returns lambda (inf when none valid), n_accepted,
     n_errors, error, coverage, p_value, valid, n_tested.
     """
@@ -66,7 +69,7 @@ def ltt_threshold(scores: np.ndarray, errors: np.ndarray, target_error: float, d
 
     best: int | None = None
     tested = 0
-    n_min = min_accepted(target_error, delta)
+    n_min = START_FACTOR * min_accepted(target_error, delta)
     for i in range(grid.size):
         if n_acc[i] < n_min:
             continue  # cannot reject here whatever the errors: not a test
@@ -135,7 +138,8 @@ def calibrate_gate(cal: dict[str, np.ndarray], test: dict[str, np.ndarray], *, n
         thresholds = {"ood_max_score": ood_max, "min_confidence": ltt["lambda"],
                       "max_disagreement": 1.0 - ltt["lambda"], "defer_all": False}
     else:
-        thresholds = {"ood_max_score": ood_max, "min_confidence": 1.0, "max_disagreement": 0.0,
+        # min_confidence 2.0 > any probability: a gate that ignores defer_all still defers everything
+        thresholds = {"ood_max_score": ood_max, "min_confidence": 2.0, "max_disagreement": 0.0,
                       "defer_all": True}
     cal_acc = accept_mask(cal["probs"], cal["second"], cal["score"], thresholds)
     test_acc = accept_mask(test["probs"], test["second"], test["score"], thresholds)
