@@ -1,0 +1,292 @@
+"""`edgekit bench BUNDLE`: per-window latency of a bundle on this device, for the per-device latency table.
+
+Per model fp32 vs INT8 (bare onnxruntime runs), the onnxruntime floor (the agent's session runs, nothing
+else), the edge path (features + normalise + models + gate, with the agent's own objects) and the agent's
+whole `process` (plus result encoding and the durable outbox write). numpy + onnxruntime only; never torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit.errors import ModelError
+
+log = logging.getLogger(__name__)
+
+SCHEMA = "edgekit.bench/1"
+N_INPUTS = 64  # distinct windows cycled through, so no case measures one cached input
+CHUNKS = 10  # cases are timed round-robin in this many chunks: drift (turbo, a noisy neighbour) hits all alike
+# The outputs the agent asks each role for (edgekit/runtime.py ModelSet); bare runs ask for the same.
+ROLE_OUTPUTS = {"predictor": ["probs"], "gate": ["score"], "second_opinion": ["probabilities"]}
+
+
+def machine() -> dict[str, Any]:
+    """What the numbers were measured on."""
+    import onnxruntime as ort
+
+    cpu = platform.processor() or ""
+    try:
+        info = dict(line.split(":", 1) for line in Path("/proc/cpuinfo").read_text().splitlines() if ":" in line)
+        info = {k.strip().lower(): v.strip() for k, v in info.items()}
+        # x86 says "model name"; a Raspberry Pi's arm64 kernel says "Model" (and "model name" is absent).
+        cpu = info.get("model name") or info.get("model") or info.get("hardware") or cpu
+    except OSError:
+        pass
+
+    return {"machine": platform.machine(), "cpu": cpu, "cores": os.cpu_count(), "system": platform.platform(),
+            "python": platform.python_version(), "onnxruntime": ort.__version__, "numpy": np.__version__}
+
+
+def timed(cases: dict[str, Callable[[int], Any]], rounds: int, warmup: int = 100,
+          chunks: int = CHUNKS) -> dict[str, np.ndarray]:
+    """Time each `fn(i)` `rounds` times (i = call index); returns µs per call per case.
+
+    Cases are interleaved in `chunks` rounds so a slow stretch of the machine hits every case alike.
+    """
+    for fn in cases.values():
+        for i in range(warmup):
+            fn(i)
+    out: dict[str, list[float]] = {name: [] for name in cases}
+    per_chunk = max(1, rounds // chunks)
+    clock = time.perf_counter_ns
+    done = 0
+    while done < rounds:
+        n = min(per_chunk, rounds - done)
+        for name, fn in cases.items():
+            samples = out[name]
+            for i in range(done, done + n):
+                t0 = clock()
+                fn(i)
+                samples.append((clock() - t0) / 1000.0)
+        done += n
+    return {name: np.asarray(v) for name, v in out.items()}
+
+
+def summary(us: np.ndarray) -> dict[str, float]:
+    return {"median_us": float(np.median(us)), "p99_us": float(np.percentile(us, 99)),
+            "mean_us": float(us.mean()), "n": int(us.size)}
+
+
+def synthetic_windows(manifest: Any, n: int = N_INPUTS, seed: int = 0) -> np.ndarray:
+    """(n, size, C) float64 windows near the training data, from the manifest's statistics.
+
+    The window normalisation when the bundle has one; else each channel's level and spread from the
+    "<channel>.mean" / "<channel>.std" feature statistics; else N(0, 1).
+    """
+    rng = np.random.default_rng(seed)
+    inp = manifest.input
+    size, channels = int(inp.window_size), list(inp.channels or [])
+    c = len(channels) or 1
+    norm = manifest.normalize
+    level, spread = np.zeros(c), np.ones(c)
+    if norm.window is not None:
+        level = np.asarray(norm.window.mean, dtype=np.float64)
+        spread = np.asarray(norm.window.std, dtype=np.float64)
+    else:
+        names = list(inp.feature_names)
+        means = np.asarray(norm.features.mean, dtype=np.float64)
+        for j, ch in enumerate(channels):
+            if f"{ch}.mean" in names:
+                level[j] = means[names.index(f"{ch}.mean")]
+            if f"{ch}.std" in names:
+                spread[j] = max(abs(means[names.index(f"{ch}.std")]), 1e-6)
+    return level + spread * rng.standard_normal((n, size, c))
+
+
+def _providers() -> list[str]:
+    """The agent's providers: the detected device profile's, as far as onnxruntime has them."""
+    import onnxruntime as ort
+
+    try:
+        from edgekit.devices import detect as detect_mod
+        from edgekit.devices import profile as profile_mod
+
+        return list(profile_mod.available_providers(detect_mod.detect(), ort.get_available_providers()))
+    except Exception as exc:  # an unknown device still gets a CPU number
+        log.warning("bench.profile_unavailable error=%r providers=CPUExecutionProvider", exc)
+        return ["CPUExecutionProvider"]
+
+
+def _variants(bundle: Path, spec: Any) -> dict[str, str]:
+    """quantization -> file name for one role: the fp32 file and its INT8 sibling when the export kept one."""
+    fp32 = getattr(spec, "fp32_file", None) or spec.file
+    out = {"fp32": fp32}
+    for cand in (spec.file, fp32.replace(".fp32.", ".int8.")):
+        if ".int8." in cand and (bundle / cand).is_file():
+            out["int8"] = cand
+            break
+    return out
+
+
+def _agent_process(bundle: Path, threads: int, workdir: Path) -> tuple[Any, Callable[[Any], None]]:
+    """A real Agent (no broker: results go to its outbox) and its `process` method."""
+    from edgekit.agent import Agent
+    from edgekit.config import AgentConfig, validate
+
+    cfg = validate(AgentConfig, {
+        "device_id": "bench", "site": "bench", "bundle": str(bundle),
+        "source": {"kind": "simulated", "generator": "pump"},
+        "mqtt": {"url": None}, "outbox": {"path": str(workdir / "outbox.db")},
+        "runtime": {"intra_op_threads": threads},
+    }, "edgekit bench")
+    agent = Agent(cfg)
+    agent.__enter__()
+    return agent, agent.process
+
+
+def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = None, threads: int = 1,
+              agent: bool = True) -> dict[str, Any]:
+    """Measure one bundle; returns a JSON-able dict (see `table`). `windows`: (n, size, C) real windows."""
+    from edgekit.features import extract
+    from edgekit.gate import Gate
+    from edgekit.manifest import load_bundle
+    from edgekit.runtime import ModelSet, Preprocess, open_session
+    from edgekit.values import Window
+
+    bundle = Path(bundle)
+    if rounds < 10:
+        raise ValueError(f"rounds must be >= 10 (got {rounds})")
+    manifest = load_bundle(bundle)
+    inp = manifest.input
+    if inp.kind != "window":
+        raise ModelError(f"bundle takes table rows ({inp.kind}), edgekit bench measures window bundles",
+                         where=f"{bundle}/manifest.json: input.kind")
+    wins = synthetic_windows(manifest) if windows is None else np.asarray(windows, dtype=np.float64)
+    source = "synthetic (manifest statistics)" if windows is None else "recorded"
+    n = len(wins)
+    rate = float(inp.rate_hz or 1.0)
+    providers = _providers()
+    models = ModelSet(bundle, manifest, providers, threads)
+    pre = Preprocess.from_manifest(manifest)
+    th = manifest.thresholds
+    gate = Gate(th.ood_max_score, th.min_confidence, th.max_disagreement)
+    raw = extract(inp.extractor, wins, rate)
+    feats = pre.features(raw)
+    uses_window = "window" in models.input_kind.values()
+    win_in = np.stack([pre.window(w)[0] for w in wins]) if uses_window else None
+    one_feats = [feats[i:i + 1] for i in range(n)]
+    one_wins = None if win_in is None else [win_in[i:i + 1] for i in range(n)]
+    outputs = getattr(models, "_out", ROLE_OUTPUTS)
+
+    def model_input(role: str, i: int) -> np.ndarray:
+        if models.input_kind[role] == "window":
+            assert one_wins is not None
+            return one_wins[i % n]
+        return one_feats[i % n]
+
+    # Per model, fp32 and INT8 (bare runs).
+    model_cases: dict[str, Callable[[int], Any]] = {}
+    model_rows: list[dict[str, Any]] = []
+    for role, spec in manifest.models.items():
+        for quant, fname in _variants(bundle, spec).items():
+            sess = open_session(bundle / fname, providers, threads)
+            name, outs = spec.input_name, outputs.get(role)
+            model_cases[f"{role}/{quant}"] = (lambda i, s=sess, nm=name, o=outs, r=role:
+                                              s.run(o, {nm: model_input(r, i)}))
+            model_rows.append({"role": role, "quantization": quant, "file": fname,
+                               "used": fname == spec.file})
+
+    # The floor: exactly the session runs the agent makes per window, on ready inputs.
+    run_list = [(models.sessions[r], outputs.get(r), models.inputs[r], r) for r in models.sessions]
+
+    def floor(i: int) -> None:
+        for sess, outs, name, role in run_list:
+            sess.run(outs, {name: model_input(role, i)})
+
+    window_objs = [Window(seq=i, start_s=float(i), end_s=float(i + inp.window_size - 1), data=wins[i])
+                   for i in range(n)]
+
+    def features_only(i: int) -> None:
+        extract(inp.extractor, window_objs[i % n].data[None], rate)
+
+    def edge_path(i: int) -> None:
+        # The agent's Agent.process up to the decision, with the same objects (edgekit/agent.py).
+        w = window_objs[i % n]
+        r = extract(inp.extractor, w.data[None], rate)
+        f = pre.features(r)
+        x = pre.window(w.data) if uses_window else None
+        out = models.infer(f, x)
+        probs = out.probs[0]
+        second = None if out.second_probs is None else out.second_probs[0]
+        ood = None if out.ood_score is None else float(out.ood_score[0])
+        gate.decide(probs, second, ood)
+
+    path_cases: dict[str, Callable[[int], Any]] = {"features": features_only, "floor": floor,
+                                                   "edge_path": edge_path}
+    agent_obj = None
+    tmp = tempfile.TemporaryDirectory(prefix="edgekit-bench-")
+    try:
+        if agent:
+            try:
+                agent_obj, process = _agent_process(bundle, threads, Path(tmp.name))
+                path_cases["agent_process"] = lambda i: process(window_objs[i % n])
+            except Exception as exc:  # the table still has the rest; the error is reported in it
+                log.warning("bench.agent_unavailable error=%r", exc)
+                path_cases["agent_process"] = None  # type: ignore[assignment]
+                agent_error = repr(exc)
+        model_us = timed(model_cases, rounds)
+        path_us = timed({k: v for k, v in path_cases.items() if v is not None}, rounds)
+    finally:
+        if agent_obj is not None:
+            agent_obj.__exit__(None, None, None)
+        tmp.cleanup()
+
+    for row in model_rows:
+        row.update(summary(model_us[f"{row['role']}/{row['quantization']}"]))
+    labels = {
+        "features": f"features ({inp.extractor})",
+        "floor": f"floor: bare onnxruntime runs ({len(run_list)} models)",
+        "edge_path": "edge path: features+normalise+models+gate",
+        "agent_process": "agent.process: + result JSON + outbox write",
+    }
+    stages = []
+    for key, label in labels.items():
+        if key in path_us:
+            stages.append({"stage": key, "label": label, **summary(path_us[key])})
+        elif key in path_cases:
+            stages.append({"stage": key, "label": label, "error": agent_error})
+    med = {s["stage"]: s.get("median_us") for s in stages}
+    ratios = {"edge_path_over_floor": med["edge_path"] / med["floor"]}
+    if med.get("agent_process"):
+        ratios["agent_process_over_floor"] = med["agent_process"] / med["floor"]
+    return {"schema": SCHEMA, "bundle": str(bundle), "task": manifest.task, "rounds": rounds,
+            "threads": threads, "providers": providers, "inputs": {"windows": n, "source": source,
+                                                                   "shape": list(wins.shape[1:])},
+            "machine": machine(), "models": model_rows, "stages": stages, "ratios": ratios}
+
+
+def table(result: dict[str, Any]) -> str:
+    """The result of `run_bench` as a plain-text table."""
+    m = result["machine"]
+    lines = [
+        f"edgekit bench {result['bundle']} (task {result['task']}): {result['rounds']} rounds, "
+        f"{result['threads']} intra-op thread(s), {result['inputs']['windows']} {result['inputs']['source']} "
+        f"windows of {tuple(result['inputs']['shape'])}",
+        f"device: {m['cpu']} ({m['machine']}, {m['cores']} cores), python {m['python']}, "
+        f"onnxruntime {m['onnxruntime']}, numpy {m['numpy']}, providers {','.join(result['providers'])}",
+        "",
+        f"{'model':<16}{'quant':<7}{'file':<26}{'median_us':>11}{'p99_us':>10}  used",
+    ]
+    for r in result["models"]:
+        lines.append(f"{r['role']:<16}{r['quantization']:<7}{r['file']:<26}{r['median_us']:>11.1f}"
+                     f"{r['p99_us']:>10.1f}  {'*' if r['used'] else ''}")
+    lines += ["", f"{'per window':<49}{'median_us':>11}{'p99_us':>10}"]
+    for s in result["stages"]:
+        if "error" in s:
+            lines.append(f"{s['label']:<49}  unavailable: {s['error'][:60]}")
+        else:
+            lines.append(f"{s['label']:<49}{s['median_us']:>11.1f}{s['p99_us']:>10.1f}")
+    r = result["ratios"]
+    lines += ["", f"edge path / floor: {r['edge_path_over_floor']:.2f}x (target <= 2x)"]
+    if "agent_process_over_floor" in r:
+        lines.append(f"agent.process / floor: {r['agent_process_over_floor']:.2f}x")
+    return "\n".join(lines)
