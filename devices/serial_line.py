@@ -21,7 +21,7 @@ import serial  # pyserial; a missing package is reported by edgekit.source.resol
 
 from edgekit.config import SerialSource
 from edgekit.errors import ConfigError, DeviceError
-from edgekit.source import BaseReader, Item, LineRejected, check_time, to_floats
+from edgekit.source import RAW_CHARS, BaseReader, Item, LineRejected, check_time, to_floats
 from edgekit.values import Quarantined, Sample
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ class SerialReader(BaseReader):
                 if end < 0:
                     if len(buf) > MAX_LINE_BYTES:
                         lineno += 1
-                        raw = bytes(buf[:200]).decode("ascii", "replace")
+                        raw = bytes(buf[:RAW_CHARS]).decode("ascii", "replace")
                         del buf[:]
                         yield Quarantined(where=f"{self.port}:{lineno}",
                                           reason=f"line too long: over {MAX_LINE_BYTES} bytes without a newline", raw=raw)
@@ -116,9 +116,9 @@ class SerialReader(BaseReader):
                     text = line.decode("utf-8")
                 except UnicodeDecodeError:
                     yield Quarantined(where=where, reason="not text: bytes are not UTF-8 (wrong baud rate?)",
-                                      raw=line.decode("ascii", "replace"))
+                                      raw=line[:RAW_CHARS].decode("ascii", "replace"))
                     continue
                 try:
                     yield self.parse(text)
                 except LineRejected as exc:
-                    yield Quarantined(where=where, reason=str(exc), raw=text)
+                    yield Quarantined(where=where, reason=str(exc), raw=text[:RAW_CHARS])

@@ -176,6 +176,7 @@ class BaseReader:
 # --- replay ---------------------------------------------------------------------------------------
 
 _EPOCH = datetime(1970, 1, 1)
+RAW_CHARS = 500  # a quarantined line is kept (and logged) up to this length
 _CHUNK_LINES = 2048
 
 
@@ -392,7 +393,7 @@ class ReplayReader(BaseReader):
                     except (LineRejected, ValueError) as exc:
                         if self.stop.is_set():
                             return
-                        yield Quarantined(where=f"{where}:{n}", reason=str(exc), raw=text)
+                        yield Quarantined(where=f"{where}:{n}", reason=str(exc), raw=text[:RAW_CHARS])
                         continue
                     if not pacer.wait(sample.t_s):
                         return
@@ -619,7 +620,7 @@ class MqttReader(BaseReader):
                 sample = self.parse(payload, last_t)
             except LineRejected as exc:
                 yield Quarantined(where=f"topic {topic}", reason=str(exc),
-                                  raw=payload[:500].decode("utf-8", "replace"))
+                                  raw=payload[:RAW_CHARS].decode("utf-8", "replace"))
                 continue
             last_t = sample.t_s
             yield sample

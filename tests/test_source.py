@@ -359,3 +359,42 @@ def test_mqtt_source_stops_promptly_when_idle(mosquitto) -> None:
     with src:
         assert list(src) == []
     assert time.monotonic() - t0 < 2.0
+
+
+@pytest.mark.broker
+def test_mqtt_source_resubscribes_after_a_broker_restart(mosquitto) -> None:
+    stop = threading.Event()
+    src = open_source(MqttSource(topic="sensors/t", channels=1), stop=stop, mqtt_url=mosquitto.url)
+    got: list = []
+
+    def publish_until_received(t: float) -> None:
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"gw-{t}")
+        pub.connect("127.0.0.1", mosquitto.port)
+        pub.loop_start()
+        try:
+            deadline = time.monotonic() + 15
+            while not any(s.t_s == t for s in got) and time.monotonic() < deadline:
+                pub.publish("sensors/t", orjson.dumps({"t": t, "values": [t]}), qos=1).wait_for_publish(5)
+                time.sleep(0.2)
+        finally:
+            pub.disconnect()
+            pub.loop_stop()
+
+    def driver() -> None:
+        src.subscribed.wait(10)
+        publish_until_received(1.0)
+        src.subscribed.clear()
+        mosquitto.stop()
+        mosquitto.start()
+        src.subscribed.wait(15)
+        publish_until_received(2.0)
+        stop.set()
+
+    thread = threading.Thread(target=driver)
+    with src:
+        thread.start()
+        for item in src:
+            if isinstance(item, Sample):
+                got.append(item)
+    thread.join()
+    assert {s.t_s for s in got} == {1.0, 2.0}
