@@ -82,7 +82,9 @@ class GateCalibration(_Strict):
     method: str = Field(description="How thresholds were chosen, e.g. 'ltt-fixed-sequence-binomial'.")
     target_error: float = Field(gt=0, lt=1, description="Error rate allowed among accepted cases.")
     delta: float = Field(gt=0, lt=1, description="Allowed probability that the guarantee fails.")
-    ood_quantile: float = Field(description="Quantile of normal calibration scores used for ood_max_score.")
+    ood_quantile: float = Field(description="Quantile of calibration autoencoder scores used for ood_max_score.")
+    ood_reference: Literal["normal", "all"] = Field(
+        "normal", description="Which calibration cases that quantile is over: the autoencoder's fit_on.")
     n_cal: int = Field(ge=0, description="Calibration cases used.")
     cal_accepted: int = Field(ge=0, description="Calibration cases accepted at the chosen thresholds.")
     cal_error: float | None = Field(None, description="Error rate among accepted calibration cases.")

@@ -114,18 +114,24 @@ def accept_mask(probs: np.ndarray, second_probs: np.ndarray, ood_score: np.ndarr
 
 
 def calibrate_gate(cal: dict[str, np.ndarray], test: dict[str, np.ndarray], *, normal_index: int,
-                   target_error: float, delta: float, ood_quantile: float = 0.99) -> dict[str, Any]:
+                   target_error: float, delta: float, ood_quantile: float = 0.99,
+                   ood_reference: str = "normal") -> dict[str, Any]:
     """Thresholds from the cal split; realised error/coverage on the test split.
 
     `cal`/`test` hold 'probs' [N, K] (predictor), 'second' [N, K] (second opinion), 'score' [N] (autoencoder),
-    'y' [N]. ood_max_score is the `ood_quantile` quantile of autoencoder scores of normal cal cases (so about
-    1 - ood_quantile of normal in-distribution cases are deferred as out of distribution); min_confidence and
+    'y' [N]. ood_max_score is the `ood_quantile` quantile of autoencoder scores of the cal cases the
+    autoencoder was fitted on (`ood_reference`: "normal" cases, or "all"), so about 1 - ood_quantile of
+    such in-distribution cases are deferred as out of distribution; min_confidence and
     max_disagreement come from ltt_threshold on gate_score among the cases the OOD check lets through.
     """
     if not 0.5 <= ood_quantile < 1.0:
         raise ExportError(f"ood_quantile must be in [0.5, 1) (got {ood_quantile})", where="calibrate_gate")
+    if ood_reference not in ("normal", "all"):
+        raise ExportError(f"ood_reference must be 'normal' or 'all' (got {ood_reference!r})",
+                          where="run.json:models.autoencoder.fit_on")
     y = np.asarray(cal["y"])
-    normal_scores = np.asarray(cal["score"])[y == normal_index]
+    scores = np.asarray(cal["score"])
+    normal_scores = scores[y == normal_index] if ood_reference == "normal" else scores
     if normal_scores.size == 0:
         raise ExportError("calibration split has no normal cases for the OOD threshold",
                           where="splits.npz:cal_y", hint="check normal_label in run.json")
@@ -148,6 +154,7 @@ def calibrate_gate(cal: dict[str, np.ndarray], test: dict[str, np.ndarray], *, n
     report = {
         "method": "ltt-fixed-sequence-binomial",
         "target_error": float(target_error), "delta": float(delta), "ood_quantile": float(ood_quantile),
+        "ood_reference": ood_reference,
         "n_cal": n_cal, "cal_accepted": int(cal_acc.sum()),
         "cal_error": float(errors[cal_acc].mean()) if cal_acc.any() else None,
         "cal_coverage": float(cal_acc.mean()) if n_cal else 0.0,

@@ -268,8 +268,8 @@ def check_parity(run: Run, out: Path, exported: dict[str, Any], quantized: dict[
         }
         report["fp32"]["pass"] = report["fp32"]["torch_vs_onnx"]["pass"]
         if role == "gate":
-            normal = fp32_cal[run.y("cal") == run.normal_index]
-            ae_threshold = float(np.quantile(normal if normal.size else fp32_cal, OOD_QUANTILE))
+            ref = fp32_cal[run.y("cal") == run.normal_index] if ood_reference(run) == "normal" else fp32_cal
+            ae_threshold = float(np.quantile(ref if ref.size else fp32_cal, OOD_QUANTILE))
         q = quantized.get(role)
         latency: dict[str, float | None] = {"fp32": parity_mod.latency_us(out / fp32_file, x_test[0]), "int8": None}
         int8_report = None
@@ -339,7 +339,13 @@ def used_outputs(run: Run, out: Path, parity: dict[str, Any]) -> dict[str, dict[
 def recalibrate(run: Run, outputs: dict[str, dict[str, np.ndarray]], target_error: float,
                 delta: float) -> dict[str, Any]:
     return calibrate_mod.calibrate_gate(outputs["cal"], outputs["test"], normal_index=run.normal_index,
-                                        target_error=target_error, delta=delta, ood_quantile=OOD_QUANTILE)
+                                        target_error=target_error, delta=delta, ood_quantile=OOD_QUANTILE,
+                                        ood_reference=ood_reference(run))
+
+
+def ood_reference(run: Run) -> str:
+    """Which cal cases set the OOD threshold: those the autoencoder was fitted on (run.json fit_on)."""
+    return str(run.meta["models"]["autoencoder"].get("fit_on", "normal"))
 
 
 # --- step 5: bundle -------------------------------------------------------------------------------
