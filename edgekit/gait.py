@@ -85,18 +85,26 @@ def runs(mask: np.ndarray) -> np.ndarray:
 
 
 def find_peaks(x: np.ndarray, min_distance: int, min_prominence: float) -> np.ndarray:
-    """Indices of local maxima at least `min_distance` apart, each rising `min_prominence` above the
-    lower of the minima between it and its neighbouring maxima. Loops over peaks, never over samples."""
+    """Indices of local maxima at least `min_distance` apart and at least `min_prominence` tall.
+
+    Prominence as in scipy.signal.peak_prominences: height above the higher of the two minima between
+    the peak and the nearest higher sample on each side (or the signal's end). Loops over candidate
+    peaks (a few per second), never over samples.
+    """
+    x = np.asarray(x, dtype=np.float64)
     if len(x) < 3:
         return np.zeros(0, dtype=np.int64)
     d = np.diff(x)
     cand = np.flatnonzero((d[:-1] > 0) & (d[1:] <= 0)) + 1
-    if len(cand) == 0:
-        return cand
-    # Prominence against the valleys between consecutive candidate maxima (a cheap, local version).
-    mins = np.minimum.reduceat(x, np.concatenate([[0], cand]))  # len(cand) + 1 stretches
-    prom = x[cand] - np.maximum(mins[:-1], mins[1:])
-    cand = cand[prom >= min_prominence]
+    keep_prom = np.zeros(len(cand), dtype=bool)
+    for j, i in enumerate(cand):
+        higher = np.flatnonzero(x > x[i])
+        left = higher[higher < i]
+        right = higher[higher > i]
+        lo = int(left[-1]) if len(left) else 0
+        hi = int(right[0]) + 1 if len(right) else len(x)
+        keep_prom[j] = x[i] - max(x[lo:i].min(), x[i:hi].min()) >= min_prominence
+    cand = cand[keep_prom]
     # Greedy non-maximum suppression: tallest first, drop peaks closer than min_distance.
     keep: list[int] = []
     taken = np.zeros(len(x), dtype=bool)
