@@ -178,6 +178,7 @@ class BaseReader:
 _EPOCH = datetime(1970, 1, 1)
 RAW_CHARS = 500  # a quarantined line is kept (and logged) up to this length
 _CHUNK_LINES = 2048
+_SUB_CHUNK_LINES = 64  # a chunk with a bad line is retried in pieces this long
 
 
 def _parse_stamp(cell: str) -> float:
@@ -363,7 +364,6 @@ class ReplayReader(BaseReader):
     def _items(self) -> Iterator[Item]:
         pacer = Pacer(self.speed, self.stop)
         self._last_t = self._last_counter = self._t0 = None
-        where = str(self.path)
         with self.path.open(newline=None) as fh:
             for _ in range(self.layout.first_line - 1):
                 fh.readline()
@@ -380,24 +380,31 @@ class ReplayReader(BaseReader):
                         texts.append(text)
                         linenos.append(lineno + i)
                 lineno += len(raw)
-                fast = self._parse_chunk(texts, linenos)
-                if fast is not None:
-                    for sample in fast:
-                        if not pacer.wait(sample.t_s):
+                for item in self._chunk_items(texts, linenos):
+                    if isinstance(item, Sample):
+                        if not pacer.wait(item.t_s):
                             return
-                        yield sample
-                    continue
-                for text, n in zip(texts, linenos):
-                    try:
-                        sample = self._parse_line(text, n)
-                    except (LineRejected, ValueError) as exc:
-                        if self.stop.is_set():
-                            return
-                        yield Quarantined(where=f"{where}:{n}", reason=str(exc), raw=text[:RAW_CHARS])
-                        continue
-                    if not pacer.wait(sample.t_s):
+                    elif self.stop.is_set():
                         return
-                    yield sample
+                    yield item
+
+    def _chunk_items(self, texts: list[str], linenos: list[int]) -> Iterator[Item]:
+        """A chunk vectorised when clean; otherwise its clean sub-chunks vectorised and the rest per line."""
+        fast = self._parse_chunk(texts, linenos)
+        if fast is not None:
+            yield from fast
+            return
+        for a in range(0, len(texts), _SUB_CHUNK_LINES):
+            sub_texts, sub_linenos = texts[a:a + _SUB_CHUNK_LINES], linenos[a:a + _SUB_CHUNK_LINES]
+            fast = self._parse_chunk(sub_texts, sub_linenos) if len(texts) > _SUB_CHUNK_LINES else None
+            if fast is not None:
+                yield from fast
+                continue
+            for text, n in zip(sub_texts, sub_linenos):
+                try:
+                    yield self._parse_line(text, n)
+                except LineRejected as exc:
+                    yield Quarantined(where=f"{self.path}:{n}", reason=str(exc), raw=text[:RAW_CHARS])
 
 
 # --- simulated ------------------------------------------------------------------------------------

@@ -140,6 +140,23 @@ def write_ipol_like(path: Path, rows: int, rate_hz: float = 100.0) -> None:
     path.write_text(f"Acquisition frequency: {rate_hz:g} Hz\n{header}\n{body}\n")
 
 
+def test_replay_large_file_with_few_bad_lines(tmp_path: Path) -> None:
+    """Clean pieces of a chunk stay on the vectorised path; the bad lines still come out one by one."""
+    path = tmp_path / "big_lb.txt"
+    write_ipol_like(path, 5000)
+    lines = path.read_text().splitlines()
+    for i in (100, 2100, 2101, 4999):  # file lines 101, 2101, 2102, 5000
+        lines[i] = lines[i].replace("\t", "\tx", 1)
+    path.write_text("\n".join(lines) + "\n")
+    samples, bad, _ = drain(ReplaySource(path=path))
+    assert [q.where for q in bad] == [f"{path}:{n}" for n in (101, 2101, 2102, 5000)]
+    assert all(q.reason.startswith("not a number: column 'Acc_X' (got 'x") for q in bad)
+    assert len(samples) == 5000 - 4
+    kept = [i for i in range(2, 5002) if i not in (100, 2100, 2101, 4999)]
+    np.testing.assert_allclose([s.t_s for s in samples], [(i - 2) / 100 for i in kept])
+    np.testing.assert_array_equal(samples[-1].values, [float(c) for c in lines[-1].split("\t")[1:7]])
+
+
 def test_replay_speed_paces_to_the_sensor_clock(tmp_path: Path) -> None:
     path = tmp_path / "1-1_lb.txt"
     write_ipol_like(path, 51)  # 0.5 s of sensor time
