@@ -34,6 +34,7 @@ def test_names_match_columns_and_constant_input_is_finite(kind: str) -> None:
     names = feature_names(kind, channels)
     assert out.shape == (4, len(names)) and out.dtype == np.float32
     assert len(set(names)) == len(names)
+    assert extract(kind, np.zeros((0, 64, len(channels))), 100.0).shape == (0, len(names))  # no windows
     assert np.all(np.isfinite(out))
     row = named(kind, out[0], channels)
     ch = channels[0]
