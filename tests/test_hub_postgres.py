@@ -1,0 +1,119 @@
+"""The same hub code on a real PostgreSQL (127.0.0.1:5432, trust auth, database `test`): idempotent ingest
+through a real broker, review merging, labels with history, export, the web app. Each run uses its own
+schema (search_path in the URL) and drops it afterwards; skips with the reason when no server answers."""
+
+from __future__ import annotations
+
+import csv
+import threading
+import time
+import uuid
+
+import pytest
+from test_hub_ingest import hub_listening, publish_all, publisher, result, review, settled
+
+from edgekit import topics
+from edgekit.hub import add_user, export_labels, run_hub
+from edgekit.hub.db import HubDB
+from edgekit.hub.ingest import to_batch
+
+pytestmark = pytest.mark.postgres
+
+
+def _reachable() -> tuple[str | None, str]:
+    try:
+        import psycopg
+    except ImportError:
+        return None, "psycopg is not installed (pip install 'edgekit[hub]')"
+    errors = []
+    for user in ("postgres", "root"):
+        try:
+            with psycopg.connect(host="127.0.0.1", port=5432, dbname="test", user=user, connect_timeout=3):
+                return user, ""
+        except psycopg.Error as exc:
+            errors.append(f"{user}: {str(exc).strip().splitlines()[0]}")
+    return None, "no PostgreSQL at 127.0.0.1:5432 database test (" + "; ".join(errors) + ")"
+
+
+@pytest.fixture
+def pg_url():
+    user, why = _reachable()
+    if user is None:
+        pytest.skip(why)
+    import psycopg
+
+    schema = f"edgekit_test_{uuid.uuid4().hex[:12]}"
+    dsn = dict(host="127.0.0.1", port=5432, dbname="test", user=user)
+    with psycopg.connect(**dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE SCHEMA "{schema}"')
+    try:
+        yield f"postgresql://{user}@127.0.0.1:5432/test?options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(**dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA "{schema}" CASCADE')
+
+
+def test_store_is_idempotent_and_merges_reviews_on_postgres(pg_url):
+    with HubDB(pg_url) as db:
+        assert db.dialect == "postgresql"
+        db.create()
+        t, rv = topics.topic("lab", "edge-1", "result"), topics.topic("lab", "edge-1", "review")
+        res = [result("edge-1", s) for s in range(1, 11)]
+        first = to_batch([(rv, topics.encode(review(res[4])))]
+                         + [(t, topics.encode(r)) for r in res] + [(t, topics.encode(res[0]))], time.time())
+        stored = db.store(first)
+        assert stored.new_results == 10
+        again = to_batch([(t, topics.mark_replayed(topics.batch("lab", "edge-1", [topics.encode(r) for r in res])))]
+                         + [(rv, topics.encode(review(res[9]))), (rv, topics.encode(review(res[4])))], time.time())
+        assert db.store(again).new_results == 0
+        assert db.count() == 10 and db.count("defer") == 2
+        assert db.case(topics.result_id("edge-1", 10))["features"]["cadence_hz"] == 1.8
+        assert not db.case(topics.result_id("edge-1", 1))["replayed"]
+
+
+@pytest.mark.broker
+def test_ingest_web_and_export_on_postgres(pg_url, mosquitto, tmp_path):
+    from fastapi.testclient import TestClient
+    from test_hub_web import csrf_of, login
+
+    from edgekit.hub.web import create_app
+
+    add_user(pg_url, "bo", "long enough")
+    stop = threading.Event()
+    hub = threading.Thread(target=run_hub, args=(mosquitto.url, pg_url),
+                           kwargs={"http": None, "stop": stop, "client_id": "pg-hub"}, daemon=True)
+    hub.start()
+    try:
+        hub_listening(pg_url, mosquitto.port)
+        pub = publisher(mosquitto.port)
+        res = [result("edge-9", s, site="ward") for s in range(1, 101)]
+        t, rv = topics.topic("ward", "edge-9", "result"), topics.topic("ward", "edge-9", "review")
+        msgs = [(t, topics.batch("ward", "edge-9", [topics.encode(r) for r in res[i:i + 20]])) for i in range(0, 100, 20)]
+        msgs += [(rv, topics.encode(review(r))) for r in res if r["decision"] == "defer"]
+        msgs += [(t, topics.mark_replayed(p)) for _, p in msgs[:3]]  # a resend
+        publish_all(pub, msgs)
+        pub.disconnect()
+        pub.loop_stop()
+        with HubDB(pg_url) as db:
+            settled(db, 100)
+            assert db.count() == 100 and db.count("defer") == 20
+
+            client = TestClient(create_app(db), base_url="http://127.0.0.1")
+            assert client.get("/api/cases").status_code == 401
+            login(client, "bo", "long enough")
+            case_id = topics.result_id("edge-9", 50)
+            page = client.get(f"/cases/{case_id}").text
+            assert page.count("<polyline") == 3
+            client.post(f"/cases/{case_id}/label", data={"label": "sit", "csrf": csrf_of(page)})
+            page = client.get(f"/cases/{case_id}").text
+            client.post(f"/cases/{case_id}/label", data={"label": "turn", "note": "on second look",
+                                                         "csrf": csrf_of(page)})
+            assert [h["label"] for h in db.case(case_id)["labels"]] == ["turn", "sit"]
+            assert len(client.get("/api/cases", params={"status": "unlabelled"}).json()["cases"]) == 19
+        out = tmp_path / "labels.csv"
+        assert export_labels(pg_url, out) == 1
+        [row] = csv.DictReader(out.open())
+        assert (row["result_id"], row["label"], row["reviewer"], row["site"]) == (case_id, "turn", "bo", "ward")
+    finally:
+        stop.set()
+        hub.join(timeout=30)
