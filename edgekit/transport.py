@@ -190,7 +190,8 @@ class Transport:
     def stats(self) -> dict[str, Any]:
         """Counters since start (published/acked/replayed count results, messages count MQTT messages)."""
         return {**self._counts, "queued": self.outbox.backlog(), "dropped": self.outbox.dropped,
-                "connected": self._connected, "last_refusal": self.last_refusal}
+                "connected": self._connected, "last_refusal": self.last_refusal,
+                "publisher_alive": self._thread is not None and self._thread.is_alive()}
 
     def close(self) -> None:
         """Stop publishing, say "offline" (retained) if connected, disconnect. Unacked rows stay queued."""
@@ -210,6 +211,10 @@ class Transport:
                     info.wait_for_publish(timeout=2.0)
                 except (RuntimeError, ValueError) as exc:
                     log.warning("transport.offline_status_failed endpoint=%s error=%s", self.endpoint, exc)
+            if self._thread is None or not self._thread.is_alive():
+                # The broker acks in order: PUBACKs that came in behind the publisher's last look are here
+                # now; taking them spares those rows a duplicate after the next start.
+                self._take_acks()
             client.disconnect()
             client.loop_stop()
             self._connected = False
@@ -242,7 +247,7 @@ class Transport:
                        properties: Any) -> None:
         was = self._connected
         self._connected = False
-        if was:
+        if was and not self._closed:
             log.warning("transport.disconnected endpoint=%s reason=%r inflight=%d", self.endpoint,
                         str(reason), len(self._inflight))
         self._wake.set()
