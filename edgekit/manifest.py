@@ -258,10 +258,17 @@ def check_signature(bundle: Path, public_key: Path) -> None:
                          where=str(sig_path),
                          hint="sign it with `edgekit export --sign-key KEY` (or sign_bundle), or run "
                               "without a public key")
+    raw = sig_path.read_bytes()
+    text = raw[:-1] if raw.endswith(b"\n") else raw
     try:
-        signature = base64.b64decode(sig_path.read_bytes().strip(), validate=True)
+        signature = base64.b64decode(text, validate=True)
     except ValueError:
-        raise ModelError("manifest.sig is not base64", where=str(sig_path), hint="re-sign the bundle") from None
+        signature = b""
+    # strict: exactly what sign_bundle writes, so no byte of the file can change unnoticed (b64decode
+    # ignores the unused low bits of the last character)
+    if base64.b64encode(signature) != text or len(signature) != 64:
+        raise ModelError("manifest.sig is not a base64 Ed25519 signature as sign_bundle writes it",
+                         where=str(sig_path), hint="the signature file was altered; re-sign the bundle")
     try:
         key.verify(signature, (bundle / MANIFEST_FILE).read_bytes())
     except InvalidSignature:

@@ -188,3 +188,18 @@ def test_manifest_module_imports_no_torch_or_onnx() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "ok"
+
+
+def test_every_byte_of_the_signature_file_matters(bundle: Path, keys: tuple[Path, Path]) -> None:
+    private, public = keys
+    sig = sign_bundle(bundle, private)
+    original = sig.read_bytes()
+    for i in range(len(original)):
+        for bit in (0x01, 0x20):
+            data = bytearray(original)
+            data[i] ^= bit
+            sig.write_bytes(bytes(data))
+            with pytest.raises(ModelError):
+                verify_bundle(bundle, public)
+    sig.write_bytes(original)
+    verify_bundle(bundle, public)

@@ -1,0 +1,253 @@
+"""Export of small real runs: ONNX + INT8 QDQ + parity.json + calibrated gate + signed bundle, reproduced
+in a fresh process that cannot import torch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+onnx = pytest.importorskip("onnx")
+
+from edgekit.errors import ExportError, ModelError  # noqa: E402
+from edgekit.manifest import keygen, load_bundle, sha256_file, verify_bundle  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from runfactory import make_run  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    return keygen(tmp_path_factory.mktemp("keys"))
+
+
+@pytest.fixture(scope="module")
+def mlp_bundle(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> tuple[Path, Path, dict]:
+    from edgekit.exporters.export import export
+
+    root = tmp_path_factory.mktemp("mlp")
+    run = make_run(root, arch="mlp", n_classes=2, second="random_forest", n=900, epochs=50)
+    out = root / "bundle"
+    report = export(run, out, int8=True, sign_key=keys[0], progress=False)
+    return run, out, report
+
+
+@pytest.fixture(scope="module")
+def cnn_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
+    from edgekit.exporters.export import export
+
+    root = tmp_path_factory.mktemp("cnn")
+    run = make_run(root, arch="cnn1d", n_classes=3, second="random_forest", n=900, epochs=30)
+    out = root / "bundle"
+    report = export(run, out, int8=True, progress=False)
+    return run, out, report
+
+
+def _files(bundle: Path) -> list[str]:
+    return sorted(p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file())
+
+
+@pytest.mark.parametrize("which", ["mlp_bundle", "cnn_bundle"])
+def test_every_file_listed_with_sha256(which: str, request: pytest.FixtureRequest) -> None:
+    _, out, _ = request.getfixturevalue(which)
+    m = load_bundle(out)
+    listed = set(m.files)
+    on_disk = set(_files(out)) - {"manifest.json", "manifest.sig"}
+    assert listed == on_disk
+    assert {"predictor.fp32.onnx", "predictor.int8.onnx", "autoencoder.fp32.onnx", "autoencoder.int8.onnx",
+            "second_opinion.onnx", "heldout.npz", "parity.json", "run.json"} <= listed
+    for rel, digest in m.files.items():
+        assert sha256_file(out / rel) == digest
+    for role, spec in m.models.items():
+        assert spec.file in listed and spec.fp32_file in listed
+        assert spec.quantization_reason
+        assert (spec.quantization == "int8-qdq") == spec.file.endswith(".int8.onnx"), role
+
+
+@pytest.mark.parametrize("which", ["mlp_bundle", "cnn_bundle"])
+def test_int8_files_hold_qdq_nodes_and_metadata(which: str, request: pytest.FixtureRequest) -> None:
+    _, out, report = request.getfixturevalue(which)
+    for stem, role in (("predictor", "predictor"), ("autoencoder", "gate")):
+        model = onnx.load(str(out / f"{stem}.int8.onnx"))
+        ops = [n.op_type for n in model.graph.node]
+        assert ops.count("QuantizeLinear") > 0 and ops.count("DequantizeLinear") > 0
+        assert report["models"][role]["int8"]["qdq_nodes"]["QuantizeLinear"] == ops.count("QuantizeLinear")
+        props = {p.key: p.value for p in model.metadata_props}
+        assert props["edgekit.role"] == role and props["edgekit.quantization"] == "int8-qdq"
+        fp32 = onnx.load(str(out / f"{stem}.fp32.onnx"))
+        assert "QuantizeLinear" not in [n.op_type for n in fp32.graph.node]
+        props = {p.key: p.value for p in fp32.metadata_props}
+        assert json.loads(props["edgekit.labels"]) == load_bundle(out).labels
+        assert len(json.loads(props["edgekit.feature_names"])) == 9
+        assert fp32.graph.input[0].name == "x"
+        assert fp32.graph.input[0].type.tensor_type.shape.dim[0].dim_param  # dynamic batch axis
+
+
+@pytest.mark.parametrize("which", ["mlp_bundle", "cnn_bundle"])
+def test_parity_report_side_by_side(which: str, request: pytest.FixtureRequest) -> None:
+    _, out, report = request.getfixturevalue(which)
+    on_disk = json.loads((out / "parity.json").read_text())
+    assert on_disk["passed"] is True and on_disk["schema"] == "edgekit.parity/1"
+    for role in ("predictor", "gate"):
+        m = on_disk["models"][role]
+        assert m["fp32"]["torch_vs_onnx"]["pass"] and m["fp32"]["torch_vs_onnx"]["max_abs"] < 1e-4
+        i8 = m["int8"]
+        assert {"heldout_fp32", "heldout_int8", "decision_agreement", "metric", "metric_drop"} <= set(i8)
+        assert 0.0 <= i8["heldout_int8"] <= 1.0 and 0.0 <= i8["decision_agreement"] <= 1.0
+        assert m["latency_us"]["fp32"] > 0 and m["latency_us"]["int8"] > 0
+        assert m["use"]["file"] in (m["fp32"]["file"], i8["file"])
+        if m["use"]["quantization"] == "int8-qdq":
+            assert i8["pass"] and m["latency_us"]["int8"] < m["latency_us"]["fp32"]
+    so = on_disk["models"]["second_opinion"]["fp32"]
+    assert so["label_agreement_vs_sklearn"] >= 0.99
+    gc = on_disk["gate_calibration"]
+    assert gc["n_cal"] > 0 and gc["n_test"] > 0 and 0.0 <= gc["test_coverage"] <= 1.0
+    assert report["passed"] is True
+    # predictor on these synthetic signals is good: held-out metric well above chance
+    assert on_disk["models"]["predictor"]["int8"]["heldout_fp32"] > 0.8
+
+
+def test_manifest_input_shapes_and_gate(cnn_bundle: tuple[Path, Path, dict]) -> None:
+    _, out, _ = cnn_bundle
+    m = load_bundle(out)
+    assert m.models["predictor"].input == "window"
+    assert m.models["predictor"].input_shape == [None, 3, 32]
+    assert m.models["gate"].input_shape == [None, 9]
+    assert m.models["second_opinion"].outputs == ["label", "probabilities"]
+    assert m.normalize.window is not None and len(m.normalize.window.mean) == 3
+    assert m.gate_calibration.models["predictor"] == m.models["predictor"].file
+    with np.load(out / "heldout.npz") as held:
+        assert held["x_window"].shape[1:] == (3, 32)
+        # realised test coverage in the manifest is what the thresholds do to the stored outputs
+        th = m.thresholds
+        conf = held["probs"].max(-1)
+        tv = 0.5 * np.abs(held["probs"] - held["second_probs"]).sum(-1)
+        accepted = (held["score"] <= th.ood_max_score) & (conf >= th.min_confidence) & (tv <= th.max_disagreement)
+        assert m.gate_calibration.test_coverage == pytest.approx(accepted.mean())
+        if accepted.any():
+            err = (held["probs"].argmax(-1) != held["y"])[accepted].mean()
+            assert m.gate_calibration.test_error == pytest.approx(err)
+
+
+NO_TORCH_SCRIPT = textwrap.dedent("""
+    import sys
+    sys.modules["torch"] = None  # any `import torch` now raises ImportError
+    sys.modules["sklearn"] = None
+    import json
+    from pathlib import Path
+    import numpy as np
+    import onnxruntime as ort
+    from edgekit.manifest import load_bundle
+
+    bundle, pub = Path(sys.argv[1]), (Path(sys.argv[2]) if len(sys.argv) > 2 else None)
+    m = load_bundle(bundle, public_key=pub)
+    held = np.load(bundle / "heldout.npz")
+    norm = m.normalize.features
+    x = ((held["x_raw"] - np.asarray(norm.mean, np.float32)) / np.asarray(norm.std, np.float32)).astype(np.float32)
+    assert np.allclose(x, held["x_features"], atol=1e-5), "normalisation differs"
+    inputs = {"features": held["x_features"], "window": held["x_window"] if "x_window" in held else None}
+    expected = {"predictor": ("probs", "probs"), "gate": ("score", "score"),
+                "second_opinion": ("probabilities", "second_probs")}
+    out = {}
+    for role, spec in m.models.items():
+        opts = ort.SessionOptions(); opts.intra_op_num_threads = 1
+        sess = ort.InferenceSession(str(bundle / spec.file), opts, providers=["CPUExecutionProvider"])
+        name, key = expected[role]
+        got = sess.run([name], {spec.input_name: inputs[spec.input]})[0]
+        out[role] = float(np.abs(got - held[key]).max())
+        assert np.allclose(got, held[key], rtol=1e-5, atol=1e-6), (role, out[role])
+    assert sys.modules.get("torch") is None and sys.modules.get("sklearn") is None
+    print(json.dumps(out))
+""")
+
+
+@pytest.mark.parametrize("which", ["mlp_bundle", "cnn_bundle"])
+def test_fresh_process_without_torch_reproduces_heldout(which: str, request: pytest.FixtureRequest,
+                                                        keys: tuple[Path, Path]) -> None:
+    _, out, _ = request.getfixturevalue(which)
+    args = [sys.executable, "-c", NO_TORCH_SCRIPT, str(out)]
+    if which == "mlp_bundle":
+        args.append(str(keys[1]))  # signed: verify the signature too
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    diffs = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(diffs) == {"predictor", "gate", "second_opinion"}
+
+
+def test_signed_bundle_fails_after_any_byte_flip(mlp_bundle: tuple[Path, Path, dict], keys: tuple[Path, Path],
+                                                 tmp_path: Path) -> None:
+    _, out, _ = mlp_bundle
+    copy = tmp_path / "bundle"
+    shutil.copytree(out, copy)
+    assert verify_bundle(copy, keys[1]).task == "synthetic-mlp"
+    names = _files(copy)
+    assert "manifest.sig" in names and len(names) >= 10
+    for name in names:
+        path = copy / name
+        original = path.read_bytes()
+        data = bytearray(original)
+        data[-1] ^= 0x01
+        path.write_bytes(bytes(data))
+        with pytest.raises(ModelError):
+            verify_bundle(copy, keys[1])
+        path.write_bytes(original)
+    verify_bundle(copy, keys[1])
+
+
+def test_unsigned_bundle_with_key_fails_clearly(cnn_bundle: tuple[Path, Path, dict], keys: tuple[Path, Path]) -> None:
+    _, out, _ = cnn_bundle
+    assert not (out / "manifest.sig").exists()
+    with pytest.raises(ModelError, match="not signed"):
+        load_bundle(out, public_key=keys[1])
+
+
+def test_parity_failures_are_results(mlp_bundle: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    """A failing INT8 keeps fp32 with the reason; a failing fp32 fails the report."""
+    from edgekit.exporters.export import check_parity, export_onnx, load_run, quantize_models
+
+    run_dir, _, _ = mlp_bundle
+    run = load_run(run_dir)
+    out = tmp_path / "b"
+    out.mkdir()
+    exported = export_onnx(run, out)
+    quantized = quantize_models(run, out, exported)
+    strict_int8 = check_parity(run, out, exported, quantized, criteria={"min_agreement": 1.01})
+    for role in ("predictor", "gate"):
+        m = strict_int8["models"][role]
+        assert m["int8"]["pass"] is False and m["use"]["quantization"] == "fp32"
+        assert "fails parity" in m["use"]["reason"] and m["pass"] is True
+    assert (out / "predictor.int8.onnx").is_file()  # kept for inspection
+    broken = check_parity(run, out, exported, quantized, criteria={"fp32_atol": -1.0})
+    assert broken["passed"] is False and broken["models"]["predictor"]["pass"] is False
+
+
+def test_bad_inputs_raise_export_error(mlp_bundle: tuple[Path, Path, dict], tmp_path: Path) -> None:
+    from edgekit.exporters.export import export
+
+    run_dir, out, _ = mlp_bundle
+    with pytest.raises(ExportError, match="run.json not found"):
+        export(tmp_path / "nope", tmp_path / "o1", progress=False)
+    with pytest.raises(ExportError, match="not empty"):
+        export(run_dir, out, progress=False)
+    with pytest.raises(ExportError, match="signing key not found"):
+        export(run_dir, tmp_path / "o2", sign_key=tmp_path / "missing.key", progress=False)
+    bad = tmp_path / "badrun"
+    shutil.copytree(run_dir, bad)
+    meta = json.loads((bad / "run.json").read_text())
+    meta["normal_label"] = "ok"
+    (bad / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="normal_label"):
+        export(bad, tmp_path / "o3", progress=False)
+    del meta["models"]
+    (bad / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match="missing key 'models.predictor.file'"):
+        export(bad, tmp_path / "o4", progress=False)
