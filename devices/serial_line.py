@@ -7,6 +7,8 @@ Line format, ASCII/UTF-8, ended by "\\n" ("\\r\\n" accepted), values separated b
 
 Every line is validated like a replayed file: wrong value count, a non-numeric or non-finite value,
 time going backwards (or repeating) or undecodable bytes give a Quarantined item naming `port:line`.
+A lost device (unplugged, reset) is reopened with backoff until it returns or the stop event is set;
+point source.port at a stable name (/dev/serial/by-id/...) so the device is found again.
 Must not import torch or paho.
 """
 
@@ -26,6 +28,7 @@ from edgekit.values import Quarantined, Sample
 
 log = logging.getLogger(__name__)
 
+RECONNECT_MAX_S = 5.0  # longest wait between attempts to reopen a lost port
 MAX_LINE_BYTES = 4096  # a line longer than this is noise on the wire (wrong baud rate), not a sample
 
 
@@ -46,11 +49,20 @@ class SerialReader(BaseReader):
                               where="source.channels")
         self._serial: Any = None
         self._last_t: float | None = None
+        self.reconnects = 0
+
+    @property
+    def connected(self) -> bool:
+        """False while a lost device is being reopened."""
+        return self._serial is not None
+
+    def _open(self) -> Any:
+        # timeout: read returns at least every 0.1 s so a set stop event is noticed promptly
+        return serial.serial_for_url(self.port, baudrate=self.baudrate, timeout=0.1)
 
     def __enter__(self) -> SerialReader:
         try:
-            # timeout: readline returns at least every 0.1 s so a set stop event is noticed promptly
-            self._serial = serial.serial_for_url(self.port, baudrate=self.baudrate, timeout=0.1)
+            self._serial = self._open()
         except (serial.SerialException, ValueError, OSError) as exc:
             raise DeviceError(f"cannot open serial port: {exc}", where=self.port,
                               hint="check source.port, that the device is plugged in, and that this user "
@@ -58,11 +70,33 @@ class SerialReader(BaseReader):
         log.info("source_serial_open port=%s baudrate=%d", self.port, self.baudrate)
         return self
 
+    def _close_port(self) -> None:
+        if self._serial is not None:
+            try:
+                self._serial.close()
+            except (serial.SerialException, OSError):
+                pass
+            self._serial = None
+
     def __exit__(self, *exc: object) -> None:
         super().__exit__(*exc)
-        if self._serial is not None:
-            self._serial.close()
-            self._serial = None
+        self._close_port()
+
+    def _reopen(self) -> bool:
+        """After a lost device (unplugged, reset): reopen with backoff until it is back or stop is set."""
+        self._close_port()
+        self.reconnects += 1
+        delay = 0.1
+        while not self.stop.wait(delay):
+            try:
+                self._serial = self._open()
+            except (serial.SerialException, ValueError, OSError) as exc:
+                log.debug("source_serial_retry port=%s error=%s", self.port, exc)
+                delay = min(delay * 2, RECONNECT_MAX_S)
+                continue
+            log.info("source_serial_reopened port=%s reconnects=%d", self.port, self.reconnects)
+            return True
+        return False
 
     def parse(self, text: str) -> Sample:
         """One decoded line to a Sample (LineRejected with the reason otherwise)."""
@@ -75,7 +109,8 @@ class SerialReader(BaseReader):
             values = to_floats(cells, self.channels)
             t = 0.0 if self._last_t is None else self._last_t + 1.0 / self.rate_hz
         else:
-            raise LineRejected(f"wrong width: expected {n} values (or {n + 1} with a leading time), got {len(cells)}")
+            raise LineRejected(f"wrong width: expected {n} values (or {n + 1} with a leading time), "
+                               f"got {len(cells)}")
         check_time(t, self._last_t)
         self._last_t = t
         return Sample(t, values)
@@ -90,9 +125,12 @@ class SerialReader(BaseReader):
         while not self.stop.is_set():
             try:
                 chunk = self._serial.read(max(1, self._serial.in_waiting))
-            except serial.SerialException as exc:
-                raise DeviceError(f"serial read failed: {exc}", where=self.port,
-                                  hint="the device was unplugged or reset") from exc
+            except (serial.SerialException, OSError) as exc:
+                log.warning("source_serial_lost port=%s error=%s", self.port, exc)
+                del buf[:]  # a line cut by the loss is not a sample
+                if not self._reopen():
+                    return
+                continue
             if not chunk:
                 continue
             buf += chunk
@@ -103,8 +141,8 @@ class SerialReader(BaseReader):
                         lineno += 1
                         raw = bytes(buf[:RAW_CHARS]).decode("ascii", "replace")
                         del buf[:]
-                        yield Quarantined(where=f"{self.port}:{lineno}",
-                                          reason=f"line too long: over {MAX_LINE_BYTES} bytes without a newline", raw=raw)
+                        reason = f"line too long: over {MAX_LINE_BYTES} bytes without a newline"
+                        yield Quarantined(where=f"{self.port}:{lineno}", reason=reason, raw=raw)
                     break
                 line = bytes(buf[:end]).rstrip(b"\r")
                 del buf[: end + 1]

@@ -204,7 +204,7 @@ class _Layout:
         self.time_col = time_col  # ipol: PacketCounter (checked, not used as time); csv: timestamp
 
 
-def _sniff(path: Path, fmt: str) -> tuple[_Layout, list[str]]:
+def _sniff(path: Path, fmt: str) -> _Layout:
     """Read the header of a recorded file and decide its layout; file-level problems raise DataError."""
     with path.open(newline=None) as fh:
         first = fh.readline().rstrip("\n")
@@ -230,14 +230,14 @@ def _sniff(path: Path, fmt: str) -> tuple[_Layout, list[str]]:
         header = second.split("\t")
         _require_columns(path, 2, header, IPOL_CHANNELS)
         time_col = header.index("PacketCounter") if "PacketCounter" in header else None
-        return _Layout("ipol", "\t", header, IPOL_CHANNELS, 3, rate, time_col), head
+        return _Layout("ipol", "\t", header, IPOL_CHANNELS, 3, rate, time_col)
     if fmt == "skab":
         header = first.split(";")
         if header[0] != "datetime":
             raise DataError(f"expected a SKAB header starting with 'datetime' (got {first[:80]!r})",
                             where=f"{path}:1")
         _require_columns(path, 1, header, SKAB_CHANNELS)
-        return _Layout("skab", ";", header, SKAB_CHANNELS, 2, 1.0, 0), [second, *head]
+        return _Layout("skab", ";", header, SKAB_CHANNELS, 2, 1.0, 0)
     if fmt == "nab":
         header = first.split(",")
         if header[:2] != ["timestamp", "value"]:
@@ -251,7 +251,7 @@ def _sniff(path: Path, fmt: str) -> tuple[_Layout, list[str]]:
         steps = np.diff(stamps)
         steps = steps[steps > 0]
         rate = 1.0 / float(np.median(steps)) if len(steps) else 1.0
-        return _Layout("nab", ",", header, ("value",), 2, rate, 0), [second, *head]
+        return _Layout("nab", ",", header, ("value",), 2, rate, 0)
     raise ConfigError(f"unknown replay format {fmt!r}", where="source.format", hint="auto, ipol, skab or nab")
 
 
@@ -278,7 +278,7 @@ class ReplayReader(BaseReader):
         if not self.path.is_file():
             raise ConfigError("replay file not found", where=str(self.path), hint="check source.path")
         self.speed = cfg.speed
-        self.layout, _ = _sniff(self.path, cfg.format)
+        self.layout = _sniff(self.path, cfg.format)
         self.channels = self.layout.names
         self.rate_hz = self.layout.rate_hz
         self.format = self.layout.fmt

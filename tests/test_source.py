@@ -313,6 +313,54 @@ def test_serial_over_a_pty() -> None:
         (f"{port}:7", "not text"), (f"{port}:8", "not finite")]
 
 
+def test_serial_reopens_a_replugged_device(tmp_path: Path) -> None:
+    """The port is a stable symlink (like /dev/serial/by-id/...); the device behind it goes away and a new
+    one appears under the same name, as when a USB sensor is unplugged and plugged in again."""
+    link = tmp_path / "ttyUSB-sensor"
+    first = os.openpty()
+    second = os.openpty()
+    for fd in (*first, *second):
+        tty.setraw(fd)
+    link.symlink_to(os.ttyname(first[1]))
+    stop = threading.Event()
+    received: list = []
+    src = open_source(SerialSource(port=str(link), channels=2, rate_hz=10), stop=stop)
+
+    def wait_for(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(received) < n and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    def device() -> None:
+        os.write(first[0], b"1.0,1,1\n")
+        wait_for(1)
+        os.close(first[0])  # unplugged: the reader's next read fails with EIO
+        link.unlink()
+        time.sleep(0.3)
+        link.symlink_to(os.ttyname(second[1]))  # plugged in again
+        deadline = time.monotonic() + 10
+        while src.reconnects == 0 or not src.connected:
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        os.write(second[0], b"2.0,2,2\n")
+        wait_for(2)
+        stop.set()
+
+    thread = threading.Thread(target=device)
+    try:
+        with src:
+            thread.start()
+            for item in src:
+                received.append(item)
+        thread.join()
+    finally:
+        for fd in (first[1], *second):
+            os.close(fd)
+    assert [(s.t_s, s.values.tolist()) for s in received] == [(1.0, [1.0, 1.0]), (2.0, [2.0, 2.0])]
+    assert src.reconnects == 1
+
+
 def test_serial_open_failure_is_a_device_error(tmp_path: Path) -> None:
     from edgekit.errors import DeviceError
 
