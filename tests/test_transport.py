@@ -50,13 +50,16 @@ def result(i: int) -> bytes:
 class Subscriber:
     """A real paho client with a persistent session (it survives broker restarts, as a hub would)."""
 
-    def __init__(self, port: int, client_id: str = "test-hub") -> None:
+    def __init__(self, port: int, client_id: str = "test-hub", username: str | None = None,
+                 password: str | None = None) -> None:
         self.results: list[dict[str, Any]] = []
         self.messages: Counter[str] = Counter()
         self.status: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=False)
         self.client.reconnect_delay_set(0.1, 0.5)
+        if username:
+            self.client.username_pw_set(username, password)
         self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(topics.subscription(), qos=1)
         self.client.on_message = self._on_message
         self.subscribed = threading.Event()
@@ -84,10 +87,13 @@ class Subscriber:
         self.client.loop_stop()
 
 
-def retained_status(port: int, timeout_s: float = 10.0) -> dict[str, Any]:
+def retained_status(port: int, timeout_s: float = 10.0, username: str | None = None,
+                    password: str | None = None) -> dict[str, Any]:
     """What a device's status topic holds for a newcomer (the retained message)."""
     got: list[dict[str, Any]] = []
     client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"peek-{time.monotonic_ns()}")
+    if username:
+        client.username_pw_set(username, password)
     client.on_connect = lambda c, u, f, rc, p: c.subscribe(STATUS, qos=1)
     client.on_message = lambda c, u, m: got.append({**topics.decode(m.payload, m.topic), "_retain": m.retain})
     client.connect("127.0.0.1", port)
@@ -246,13 +252,21 @@ def test_sigkill_leaves_retained_offline_will(mosquitto: Mosquitto, tmp_path: Pa
             child.wait(10)
 
 
+def _password_file(path: Path, users: dict[str, str]) -> Path:
+    """A mosquitto password file ($6$: salted SHA-512, what mosquitto_passwd wrote before 2.0)."""
+    lines = []
+    for user, password in users.items():
+        salt = os.urandom(12)
+        digest = hashlib.sha512(password.encode() + salt).digest()
+        lines.append(f"{user}:$6${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}\n")
+    path.write_text("".join(lines))
+    return path
+
+
 def _auth_broker(workdir: Path, user: str, password: str) -> Mosquitto:
-    """The test broker, but with anonymous access off and one user (a $6$ salted SHA-512 entry)."""
+    """The test broker, but with anonymous access off and one user."""
     broker = Mosquitto(workdir)
-    salt = os.urandom(12)
-    digest = hashlib.sha512(password.encode() + salt).digest()
-    passwd = workdir / "passwd"
-    passwd.write_text(f"{user}:$6${base64.b64encode(salt).decode()}${base64.b64encode(digest).decode()}\n")
+    passwd = _password_file(workdir / "passwd", {user: password})
     broker.conf.write_text(f"listener {broker.port} 127.0.0.1\nallow_anonymous false\n"
                            f"password_file {passwd}\nuser root\nlog_dest stderr\nlog_type error\n")
     return broker
@@ -280,3 +294,48 @@ def test_refused_connack_never_reports_connected(tmp_path: Path, caplog: pytest.
         with Transport(broker.url, site=SITE, device=DEVICE, outbox=tmp_path / "good.db", username="edge",
                        password="s3cret") as tr:
             wait_for(lambda: tr.connected, 10, "CONNACK with the right password")
+
+
+def test_production_config_authenticates_and_enforces_acl(tmp_path: Path) -> None:
+    deploy = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
+    conf = (deploy / "production.conf").read_text()
+    conf = re.sub(r"# >>> tls-listener.*?# <<< tls-listener\n", "", conf, flags=re.S)
+    broker = Mosquitto(tmp_path / "prod")
+    (tmp_path / "prod" / "data").mkdir()
+    acl = tmp_path / "prod" / "acl"
+    acl.write_text((deploy / "acl.example").read_text())
+    passwd = _password_file(tmp_path / "prod" / "passwd", {"hub": "hubpw", DEVICE: "devpw", "pump8": "pw8"})
+    for old, new in (("/var/lib/mosquitto/", f"{tmp_path}/prod/data/"), ("/etc/mosquitto/passwd", str(passwd)),
+                     ("/etc/mosquitto/acl", str(acl)), ("listener 1883 127.0.0.1", f"listener {broker.port} 127.0.0.1")):
+        assert old in conf, old
+        conf = conf.replace(old, new)
+    broker.conf.write_text(conf + "user root\n")  # root in CI: keep it, so the tmp dir stays writable
+    with broker:
+        hub = Subscriber(broker.port, client_id="prod-hub", username="hub", password="hubpw")
+        try:
+            with Transport(broker.url, site=SITE, device=DEVICE, outbox=tmp_path / "dev.db", username=DEVICE,
+                           password="devpw", batch_interval_s=0.02) as tr:
+                for i in range(20):
+                    tr.send("result", result(i))
+                assert tr.flush(15), tr.stats()
+                wait_for(lambda: len(hub.ids()) >= 20, 10, "the device's results at the hub")
+                online = retained_status(broker.port, username="hub", password="hubpw")
+                assert online["state"] == "online"
+            closed = retained_status(broker.port, username="hub", password="hubpw")
+            assert closed["state"] == "offline" and closed["reason"] == "closed"
+            # Another device's valid account may not write pump7's topics: mosquitto acks and drops it.
+            with Transport(broker.url, site=SITE, device=DEVICE, outbox=tmp_path / "impostor.db",
+                           username="pump8", password="pw8", client_id="impostor") as tr:
+                wait_for(lambda: tr.connected, 10, "the impostor's CONNACK")
+                for i in range(1000, 1010):
+                    tr.send("result", result(i))
+                assert tr.flush(15), tr.stats()
+            time.sleep(0.3)
+            assert set(hub.ids()) == set(range(20))
+            assert retained_status(broker.port, username="hub", password="hubpw") == closed  # not the impostor's
+            with Transport(broker.url, site=SITE, device=DEVICE, outbox=tmp_path / "anon.db",
+                           reconnect_max_s=0.5) as tr:
+                wait_for(lambda: tr.last_refusal is not None, 10, "the anonymous refusal")
+                assert not tr.connected
+        finally:
+            hub.close()
