@@ -221,7 +221,8 @@ class Agent:
 
         m = self.manifest
         size, hop = int(m.input.window_size), int(m.input.window_hop)
-        with open_source(self.cfg.source, stop=self.stop, mqtt_url=self.cfg.mqtt.url) as source:
+        with open_source(self.cfg.source, stop=self.stop, mqtt_url=self.cfg.mqtt.url,
+                         channel_names=tuple(m.input.channels or ()), rate_hint=m.input.rate_hz) as source:
             idx = self._check_channels(tuple(source.channels))
             windower = Windower(size, hop, len(idx))
             select = None if idx == list(range(len(source.channels))) else np.asarray(idx)

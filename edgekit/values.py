@@ -24,7 +24,7 @@ class Sample:
             raise ValueError(f"Sample.values must be 1-D (got shape {self.values.shape})")
         if not np.isfinite(self.t_s):
             raise ValueError(f"Sample.t_s must be finite (got {self.t_s!r})")
-        if not np.all(np.isfinite(self.values)):
+        if not np.isfinite(self.values).all():
             raise ValueError(f"Sample.values must be finite (got {self.values.tolist()!r})")
 
 
