@@ -251,3 +251,36 @@ def test_bad_inputs_raise_export_error(mlp_bundle: tuple[Path, Path, dict], tmp_
     (bad / "run.json").write_text(json.dumps(meta))
     with pytest.raises(ExportError, match="missing key 'models.predictor.file'"):
         export(bad, tmp_path / "o4", progress=False)
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _train_and_export(recipe: Path, tmp_path: Path) -> tuple[Path, dict]:
+    from edgekit.exporters.export import export
+    from edgekit.exporters.train import train
+
+    run = train(recipe, tmp_path / "run", epochs=5, progress=False)
+    out = tmp_path / "bundle"
+    return out, export(run, out, int8=True, progress=False)
+
+
+def test_train_then_export_tug_seed(tmp_path: Path) -> None:
+    """The real training contract end to end: 23 rows with holes, imputation carried into the manifest."""
+    out, report = _train_and_export(ROOT / "examples" / "tug_seed.toml", tmp_path)
+    m = load_bundle(out)
+    assert m.task == "tug_seed" and m.input.kind == "table" and m.input.imputation is not None
+    assert report["passed"] is True
+    # 6 calibration cases cannot certify any error rate: the gate defers everything, and says so
+    assert m.thresholds.defer_all is True and m.gate_calibration.valid is False
+    assert m.thresholds.min_confidence > 1.0 and m.gate_calibration.test_coverage == 0.0
+
+
+@pytest.mark.data
+def test_train_then_export_fall_screening(tmp_path: Path, data_dir: Path) -> None:
+    out, report = _train_and_export(ROOT / "examples" / "fall_screening.toml", tmp_path)
+    m = load_bundle(out)
+    assert m.task == "fall_screening" and report["models"]["second_opinion"]["pass"]
+    assert m.models["predictor"].input_shape == [None, 9]
+    with np.load(out / "heldout.npz") as held:
+        assert held["x_features"].shape == (m.gate_calibration.n_test, 9)
