@@ -251,7 +251,7 @@ def load_table(recipe: Recipe, recipe_dir: Path) -> TaskData:
     bad = ~np.isin(t, np.arange(k))
     if bad.any():
         raise DataError(f"column {target!r} must hold class indices 0..{k - 1} for labels {recipe.labels} "
-                        f"(got {t[bad][0]!r})", where=f"{path} (data.target)")
+                        f"(got {float(t[bad][0]):g})", where=f"{path} (data.target)")
     all_nan = [c for c, col in zip(columns, x.T) if np.isnan(col).all()]
     if all_nan:
         raise DataError(f"column(s) {all_nan} are empty in every row", where=f"{path} (data.features)")

@@ -1,0 +1,183 @@
+"""Recipes: the shipped examples validate; bad keys, types and sections fail naming file and key; data
+problems (path, column, target values, holes) fail as DataError naming file and column. No torch here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgekit.errors import ConfigError, DataError
+from edgekit.exporters.tasks import load_task
+from edgekit.recipe import Recipe, load_recipe
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ["skab", "fall_screening", "tug_seed", "ipol_gait"]
+
+TABLE = """\
+task = "toy"
+seed = 0
+labels = ["ok", "risk"]
+
+[data]
+loader = "table"
+path = "toy.csv"
+relative_to = "recipe"
+features = ["a", "b"]
+target = "y"
+imputation = "{imputation}"
+
+[features]
+extractor = "table"
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "r.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def toy_csv(tmp_path: Path, rows: list[str], header: str = "a,b,y,sex") -> Path:
+    path = tmp_path / "toy.csv"
+    path.write_text("\n".join([header, *rows]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize("name", EXAMPLES)
+def test_examples_validate(name: str) -> None:
+    recipe = load_recipe(ROOT / "examples" / f"{name}.toml")
+    assert isinstance(recipe, Recipe)
+    assert recipe.task == name
+    assert recipe.normal_label == recipe.labels[0]
+
+
+def test_unknown_key_names_file_key_and_suggestion(tmp_path: Path) -> None:
+    path = write(tmp_path, TABLE.format(imputation="none") + "\n[predictor]\nepoch = 3\n")
+    with pytest.raises(ConfigError) as exc:
+        load_recipe(path)
+    assert str(exc.value).startswith(f"{path}: predictor.epoch: unknown key")
+    assert "did you mean 'epochs'?" in str(exc.value)
+
+
+def test_wrong_type_names_key_and_value(tmp_path: Path) -> None:
+    path = write(tmp_path, TABLE.format(imputation="none") + '\n[predictor]\nepochs = "ten"\n')
+    with pytest.raises(ConfigError) as exc:
+        load_recipe(path)
+    assert f"{path}: predictor.epochs:" in str(exc.value)
+    assert "(got 'ten')" in str(exc.value)
+
+
+def test_imputation_choice_is_checked(tmp_path: Path) -> None:
+    path = write(tmp_path, TABLE.format(imputation="mean"))
+    with pytest.raises(ConfigError, match=r"data\.imputation: .*'median'.*\(got 'mean'\)"):
+        load_recipe(path)
+
+
+def test_window_loader_needs_window_and_matching_extractor(tmp_path: Path) -> None:
+    base = 'task = "s"\nlabels = ["normal", "anomaly"]\n[data]\nloader = "skab"\n'
+    with pytest.raises(ConfigError, match=r"r\.toml: window: .*\[window\] is required for loader 'skab'"):
+        load_recipe(write(tmp_path, base + '[features]\nextractor = "machine"\n'))
+    with pytest.raises(ConfigError, match=r"features: .*extractor 'gait' does not fit loader 'skab'"):
+        load_recipe(write(tmp_path, base + '[window]\nsize = 8\nhop = 4\n[features]\nextractor = "gait"\n'))
+
+
+def test_cnn_on_a_table_is_refused(tmp_path: Path) -> None:
+    path = write(tmp_path, TABLE.format(imputation="none") + '\n[predictor]\narch = "cnn1d"\nhidden = [8]\n')
+    with pytest.raises(ConfigError, match=r"predictor: .*cnn1d' needs windows"):
+        load_recipe(path)
+
+
+def test_normal_label_must_be_a_label(tmp_path: Path) -> None:
+    path = write(tmp_path, TABLE.format(imputation="none") + '\n[autoencoder]\nnormal = "fine"\n')
+    with pytest.raises(ConfigError, match=r"autoencoder: .*'fine' is not one of labels"):
+        load_recipe(path)
+
+
+def test_fractions_leave_room_to_train(tmp_path: Path) -> None:
+    path = write(tmp_path, TABLE.format(imputation="none") + "\n[splits]\ncal = 0.5\ntest = 0.4\n")
+    with pytest.raises(ConfigError, match=r"splits\.test: .*at least 20% to train"):
+        load_recipe(path)
+
+
+def test_missing_file_is_a_data_error_naming_the_key(tmp_path: Path) -> None:
+    recipe = load_recipe(write(tmp_path, TABLE.format(imputation="none")))
+    with pytest.raises(DataError) as exc:
+        load_task(recipe, tmp_path)
+    assert "toy.csv (data.path): not found" in str(exc.value)
+
+
+def test_missing_column_names_file_and_column(tmp_path: Path) -> None:
+    toy_csv(tmp_path, ["1,2,0,F"], header="a,c,y,sex")
+    recipe = load_recipe(write(tmp_path, TABLE.format(imputation="none")))
+    with pytest.raises(DataError) as exc:
+        load_task(recipe, tmp_path)
+    assert "toy.csv (data.features)" in str(exc.value)
+    assert "missing column(s) ['b']" in str(exc.value)
+
+
+def test_target_outside_labels(tmp_path: Path) -> None:
+    toy_csv(tmp_path, ["1,2,0,F", "1,3,2,M"])
+    recipe = load_recipe(write(tmp_path, TABLE.format(imputation="none")))
+    with pytest.raises(DataError, match=r"\(data\.target\).*class indices 0\.\.1.*got 2"):
+        load_task(recipe, tmp_path)
+
+
+def test_hole_without_imputation_and_all_empty_column(tmp_path: Path) -> None:
+    toy_csv(tmp_path, ["1,2,0,F", "1,,1,M"])
+    recipe = load_recipe(write(tmp_path, TABLE.format(imputation="none")))
+    with pytest.raises(DataError, match=r"column 'b' is empty in a row.*imputation = 'median'"):
+        load_task(recipe, tmp_path)
+    toy_csv(tmp_path, ["1,,0,F", "1,,1,M"])
+    recipe = load_recipe(write(tmp_path, TABLE.format(imputation="median")))
+    with pytest.raises(DataError, match=r"\['b'\] are empty in every row"):
+        load_task(recipe, tmp_path)
+
+
+def test_empty_table_and_missing_class(tmp_path: Path) -> None:
+    toy_csv(tmp_path, [])
+    recipe = load_recipe(write(tmp_path, TABLE.format(imputation="none")))
+    with pytest.raises(DataError, match="no rows"):
+        load_task(recipe, tmp_path)
+    toy_csv(tmp_path, ["1,2,0,F", "2,3,0,M"])
+    with pytest.raises(DataError, match=r"no rows of class\(es\) \['risk'\]"):
+        load_task(recipe, tmp_path)
+
+
+def test_table_rows_keep_holes_as_nan_for_train_time_imputation(tmp_path: Path) -> None:
+    toy_csv(tmp_path, ["1,2,0,F", "1,,1,M", "3,4,1,F"])
+    text = TABLE.format(imputation="median").replace('target = "y"', 'target = "y"\ngroup_columns = ["sex"]')
+    data = load_task(load_recipe(write(tmp_path, text)), tmp_path)
+    assert data.features.shape == (3, 2)
+    assert np.isnan(data.features[1, 1])
+    assert data.y.tolist() == [0, 1, 1]
+    assert data.report_groups["sex"].tolist() == ["F", "M", "F"]
+
+
+def test_shipped_tug_table_loads_with_its_holes() -> None:
+    recipe = load_recipe(ROOT / "examples" / "tug_seed.toml")
+    data = load_task(recipe, ROOT / "examples")
+    px = data.feature_names.index("px")
+    assert data.features.shape == (23, 12)
+    assert np.isnan(data.features[5:8, px]).all() and not np.isnan(np.delete(data.features[:, px], [5, 6, 7])).any()
+    assert "BBS" not in data.feature_names and "y1" not in data.feature_names
+    assert set(data.report_groups) == {"gender", "age_band"}
+
+
+@pytest.mark.data
+def test_skab_window_labels_follow_the_last_row(data_dir: Path, tmp_path: Path) -> None:
+    text = (ROOT / "examples" / "skab.toml").read_text().replace(
+        'skab_groups = ["valve1", "valve2", "other"]', 'skab_groups = ["valve2"]\nmax_files = 1')
+    recipe = load_recipe(write(tmp_path, text))
+    data = load_task(recipe, tmp_path)
+    from edgekit.datasets import read_skab
+
+    table = read_skab(data_dir / "skab" / "data" / "valve2" / "0.csv")
+    rows = data.split_groups == "valve2/0.csv"
+    n = int(rows.sum())
+    assert n == (len(table.values) - 32) // 4 + 1
+    last = np.arange(n) * 4 + 31
+    assert data.y[rows].tolist() == table.labels["anomaly"][last].astype(int).tolist()
+    assert data.features.shape[1] == 8 * 13
+    assert any(g.startswith("anomaly-free/anomaly-free.csv#") for g in set(data.split_groups))
