@@ -289,8 +289,13 @@ def check_parity(run: Run, out: Path, exported: dict[str, Any], quantized: dict[
             report["heldout"] = {"metric": metric, "fp32": value}
         report["int8"] = int8_report
         report["latency_us"] = latency
-        choice = parity_mod.choose(role, fp32_file, q.get("int8_file") if q else None,
-                                   int8_report if int8_report and int8_report.get("file") else None, latency)
+        if q is None:
+            choice = {"file": fp32_file, "quantization": "fp32", "reason": "int8 not requested"}
+        elif not q.get("int8_file"):
+            choice = {"file": fp32_file, "quantization": "fp32",
+                      "reason": f"int8 quantization failed ({q.get('error')}); fp32 kept"}
+        else:
+            choice = parity_mod.choose(role, fp32_file, q["int8_file"], int8_report, latency)
         report["use"] = choice
         report["pass"] = report["fp32"]["pass"]  # the used file passes: fp32 by closeness, int8 by its report
         models[role] = report

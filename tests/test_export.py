@@ -226,6 +226,10 @@ def test_parity_failures_are_results(mlp_bundle: tuple[Path, Path, dict], tmp_pa
         assert m["int8"]["pass"] is False and m["use"]["quantization"] == "fp32"
         assert "fails parity" in m["use"]["reason"] and m["pass"] is True
     assert (out / "predictor.int8.onnx").is_file()  # kept for inspection
+    no_int8 = check_parity(run, out, exported, {})
+    assert no_int8["models"]["predictor"]["use"] == {"file": "predictor.fp32.onnx", "quantization": "fp32",
+                                                     "reason": "int8 not requested"}
+    assert no_int8["models"]["predictor"]["heldout"]["fp32"] > 0.8 and no_int8["passed"] is True
     broken = check_parity(run, out, exported, quantized, criteria={"fp32_atol": -1.0})
     assert broken["passed"] is False and broken["models"]["predictor"]["pass"] is False
 
