@@ -32,7 +32,8 @@ runs/NAME/
                       {split}_y             int64 (n,) index into labels
                       {split}_group         str (n,) the split group (file/subject), when group_by is set
   predictor.pt, autoencoder.pt   exporters.models.save_checkpoint (load with load_checkpoint)
-  second_opinion.pkl             pickled scikit-learn estimator, fitted on NORMALISED features
+  second_opinion.pkl             pickled scikit-learn estimator, fitted on NORMALISED features; its class
+                                 is the argmax of predict_proba (for SVC that can differ from predict())
   report/index.html              plots and tables (exporters/report.py)
 
 Normalisation: mean/std of the TRAIN split (std floored at 1e-6); test is never used for fitting or
@@ -50,6 +51,7 @@ import os
 import pickle
 import random
 import time
+import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -315,7 +317,11 @@ def fit_second_opinion(recipe: Recipe, x: np.ndarray, y: np.ndarray, where: str)
                               where=f"{where}: second_opinion.params.{key}")
     est = cls(**{**defaults, "random_state": recipe.seed, **params})
     try:
-        est.fit(x, y)
+        with warnings.catch_warnings():
+            # scikit-learn 1.9 deprecates SVC(probability=True) (removal planned for 1.11); skl2onnx
+            # converts it directly, so it stays until the exporter handles CalibratedClassifierCV.
+            warnings.filterwarnings("ignore", message=".*probability.*deprecated", category=FutureWarning)
+            est.fit(x, y)
     except ValueError as exc:  # scikit-learn's InvalidParameterError is a ValueError
         raise ConfigError(f"{cls.__name__} rejected the parameters: {exc}", where=f"{where}: second_opinion.params"
                           ) from None
