@@ -100,7 +100,8 @@ class Agent:
         self.models = ModelSet(Path(cfg.bundle), m, providers, threads)
         self.pre = Preprocess.from_manifest(m)
         th = m.thresholds
-        self.gate = Gate(th.ood_max_score, th.min_confidence, th.max_disagreement, enabled=cfg.gate.enabled)
+        self.gate = Gate(th.ood_max_score, th.min_confidence, th.max_disagreement, enabled=cfg.gate.enabled,
+                         defer_all=th.defer_all)
         self.labels = list(m.labels)
         self.model_version = f"{m.task}@{m.data_fingerprint[:12]}"
         self.outbox = Outbox(Path(cfg.outbox.path), max_rows=cfg.outbox.max_rows)

@@ -34,6 +34,7 @@ class Gate:
     min_confidence: float
     max_disagreement: float
     enabled: bool = True
+    defer_all: bool = False  # export could certify no threshold for the target error: a person decides all
 
     def __post_init__(self) -> None:
         for name in ("ood_max_score", "min_confidence", "max_disagreement"):
@@ -60,7 +61,7 @@ class Gate:
             scores["disagreement"] = dis
             if dis > self.max_disagreement:
                 reasons.append("disagreement")
-        if conf < self.min_confidence:
+        if conf < self.min_confidence or self.defer_all:
             reasons.append("low_confidence")
         if not self.enabled:
             reasons = []
