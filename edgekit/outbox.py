@@ -198,12 +198,17 @@ class Outbox:
             db.execute("ROLLBACK")
             raise
 
-    def mark_all_replayed(self) -> int:
-        """Flag every queued row as replayed (queued during an outage or before a restart); returns how many."""
+    def mark_all_replayed(self, up_to_id: int | None = None) -> int:
+        """Flag queued rows (all, or those with id <= up_to_id) as replayed: they were queued during an
+        outage or before a restart. Returns how many were flagged."""
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
-            n = db.execute("UPDATE outbox SET replayed = 1 WHERE replayed = 0").rowcount
+            if up_to_id is None:
+                n = db.execute("UPDATE outbox SET replayed = 1 WHERE replayed = 0").rowcount
+            else:
+                n = db.execute("UPDATE outbox SET replayed = 1 WHERE replayed = 0 AND id <= ?",
+                               (up_to_id,)).rowcount
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
@@ -221,6 +226,11 @@ class Outbox:
     def backlog(self) -> int:
         """Rows queued and not yet acknowledged (O(1): a counter kept in the meta table)."""
         return int(self._meta("rows"))
+
+    def last_id(self) -> int:
+        """The highest row id ever handed out (0 for a new file); ids are never reused."""
+        row = self._conn().execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()
+        return int(row[0]) if row else 0
 
     @property
     def dropped(self) -> int:

@@ -92,6 +92,7 @@ class Transport:
         self._closed = False
         self._gen = 0                    # bumped by each accepted CONNACK (network thread)
         self._seen_gen = 0               # the last connection the publisher announced (publisher thread)
+        self._watermark: int | None = None  # last row id queued before the newest CONNACK
         self._wake = threading.Event()
         self._acked_cond = threading.Condition()
         self._stop = threading.Event()
@@ -233,6 +234,13 @@ class Transport:
                         reason.value)
             return
         self._failed_connects = 0
+        # Rows up to here were queued before this connection: they are replays. Read before `connected`
+        # turns True, so a row sent after it (replayed=False) always has a higher id.
+        try:
+            self._watermark = self.outbox.last_id()
+        except Exception as exc:  # never let the network thread die; None = mark every queued row
+            log.warning("transport.watermark_failed error=%r", exc)
+            self._watermark = None
         self._connected = True
         self._gen += 1
         self._wake.set()
@@ -293,7 +301,7 @@ class Transport:
         self._seen_gen = self._gen
         if not first:
             self._counts["reconnects"] += 1
-        replaying = self.outbox.mark_all_replayed()
+        replaying = self.outbox.mark_all_replayed(self._watermark)
         extra: dict[str, Any] = {}
         if self._status_extra is not None:
             try:

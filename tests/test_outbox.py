@@ -107,6 +107,12 @@ def test_mark_all_replayed_flags_queued_rows_only(tmp_path: Path) -> None:
         assert [r.replayed for r in ob.pending(10)] == [True, True, True, False]
         ob.put(T, b'{"late":1}', replayed=True)
         assert ob.pending(10)[-1].replayed
+        mark = ob.last_id()
+        ob.put_many([(T, b'{"after":1}', True)] * 2)
+        assert ob.mark_all_replayed(up_to_id=mark) == 1  # only {"new":1}; rows after the mark stay fresh
+        assert [r.replayed for r in ob.pending(10)] == [True] * 5 + [False, False]
+        ob.ack([r.id for r in ob.pending(10)])
+        assert ob.last_id() == mark + 2  # ids are never reused, even with the table empty
 
 
 def test_each_thread_uses_its_own_connection(tmp_path: Path) -> None:
