@@ -333,6 +333,24 @@ def demo(workdir: Path, fault_file: str, epochs: int | None) -> None:
     run_demo(workdir, click.echo, fault_file=fault_file, epochs=epochs)
 
 
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--rounds", type=click.IntRange(min=10), default=2000, show_default=True, help="Timed windows per row.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
+@handle_errors
+def bench(bundle: Path, rounds: int, json_out: Path | None) -> None:
+    """Per-window latency of this bundle on this device: each model fp32 vs INT8, and the whole edge path
+    against its onnxruntime floor (numpy + onnxruntime only, so it runs on the device itself)."""
+    import json
+
+    from edgekit.bench import run_bench, table
+
+    result = run_bench(bundle, rounds=rounds)
+    click.echo(table(result))
+    if json_out:
+        json_out.write_text(json.dumps(result, indent=2))
+
+
 @main.command("eval")
 @click.argument("name", type=click.Choice(["skab", "fall-screening", "ipol", "deferral"]))
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
