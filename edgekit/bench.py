@@ -127,8 +127,9 @@ def _variants(bundle: Path, spec: Any) -> dict[str, str]:
     return out
 
 
-def _agent_process(bundle: Path, threads: int, workdir: Path) -> tuple[Any, Callable[[Any], None]]:
-    """A real Agent (no broker: results go to its outbox) and its `process` method."""
+def offline_agent(bundle: Path, threads: int, workdir: Path) -> tuple[Any, Callable[[Any], None]]:
+    """A real Agent entered (no broker: results go to its outbox) and its `process` method; call
+    `agent.__exit__(None, None, None)` when done."""
     from edgekit.agent import Agent
     from edgekit.config import AgentConfig, validate
 
@@ -227,7 +228,7 @@ def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = 
     try:
         if agent:
             try:
-                agent_obj, process = _agent_process(bundle, threads, Path(tmp.name))
+                agent_obj, process = offline_agent(bundle, threads, Path(tmp.name))
                 path_cases["agent_process"] = lambda i: process(window_objs[i % n])
             except Exception as exc:  # the table still has the rest; the error is reported in it
                 log.warning("bench.agent_unavailable error=%r", exc)
