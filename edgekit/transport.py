@@ -388,7 +388,12 @@ class Transport:
 
 
 def _body(row: OutboxRow) -> bytes:
-    return topics.mark_replayed(row.payload) if row.replayed else row.payload
+    if not row.replayed:
+        return row.payload
+    try:
+        return topics.mark_replayed(row.payload)
+    except ValueError:  # not a JSON object (put there by someone else): send it unchanged, never stall
+        return row.payload
 
 
 def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:

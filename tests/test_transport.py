@@ -25,10 +25,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from edgekit import topics
 from edgekit.broker import Mosquitto
+from edgekit.errors import ConfigError
 from edgekit.outbox import Outbox
-from edgekit.transport import Transport
-
-pytestmark = pytest.mark.broker
+from edgekit.transport import Transport, parse_url
 
 SITE, DEVICE = "plant1", "pump7"
 STATUS = topics.topic(SITE, DEVICE, "status")
@@ -106,6 +105,7 @@ def retained_status(port: int, timeout_s: float = 10.0, username: str | None = N
     return got[-1]
 
 
+@pytest.mark.broker
 @pytest.mark.parametrize("batch_interval_s", [0.0, 0.05], ids=["per-result", "batched"])
 def test_online_results_arrive_exactly_once(mosquitto: Mosquitto, tmp_path: Path,
                                             batch_interval_s: float) -> None:
@@ -144,6 +144,7 @@ def test_online_results_arrive_exactly_once(mosquitto: Mosquitto, tmp_path: Path
         sub.close()
 
 
+@pytest.mark.broker
 @pytest.mark.slow
 def test_ten_second_outage_loses_nothing(mosquitto: Mosquitto, tmp_path: Path) -> None:
     sub = Subscriber(mosquitto.port)
@@ -185,6 +186,7 @@ def test_ten_second_outage_loses_nothing(mosquitto: Mosquitto, tmp_path: Path) -
         sub.close()
 
 
+@pytest.mark.broker
 def test_restart_replays_what_a_dead_process_left(mosquitto: Mosquitto, tmp_path: Path) -> None:
     path = tmp_path / "o.db"
     mosquitto.stop()
@@ -206,6 +208,16 @@ def test_restart_replays_what_a_dead_process_left(mosquitto: Mosquitto, tmp_path
         sub.close()
 
 
+def test_broker_urls_are_checked() -> None:
+    assert parse_url("mqtt://10.0.0.5") == ("10.0.0.5", 1883, False, None, None)
+    assert parse_url("mqtts://edge%40x:p%3Aw@broker.example:9000") == ("broker.example", 9000, True, "edge@x", "p:w")
+    for bad in ("http://broker:1883", "mqtt://", "mqtt://broker:notaport", "broker:1883"):
+        with pytest.raises(ConfigError, match="mqtt.url"):
+            parse_url(bad)
+    with pytest.raises(ConfigError, match="site/device_id"):
+        Transport(None, site="a/b", device=DEVICE, outbox=Path("unused.db"))
+
+
 def test_offline_mode_queues_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="edgekit.transport"):
         with Transport(None, site=SITE, device=DEVICE, outbox=tmp_path / "o.db") as tr:
@@ -222,8 +234,9 @@ def test_offline_mode_queues_and_says_so(tmp_path: Path, caplog: pytest.LogCaptu
 WILL_CHILD = """
 import sys, time
 from pathlib import Path
-from edgekit.transport import Transport
-tr = Transport(sys.argv[1], site=sys.argv[2], device=sys.argv[3], outbox=Path(sys.argv[4]), keepalive_s=5)
+from edgekit.errors import ConfigError
+from edgekit.transport import Transport, parse_url
+tr = Transport(sys.argv[1], site=sys.argv[2], device=sys.argv[3], outbox=Path(sys.argv[4]), keepalive_s=2)
 deadline = time.monotonic() + 20
 while not tr.connected and time.monotonic() < deadline:
     time.sleep(0.02)
@@ -232,24 +245,31 @@ time.sleep(60)
 """
 
 
-def test_sigkill_leaves_retained_offline_will(mosquitto: Mosquitto, tmp_path: Path) -> None:
+@pytest.mark.broker
+@pytest.mark.parametrize("how", [
+    pytest.param("kill", id="sigkill"),
+    pytest.param("freeze", id="sigstop-keepalive", marks=pytest.mark.slow),
+])
+def test_vanished_device_leaves_retained_offline_will(mosquitto: Mosquitto, tmp_path: Path, how: str) -> None:
+    """SIGKILL: the kernel closes the socket and the broker sends the will at once. SIGSTOP: the socket stays
+    open and silent, as in a network partition; the broker sends the will after 1.5 x keepalive (3 s)."""
     child = subprocess.Popen([sys.executable, "-c", WILL_CHILD, mosquitto.url, SITE, DEVICE,
                               str(tmp_path / "o.db")], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         assert child.stdout is not None
         assert child.stdout.readline().strip() == b"connected"
         wait_for(lambda: retained_status(mosquitto.port)["state"] == "online", 10, "the birth message")
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(10)
-        # The kernel closes the socket, so the broker sends the will at once; a silent network partition
-        # would take 1.5 x keepalive (7.5 s here).
+        vanished = time.monotonic()
+        os.kill(child.pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
         wait_for(lambda: retained_status(mosquitto.port)["state"] == "offline", 15, "the last will")
+        waited_s = time.monotonic() - vanished
         will = retained_status(mosquitto.port)
         assert will["reason"] == "lost" and will["_retain"] and will["device"] == DEVICE
+        if how == "freeze":
+            assert waited_s >= 2.5, f"will came after {waited_s:.1f}s, before keepalive expiry"
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait(10)
+        child.kill()
+        child.wait(10)
 
 
 def _password_file(path: Path, users: dict[str, str]) -> Path:
@@ -272,6 +292,7 @@ def _auth_broker(workdir: Path, user: str, password: str) -> Mosquitto:
     return broker
 
 
+@pytest.mark.broker
 def test_refused_connack_never_reports_connected(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     with _auth_broker(tmp_path / "auth", "edge", "s3cret") as broker:
         seen_connected = []
@@ -296,6 +317,7 @@ def test_refused_connack_never_reports_connected(tmp_path: Path, caplog: pytest.
             wait_for(lambda: tr.connected, 10, "CONNACK with the right password")
 
 
+@pytest.mark.broker
 def test_production_config_authenticates_and_enforces_acl(tmp_path: Path) -> None:
     deploy = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
     conf = (deploy / "production.conf").read_text()
