@@ -1,0 +1,39 @@
+"""One hub ingest process for bench/hub_ingest.py: edgekit.hub.ingest.Ingest with a named client id (a
+persistent session on the shared subscription) writing to DB_URL. Prints a JSON line once connected and
+subscribed, then ingests until a line arrives on stdin (or stdin closes), then prints its stats.
+
+    python bench/hub_consumer.py DB_URL BROKER_URL CLIENT_ID SHARE_GROUP
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from edgekit.hub.db import HubDB  # noqa: E402
+from edgekit.hub.ingest import Ingest  # noqa: E402
+
+SUBACK_SETTLE_S = 0.3  # Ingest subscribes from on_connect; give the SUBACK time before saying "ready"
+
+
+def main() -> None:
+    db_url, broker_url, client_id, group = sys.argv[1:5]
+    with HubDB(db_url) as db:
+        ingest = Ingest(broker_url, db, share_group=group, client_id=client_id)
+        with ingest:
+            if not ingest.connected.wait(30):
+                raise SystemExit(f"{client_id}: not connected within 30 s")
+            t_conn = time.time()
+            time.sleep(SUBACK_SETTLE_S)
+            print(json.dumps({"event": "ready", "client_id": client_id, "connected_at": t_conn}), flush=True)
+            sys.stdin.readline()
+        print(json.dumps({"event": "stopped", "client_id": client_id, **asdict(ingest.stats)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
