@@ -37,7 +37,13 @@ runs/NAME/
   report/index.html              plots and tables (exporters/report.py)
 
 Normalisation: mean/std of the TRAIN split (std floored at 1e-6); test is never used for fitting or
-calibration. The autoencoder's score is its per-row mean squared reconstruction error.
+calibration. Windows (cnn1d): raw (W, C) windows as edgekit.window cuts them, (w - mean[c]) / std[c] with
+per-channel statistics over every training sample, then transposed to (C, W). Features are computed in
+float64 by edgekit.features.extract (float32 out) and normalised in float64, then stored as float32.
+The autoencoder's score is its per-row mean squared reconstruction error; it is fitted on training rows of
+`normal_label` only, or on every training row when models.autoencoder.fit_on is "all" (multi-class tasks).
+Table tasks: features are the recipe's columns in order; with imputation, empty cells get the train
+median. Extra labels (train(extra_labels=...)) join the train split only, after the split.
 """
 
 from __future__ import annotations

@@ -152,7 +152,19 @@ def test_fall_screening_trains(data_dir: Path, tmp_path: Path) -> None:
     assert sum(run["split_sizes"].values()) == 73  # excluded rows dropped
     assert int(sum((arrays[f"{s}_y"] == 1).sum() for s in ("train", "cal", "test"))) == 20
     assert run["imputation"] is None and run["groups_metrics"] == {}
+    assert run["models"]["second_opinion"]["kind"] == "random_forest"
+
+
+def test_svm_second_opinion(tmp_path: Path) -> None:
+    text = (EXAMPLES / "tug_seed.toml").read_text()
+    text = text.replace('path = "../edgekit/data/tug_gait_23.tsv"', f'path = "{ROOT / "edgekit/data/tug_gait_23.tsv"}"')
+    text = text.replace("params = { n_estimators = 200, max_depth = 3, min_samples_leaf = 2 }", "params = { C = 2.0 }")
+    text = text.replace('kind = "random_forest"', 'kind = "svm"')
+    (tmp_path / "svm.toml").write_text(text)
+    run, _ = check_contract(train(tmp_path / "svm.toml", tmp_path / "svm", epochs=2, progress=False))
     assert run["models"]["second_opinion"]["kind"] == "svm"
+    second = pickle.loads((tmp_path / "svm" / "second_opinion.pkl").read_bytes())
+    assert type(second).__name__ == "SVC" and second.probability and second.C == 2.0
 
 
 @pytest.mark.data
