@@ -189,3 +189,18 @@ def test_gate_rows_and_signal_svg_are_sane():
     svg = signal_svg({"channels": ["a<b"], "rate_hz": 10, "start_s": 0, "points": [[1, 2, None, 3, float("nan")]]})
     assert "a&lt;b" in svg and svg.count("<polyline") == 2  # escaped name; gap splits the line
     assert "No signal" in signal_svg(None)
+
+
+@pytest.mark.broker
+def test_run_hub_says_when_its_web_port_is_taken(mosquitto, tmp_path):
+    import socket
+
+    from edgekit.errors import TransportError
+    from edgekit.hub import run_hub
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        with pytest.raises(TransportError, match="could not listen"):
+            run_hub(mosquitto.url, f"sqlite:///{tmp_path / 'hub.db'}", http=f"127.0.0.1:{port}")

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import csv
 import logging
+import socket
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
 
-from edgekit.errors import ConfigError
+from edgekit.errors import ConfigError, TransportError
 from edgekit.hub.auth import hash_password
 from edgekit.hub.db import HubDB
 
@@ -34,6 +35,22 @@ def parse_http(http: str) -> tuple[str, int]:
     return host.strip("[]") or "0.0.0.0", number
 
 
+def listen_socket(host: str, port: int) -> socket.socket:
+    """Bind here, not in uvicorn's thread, so that a taken port is an error the caller sees."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise TransportError(f"the review web server could not listen ({exc.strerror})",
+                             where=f"hub.http {host}:{port}",
+                             hint="is the port in use? choose another HOST:PORT") from None
+    return sock
+
+
 def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
             share_group: str = "edgekit-hub", client_id: str | None = None,
             stop: threading.Event | None = None) -> None:
@@ -51,10 +68,12 @@ def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
 
                 from edgekit.hub.web import create_app
 
+                sock = listen_socket(*listen)
                 config = uvicorn.Config(create_app(db), host=listen[0], port=listen[1], log_level="warning",
                                         access_log=False, lifespan="off")
                 server = uvicorn.Server(config)
-                thread = threading.Thread(target=server.run, name="hub-web", daemon=True)
+                thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hub-web",
+                                          daemon=True)
                 thread.start()
                 log.info("hub.web_started url=http://%s:%d/", listen[0], listen[1])
             try:

@@ -323,7 +323,7 @@ class HubDB:
         if device:
             q = q.where(results.c.device == device)
         if reason:
-            q = q.where(results.c.reasons.like(f"%,{reason},%"))
+            q = q.where(results.c.reasons.contains(f",{reason},", autoescape=True))
         if status == "unlabelled":
             q = q.where(latest.c.label.is_(None))
         elif status == "labelled":
