@@ -59,6 +59,7 @@ def test_reviewer_labels_a_case_in_the_browser(mosquitto, tmp_path):
             page.fill("input[name=password]", "correct horse")
             page.click("button[type=submit]")
             page.wait_for_url(f"{base}/queue")
+            page.screenshot(path=str(tmp_path / "queue.png"), full_page=True)
             links = page.locator("a.case-link")
             assert links.count() == 4  # seq 5, 10, 15, 20 were deferred
             assert links.first.inner_text() == topics.result_id("edge-7", 20)  # newest first
@@ -80,6 +81,7 @@ def test_reviewer_labels_a_case_in_the_browser(mosquitto, tmp_path):
             page.screenshot(path=str(tmp_path / "saved.png"), full_page=True)
             page.goto(f"{base}/fleet")
             assert page.locator("span.state.online").count() >= 1
+            page.screenshot(path=str(tmp_path / "fleet.png"), full_page=True)
             browser.close()
 
         with HubDB(db_url) as db:

@@ -214,24 +214,33 @@ def test_bad_payloads_are_logged_and_ingest_goes_on(mosquitto, tmp_path, caplog)
     assert any("not JSON" in b for b in bad) and any("id must be" in b for b in bad)
 
 
-def test_status_and_metrics_update_the_fleet_newest_wins(tmp_path):
+def test_status_in_arrival_order_and_metrics_update_the_fleet(tmp_path):
     with HubDB(f"sqlite:///{tmp_path / 'hub.db'}") as db:
         db.create()
         st = topics.topic("lab", "edge-3", "status")
         online = topics.status("lab", "edge-3", "online", 100.0, model_version="m@1", queued=4, dropped=0)
-        offline = topics.status("lab", "edge-3", "offline", 90.0, model_version="m@1")  # older: ignored
+        # The last will was registered at connect (ts 90), before "online" (ts 100), and arrives later.
+        will = topics.status("lab", "edge-3", "offline", 90.0, model_version="m@1")
         metrics = topics.encode({"schema": topics.SCHEMA_METRICS, "site": "lab", "device": "edge-3", "ts": 120.0,
                                  "windows": 10, "accepted": 8, "deferred": 2, "quarantined": 0,
                                  "quarantine_reasons": {}, "published": 10, "queued": 7, "dropped": 3,
                                  "replayed": 0})
-        db.store(to_batch([(st, online), (st, offline)], 1.0))
-        db.store(to_batch([(st, offline)], 2.0))
+        db.store(to_batch([(st, will), (st, online)], 1.0))
+        assert db.fleet()[0]["state"] == "online"
+        db.store(to_batch([(st, online), (st, will)], 2.0))
+        assert db.fleet()[0]["state"] == "offline"
+        db.store(to_batch([(st, online)], 2.5))
         db.store(to_batch([(topics.topic("lab", "edge-3", "metrics"), metrics)], 3.0))
         [dev] = db.fleet()
-        assert (dev["state"], dev["model_version"], dev["last_seen"]) == ("online", "m@1", 120.0)
+        # Last seen: when the hub last heard from it (3.0), not the device's clock.
+        assert (dev["state"], dev["model_version"], dev["last_seen"]) == ("online", "m@1", 3.0)
         assert (dev["queued"], dev["dropped"], dev["metrics"]["windows"]) == (7, 3, 10)
         db.store(to_batch([(st, topics.status("lab", "edge-3", "offline", 130.0))], 4.0))
         assert db.fleet()[0]["state"] == "offline"
+        # A retained status (the broker's old copy, delivered on subscribe) counts from its own ts.
+        db.store(to_batch([(topics.topic("lab", "edge-4", "status"), topics.status("lab", "edge-4", "offline", 50.0),
+                            True)], 5.0))
+        assert {d["device"]: d["last_seen"] for d in db.fleet()} == {"edge-3": 4.0, "edge-4": 50.0}
 
 
 HUB_PROCESS = """

@@ -292,9 +292,7 @@ class HubDB:
                           "queued": st.get("queued"), "dropped": st.get("dropped")}
                 values = {k: v for k, v in values.items() if v is not None}
                 stmt = ins(devices).values(site=site, device=device, **values)
-                conn.execute(stmt.on_conflict_do_update(
-                    index_elements=["site", "device"], set_=values,
-                    where=sa.or_(devices.c.status_ts.is_(None), devices.c.status_ts <= st["ts"])))
+                conn.execute(stmt.on_conflict_do_update(index_elements=["site", "device"], set_=values))
             for (site, device), m in batch.metrics.items():
                 values = {"metrics": _dumps(m), "metrics_ts": m["ts"]}
                 for key in ("queued", "dropped"):

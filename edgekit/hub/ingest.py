@@ -65,10 +65,15 @@ class IngestStats:
     batches: int = 0
 
 
-def to_batch(messages: list[tuple[str, bytes]], now: float, stats: IngestStats | None = None) -> Batch:
-    """Decode (topic, payload) pairs into one Batch; bad ones are logged as hub.bad_payload and skipped."""
+def to_batch(messages: list[tuple[str, bytes]] | list[tuple[str, bytes, bool]], now: float,
+             stats: IngestStats | None = None) -> Batch:
+    """Decode (topic, payload[, retained]) into one Batch; bad ones are logged as hub.bad_payload, skipped.
+
+    A device was last seen `now`, when the hub heard from it, except for a retained status (the broker's
+    copy, maybe old), which counts from its own ts."""
     out = Batch()
-    for name, payload in messages:
+    for name, payload, *flags in messages:
+        retained = bool(flags and flags[0])
         try:
             where = f"topic {name!r}"
             tp = topics.parse_topic(name)
@@ -86,14 +91,14 @@ def to_batch(messages: list[tuple[str, bytes]], now: float, stats: IngestStats |
                         raise DataError(f"each result must be an object (got {item!r:.60})")
                     rows.append(result_row(item, site, device, replayed, now))
                 out.results.extend(rows)
-                for r in rows:
-                    out.see(site, device, r["ts"])
+                if rows:
+                    out.see(site, device, now)
                 if stats:
                     stats.results += len(rows)
             elif tp.kind == "review" and schema == topics.SCHEMA_REVIEW:
                 row = review_row(obj, site, device, bool(obj.get("replayed")), now)
                 out.reviews.append(row)
-                out.see(site, device, row["ts"])
+                out.see(site, device, now)
             elif tp.kind == "status" and schema == topics.SCHEMA_STATUS:
                 if obj.get("state") not in ("online", "offline"):
                     raise DataError(f"state must be online or offline (got {obj.get('state')!r:.40})")
@@ -101,17 +106,17 @@ def to_batch(messages: list[tuple[str, bytes]], now: float, stats: IngestStats |
                 st["state"] = obj["state"]
                 mv = obj.get("model_version")
                 st["model_version"] = mv if isinstance(mv, str) else None
-                old = out.status.get((site, device))
-                if old is None or old["ts"] <= st["ts"]:
-                    out.status[(site, device)] = st
-                out.see(site, device, st["ts"])
+                # Arrival order, not ts: a last will carries the ts of the connect that registered it,
+                # older than the "online" sent after that connect, yet it is the newer news.
+                out.status[(site, device)] = st
+                out.see(site, device, st["ts"] if retained else now)
             elif tp.kind == "metrics" and schema == topics.SCHEMA_METRICS:
                 m = dict(obj)
                 m.update(_counters(obj, ("ts",), ()))
                 old = out.metrics.get((site, device))
                 if old is None or old["ts"] <= m["ts"]:
                     out.metrics[(site, device)] = m
-                out.see(site, device, m["ts"])
+                out.see(site, device, now)
             else:
                 raise DataError(f"schema {schema!r} does not belong on a {tp.kind} topic")
         except DataError as exc:
@@ -236,7 +241,7 @@ class Ingest:
                 return
 
     def _write(self, msgs: list[mqtt.MQTTMessage]) -> None:
-        pairs = [(m.topic, m.payload) for m in msgs]
+        pairs = [(m.topic, m.payload, m.retain) for m in msgs]
         self.stats.messages += len(msgs)
         batch = to_batch(pairs, time.time(), self.stats)
         delay = 0.5
@@ -265,10 +270,10 @@ class Ingest:
                 except Exception as exc:  # noqa: BLE001 - a lost connection: the broker redelivers
                     log.debug("hub.ack_failed mid=%s error=%s", m.mid, exc)
 
-    def _write_one_by_one(self, pairs: list[tuple[str, bytes]]) -> None:
+    def _write_one_by_one(self, pairs: list[tuple[str, bytes, bool]]) -> None:
         """A batch the database refused: find and skip the message(s) it cannot take."""
-        for name, payload in pairs:
-            one = to_batch([(name, payload)], time.time())
+        for name, payload, retained in pairs:
+            one = to_batch([(name, payload, retained)], time.time())
             try:
                 stored = self.db.store(one)
                 self.stats.new_results += stored.new_results
