@@ -101,7 +101,8 @@ def machine() -> dict[str, Any]:
     return {"platform": platform.platform(), "cores": os.cpu_count(), "lscpu": lscpu,
             "python": platform.python_version(), "onnxruntime": onnxruntime.__version__,
             "numpy": np.__version__, "paho_mqtt": paho.mqtt.__version__, "mosquitto": mosq,
-            "when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            "when_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()]}
 
 
 def torch_version() -> str:

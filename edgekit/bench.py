@@ -209,6 +209,19 @@ def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = 
     def features_only(i: int) -> None:
         extract(inp.extractor, window_objs[i % n].data[None], rate)
 
+    probs_all = models.infer(feats, win_in)
+    decide_args = [(probs_all.probs[i], None if probs_all.second_probs is None else probs_all.second_probs[i],
+                    None if probs_all.ood_score is None else float(probs_all.ood_score[i])) for i in range(n)]
+
+    def normalise(i: int) -> None:
+        r = raw[i % n][None]
+        pre.features(r)
+        if uses_window:
+            pre.window(window_objs[i % n].data)
+
+    def decide(i: int) -> None:
+        gate.decide(*decide_args[i % n])
+
     def edge_path(i: int) -> None:
         # The agent's Agent.process up to the decision, with the same objects (edgekit/agent.py).
         w = window_objs[i % n]
@@ -221,7 +234,8 @@ def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = 
         ood = None if out.ood_score is None else float(out.ood_score[0])
         gate.decide(probs, second, ood)
 
-    path_cases: dict[str, Callable[[int], Any]] = {"features": features_only, "floor": floor,
+    path_cases: dict[str, Callable[[int], Any]] = {"features": features_only, "normalise": normalise,
+                                                   "floor": floor, "gate_decide": decide,
                                                    "edge_path": edge_path}
     agent_obj = None
     tmp = tempfile.TemporaryDirectory(prefix="edgekit-bench-")
@@ -245,7 +259,9 @@ def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = 
         row.update(summary(model_us[f"{row['role']}/{row['quantization']}"]))
     labels = {
         "features": f"features ({inp.extractor})",
+        "normalise": "normalise (features" + (", window)" if uses_window else ")"),
         "floor": f"floor: bare onnxruntime runs ({len(run_list)} models)",
+        "gate_decide": "gate.decide",
         "edge_path": "edge path: features+normalise+models+gate",
         "agent_process": "agent.process: + result JSON + outbox write",
     }
