@@ -69,7 +69,7 @@ class Transport:
                  username: str | None = None, password: str | None = None, keepalive_s: int = 30,
                  batch_interval_s: float = 0.0, max_batch: int = 500, max_inflight: int = 200,
                  reconnect_max_s: float = 10.0, status_extra: Callable[[], dict[str, Any]] | None = None,
-                 client_id: str | None = None) -> None:
+                 client_id: str | None = None, tls_ca_file: Path | None = None) -> None:
         for name, value, low in (("keepalive_s", keepalive_s, 1), ("max_batch", max_batch, 1),
                                  ("max_inflight", max_inflight, 1)):
             if value < low:
@@ -121,7 +121,7 @@ class Transport:
         if user is not None:
             client.username_pw_set(user, password if password is not None else url_password)
         if tls:
-            client.tls_set()
+            client.tls_set(ca_certs=str(tls_ca_file) if tls_ca_file else None)  # None: the system CAs
         client.will_set(self._topics["status"], topics.status(site, device, "offline", ts=time.time(),
                                                                reason="lost"), qos=topics.QOS, retain=True)
         # We bound the window ourselves; paho's must be at least as wide or it would queue in memory.

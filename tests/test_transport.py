@@ -24,7 +24,7 @@ import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
 from edgekit import topics
-from edgekit.broker import Mosquitto
+from edgekit.broker import Mosquitto, free_port
 from edgekit.errors import ConfigError
 from edgekit.outbox import Outbox
 from edgekit.transport import Transport, parse_url
@@ -317,26 +317,70 @@ def test_refused_connack_never_reports_connected(tmp_path: Path, caplog: pytest.
             wait_for(lambda: tr.connected, 10, "CONNACK with the right password")
 
 
+def _tls_files(workdir: Path) -> dict[str, Path]:
+    """A throwaway CA and a server certificate for 127.0.0.1 (what an operator gets from their PKI)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=1))
+
+    def cert(subject: str, key: Any, issuer: str, signer: Any, ca: bool) -> x509.Certificate:
+        builder = (x509.CertificateBuilder()
+                   .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+                   .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, issuer)]))
+                   .public_key(key.public_key()).serial_number(x509.random_serial_number())
+                   .not_valid_before(valid[0]).not_valid_after(valid[1])
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if not ca:
+            import ipaddress
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert("edgekit test CA", ca_key, "edgekit test CA", ca_key, True)
+    server = cert("127.0.0.1", server_key, "edgekit test CA", ca_key, False)
+    files = {"ca": workdir / "ca.crt", "cert": workdir / "server.crt", "key": workdir / "server.key"}
+    files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
+    files["key"].write_bytes(server_key.private_bytes(serialization.Encoding.PEM,
+                                                      serialization.PrivateFormat.TraditionalOpenSSL,
+                                                      serialization.NoEncryption()))
+    return files
+
+
 @pytest.mark.broker
 def test_production_config_authenticates_and_enforces_acl(tmp_path: Path) -> None:
+    """deploy/mosquitto/production.conf as shipped, paths and ports moved: devices over TLS, hub on loopback."""
     deploy = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
     conf = (deploy / "production.conf").read_text()
-    conf = re.sub(r"# >>> tls-listener.*?# <<< tls-listener\n", "", conf, flags=re.S)
     broker = Mosquitto(tmp_path / "prod")
+    tls_port = free_port()
     (tmp_path / "prod" / "data").mkdir()
     acl = tmp_path / "prod" / "acl"
     acl.write_text((deploy / "acl.example").read_text())
     passwd = _password_file(tmp_path / "prod" / "passwd", {"hub": "hubpw", DEVICE: "devpw", "pump8": "pw8"})
+    tls = _tls_files(tmp_path / "prod")
     for old, new in (("/var/lib/mosquitto/", f"{tmp_path}/prod/data/"), ("/etc/mosquitto/passwd", str(passwd)),
-                     ("/etc/mosquitto/acl", str(acl)), ("listener 1883 127.0.0.1", f"listener {broker.port} 127.0.0.1")):
+                     ("/etc/mosquitto/acl", str(acl)), ("listener 1883 127.0.0.1", f"listener {broker.port} 127.0.0.1"),
+                     ("listener 8883\n", f"listener {tls_port} 127.0.0.1\n"),
+                     ("/etc/mosquitto/certs/ca.crt", str(tls["ca"])),
+                     ("/etc/mosquitto/certs/server.crt", str(tls["cert"])),
+                     ("/etc/mosquitto/certs/server.key", str(tls["key"]))):
         assert old in conf, old
         conf = conf.replace(old, new)
     broker.conf.write_text(conf + "user root\n")  # root in CI: keep it, so the tmp dir stays writable
+    device_url = f"mqtts://127.0.0.1:{tls_port}"
     with broker:
         hub = Subscriber(broker.port, client_id="prod-hub", username="hub", password="hubpw")
         try:
-            with Transport(broker.url, site=SITE, device=DEVICE, outbox=tmp_path / "dev.db", username=DEVICE,
-                           password="devpw", batch_interval_s=0.02) as tr:
+            with Transport(device_url, site=SITE, device=DEVICE, outbox=tmp_path / "dev.db", username=DEVICE,
+                           password="devpw", batch_interval_s=0.02, tls_ca_file=tls["ca"]) as tr:
                 for i in range(20):
                     tr.send("result", result(i))
                 assert tr.flush(15), tr.stats()
@@ -346,8 +390,8 @@ def test_production_config_authenticates_and_enforces_acl(tmp_path: Path) -> Non
             closed = retained_status(broker.port, username="hub", password="hubpw")
             assert closed["state"] == "offline" and closed["reason"] == "closed"
             # Another device's valid account may not write pump7's topics: mosquitto acks and drops it.
-            with Transport(broker.url, site=SITE, device=DEVICE, outbox=tmp_path / "impostor.db",
-                           username="pump8", password="pw8", client_id="impostor") as tr:
+            with Transport(device_url, site=SITE, device=DEVICE, outbox=tmp_path / "impostor.db",
+                           username="pump8", password="pw8", client_id="impostor", tls_ca_file=tls["ca"]) as tr:
                 wait_for(lambda: tr.connected, 10, "the impostor's CONNACK")
                 for i in range(1000, 1010):
                     tr.send("result", result(i))
@@ -355,9 +399,11 @@ def test_production_config_authenticates_and_enforces_acl(tmp_path: Path) -> Non
             time.sleep(0.3)
             assert set(hub.ids()) == set(range(20))
             assert retained_status(broker.port, username="hub", password="hubpw") == closed  # not the impostor's
-            with Transport(broker.url, site=SITE, device=DEVICE, outbox=tmp_path / "anon.db",
-                           reconnect_max_s=0.5) as tr:
-                wait_for(lambda: tr.last_refusal is not None, 10, "the anonymous refusal")
-                assert not tr.connected
+            # No account, or plain TCP on the hub's loopback listener without one: refused.
+            for url in (device_url, broker.url):
+                with Transport(url, site=SITE, device=DEVICE, outbox=tmp_path / "anon.db", reconnect_max_s=0.5,
+                               tls_ca_file=tls["ca"]) as tr:
+                    wait_for(lambda: tr.last_refusal is not None, 10, "the anonymous refusal")  # noqa: B023
+                    assert not tr.connected
         finally:
             hub.close()
