@@ -129,8 +129,11 @@ def write_report(run_dir: Path, run: dict[str, Any], test: dict[str, np.ndarray]
         group_html = "<p>This dataset has no group columns.</p>"
 
     imp = run.get("imputation")
-    imp_html = ("<p>Missing values imputed with the training split's median: "
-                + ", ".join(f"{html.escape(k)}={v:.4g}" for k, v in imp["values"].items()) + "</p>") if imp else ""
+    imp_html = ""
+    if imp:
+        missing = imp.get("missing") or {}
+        filled = ", ".join(f"{html.escape(k)} ({n} cells) = {imp['values'][k]:.4g}" for k, n in missing.items())
+        imp_html = (f"<p>Empty cells filled with the training split's median: {filled or 'none were empty'}.</p>")
     sizes = ", ".join(f"{k} {v}" for k, v in run["split_sizes"].items())
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>edgekit run: {html.escape(run['task'])}</title>

@@ -12,7 +12,8 @@ runs/NAME/
                                "window_hop": int|null, "feature_names": [str]},
                      "normalize": {"features": {"mean": [F], "std": [F]},
                                    "window": {"mean": [C], "std": [C]} | null (cnn1d only)},
-                     "imputation": {"method": "median", "values": {column: train median}} | null,
+                     "imputation": {"method": "median", "values": {column: train median},
+                                    "missing": {column: empty cells over all rows}} | null,
                      "data_fingerprint": sha256 hex over the raw data files' bytes (sorted by path), then the
                                          extra-labels file's bytes,
                      "models": {"predictor": {"file": "predictor.pt", "arch": "mlp"|"cnn1d",
@@ -561,7 +562,10 @@ def _train(recipe_path: Path, out: Path, *, extra_labels: Path | None, epochs: i
             "features": {"mean": mean.tolist(), "std": std.tolist()},
             "window": {"mean": w_mean.tolist(), "std": w_std.tolist()} if use_window else None,
         },
-        "imputation": {"method": "median", "values": imputation} if imputation is not None else None,
+        "imputation": {
+            "method": "median", "values": imputation,
+            "missing": {n: int(c) for n, c in zip(data.feature_names, np.isnan(data.features).sum(axis=0)) if c},
+        } if imputation is not None else None,
         "data_fingerprint": fingerprint(data.files, Path(extra_labels) if extra_labels else None),
         "models": {
             "predictor": {"file": "predictor.pt", "arch": pcfg.arch, "input": "window" if use_window else "features"},

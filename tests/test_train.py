@@ -87,7 +87,7 @@ def test_tug_seed_contract_imputation_and_reproducibility(tmp_path: Path) -> Non
 
     # Median imputation of px, fitted on the training split only, recorded and applied.
     imp = run["imputation"]
-    assert imp["method"] == "median"
+    assert imp["method"] == "median" and imp["missing"] == {"px": 3}
     px = run["input"]["feature_names"].index("px")
     table = np.genfromtxt(ROOT / "edgekit" / "data" / "tug_gait_23.tsv", delimiter="\t", names=True)
     holes = np.isnan(table["px"])
