@@ -1,0 +1,262 @@
+"""Fall screening (Bet, Castro & Ponti 2021 data): repeated stratified k-fold CV of the predictor (MLP,
+torch), the second opinions (SVM as in examples/fall_screening.toml, and a random forest) and their
+combination, beside the study's results; with the gate on, a coverage-risk curve.
+
+Everything a fold decides (feature scaling, weights, decision thresholds) is fitted on its training part
+only: each model's threshold maximises Youden's J on inner 3-fold out-of-fold probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgekit import datasets
+
+from .evaluate import binary_metrics, coverage_risk_curve, mean_sd, risk_at_coverage
+
+log = logging.getLogger(__name__)
+
+FALL_FILE = "fall_screening/tug_accel_features.csv"
+MODELS = ("mlp", "svm", "rf", "single", "mlp+svm")
+BASE_MODELS = ("mlp", "svm", "rf", "single")
+MODEL_LABELS = {"mlp": "predictor MLP (torch)", "svm": "second opinion SVM", "rf": "random forest",
+                "single": "best single feature (in fold)", "mlp+svm": "combination MLP+SVM"}
+PUBLISHED = [  # Bet, Castro & Ponti, Exp. Gerontology 143 (2021); "-" where not reported
+    ("best single feature", 0.75, 0.71, 0.76),
+    ("fusion of 3 best features", None, 0.86, None),
+]
+COVERAGE_GRID = np.round(np.linspace(0.1, 1.0, 19), 3)
+
+
+@dataclass(frozen=True)
+class FallDesign:
+    repeats: int = 10
+    folds: int = 5
+    inner_folds: int = 3
+    hidden: tuple[int, ...] = (16,)  # examples/fall_screening.toml [predictor]
+    dropout: float = 0.2
+    epochs: int = 150
+    lr: float = 0.003
+    weight_decay: float = 0.001
+    batch_size: int = 16
+    seed: int = 0
+
+
+def load_fall() -> tuple[np.ndarray, np.ndarray]:
+    """Features (73, 9) and faller labels (73,) of the usable participants (excluded == 0)."""
+    path = datasets.require(FALL_FILE)
+    header, rows = datasets.read_table(path, ",")
+    x = datasets.column_matrix(path, header, rows, list(datasets.FALL_FEATURES))
+    y = datasets.column_matrix(path, header, rows, ["faller_12m"])[:, 0]
+    excluded = datasets.column_matrix(path, header, rows, ["excluded"])[:, 0]
+    keep = excluded != 1
+    return x[keep], y[keep].astype(np.int64)
+
+
+def _fit_mlp(x: np.ndarray, y: np.ndarray, design: FallDesign, seed: int) -> Any:
+    import torch
+    from torch import nn
+
+    from .models import MLP
+
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    model = MLP(x.shape[1], 2, design.hidden, design.dropout)
+    counts = np.bincount(y, minlength=2).astype(np.float64)
+    weight = torch.tensor(len(y) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
+    opt = torch.optim.Adam(model.parameters(), lr=design.lr, weight_decay=design.weight_decay)
+    xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
+    model.train()
+    for _ in range(design.epochs):
+        for b in np.array_split(rng.permutation(len(y)), max(1, len(y) // design.batch_size)):
+            idx = torch.from_numpy(b)
+            opt.zero_grad()
+            loss_fn(model.logits(xt[idx]), yt[idx]).backward()
+            opt.step()
+    model.eval()
+    return model
+
+
+def _fit_predict(name: str, x: np.ndarray, y: np.ndarray, x_new: np.ndarray, design: FallDesign,
+                 seed: int) -> np.ndarray:
+    """P(faller) for x_new from model `name` fitted on (x, y), features scaled with x's statistics."""
+    mu, sd = x.mean(axis=0), x.std(axis=0)
+    sd = np.where(sd > 0, sd, 1.0)
+    xs, xn = (x - mu) / sd, (x_new - mu) / sd
+    if name == "mlp":
+        import torch
+
+        model = _fit_mlp(xs, y, design, seed)
+        with torch.no_grad():
+            return model(torch.from_numpy(xn.astype(np.float32))).numpy()[:, 1].astype(np.float64)
+    if name == "single":
+        # the study's approach: the one feature that best separates the training fold (AUC), oriented
+        auc = np.array([_auc(y, xs[:, j]) for j in range(xs.shape[1])])
+        j = int(np.argmax(np.abs(auc - 0.5)))
+        return 1.0 / (1.0 + np.exp(-np.sign(auc[j] - 0.5) * xn[:, j]))
+    from .train import SECOND_OPINIONS
+
+    cls, defaults = SECOND_OPINIONS["svm" if name == "svm" else "random_forest"]
+    est = cls(**{**defaults, "random_state": seed})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.9 deprecates SVC(probability=True)
+        est.fit(xs, y)
+    return est.predict_proba(xn)[:, 1]
+
+
+def youden_threshold(y: np.ndarray, prob: np.ndarray) -> float:
+    """The probability cut maximising sensitivity + specificity - 1 (midpoint between scores)."""
+    s = np.unique(prob)
+    cuts = np.r_[s[0] - 1e-9, (s[1:] + s[:-1]) / 2, s[-1] + 1e-9]
+    best, best_j = 0.5, -np.inf
+    for c in cuts:
+        m = binary_metrics(y, prob >= c)
+        j = m["sensitivity"] + m["specificity"] - 1
+        if j > best_j:
+            best, best_j = float(c), j
+    return best
+
+
+def _auc(y: np.ndarray, score: np.ndarray) -> float:
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(y, score))
+
+
+def gate_confidence(prob: np.ndarray, thr: np.ndarray, agree: np.ndarray) -> np.ndarray:
+    """The gate's confidence in the combined decision: its margin from the cut, minus 1 when the predictor
+    and the second opinion disagree (so disagreements are always deferred first)."""
+    return np.abs(prob - thr) - np.where(agree, 0.0, 1.0)
+
+
+def evaluate_fall(design: FallDesign | None = None, progress: bool = True) -> dict[str, Any]:
+    """Repeated stratified CV. Returns per-model mean/sd of the metrics, the coverage-risk curve and
+    `oof` (per repeat: y, combined decision, gate confidence) for the deferral evaluation."""
+    import torch
+    from sklearn.model_selection import StratifiedKFold
+
+    design = design or FallDesign()
+    t0 = time.perf_counter()
+    torch.set_num_threads(1)
+    x, y = load_fall()
+    per_repeat: dict[str, list[dict[str, Any]]] = {m: [] for m in MODELS}
+    curves, oof = [], []
+    reps = range(design.repeats)
+    if progress:
+        from tqdm import tqdm
+
+        reps = tqdm(reps, desc="fall CV repeats", leave=False)
+    for r in reps:
+        seed = design.seed + 1000 * r
+        prob = {m: np.zeros(len(y)) for m in BASE_MODELS}
+        thr = {m: np.zeros(len(y)) for m in MODELS}
+        outer = StratifiedKFold(design.folds, shuffle=True, random_state=seed)
+        for k, (tr, te) in enumerate(outer.split(x, y)):
+            inner = StratifiedKFold(design.inner_folds, shuffle=True, random_state=seed + k + 1)
+            inner_prob = {m: np.zeros(len(tr)) for m in prob}
+            for itr, ite in inner.split(x[tr], y[tr]):
+                for m in prob:
+                    inner_prob[m][ite] = _fit_predict(m, x[tr][itr], y[tr][itr], x[tr][ite], design, seed + k)
+            inner_prob["mlp+svm"] = (inner_prob["mlp"] + inner_prob["svm"]) / 2
+            for m in thr:
+                thr[m][te] = youden_threshold(y[tr], inner_prob[m])
+            for m in prob:
+                prob[m][te] = _fit_predict(m, x[tr], y[tr], x[te], design, seed + k)
+        prob["mlp+svm"] = (prob["mlp"] + prob["svm"]) / 2
+        for m in MODELS:
+            met = binary_metrics(y, prob[m] >= thr[m])
+            met["auc"] = _auc(y, prob[m])
+            per_repeat[m].append(met)
+        decision = prob["mlp+svm"] >= thr["mlp+svm"]
+        agree = (prob["mlp"] >= thr["mlp"]) == (prob["svm"] >= thr["svm"])
+        conf = gate_confidence(prob["mlp+svm"], thr["mlp+svm"], agree)
+        errors = decision != y.astype(bool)
+        curves.append(risk_at_coverage(coverage_risk_curve(conf, errors), COVERAGE_GRID))
+        oof.append({"y": y.copy(), "decision": decision, "confidence": conf, "errors": errors,
+                    "agree_rate": float(agree.mean())})
+    # what choosing the feature and its cut on all 73 people gives (no held-out data): an optimistic bound
+    p_in = _fit_predict("single", x, y, x, design, design.seed)
+    in_sample = binary_metrics(y, p_in >= youden_threshold(y, p_in))
+    in_sample["auc"] = _auc(y, p_in)
+    summary = {m: {k: mean_sd([d[k] for d in per_repeat[m]])
+                   for k in ("sensitivity", "specificity", "auc", "accuracy", "f1")} for m in MODELS}
+    curve = np.array(curves)
+    out = {
+        "design": asdict(design), "n": int(len(y)), "n_fallers": int(y.sum()), "models": summary,
+        "coverage_risk": {"coverage": COVERAGE_GRID.tolist(), "risk_mean": curve.mean(axis=0).tolist(),
+                          "risk_sd": curve.std(axis=0, ddof=1).tolist()},
+        "in_sample_single_feature": in_sample,
+        "agree_rate": mean_sd([o["agree_rate"] for o in oof]),
+        "note": ("repeated stratified CV; scaling, weights and every decision threshold (Youden's J on "
+                 "inner 3-fold out-of-fold probabilities) fitted on the outer training folds only"),
+        "seconds": round(time.perf_counter() - t0, 1), "oof": oof,
+    }
+    log.info("eval_fall n=%d combo_sens=%.3f combo_spec=%.3f seconds=%.1f", len(y),
+             summary["mlp+svm"]["sensitivity"]["mean"], summary["mlp+svm"]["specificity"]["mean"], out["seconds"])
+    return out
+
+
+def _ms(s: dict[str, float]) -> str:
+    return f"{s['mean']:.2f} ± {s['sd']:.2f}"
+
+
+def table(result: dict[str, Any]) -> str:
+    d = result["design"]
+    lines = [f"Fall screening, {result['n']} participants ({result['n_fallers']} fallers), "
+             f"{d['repeats']} x {d['folds']}-fold stratified CV, mean ± sd across repeats",
+             f"{'model':<30}{'sensitivity':>13}{'specificity':>13}{'AUC':>13}{'accuracy':>13}"]
+    for m in MODELS:
+        s = result["models"][m]
+        lines.append(f"{MODEL_LABELS[m]:<30}{_ms(s['sensitivity']):>13}{_ms(s['specificity']):>13}"
+                     f"{_ms(s['auc']):>13}{_ms(s['accuracy']):>13}")
+    ins = result["in_sample_single_feature"]
+    lines.append(f"{'single feature, in-sample *':<30}{ins['sensitivity']:>13.2f}{ins['specificity']:>13.2f}"
+                 f"{ins['auc']:>13.2f}{ins['accuracy']:>13.2f}")
+    lines.append("published (Bet, Castro & Ponti 2021):")
+    for name, acc, sens, spec in PUBLISHED:
+        def f(v: float | None) -> str:
+            return "-" if v is None else f"{v:.2f}"
+        lines.append(f"  {name:<28}{f(sens):>13}{f(spec):>13}{'-':>13}{f(acc):>13}")
+    cr = result["coverage_risk"]
+    lines.append("gate on (defer disagreements first, then the smallest margins): error on accepted cases")
+    lines.append(f"{'fraction deferred':<20}" + "".join(f"{1 - c:>7.2f}" for c in cr["coverage"][::3]))
+    lines.append(f"{'error (mean)':<20}" + "".join(f"{v:>7.2f}" for v in cr["risk_mean"][::3]))
+    lines.append(f"{'error (sd)':<20}" + "".join(f"{v:>7.2f}" for v in cr["risk_sd"][::3]))
+    lines.append("* feature and cut chosen and scored on the same 73 people (no held-out data): optimistic")
+    lines.append(f"predictor and second opinion agree on {result['agree_rate']['mean']:.0%} of participants")
+    return "\n".join(lines)
+
+
+def plot(result: dict[str, Any], out_png: Path) -> Path:
+    """Coverage-risk curve: error on accepted cases vs fraction deferred, mean ± sd across repeats."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cr = result["coverage_risk"]
+    deferred = 1 - np.asarray(cr["coverage"])
+    mean, sd = np.asarray(cr["risk_mean"]), np.asarray(cr["risk_sd"])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(deferred, mean, marker="o", color="tab:blue", label="combination, gate on")
+    ax.fill_between(deferred, np.maximum(mean - sd, 0), mean + sd, color="tab:blue", alpha=0.2,
+                    label="± sd across repeats")
+    ax.set_xlabel("fraction deferred to a person")
+    ax.set_ylabel("error on accepted cases")
+    ax.set_title(f"Fall screening coverage-risk ({result['n']} participants)")
+    ax.set_xlim(0, 0.95)
+    ax.set_ylim(0, None)
+    ax.legend()
+    fig.tight_layout()
+    out_png = Path(out_png)
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+    return out_png
