@@ -134,6 +134,11 @@ def write_report(run_dir: Path, run: dict[str, Any], test: dict[str, np.ndarray]
         missing = imp.get("missing") or {}
         filled = ", ".join(f"{html.escape(k)} ({n} cells) = {imp['values'][k]:.4g}" for k, n in missing.items())
         imp_html = (f"<p>Empty cells filled with the training split's median: {filled or 'none were empty'}.</p>")
+    sk = run.get("extra_labels_skipped") or {}
+    n_skipped = sum((sk.get("unknown_label") or {}).values()) + int(sk.get("unreadable_features") or 0)
+    skipped_html = (f" (skipped {n_skipped}: labels not in this task "
+                    f"{html.escape(str(sk.get('unknown_label') or {}))}, unreadable features "
+                    f"{sk.get('unreadable_features', 0)})") if n_skipped else ""
     sizes = ", ".join(f"{k} {v}" for k, v in run["split_sizes"].items())
     page = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>edgekit run: {html.escape(run['task'])}</title>
@@ -141,7 +146,7 @@ def write_report(run_dir: Path, run: dict[str, Any], test: dict[str, np.ndarray]
 td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:right}} img{{max-width:100%}}</style></head><body>
 <h1>{html.escape(run['task'])}</h1>
 <p>labels {html.escape(', '.join(labels))}; normal {html.escape(run['normal_label'])}; device {run['device']};
-seed {run['seed']}; rows {sizes}; extra labels added to train: {run['extra_labels_added']};
+seed {run['seed']}; rows {sizes}; extra labels added to train: {run['extra_labels_added']}{skipped_html};
 predictor {run['models']['predictor']['arch']} on {run['models']['predictor']['input']};
 second opinion {run['models']['second_opinion']['kind']}; created {run['created_at']}.</p>
 {imp_html}

@@ -24,7 +24,9 @@ runs/NAME/
                                                    "kind": "random_forest"|"svm", "input": "features"}},
                      "gate": {"target_error": float, "delta": float},
                      "metrics": {"train"|"cal"|"test": {...}}, "groups_metrics": {group: {value: {...}}},
-                     "split_sizes": {split: n}, "extra_labels_added": int, "created_at": ISO 8601 UTC,
+                     "split_sizes": {split: n}, "extra_labels_added": int,
+                     "extra_labels_skipped": {"unknown_label": {label: rows}, "unreadable_features": rows}
+                                             ({} without extra labels), "created_at": ISO 8601 UTC,
                      "code_version": edgekit.__version__}
   splits.npz        for split in train, cal, test:
                       {split}_features      float32 (n, F) NORMALISED ((raw - mean) / std)
@@ -188,14 +190,19 @@ def fit_normalizer(x: np.ndarray, axis: int | tuple[int, ...] = 0) -> tuple[np.n
 
 def read_extra_labels(path: Path, labels: list[str], names: list[str], need_window: bool,
                       channels: list[str] | None, window_size: int | None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Reviewed results exported by the hub: column `label` (a label name) and the raw features, either as
-    one column per feature name or as a `features` column holding a JSON list (feature order) or object
-    (name -> value). cnn1d tasks also need `window`: JSON list of W rows of C values. `result_id` and any
-    other columns are ignored. Returns raw features (n, F), y (n,), windows (n, W, C) or None.
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
+    """Reviewed results exported by the hub (`edgekit labels export`): column `label` (a label name) and the
+    raw features, either as one column per feature name or as a `features` column holding a JSON list
+    (feature order) or object (name -> value). cnn1d tasks also need `window`: JSON list of W rows of C
+    values. `result_id` and other columns are ignored.
+
+    Reviewers may type labels the recipe does not know ("sensor fault") and a hub may hold cases of other
+    models: such rows (a label not in `labels`, an empty or unreadable feature) are skipped and counted,
+    never guessed. A file with rows but none usable is a DataError (probably another task's file).
+    Returns raw features (n, F), y (n,), windows (n, W, C) or None, and the skipped counts.
     """
     if not path.is_file():
-        raise DataError("not found", where=str(path), hint="the CSV of reviewed labels from the hub")
+        raise DataError("not found", where=str(path), hint="the CSV of reviewed labels from `edgekit labels export`")
     with path.open(newline="") as fh:
         reader = csv.DictReader(fh)
         header = reader.fieldnames or []
@@ -206,41 +213,55 @@ def read_extra_labels(path: Path, labels: list[str], names: list[str], need_wind
     if not per_column and "features" not in header:
         missing = [n for n in names if n not in header]
         raise DataError(f"needs a 'features' JSON column or one column per feature; missing {missing[:5]}"
-                        f"{' ...' if len(missing) > 5 else ''}", where=str(path))
+                        f"{' ...' if len(missing) > 5 else ''}", where=str(path),
+                        hint="was it exported from a hub serving this task's model?")
     if need_window and "window" not in header:
         raise DataError("cnn1d tasks need a 'window' column (JSON list of rows of channel values)",
-                        where=str(path))
+                        where=str(path), hint="the hub's export carries features only: use an mlp recipe for it")
     xs, ys, ws = [], [], []
+    unknown: dict[str, int] = {}
+    unreadable: list[int] = []
     for i, row in enumerate(rows, start=2):
-        where = f"{path}:{i}"
         if row["label"] not in labels:
-            close = difflib.get_close_matches(row["label"], labels, n=1)
-            raise DataError(f"label {row['label']!r} is not one of {labels}", where=where,
-                            hint=f"did you mean {close[0]!r}?" if close else None)
+            unknown[row["label"]] = unknown.get(row["label"], 0) + 1
+            continue
         try:
             if per_column:
                 vec = [float(row[n]) for n in names]
             else:
                 raw = json.loads(row["features"])
                 vec = [float(raw[n]) for n in names] if isinstance(raw, dict) else [float(v) for v in raw]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise DataError(f"features not readable: {exc}", where=where) from None
+            win = None
+            if need_window:
+                win = np.asarray(json.loads(row["window"]), dtype=np.float64)
+                if win.shape != (window_size, len(channels or [])):
+                    raise ValueError(f"window shape {win.shape}")
+        except (ValueError, KeyError, TypeError):
+            unreadable.append(i)
+            continue
         if len(vec) != len(names) or not np.all(np.isfinite(vec)):
-            raise DataError(f"expected {len(names)} finite feature values (got {len(vec)})", where=where)
+            unreadable.append(i)
+            continue
         xs.append(vec)
         ys.append(labels.index(row["label"]))
-        if need_window:
-            try:
-                win = np.asarray(json.loads(row["window"]), dtype=np.float64)
-            except (ValueError, TypeError) as exc:
-                raise DataError(f"window not readable: {exc}", where=where) from None
-            if win.shape != (window_size, len(channels or [])):
-                raise DataError(f"window shape {win.shape} != ({window_size}, {len(channels or [])})", where=where)
+        if win is not None:
             ws.append(win)
+    skipped = {"unknown_label": unknown, "unreadable_features": len(unreadable)}
+    for lab, n in unknown.items():
+        close = difflib.get_close_matches(lab, labels, n=1)
+        log.warning("extra_labels_skipped reason=unknown_label label=%r rows=%d file=%s%s", lab, n, path,
+                    f" did_you_mean={close[0]!r}" if close else "")
+    if unreadable:
+        log.warning("extra_labels_skipped reason=unreadable_features rows=%d first_line=%d file=%s",
+                    len(unreadable), unreadable[0], path)
+    if rows and not xs:
+        raise DataError(f"none of {len(rows)} rows is usable (labels not in {labels}: {unknown}; "
+                        f"unreadable features: {len(unreadable)})", where=str(path))
     x = np.asarray(xs, dtype=np.float64).reshape(len(xs), len(names))
-    w = np.stack(ws) if need_window and ws else (
-        np.empty((0, window_size or 0, len(channels or []))) if need_window else None)
-    return x, np.asarray(ys, dtype=np.int64), w
+    w = None
+    if need_window:
+        w = np.stack(ws) if ws else np.empty((0, window_size or 0, len(channels or [])))
+    return x, np.asarray(ys, dtype=np.int64), w, skipped
 
 
 # --- torch fitting -------------------------------------------------------------------------------
@@ -463,8 +484,9 @@ def _train(recipe_path: Path, out: Path, *, extra_labels: Path | None, epochs: i
         }
 
     added = 0
+    skipped: dict[str, Any] = {}
     if extra_labels is not None:
-        ex_x, ex_y, ex_w = read_extra_labels(Path(extra_labels), labels, data.feature_names, use_window,
+        ex_x, ex_y, ex_w, skipped = read_extra_labels(Path(extra_labels), labels, data.feature_names, use_window,
                                              data.channels, recipe.window.size if recipe.window else None)
         added = len(ex_y)
         tr = parts["train"]
@@ -579,6 +601,7 @@ def _train(recipe_path: Path, out: Path, *, extra_labels: Path | None, epochs: i
         "groups_metrics": groups_m,
         "split_sizes": {s: int(len(p["y"])) for s, p in parts.items()},
         "extra_labels_added": added,
+        "extra_labels_skipped": skipped,
         "history": {"predictor": p_hist, "autoencoder": a_hist},
         "train_seconds": round(time.perf_counter() - started, 2),
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),

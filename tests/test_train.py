@@ -117,10 +117,14 @@ def test_extra_labels_join_the_train_split_only(tmp_path: Path) -> None:
     rows = ["result_id,label," + ",".join(names)]
     rows += [f"r{i},{lab}," + ",".join(str(10.0 + i + j) for j in range(len(names)))
              for i, lab in enumerate(["no_risk", "balance_risk", "balance_risk"])]
+    rows.append("r7,sensor fault," + ",".join("1" for _ in names))  # a reviewer's free-text label
+    rows.append("r8,no_risk," + ",".join(["1"] * (len(names) - 1) + [""]))  # another model's case
     extra.write_text("\n".join(rows) + "\n")
     out = train(EXAMPLES / "tug_seed.toml", tmp_path / "extra", extra_labels=extra, epochs=2, progress=False)
     run_x, arrays = check_contract(out)
     assert run_x["extra_labels_added"] == 3
+    assert run_x["extra_labels_skipped"] == {"unknown_label": {"sensor fault": 1}, "unreadable_features": 1}
+    assert "skipped 2" in (out / "report" / "index.html").read_text()
     assert run_x["split_sizes"]["train"] == run["split_sizes"]["train"] + 3
     assert run_x["split_sizes"]["test"] == run["split_sizes"]["test"]
     assert arrays["train_y"][-3:].tolist() == [0, 1, 1]
@@ -128,7 +132,7 @@ def test_extra_labels_join_the_train_split_only(tmp_path: Path) -> None:
     assert run_x["data_fingerprint"] != run["data_fingerprint"]
 
     extra.write_text("label," + ",".join(names) + "\nrisky," + ",".join("1" for _ in names) + "\n")
-    with pytest.raises(DataError, match=r"labels\.csv:2: label 'risky' is not one of"):
+    with pytest.raises(DataError, match=r"labels\.csv: none of 1 rows is usable .*'risky': 1"):
         train(EXAMPLES / "tug_seed.toml", tmp_path / "bad", extra_labels=extra, epochs=1, progress=False)
 
 
