@@ -437,6 +437,10 @@ def train(recipe_path: Path, out: Path, *, extra_labels: Path | None = None, epo
           progress: bool = True) -> Path:
     """Train everything a recipe asks for and write the run directory `out` (see the module docstring).
 
+    `extra_labels`: a labels CSV from the hub, appended to the train split only. `epochs` overrides both
+    predictor.epochs and autoencoder.epochs (validated like the recipe). `progress`: tqdm bars per model.
+    Raises ConfigError (recipe), DataError (files, columns, classes, splits). Returns `out`.
+
     On CPU torch runs one intra-op thread while training: these models are small enough that a second
     thread only spins (measured: a 7,000-row MLP epoch took 27x longer with 2 threads on a busy 2-core VM).
     """
