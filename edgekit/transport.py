@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import queue
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -74,13 +75,15 @@ class Transport:
                                  ("max_inflight", max_inflight, 1)):
             if value < low:
                 raise ConfigError(f"must be >= {low} (got {value})", where=f"mqtt.{name}")
-        if batch_interval_s < 0 or reconnect_max_s <= 0:
-            raise ConfigError(f"must be >= 0 and > 0 (got {batch_interval_s}, {reconnect_max_s})",
-                              where="mqtt.batch_interval_s, mqtt.reconnect_max_s")
+        if batch_interval_s < 0:
+            raise ConfigError(f"must be >= 0 (got {batch_interval_s})", where="mqtt.batch_interval_s")
+        if reconnect_max_s <= 0:
+            raise ConfigError(f"must be > 0 (got {reconnect_max_s})", where="mqtt.reconnect_max_s")
         try:
             self._topics = {kind: topics.topic(site, device, kind) for kind in topics.KINDS}
         except ValueError as exc:
             raise ConfigError(str(exc), where="site/device_id") from None
+        parsed = parse_url(url) if url is not None else None
         self.site, self.device = site, device
         self._own_outbox = not isinstance(outbox, Outbox)
         self.outbox = Outbox(Path(outbox)) if self._own_outbox else outbox  # type: ignore[arg-type]
@@ -113,7 +116,8 @@ class Transport:
             log.warning("transport.offline reason=no-broker queued=%d path=%s", self.outbox.backlog(),
                         self.outbox.path)
             return
-        host, port, tls, url_user, url_password = parse_url(url)
+        assert parsed is not None
+        host, port, tls, url_user, url_password = parsed
         self.endpoint = f"{host}:{port}"
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"edgekit-{site}-{device}",
                              protocol=mqtt.MQTTv311, clean_session=True)
@@ -121,7 +125,13 @@ class Transport:
         if user is not None:
             client.username_pw_set(user, password if password is not None else url_password)
         if tls:
-            client.tls_set(ca_certs=str(tls_ca_file) if tls_ca_file else None)  # None: the system CAs
+            try:
+                client.tls_set(ca_certs=str(tls_ca_file) if tls_ca_file else None)  # None: the system CAs
+            except (OSError, ssl.SSLError) as exc:
+                if self._own_outbox:
+                    self.outbox.close()
+                raise ConfigError(f"cannot load the CA certificates ({exc})", where=str(tls_ca_file),
+                                  hint="a PEM file with the CA that signed the broker's certificate") from None
         client.will_set(self._topics["status"], topics.status(site, device, "offline", ts=time.time(),
                                                                reason="lost"), qos=topics.QOS, retain=True)
         # We bound the window ourselves; paho's must be at least as wide or it would queue in memory.

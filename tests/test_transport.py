@@ -208,7 +208,7 @@ def test_restart_replays_what_a_dead_process_left(mosquitto: Mosquitto, tmp_path
         sub.close()
 
 
-def test_broker_urls_are_checked() -> None:
+def test_broker_urls_are_checked(tmp_path: Path) -> None:
     assert parse_url("mqtt://10.0.0.5") == ("10.0.0.5", 1883, False, None, None)
     assert parse_url("mqtts://edge%40x:p%3Aw@broker.example:9000") == ("broker.example", 9000, True, "edge@x", "p:w")
     for bad in ("http://broker:1883", "mqtt://", "mqtt://broker:notaport", "broker:1883"):
@@ -216,6 +216,9 @@ def test_broker_urls_are_checked() -> None:
             parse_url(bad)
     with pytest.raises(ConfigError, match="site/device_id"):
         Transport(None, site="a/b", device=DEVICE, outbox=Path("unused.db"))
+    with pytest.raises(ConfigError, match="no-such-ca.pem"):
+        Transport("mqtts://127.0.0.1:1", site=SITE, device=DEVICE, outbox=tmp_path / "o.db",
+                  tls_ca_file=tmp_path / "no-such-ca.pem")
 
 
 def test_offline_mode_queues_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
