@@ -64,7 +64,6 @@ class Outbox:
             raise ValueError(f"outbox synchronous must be NORMAL or FULL (got {synchronous!r})")
         self.path = Path(path)
         self.max_rows = max_rows
-        self.owner_thread = threading.get_ident()
         self._last_drop_log = 0.0
         self._synchronous = synchronous
         self._busy_timeout_s = busy_timeout_s
