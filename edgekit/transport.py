@@ -132,8 +132,8 @@ class Transport:
                     self.outbox.close()
                 raise ConfigError(f"cannot load the CA certificates ({exc})", where=str(tls_ca_file),
                                   hint="a PEM file with the CA that signed the broker's certificate") from None
-        client.will_set(self._topics["status"], topics.status(site, device, "offline", ts=time.time(),
-                                                               reason="lost"), qos=topics.QOS, retain=True)
+        self._set_will(client)
+        client.on_pre_connect = lambda c, userdata: self._set_will(c)  # the will's ts = this connect attempt
         # We bound the window ourselves; paho's must be at least as wide or it would queue in memory.
         client.max_inflight_messages_set(max_inflight + _STATUS_SLOTS)
         client.reconnect_delay_set(min_delay=min(0.5, reconnect_max_s), max_delay=reconnect_max_s)
@@ -235,6 +235,10 @@ class Transport:
             self.outbox.close()
 
     # -- paho callbacks (network thread): set flags, queue mids, wake the publisher ----------------
+    def _set_will(self, client: mqtt.Client) -> None:
+        payload = topics.status(self.site, self.device, "offline", ts=time.time(), reason="lost")
+        client.will_set(self._topics["status"], payload, qos=topics.QOS, retain=True)
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Any) -> None:
         if reason.is_failure:

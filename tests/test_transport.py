@@ -268,6 +268,7 @@ def test_vanished_device_leaves_retained_offline_will(mosquitto: Mosquitto, tmp_
         waited_s = time.monotonic() - vanished
         will = retained_status(mosquitto.port)
         assert will["reason"] == "lost" and will["_retain"] and will["device"] == DEVICE
+        assert will["ts"] <= time.time() - waited_s + 1  # stamped when the device connected, not when it died
         if how == "freeze":
             assert waited_s >= 2.5, f"will came after {waited_s:.1f}s, before keepalive expiry"
     finally:
