@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 2000  # messages per transaction; a result-batch message holds many results
 SESSION_EXPIRY_S = 86400  # a named hub's queued messages wait a day for it at the broker
-RANDOM_SESSION_EXPIRY_S = 300  # an unnamed one's survive a broker restart or a short network outage
+RANDOM_SESSION_EXPIRY_S = 300
+RECONNECT_MAX_S = 2.0  # the hub sits next to its broker: retrying often is cheap, missing results is not  # an unnamed one's survive a broker restart or a short network outage
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +151,7 @@ class Ingest:
                  client_id: str | None = None, max_batch: int = MAX_BATCH) -> None:
         self.endpoint = parse_broker_url(broker_url)
         self.db = db
-        self.share_group = share_group
+        self.share_group = share_group or None  # "" or None: a plain subscription (one hub only)
         self.max_batch = max_batch
         self.named = client_id is not None
         self.client_id = client_id or f"edgekit-hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
@@ -164,7 +165,9 @@ class Ingest:
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
-        self.client.reconnect_delay_set(min_delay=1, max_delay=30)
+        # Back quickly after a broker restart: mosquitto 2.0.11 does not restore *shared* subscriptions
+        # from persistence (measured), so results published before we re-subscribe are not queued for us.
+        self.client.reconnect_delay_set(min_delay=0.25, max_delay=RECONNECT_MAX_S)
         if self.endpoint.tls:
             self.client.tls_set()
 
