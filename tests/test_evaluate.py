@@ -1,0 +1,118 @@
+"""Metric and deferral code of the evaluations, on hand-computed and synthetic cases (fast: no training)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgekit.errors import ConfigError
+from edgekit.exporters import evaluate
+from edgekit.exporters.eval_deferral import skab_confidence, split_trials, violation_bound
+from edgekit.exporters.eval_fall import gate_confidence, youden_threshold
+
+
+def test_binary_metrics_hand_computed() -> None:
+    # 10 rows: 4 anomalies; the detector flags rows 1, 2, 3 (anomalies) and 5, 6 (normal)
+    y = np.array([0, 1, 1, 1, 1, 0, 0, 0, 0, 0])
+    p = np.array([0, 1, 1, 1, 0, 1, 1, 0, 0, 0])
+    m = evaluate.binary_metrics(y, p)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (3, 2, 1, 4)
+    assert m["f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))  # 6/9
+    assert m["far"] == pytest.approx(2 / 6)
+    assert m["mar"] == pytest.approx(1 / 4)
+    assert m["sensitivity"] == pytest.approx(0.75)
+    assert m["specificity"] == pytest.approx(4 / 6)
+    assert m["accuracy"] == pytest.approx(0.7)
+
+
+def test_binary_metrics_degenerate_and_mismatch() -> None:
+    m = evaluate.binary_metrics(np.zeros(5), np.zeros(5))
+    assert m["f1"] == 0.0 and m["far"] == 0.0 and m["mar"] == 0.0 and m["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="differ in length"):
+        evaluate.binary_metrics(np.zeros(3), np.zeros(4))
+
+
+def test_coverage_risk_curve_properties() -> None:
+    rng = np.random.default_rng(0)
+    conf = rng.random(500)
+    errors = rng.random(500) < (1 - conf)  # less confident -> more errors
+    curve = evaluate.coverage_risk_curve(conf, errors)
+    assert np.all(np.diff(curve["coverage"]) > 0)
+    assert curve["coverage"][-1] == 1.0
+    assert curve["risk"][-1] == pytest.approx(errors.mean())  # nothing deferred: the base error
+    assert np.allclose(curve["deferred"], 1 - curve["coverage"])
+    # informative confidence: deferring the least confident half lowers the error on what is kept
+    half = evaluate.risk_at_coverage(curve, np.array([0.5]))[0]
+    assert half < errors.mean() - 0.1
+    # with a perfectly ordered confidence the risk never decreases as coverage grows
+    perfect = evaluate.coverage_risk_curve(-np.arange(100.0), np.arange(100) >= 70)
+    assert np.all(np.diff(perfect["risk"]) >= 0)
+    assert perfect["risk"][69] == 0.0
+
+
+def test_coverage_risk_curve_ties_accepted_together() -> None:
+    curve = evaluate.coverage_risk_curve(np.array([1.0, 1.0, 0.5, 0.5]), np.array([0, 1, 0, 0]))
+    assert curve["coverage"].tolist() == [0.5, 1.0]
+    assert curve["risk"].tolist() == [0.5, 0.25]
+
+
+def test_registry_and_unknown_table() -> None:
+    assert set(evaluate.EVALUATIONS) == {"skab", "fall-screening", "ipol", "deferral"}
+    with pytest.raises(ConfigError, match="unknown evaluation"):
+        evaluate.table("nab", {})
+
+
+def test_json_drops_big_arrays_and_non_finite(tmp_path) -> None:
+    out = tmp_path / "r.json"
+    evaluate.write_json({"f1": np.float64(0.5), "big": np.zeros(100), "small": np.arange(3),
+                         "inf": float("inf")}, out)
+    import json
+
+    data = json.loads(out.read_text())
+    assert data == {"f1": 0.5, "small": [0, 1, 2], "inf": None}
+
+
+def test_deferral_holds_on_synthetic_scores_with_known_error_rate() -> None:
+    """Scores with a known error curve: P(error | confidence c) = 0.3 * (1 - c). LTT at delta 0.1 must keep
+    the realised error under the target in (nearly) all but a delta share of splits, and answer something."""
+    rng = np.random.default_rng(1)
+    conf = rng.random(20_000)
+    errors = rng.random(conf.size) < 0.3 * (1 - conf)
+    res = split_trials(conf, errors, targets=(0.05, 0.10), delta=0.1, splits=40, seed=0)
+    for key in ("0.05", "0.1"):
+        t = res["targets"][key]
+        assert t["valid_rate"] == 1.0
+        assert t["coverage_mean"] > 0.2  # the error among the top fraction is well under target
+        assert t["violation_rate_noise"] <= res["bound"]
+        assert t["error_mean"] <= t["target_error"]
+    # error among accepted cases with confidence >= lam is 0.15 (1 - lam): for target 0.05 the best lam is
+    # 2/3, so coverage cannot exceed 1/3 (plus a little sampling slack)
+    assert res["targets"]["0.05"]["coverage_mean"] <= 0.36
+
+
+def test_deferral_defers_everything_when_too_few_cases() -> None:
+    conf = np.linspace(0, 1, 30)
+    errors = np.zeros(30, dtype=bool)
+    res = split_trials(conf, errors, targets=(0.02,), delta=0.1, splits=5)
+    t = res["targets"]["0.02"]
+    assert t["valid_rate"] == 0.0 and t["coverage_mean"] == 0.0 and t["violation_rate"] == 0.0
+
+
+def test_violation_bound() -> None:
+    assert violation_bound(100, 0.1) == pytest.approx(0.15)
+    assert 0.1 <= violation_bound(1000, 0.1) < 0.12
+
+
+def test_gate_confidences() -> None:
+    c = skab_confidence(np.array([1.0, 4.0, 0.25]), np.array([2.0, 2.0, 2.0]))
+    assert c[0] == pytest.approx(np.log(2)) and c[1] == pytest.approx(np.log(2)) and c[2] > c[1]
+    g = gate_confidence(np.array([0.9, 0.9]), np.array([0.5, 0.5]), np.array([True, False]))
+    assert g[0] == pytest.approx(0.4) and g[1] < 0  # a disagreement is deferred before any agreement
+
+
+def test_youden_threshold_separates() -> None:
+    y = np.array([0, 0, 0, 1, 1])
+    prob = np.array([0.1, 0.2, 0.3, 0.6, 0.7])
+    thr = youden_threshold(y, prob)
+    assert 0.3 < thr < 0.6
+    assert evaluate.binary_metrics(y, prob >= thr)["accuracy"] == 1.0
