@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 2000  # messages per transaction; a result-batch message holds many results
 SESSION_EXPIRY_S = 86400  # a named hub's queued messages wait a day for it at the broker
 RANDOM_SESSION_EXPIRY_S = 300
+SEEN_EVERY_S = 1.0  # last-seen writes per device at most this often: the row is a lock two hubs share
 RECONNECT_MAX_S = 2.0  # the hub sits next to its broker: retrying often is cheap, missing results is not  # an unnamed one's survive a broker restart or a short network outage
 
 
@@ -160,6 +161,7 @@ class Ingest:
         self._queue: queue.SimpleQueue[mqtt.MQTTMessage | None] = queue.SimpleQueue()
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
+        self._seen: dict[tuple[str, str], float] = {}
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
                                   protocol=mqtt.MQTTv5, manual_ack=True)
         self.client.on_connect = self._on_connect
@@ -247,10 +249,13 @@ class Ingest:
         pairs = [(m.topic, m.payload, m.retain) for m in msgs]
         self.stats.messages += len(msgs)
         batch = to_batch(pairs, time.time(), self.stats)
+        batch.seen = {k: t for k, t in batch.seen.items()
+                      if k in batch.status or t - self._seen.get(k, float("-inf")) >= SEEN_EVERY_S}
         delay = 0.5
         while True:
             try:
                 stored = self.db.store(batch)
+                self._seen.update(batch.seen)
                 self.stats.new_results += stored.new_results
                 self.stats.reviews += stored.reviews
                 break
