@@ -157,17 +157,19 @@ def transport_only(url: str, payloads: list[bytes], n: int, batched: bool, tmp: 
             "p50_ms": common.pct(lat, 50), "p99_ms": common.pct(lat, 99), "latency": "outbox insert to PUBACK"}
 
 
-def agent_loop(url: str, bundle: Path, samples: list[Any], batched: bool, tmp: Path) -> dict[str, Any]:
+def agent_loop(url: str, bundle: Path, samples: list[Any], batched: bool, tmp: Path,
+               gate: bool = True) -> dict[str, Any]:
     from edgekit.agent import Agent
     from edgekit.config import AgentConfig, validate
     from edgekit.window import Windower
 
     cfg = validate(AgentConfig, {
-        "device_id": f"ag{int(batched)}", "site": "bench", "bundle": str(bundle),
+        "device_id": f"ag{int(batched)}{int(gate)}", "site": "bench", "bundle": str(bundle),
+        "gate": {"enabled": gate},
         "source": {"kind": "simulated", "generator": "pump"},
         "mqtt": {"url": url, "batch_interval_s": BATCH_INTERVAL_S if batched else 0.0, "max_batch": MAX_BATCH,
                  "max_inflight": MAX_INFLIGHT},
-        "outbox": {"path": str(tmp / f"agent-{int(batched)}.db")},
+        "outbox": {"path": str(tmp / f"agent-{int(batched)}{int(gate)}.db")},
         "runtime": {"intra_op_threads": 1},
     }, "bench/e2e.py")
     with Agent(cfg) as agent:
@@ -190,6 +192,8 @@ def agent_loop(url: str, bundle: Path, samples: list[Any], batched: bool, tmp: P
         deferred = agent.counters.deferred
     lat = clock.latencies_ms()
     mode = f"batched ({BATCH_INTERVAL_S}s, <= {MAX_BATCH}/msg)" if batched else "per-result"
+    if not gate:
+        mode += ", gate off (no reviews)"
     return {"case": f"agent {mode}", "results": windows, "windows": windows, "deferred_reviews": deferred,
             "messages": stats["messages"], "seconds": elapsed, "loop_seconds": loop_s,
             "results_per_s": windows / elapsed, "send_per_s": windows / loop_s, "loop_windows_per_s": windows / loop_s, "drained": ok,
@@ -261,6 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cases.append(transport_only(broker.url, payloads, args.results, True, tmp))
             cases.append(agent_loop(broker.url, bundle, samples, False, tmp))
             cases.append(agent_loop(broker.url, bundle, samples, True, tmp))
+            cases.append(agent_loop(broker.url, bundle, samples, False, tmp, gate=False))
             for c in cases:
                 print(f"  {c['case']}: {c['results_per_s']:.0f} results/s", flush=True)
     result = {"benchmark": "e2e", "task": args.task, "machine": common.machine(),

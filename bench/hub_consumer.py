@@ -1,6 +1,7 @@
 """One hub ingest process for bench/hub_ingest.py: edgekit.hub.ingest.Ingest with a named client id (a
-persistent session on the shared subscription) writing to DB_URL. Prints a JSON line once connected and
-subscribed, then ingests until a line arrives on stdin (or stdin closes), then prints its stats.
+persistent session on the shared subscription) writing to DB_URL. Says "loaded" once imported, connects when
+"go" arrives on stdin (so several consumers start together), says "ready" once connected and subscribed,
+ingests until the next stdin line, then prints its stats (CPU seconds counted from "go").
 
     python bench/hub_consumer.py DB_URL BROKER_URL CLIENT_ID SHARE_GROUP
 """
@@ -8,6 +9,7 @@ subscribed, then ingests until a line arrives on stdin (or stdin closes), then p
 from __future__ import annotations
 
 import json
+import resource
 import sys
 import time
 from dataclasses import asdict
@@ -25,6 +27,9 @@ def main() -> None:
     db_url, broker_url, client_id, group = sys.argv[1:5]
     with HubDB(db_url) as db:
         ingest = Ingest(broker_url, db, share_group=group, client_id=client_id)
+        print(json.dumps({"event": "loaded", "client_id": client_id}), flush=True)
+        sys.stdin.readline()
+        cpu0 = _cpu_s()
         with ingest:
             if not ingest.connected.wait(30):
                 raise SystemExit(f"{client_id}: not connected within 30 s")
@@ -32,7 +37,13 @@ def main() -> None:
             time.sleep(SUBACK_SETTLE_S)
             print(json.dumps({"event": "ready", "client_id": client_id, "connected_at": t_conn}), flush=True)
             sys.stdin.readline()
-        print(json.dumps({"event": "stopped", "client_id": client_id, **asdict(ingest.stats)}), flush=True)
+        print(json.dumps({"event": "stopped", "client_id": client_id, "cpu_s": _cpu_s() - cpu0,
+                          **asdict(ingest.stats)}), flush=True)
+
+
+def _cpu_s() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ batched transport sends), for 1 and then 2 consumers (bench/hub_consumer.py, eac
 sessions on the shared subscription "$share/bench-K/edgekit/v1/+/+/+"):
   1. the consumers connect and subscribe, then disconnect (their sessions stay at the broker);
   2. a publisher sends every message at QoS 1 (all PUBACKed): the broker queues them for the sessions;
-  3. the consumers start again together; rate = results / (first consumer connected -> all rows in the DB).
+  3. the consumers start again (imports done, then connect together on "go");
+     rate = results / ("go" -> all rows in the DB).
 So the publisher and the consumers never compete for the 2 cores, and the clock measures ingest alone
 (broker -> paho -> decode -> one transaction per batch -> manual PUBACK). Target: 2 consumers >= 1.6x one.
 """
@@ -93,18 +94,28 @@ class Consumers:
         self.ids = ids
         self.procs: list[subprocess.Popen[str]] = []
 
-    def start(self) -> list[float]:
+    def start(self) -> tuple[float, list[float]]:
+        """Spawn, wait until every consumer has imported everything, then let them connect at once.
+        Returns the time of "go" and each consumer's connected time."""
         db_url, broker_url, group = self.args
         self.procs = [subprocess.Popen([common.PYTHON, str(HERE / "hub_consumer.py"), db_url, broker_url, cid,
                                         group], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                        cwd=common.ROOT) for cid in self.ids]
-        ready = []
         for p in self.procs:
-            line = p.stdout.readline() if p.stdout else ""
-            if not line:
-                raise RuntimeError(f"hub consumer exited early ({p.wait()})")
-            ready.append(json.loads(line)["connected_at"])
-        return ready
+            self._line(p)  # "loaded"
+        t_go = time.time()
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        return t_go, [self._line(p)["connected_at"] for p in self.procs]
+
+    @staticmethod
+    def _line(p: subprocess.Popen[str]) -> dict[str, Any]:
+        line = p.stdout.readline() if p.stdout else ""
+        if not line:
+            raise RuntimeError(f"hub consumer exited early ({p.wait()})")
+        return json.loads(line)
 
     def stop(self) -> list[dict[str, Any]]:
         stats = []
@@ -120,11 +131,14 @@ class Consumers:
         return stats
 
 
-def count(db_url: str) -> int:
-    from edgekit.hub.db import HubDB
 
-    with HubDB(db_url) as db:
-        return db.count()
+
+def proc_cpu_s(pid: int) -> float:
+    """user + system CPU seconds of a process, from /proc (the broker's)."""
+    import os
+
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_case(db_url: str, broker: Mosquitto, n_consumers: int, per_message: int, n_results: int) -> dict[str, Any]:
@@ -139,25 +153,29 @@ def run_case(db_url: str, broker: Mosquitto, n_consumers: int, per_message: int,
     cons.stop()
     msgs = messages(n_results, per_message)
     pub_s = publish(broker.port, msgs)
-    before = count(db_url)
-    t_spawn = time.time()
-    ready = cons.start()
-    t_first = min(ready)
+    poll = HubDB(db_url)  # one connection for polling: opening one per poll cost a core's worth of CPU
+    before = poll.count()
+    assert broker.proc is not None
+    broker_cpu0 = proc_cpu_s(broker.proc.pid)
+    t_go, ready = cons.start()
     deadline = time.monotonic() + 600
     while True:
-        got = count(db_url) - before
+        got = poll.count() - before
         if got >= n_results:
             t_done = time.time()
             break
         if time.monotonic() > deadline:
             t_done = time.time()
             break
-        time.sleep(0.02)
+        time.sleep(0.05)
+    poll.close()
+    broker_cpu = proc_cpu_s(broker.proc.pid) - broker_cpu0
     stats = cons.stop()
-    secs = t_done - t_first
+    secs = t_done - t_go
     return {"consumers": n_consumers, "results_per_message": per_message, "results": n_results,
-            "messages": len(msgs), "stored": got, "publish_s": pub_s, "spawn_to_connected_s": t_first - t_spawn,
-            "ingest_s": secs, "results_per_s": got / secs, "per_consumer": stats}
+            "messages": len(msgs), "stored": got, "publish_s": pub_s, "go_to_connected_s": [t - t_go for t in ready],
+            "ingest_s": secs, "results_per_s": got / secs, "broker_cpu_s": broker_cpu,
+            "consumers_cpu_s": sum(c["cpu_s"] for c in stats), "per_consumer": stats}
 
 
 def pg_url() -> tuple[str, str] | None:
@@ -185,14 +203,16 @@ def drop_pg(url: str, schema: str) -> None:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"== hub ingest: {result['results']} results per case, consumers in their own processes, "
-             "queued at the broker first",
-             f"{'db':<10}{'results/msg':>12}{'consumers':>10}{'msgs':>7}{'ingest_s':>10}{'results/s':>11}"
-             f"{'scaling':>9}"]
+    lines = ["== hub ingest: consumers in their own processes, messages queued at the broker first",
+             f"{'db':<10}{'results/msg':>12}{'consumers':>10}{'msgs':>7}{'results':>8}{'ingest_s':>10}"
+             f"{'results/s':>11}{'scaling':>9}{'cpu_s hubs':>11}{'cpu_s broker':>13}",
+             "(cpu_s: CPU seconds used while ingesting, by the hub processes together and by mosquitto; the "
+             "machine has 2 cores)"]
     for c in result["cases"]:
         sc = f"{c['scaling']:.2f}x" if "scaling" in c else ""
         lines.append(f"{c['db']:<10}{c['results_per_message']:>12}{c['consumers']:>10}{c['messages']:>7}"
-                     f"{c['ingest_s']:>10.2f}{c['results_per_s']:>11.0f}{sc:>9}")
+                     f"{c['results']:>8}{c['ingest_s']:>10.2f}{c['results_per_s']:>11.0f}{sc:>9}"
+                     f"{c['consumers_cpu_s']:>11.2f}{c['broker_cpu_s']:>13.2f}")
     for c in result["cases"]:
         if "scaling" in c:
             lines.append(f"{c['db']}, {c['results_per_message']} result(s)/message: 2 consumers / 1 = "
@@ -202,7 +222,8 @@ def table(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--results", type=int, default=20000)
+    ap.add_argument("--results", type=int, default=20000, help="results per case, 1 result per message")
+    ap.add_argument("--batch-results", type=int, default=100000, help="results per case in batch messages")
     ap.add_argument("--db", nargs="+", default=["sqlite", "postgres"], choices=["sqlite", "postgres"])
     ap.add_argument("--per-message", nargs="+", type=int, default=[1, 100])
     ap.add_argument("--json", default=None, help="write the results here")
@@ -226,7 +247,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 break
                             url, schema = got
                         try:
-                            c = run_case(url, broker, n, per, args.results)
+                            c = run_case(url, broker, n, per, args.results if per == 1 else args.batch_results)
                         finally:
                             if schema:
                                 drop_pg(url, schema)
@@ -238,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         cases.append(c)
                         print(f"  {db} {per}/msg {n} consumer(s): {c['results_per_s']:.0f} results/s "
                               f"({c['stored']}/{c['results']} stored)", flush=True)
-    result = {"benchmark": "hub_ingest", "results": args.results, "machine": common.machine(), "cases": cases}
+    result = {"benchmark": "hub_ingest", "machine": common.machine(), "cases": cases}
     print(table(result), "\n", flush=True)
     common.write_json(args.json, result)
     return result
