@@ -291,18 +291,18 @@ class HubDB:
                 self._many(conn, "reviews", rows)
                 out.reviews += len(rows)
                 out.new_results += len(rows) - before
-            for (site, device), ts in batch.seen.items():
+            for (site, device), ts in sorted(batch.seen.items()):  # one lock order for every hub
                 stmt = ins(devices).values(site=site, device=device, last_seen=ts)
                 conn.execute(stmt.on_conflict_do_update(
                     index_elements=["site", "device"], set_={"last_seen": ts},
                     where=sa.or_(devices.c.last_seen.is_(None), devices.c.last_seen < ts)))
-            for (site, device), st in batch.status.items():
+            for (site, device), st in sorted(batch.status.items()):
                 values = {"state": st["state"], "status_ts": st["ts"], "model_version": st.get("model_version"),
                           "queued": st.get("queued"), "dropped": st.get("dropped")}
                 values = {k: v for k, v in values.items() if v is not None}
                 stmt = ins(devices).values(site=site, device=device, **values)
                 conn.execute(stmt.on_conflict_do_update(index_elements=["site", "device"], set_=values))
-            for (site, device), m in batch.metrics.items():
+            for (site, device), m in sorted(batch.metrics.items()):
                 values = {"metrics": _dumps(m), "metrics_ts": m["ts"]}
                 for key in ("queued", "dropped"):
                     if isinstance(m.get(key), int):

@@ -30,7 +30,8 @@ from edgekit.hub.db import Batch, HubDB, result_row, review_row
 
 log = logging.getLogger(__name__)
 
-MAX_BATCH = 2000  # messages per transaction; a result-batch message holds many results
+MAX_BATCH = 2000  # messages per transaction; a result-batch message holds many results, so also:
+MAX_BATCH_BYTES = 4 << 20  # ~6k results of ~600 bytes: a retry (lock, deadlock) stays cheap, acks flow
 SESSION_EXPIRY_S = 86400  # a named hub's queued messages wait a day for it at the broker
 RANDOM_SESSION_EXPIRY_S = 300
 SEEN_EVERY_S = 1.0  # last-seen writes per device at most this often: the row is a lock two hubs share
@@ -230,8 +231,9 @@ class Ingest:
         while True:
             first = self._queue.get()
             msgs: list[mqtt.MQTTMessage] = [] if first is None else [first]
+            size = len(first.payload) if first is not None else 0
             done = first is None
-            while len(msgs) < self.max_batch:
+            while len(msgs) < self.max_batch and size < MAX_BATCH_BYTES:
                 try:
                     m = self._queue.get_nowait()
                 except queue.Empty:
@@ -240,6 +242,7 @@ class Ingest:
                     done = True
                     break
                 msgs.append(m)
+                size += len(m.payload)
             if msgs:
                 self._write(msgs)
             if done:
