@@ -171,7 +171,9 @@ def test_fleet_page_and_api(hub):
     assert devices["edge-1"]["state"] == "online" and devices["edge-1"]["queued"] == 12
     assert devices["edge-2"]["state"] == "offline" and devices["edge-2"]["model_version"] == "gait-cnn@2"
     assert devices["edge-1"]["results"] == 20 and devices["edge-1"]["deferred"] == 4
-    page = client.get("/fleet").text
+    r = client.get("/fleet")
+    assert r.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in r.headers["content-security-policy"]
+    page = r.text
     assert 'class="state online"' in page and 'class="state offline"' in page and "gait-cnn@3" in page
 
 

@@ -77,6 +77,20 @@ def create_app(db: HubDB, *, secure_cookies: bool = False) -> FastAPI:
     app.add_middleware(SessionMiddleware, secret_key=db.secret(), session_cookie="edgekit_hub",
                        max_age=SESSION_MAX_AGE_S, same_site="strict", https_only=secure_cookies)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+
+    @app.middleware("http")
+    async def _headers(request: Request, call_next: Any) -> Response:
+        response = await call_next(request)
+        # No framing (the label form must not be clickjacked), nothing loaded from elsewhere, no caching
+        # of case data by shared caches. Inline style attributes draw the bars.
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Content-Security-Policy",
+                                    "default-src 'self'; style-src 'self' 'unsafe-inline'; frame-ancestors 'none'")
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        if not request.url.path.startswith("/static"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters.update(when=fmt_time, ago=fmt_ago, num=fmt_num, pathq=lambda s: quote(str(s), safe=":@"))
 
