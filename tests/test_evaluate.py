@@ -106,6 +106,9 @@ def test_violation_bound() -> None:
 def test_gate_confidences() -> None:
     c = skab_confidence(np.array([1.0, 4.0, 0.25]), np.array([2.0, 2.0, 2.0]))
     assert c[0] == pytest.approx(np.log(2)) and c[1] == pytest.approx(np.log(2)) and c[2] > c[1]
+    # the predictor caps it: agreeing at p = 0.9 -> 2 * 0.8 = 1.6; disagreeing -> negative
+    c = skab_confidence(np.array([20.0, 20.0]), np.array([2.0, 2.0]), np.array([0.9, 0.1]), weight=2.0)
+    assert c[0] == pytest.approx(1.6) and c[1] == pytest.approx(-1.6)
     g = gate_confidence(np.array([0.9, 0.9]), np.array([0.5, 0.5]), np.array([True, False]))
     assert g[0] == pytest.approx(0.4) and g[1] < 0  # a disagreement is deferred before any agreement
 
