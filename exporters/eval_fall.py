@@ -24,14 +24,16 @@ from .evaluate import binary_metrics, coverage_risk_curve, mean_sd, risk_at_cove
 log = logging.getLogger(__name__)
 
 FALL_FILE = "fall_screening/tug_accel_features.csv"
-MODELS = ("mlp", "svm", "rf", "single", "mlp+svm")
-BASE_MODELS = ("mlp", "svm", "rf", "single")
+MODELS = ("mlp", "svm", "rf", "logreg", "single", "mlp+svm")
+BASE_MODELS = ("mlp", "svm", "rf", "logreg", "single")
 MODEL_LABELS = {"mlp": "predictor MLP (torch)", "svm": "second opinion SVM", "rf": "random forest",
+                "logreg": "logistic reg. (C in fold)",
                 "single": "best single feature (in fold)", "mlp+svm": "combination MLP+SVM"}
 PUBLISHED = [  # Bet, Castro & Ponti, Exp. Gerontology 143 (2021); "-" where not reported
     ("best single feature", 0.75, 0.71, 0.76),
     ("fusion of 3 best features", None, 0.86, None),
 ]
+LOGREG_CS = [0.003, 0.01, 0.03, 0.1, 0.3, 1.0]
 COVERAGE_GRID = np.round(np.linspace(0.1, 1.0, 19), 3)
 
 
@@ -102,6 +104,13 @@ def _fit_predict(name: str, x: np.ndarray, y: np.ndarray, x_new: np.ndarray, des
         auc = np.array([_auc(y, xs[:, j]) for j in range(xs.shape[1])])
         j = int(np.argmax(np.abs(auc - 0.5)))
         return 1.0 / (1.0 + np.exp(-np.sign(auc[j] - 0.5) * xn[:, j]))
+    if name == "logreg":
+        from sklearn.linear_model import LogisticRegressionCV
+
+        # the L2 strength is chosen by inner 3-fold CV on the training part only
+        est = LogisticRegressionCV(Cs=LOGREG_CS, cv=3, scoring="roc_auc", class_weight="balanced")
+        est.fit(xs, y)
+        return est.predict_proba(xn)[:, 1]
     from .train import SECOND_OPINIONS
 
     cls, defaults = SECOND_OPINIONS["svm" if name == "svm" else "random_forest"]
