@@ -119,3 +119,19 @@ def test_youden_threshold_separates() -> None:
     thr = youden_threshold(y, prob)
     assert 0.3 < thr < 0.6
     assert evaluate.binary_metrics(y, prob >= thr)["accuracy"] == 1.0
+
+
+@pytest.mark.data
+def test_fall_rows_and_skab_features_on_real_data(data_dir) -> None:
+    from edgekit import datasets
+    from edgekit.exporters.eval_fall import load_fall
+    from edgekit.exporters.eval_skab import FIT_ROWS, SkabDesign, row_features
+
+    x, y = load_fall()
+    assert x.shape == (73, 9) and int(y.sum()) == 20  # the study's usable participants and fallers
+    design = SkabDesign()
+    table = datasets.read_skab(datasets.skab_files("valve1")[0])
+    feats = row_features(table.values, design)
+    assert feats.shape == (len(table.values) - design.window + 1, len(design.channels))
+    # baseline-normalised: window means over the first 400 rows sit near 0 (the on-device baseline)
+    assert np.abs(feats[: FIT_ROWS - design.window + 1].mean(axis=0)).max() < 0.5
