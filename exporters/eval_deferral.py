@@ -11,6 +11,7 @@ and of a finite test half (the bound printed is the 95 % quantile of Binomial(R,
 from __future__ import annotations
 
 import logging
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -193,14 +194,14 @@ def table(result: dict[str, Any]) -> str:
                          f"{_f(t['violation_rate'], True):>9}{_f(t['violation_rate_noise'], True):>10}"
                          f"{_f(res['bound'], True):>7}"
                          f"{'yes' if t['holds'] else 'NO':>6}")
-    lines.append("test err: mean realised error on the accepted test cases (splits that answered any); coverage: "
+    lines += textwrap.wrap("test err: mean realised error on the accepted test cases (splits that answered any); coverage: "
                  "share of test cases answered alone; > target: share of splits whose realised error exceeded the "
                  "target; > t+noise: share where it exceeded it by more than the test half's own 95 % binomial "
                  "noise (LTT bounds the true risk, which a finite test half measures with noise); bound: 95 % "
                  "quantile of Binomial(splits, delta) / splits; holds: > t+noise <= bound. A split with no "
                  "valid threshold defers everything (coverage 0). SKAB decisions are the INT8 AE gate's; its "
                  "confidence is min(|log(score/threshold)|, 2 x the cross-fitted predictor's support). Fall: "
-                 "MLP+SVM decisions, confidence = margin from the in-fold cut, disagreements deferred first.")
+                 "MLP+SVM decisions, confidence = margin from the in-fold cut, disagreements deferred first.", 110)
     return "\n".join(lines)
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -303,10 +304,12 @@ def table(result: dict[str, Any]) -> str:
     for g, m in result["by_folder"].items():
         lines.append(f"  {g:<32}{m['f1']:>6.2f}{100 * m['far']:>8.2f}{100 * m['mar']:>8.2f}")
     lines.append(f"* the {ho['n_files']} files at odd positions of skab_files(), never used for design choices")
-    lines.append("** predictor: MLP on window means of all 8 channels, trained on the other half of the fault "
-                 "files' labels (cross-fitted by file): supervised, unlike the published detectors")
-    lines.append("target F1 >= 0.85 with FAR <= 10 %: AE gate " + target_verdict(result["int8"])
-                 + "; gate AND predictor " + target_verdict(result["combined_int8"]))
+    lines += textwrap.wrap("** predictor: MLP on window means of all 8 channels, trained on the other half of the "
+                           "fault files' labels (cross-fitted by file): supervised, unlike the published detectors",
+                           110, subsequent_indent="   ")
+    lines.append("target F1 >= 0.85 with FAR <= 10 %:")
+    lines.append("  AE gate: " + target_verdict(result["int8"]))
+    lines.append("  gate AND predictor: " + target_verdict(result["combined_int8"]))
     return "\n".join(lines)
 
 
