@@ -313,3 +313,31 @@ def test_a_single_hub_without_share_group_keeps_its_subscription_over_a_broker_r
         pub.loop_stop()
         settled(db, 20)
         assert db.count() == 20
+
+
+@pytest.mark.broker
+def test_a_named_session_queues_results_while_away_and_end_session_drops_it(mosquitto, tmp_path):
+    from edgekit.hub.ingest import Ingest
+
+    dbs = {end: HubDB(f"sqlite:///{tmp_path / f'hub-{end}.db'}") for end in (False, True)}
+    for end, db in dbs.items():
+        with Ingest(mosquitto.url, db, share_group=f"g{end}", client_id=f"named-{end}") as ing:
+            assert ing.connected.wait(10)
+            time.sleep(0.3)  # SUBACK
+            ing.stop(end_session=end)
+    pub = publisher(mosquitto.port)
+    publish_all(pub, [(topics.topic("lab", "edge-6", "result"), topics.encode(result("edge-6", s))) for s in range(1, 101)])
+    pub.disconnect()
+    pub.loop_stop()
+    for end, db in dbs.items():
+        with Ingest(mosquitto.url, db, share_group=f"g{end}", client_id=f"named-{end}") as ing:
+            assert ing.connected.wait(10)
+            if not end:
+                settled(db, 100)
+            else:
+                time.sleep(1.0)
+            ing.stop(end_session=True)
+    assert dbs[False].count() == 100  # the broker kept the session and queued for it
+    assert dbs[True].count() == 0  # the session was dropped at disconnect: nothing queued for nobody
+    for db in dbs.values():
+        db.close()

@@ -209,13 +209,22 @@ class Ingest:
         self._writer.start()
         self.client.loop_start()
 
-    def stop(self) -> None:
-        """Write and acknowledge what has arrived, then disconnect."""
+    def stop(self, end_session: bool | None = None) -> None:
+        """Write and acknowledge what has arrived, then disconnect.
+
+        `end_session` (default: for an unnamed hub, whose session nobody would resume) tells the broker to
+        drop the session and its subscription; otherwise the broker keeps queueing results for it."""
+        if self._stop.is_set():
+            return  # already stopped (stop() then the context manager's exit)
         self._stop.set()
         self._queue.put(None)
         if self._writer:
             self._writer.join(timeout=30)
-        self.client.disconnect()
+        props = None
+        if not self.named if end_session is None else end_session:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+        self.client.disconnect(properties=props)
         self.client.loop_stop()
         log.info("hub.ingest_stopped messages=%d results=%d new=%d reviews=%d bad=%d", self.stats.messages,
                  self.stats.results, self.stats.new_results, self.stats.reviews, self.stats.bad)
@@ -257,7 +266,10 @@ class Ingest:
         delay = 0.5
         while True:
             try:
+                t0 = time.perf_counter()
                 stored = self.db.store(batch)
+                log.debug("hub.batch messages=%d rows=%d new=%d store_ms=%.1f", len(msgs), len(batch),
+                          stored.new_results, 1000 * (time.perf_counter() - t0))
                 self._seen.update(batch.seen)
                 self.stats.new_results += stored.new_results
                 self.stats.reviews += stored.reviews
