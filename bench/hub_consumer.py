@@ -1,7 +1,9 @@
 """One hub ingest process for bench/hub_ingest.py: edgekit.hub.ingest.Ingest with a named client id (a
 persistent session on the shared subscription) writing to DB_URL. Says "loaded" once imported, connects when
 "go" arrives on stdin (so several consumers start together), says "ready" once connected and subscribed,
-ingests until the next stdin line, then prints its stats (CPU seconds counted from "go").
+ingests until the next stdin line, then prints its stats (CPU seconds counted from "go"). That line is
+"stop" (keep the broker session: it queues for the next start) or "end" (drop the session and its
+subscription, so a finished case's consumers do not make the broker queue every later case's messages).
 
     python bench/hub_consumer.py DB_URL BROKER_URL CLIENT_ID SHARE_GROUP
 """
@@ -30,13 +32,17 @@ def main() -> None:
         print(json.dumps({"event": "loaded", "client_id": client_id}), flush=True)
         sys.stdin.readline()
         cpu0 = _cpu_s()
-        with ingest:
+        end = False
+        ingest.start()
+        try:
             if not ingest.connected.wait(30):
                 raise SystemExit(f"{client_id}: not connected within 30 s")
             t_conn = time.time()
             time.sleep(SUBACK_SETTLE_S)
             print(json.dumps({"event": "ready", "client_id": client_id, "connected_at": t_conn}), flush=True)
-            sys.stdin.readline()
+            end = sys.stdin.readline().strip() == "end"
+        finally:
+            ingest.stop(end_session=end)
         print(json.dumps({"event": "stopped", "client_id": client_id, "cpu_s": _cpu_s() - cpu0,
                           **asdict(ingest.stats)}), flush=True)
 

@@ -117,11 +117,12 @@ class Consumers:
             raise RuntimeError(f"hub consumer exited early ({p.wait()})")
         return json.loads(line)
 
-    def stop(self) -> list[dict[str, Any]]:
+    def stop(self, end_session: bool = False) -> list[dict[str, Any]]:
+        """Stop the consumers; `end_session` also drops their broker sessions (the case is over)."""
         stats = []
         for p in self.procs:
             assert p.stdin is not None and p.stdout is not None
-            p.stdin.write("stop\n")
+            p.stdin.write("end\n" if end_session else "stop\n")
             p.stdin.flush()
         for p in self.procs:
             assert p.stdout is not None
@@ -129,8 +130,6 @@ class Consumers:
             stats.append(json.loads(out.strip().splitlines()[-1]))
         self.procs = []
         return stats
-
-
 
 
 def proc_cpu_s(pid: int) -> float:
@@ -170,7 +169,7 @@ def run_case(db_url: str, broker: Mosquitto, n_consumers: int, per_message: int,
         time.sleep(0.05)
     poll.close()
     broker_cpu = proc_cpu_s(broker.proc.pid) - broker_cpu0
-    stats = cons.stop()
+    stats = cons.stop(end_session=True)
     secs = t_done - t_go
     return {"consumers": n_consumers, "results_per_message": per_message, "results": n_results,
             "messages": len(msgs), "stored": got, "publish_s": pub_s, "go_to_connected_s": [t - t_go for t in ready],
