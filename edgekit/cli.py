@@ -272,19 +272,48 @@ def device_detect(root: Path) -> None:
 @click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="mqtt://HOST:PORT")
 @click.option("--db", default="sqlite:///hub.db", show_default=True, help="sqlite:///FILE or postgresql://...")
 @click.option("--http", default="127.0.0.1:8080", show_default=True, help="HOST:PORT for the review page; '' for none.")
-@click.option("--share-group", default="edgekit-hub", show_default=True, help="MQTT v5 shared subscription group.")
+@click.option("--share-group", default="edgekit-hub", show_default=True,
+              help="MQTT v5 shared subscription group: hubs in one group split the results; '' for a plain "
+                   "subscription (one hub).")
+@click.option("--client-id", default=None,
+              help="Fixed MQTT client id, one per hub process: the broker keeps this hub's session and queues "
+                   "results for it while it is down (a day). Without it the session lasts 5 minutes.")
+@click.option("--username", default=None, help="Broker account (deploy/mosquitto/acl.example: 'hub').")
+@click.option("--password-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="File whose first line is the broker password (or set EDGEKIT_MQTT_PASSWORD).")
 @click.pass_context
 @handle_errors
-def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str) -> None:
+def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str, client_id: str | None,
+        username: str | None, password_file: Path | None) -> None:
     """Collect results from every device and serve the review station."""
     ctx.obj = {"db": db}
     if ctx.invoked_subcommand is not None:
         return
+    import os
+
+    from edgekit.errors import ConfigError
     from edgekit.hub import run_hub
 
+    password = _read_password(password_file) if password_file else os.environ.get("EDGEKIT_MQTT_PASSWORD")
+    if password is not None and username is None:
+        raise ConfigError("a broker password needs a --username", where="edgekit hub --username")
     stop = stop_on_signals()
     click.echo(f"hub: broker {broker}, db {db}, review page http://{http}/" if http else "hub: ingest only")
-    run_hub(broker, db, http or None, share_group=share_group, stop=stop)
+    run_hub(broker, db, http or None, share_group=share_group, client_id=client_id, stop=stop,
+            username=username, password=password)
+
+
+def _read_password(path: Path) -> str:
+    from edgekit.errors import ConfigError
+
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the password file ({exc.strerror})", where=str(path)) from None
+    if not lines or not lines[0]:
+        raise ConfigError("the password file's first line is empty (expected the broker password)",
+                          where=str(path))
+    return lines[0]
 
 
 @hub.command("adduser")

@@ -341,3 +341,67 @@ def test_a_named_session_queues_results_while_away_and_end_session_drops_it(mosq
     assert dbs[True].count() == 0  # the session was dropped at disconnect: nothing queued for nobody
     for db in dbs.values():
         db.close()
+
+
+
+class HubCli:
+    """`edgekit -v hub` in its own process, its log in a file so a test can wait for a line."""
+
+    def __init__(self, log: Path, broker_url: str, db_url: str, *extra: str, env: dict[str, str] | None = None):
+        import os
+
+        self.log = log
+        with log.open("w") as out:
+            self.proc = subprocess.Popen([sys.executable, "-m", "edgekit", "-v", "hub", "--broker", broker_url,
+                                          "--db", db_url, "--http", "", *extra], stdout=out,
+                                         stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **(env or {})})
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def stop(self) -> str:
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+        assert self.proc.returncode == 0, self.text()[-2000:]
+        return self.text()
+
+
+@pytest.mark.broker
+def test_hub_cli_authenticates_and_its_named_session_keeps_results_while_it_is_down(tmp_path):
+    from test_transport import _auth_broker  # the test broker with anonymous access off
+
+    broker = _auth_broker(tmp_path / "broker", "hub", "s3cret")
+    pw = tmp_path / "hub.pw"
+    pw.write_text("s3cret\n")
+    db_url = f"sqlite:///{tmp_path / 'hub.db'}"
+    sent = [(topics.topic("lab", "edge-1", "result"), topics.encode(result("edge-1", s))) for s in range(1, 31)]
+    with broker:
+        pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub", protocol=mqtt.MQTTv5)
+        pub.username_pw_set("hub", "s3cret")
+        pub.connect("127.0.0.1", broker.port)
+        pub.loop_start()
+        try:
+            # A wrong password is refused and said so.
+            bad = HubCli(tmp_path / "bad.log", broker.url, db_url, "--username", "hub",
+                         env={"EDGEKIT_MQTT_PASSWORD": "wrong"})
+            wait_for(lambda: "hub.connect_refused" in bad.text(), 20, "the refusal in the hub's log")
+            bad.stop()
+
+            args = ("--username", "hub", "--password-file", str(pw), "--client-id", "hub-a")
+            hub = HubCli(tmp_path / "hub1.log", broker.url, db_url, *args)
+            wait_for(lambda: "hub.connected" in hub.text(), 20, "the hub's connection")
+            time.sleep(0.3)  # its SUBACK
+            publish_all(pub, sent[:10])
+            with HubDB(db_url) as db:
+                settled(db, 10)
+            hub.stop()
+            # While the hub is down the broker queues for its session; the same --client-id picks them up.
+            publish_all(pub, sent[10:])
+            hub = HubCli(tmp_path / "hub2.log", broker.url, db_url, *args)
+            with HubDB(db_url) as db:
+                settled(db, 30)
+                assert db.count() == 30
+            hub.stop()
+        finally:
+            pub.disconnect()
+            pub.loop_stop()

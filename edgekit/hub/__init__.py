@@ -53,7 +53,8 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
             share_group: str = "edgekit-hub", client_id: str | None = None,
-            stop: threading.Event | None = None) -> None:
+            stop: threading.Event | None = None, username: str | None = None,
+            password: str | None = None) -> None:
     """Ingest (and, unless `http` is None, serve the review pages) until `stop` is set."""
     from edgekit.hub.ingest import Ingest
 
@@ -62,7 +63,8 @@ def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
     with HubDB(db_url) as db:
         db.create()
         server = thread = None
-        with Ingest(broker_url, db, share_group=share_group, client_id=client_id):
+        with Ingest(broker_url, db, share_group=share_group, client_id=client_id, username=username,
+                    password=password):
             if listen:
                 import uvicorn
 

@@ -33,9 +33,9 @@ log = logging.getLogger(__name__)
 MAX_BATCH = 2000  # messages per transaction; a result-batch message holds many results, so also:
 MAX_BATCH_BYTES = 4 << 20  # ~6k results of ~600 bytes: a retry (lock, deadlock) stays cheap, acks flow
 SESSION_EXPIRY_S = 86400  # a named hub's queued messages wait a day for it at the broker
-RANDOM_SESSION_EXPIRY_S = 300
+RANDOM_SESSION_EXPIRY_S = 300  # an unnamed one's survives a broker restart or a short network outage
 SEEN_EVERY_S = 1.0  # last-seen writes per device at most this often: the row is a lock two hubs share
-RECONNECT_MAX_S = 2.0  # the hub sits next to its broker: retrying often is cheap, missing results is not  # an unnamed one's survive a broker restart or a short network outage
+RECONNECT_MAX_S = 2.0  # the hub sits next to its broker: retrying often is cheap, missing results is not
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,7 +150,8 @@ class Ingest:
     """Subscribe, batch, write, acknowledge. A context manager; `stats` counts what happened."""
 
     def __init__(self, broker_url: str, db: HubDB, share_group: str | None = "edgekit-hub",
-                 client_id: str | None = None, max_batch: int = MAX_BATCH) -> None:
+                 client_id: str | None = None, max_batch: int = MAX_BATCH, username: str | None = None,
+                 password: str | None = None) -> None:
         self.endpoint = parse_broker_url(broker_url)
         self.db = db
         self.share_group = share_group or None  # "" or None: a plain subscription (one hub only)
@@ -171,6 +172,8 @@ class Ingest:
         # Back quickly after a broker restart: mosquitto 2.0.11 does not restore *shared* subscriptions
         # from persistence (measured), so results published before we re-subscribe are not queued for us.
         self.client.reconnect_delay_set(min_delay=0.25, max_delay=RECONNECT_MAX_S)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         if self.endpoint.tls:
             self.client.tls_set()
 
