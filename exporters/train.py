@@ -86,7 +86,7 @@ import edgekit
 from edgekit.errors import ConfigError, DataError
 from edgekit.exporters.models import build, save_checkpoint
 from edgekit.exporters.tasks import load_task
-from edgekit.recipe import Recipe, load_recipe
+from edgekit.recipe import PredictorSection, Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
@@ -314,6 +314,21 @@ def init_hinges(layer: nn.Linear, x: np.ndarray, seed: int) -> None:
     with torch.no_grad():
         layer.weight.copy_(torch.from_numpy(weight).to(layer.weight))
         layer.bias.copy_(torch.from_numpy(bias).to(layer.bias))
+
+
+def new_predictor(pcfg: PredictorSection, p_kwargs: dict[str, Any], x_train: np.ndarray, seed: int) -> nn.Module:
+    """The recipe's predictor before fitting: seeded init, and for an MLP with >= 2 first-layer units per
+    feature (room for a rising and a falling hinge each) the hinge start of init_hinges on `x_train` (the
+    normalised training features). One place for this choice: `_train` and the evaluations (eval_skab,
+    eval_fall) build the predictor they report through it.
+    """
+    torch.manual_seed(seed)
+    model = build(pcfg.arch, **p_kwargs)
+    n_feat = x_train.shape[1]
+    if pcfg.arch == "mlp" and pcfg.hidden[0] >= 2 * n_feat:
+        init_hinges(model.body[0], x_train, seed)
+        log.info("predictor_init kind=hinges units=%d features=%d", pcfg.hidden[0], n_feat)
+    return model
 
 
 def fit_predictor(model: nn.Module, x: np.ndarray, y: np.ndarray, x_cal: np.ndarray, y_cal: np.ndarray,
@@ -583,11 +598,7 @@ def _train(recipe_path: Path, out: Path, *, extra_labels: Path | None, epochs: i
         p_kwargs = {"n_features": n_feat, "n_classes": k, "hidden": tuple(pcfg.hidden), "dropout": pcfg.dropout}
     in_key = "w" if use_window else "x"
 
-    torch.manual_seed(recipe.seed)
-    predictor = build(pcfg.arch, **p_kwargs)
-    if pcfg.arch == "mlp" and pcfg.hidden[0] >= 2 * n_feat:  # room for a rising and a falling hinge each
-        init_hinges(predictor.body[0], parts["train"]["x"], recipe.seed)
-        log.info("predictor_init kind=hinges units=%d features=%d", pcfg.hidden[0], n_feat)
+    predictor = new_predictor(pcfg, p_kwargs, parts["train"]["x"], recipe.seed)
     p_hist, p_best = fit_predictor(predictor, parts["train"][in_key], parts["train"]["y"], parts["cal"][in_key],
                            parts["cal"]["y"], k, pcfg, device, recipe.seed, progress)
 
