@@ -11,6 +11,9 @@ The gate, as the agent runs it on one pump:
   4. a dense autoencoder (exporters.models "dense_ae", trained on anomaly-free.csv plus every file's first
      400 rows), exported to ONNX and quantized INT8 static QDQ (exporters.quantize);
   5. threshold per file = THRESHOLD_MULTIPLE x the largest score over its first 400 rows.
+
+The predictor beside it is the one examples/skab.toml defines ([window], [features], [predictor], splits.cal,
+seed), built and fitted by exporters/train.py's own functions, cross-fitted by file (see _predictor_probs).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ from typing import Any
 import numpy as np
 
 from edgekit import datasets
+from edgekit.errors import ConfigError
 from edgekit.features import extract, feature_names
+from edgekit.recipe import Recipe, load_recipe
 from edgekit.window import sliding_windows
 
 from .evaluate import binary_metrics
@@ -34,6 +39,7 @@ from .evaluate import binary_metrics
 log = logging.getLogger(__name__)
 
 FIT_ROWS = 400  # SKAB's protocol: the first 400 rows of each file are the training part
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: examples/ sits beside exporters/
 
 # Published outlier-detection results on this protocol (SKAB README, via ../shared/datasets/README.md).
 PUBLISHED = [
@@ -73,13 +79,10 @@ class SkabDesign:
     std_floor: float = 0.1
     seed: int = 0
     files: tuple[str, ...] = field(default=())  # empty = every fault file
-    # the predictor (MLP, INT8), cross-fitted by file: files at even positions of the list train the model
-    # that scores the odd ones and vice versa, so no file is scored by a model that saw its labels
-    predictor_stats: tuple[str, ...] = ("mean",)
-    predictor_hidden: tuple[int, ...] = (64, 32)  # examples/skab.toml [predictor]
-    predictor_epochs: int = 30
-    predictor_lr: float = 1e-3
-    predictor_weight_decay: float = 1e-4
+    # the predictor (INT8): the recipe's (relative paths from the checkout), never a copy of its settings;
+    # cross-fitted by file: files at even positions of the list train the model that scores the odd ones and
+    # vice versa, so no file is scored by a model that saw its labels
+    predictor_recipe: str = "examples/skab.toml"
     # combined alarm: the AE gate fires AND the predictor's P(anomaly) >= this
     combined_min_prob: float = 0.1
 
@@ -101,66 +104,81 @@ def row_features(values: np.ndarray, design: SkabDesign) -> np.ndarray:
     return feats[:, keep]
 
 
-def predictor_features(values: np.ndarray, design: SkabDesign) -> np.ndarray:
-    """All eight channels, baseline-normalised; window stats `predictor_stats` (rows as row_features)."""
-    z = _normalised(values, list(range(len(datasets.SKAB_CHANNELS))))
-    feats = extract("machine", sliding_windows(z, design.window, 1), 1.0).astype(np.float64)
-    names = feature_names("machine", list(datasets.SKAB_CHANNELS))
-    keep = [i for i, n in enumerate(names) if n.rsplit(".", 1)[1] in design.predictor_stats]
-    return feats[:, keep]
+def predictor_recipe(design: SkabDesign) -> tuple[Path, Recipe]:
+    """The recipe whose predictor is evaluated; ConfigError if it cannot score SKAB rows."""
+    path = Path(design.predictor_recipe)
+    path = path if path.is_absolute() else ROOT / path
+    recipe = load_recipe(path)
+    where = f"{path}: "
+    if recipe.data.loader != "skab" or recipe.predictor.arch != "mlp" or recipe.window is None:
+        raise ConfigError(f"needs loader 'skab' and arch 'mlp' (got {recipe.data.loader!r}, "
+                          f"{recipe.predictor.arch!r})", where=where + "predictor",
+                          hint="the SKAB evaluation scores a feature MLP on every row")
+    if recipe.window.size > FIT_ROWS + 1:
+        raise ConfigError(f"must be <= {FIT_ROWS + 1} to score row {FIT_ROWS} (got {recipe.window.size})",
+                          where=where + "window.size")
+    return path, recipe
 
 
-def _train_mlp(x: np.ndarray, y: np.ndarray, design: SkabDesign) -> Any:
+def _predictor_probs(files: list[Path], design: SkabDesign, folder: Path
+                     ) -> tuple[dict[str, list[np.ndarray]], dict[str, Any]]:
+    """P(anomaly) at every test row (rows 400..T-1) of each file, for fp32 and INT8, each file scored by the
+    fold model that never saw it; and what was fitted.
+
+    Each fold model is the recipe's: trained on the recipe's windows (size, hop, extractor, labels as
+    exporters.tasks.load_skab cuts them) of the other fold's files plus the anomaly-free chunks, normalised
+    by those rows' mean/std, built by train.new_predictor and fitted by train.fit_predictor with early
+    stopping on a file-grouped cal part of the same rows (the recipe's splits.cal share of train + cal).
+    Scoring slides the recipe's window with hop 1, so every test row gets the window ending at it.
+    """
     import torch
-    from torch import nn
+    from sklearn.model_selection import StratifiedGroupKFold
 
-    from .models import MLP
-
-    torch.manual_seed(design.seed)
-    gen = torch.Generator().manual_seed(design.seed)
-    model = MLP(x.shape[1], 2, design.predictor_hidden)
-    counts = np.bincount(y, minlength=2).astype(np.float64)
-    loss_fn = nn.CrossEntropyLoss(weight=torch.tensor(len(y) / (2 * np.maximum(counts, 1)), dtype=torch.float32))
-    opt = torch.optim.Adam(model.parameters(), lr=design.predictor_lr, weight_decay=design.predictor_weight_decay)
-    xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
-    model.train()
-    for _ in range(design.predictor_epochs):
-        perm = torch.randperm(len(xt), generator=gen)
-        for i in range(0, len(xt), design.batch):
-            b = perm[i:i + design.batch]
-            opt.zero_grad()
-            loss_fn(model.logits(xt[b]), yt[b]).backward()
-            opt.step()
-    model.eval()
-    return model
-
-
-def _predictor_probs(per_file: list[tuple[Path, np.ndarray, np.ndarray]], free_feats: list[np.ndarray],
-                     design: SkabDesign, folder: Path) -> dict[str, list[np.ndarray]]:
-    """P(anomaly) per file for fp32 and INT8, each file scored by the fold model that never saw it."""
     from .export import _export_torch
     from .parity import run_model
     from .quantize import calibration_sample, quantize_model
+    from .tasks import load_task
+    from .train import fit_normalizer, fit_predictor, new_predictor
 
-    out: dict[str, list[np.ndarray]] = {"fp32": [np.empty(0)] * len(per_file), "int8": [np.empty(0)] * len(per_file)}
-    w = design.window
+    path, recipe = predictor_recipe(design)
+    data = load_task(recipe, path.parent)
+    if data.split_groups is None:
+        raise ConfigError("skab rows came without file groups", where=f"{path}: data")
+    groups = data.split_groups.astype(str)
+    pcfg, size, k = recipe.predictor, recipe.window.size if recipe.window else 0, len(recipe.labels)
+    positive = recipe.labels.index(recipe.positive_label or recipe.labels[1])
+    names = [f"{p.parent.name}/{p.name}" for p in files]
+    free = np.char.startswith(groups, "anomaly-free/")
+    out: dict[str, list[np.ndarray]] = {"fp32": [np.empty(0)] * len(files), "int8": [np.empty(0)] * len(files)}
+    fitted: dict[str, Any] = {"recipe": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+                              "window": size, "extractor": recipe.features.extractor,
+                              "n_features": len(data.feature_names), "hidden": list(pcfg.hidden),
+                              "dropout": pcfg.dropout, "epochs": pcfg.epochs, "lr": pcfg.lr,
+                              "weight_decay": pcfg.weight_decay, "batch_size": pcfg.batch_size,
+                              "folds": []}
+    k_cal = max(2, round((1 - recipe.splits.test) / recipe.splits.cal))  # as train.split_indices
     for fold in (0, 1):
-        train = [i for i in range(len(per_file)) if i % 2 != fold]
-        score = [i for i in range(len(per_file)) if i % 2 == fold]
-        x = np.vstack([*free_feats, *(per_file[i][1] for i in train)])
-        y = np.concatenate([*(np.zeros(len(f), np.int64) for f in free_feats),
-                            *(per_file[i][2][w - 1:] for i in train)])
-        mu, sd = x.mean(axis=0), x.std(axis=0) + 1e-6
-        xs = ((x - mu) / sd).astype(np.float32)
-        model = _train_mlp(xs, y, design)
+        rows = np.flatnonzero(np.isin(groups, [names[i] for i in range(len(files)) if i % 2 != fold]) | free)
+        tr, ca = next(StratifiedGroupKFold(k_cal, shuffle=True, random_state=recipe.seed)
+                      .split(rows, data.y[rows], groups[rows]))
+        mean, std = fit_normalizer(data.features[rows[tr]])
+        xs = ((data.features[rows] - mean) / std).astype(np.float32)
+        p_kwargs = {"n_features": xs.shape[1], "n_classes": k, "hidden": tuple(pcfg.hidden),
+                    "dropout": pcfg.dropout}
+        model = new_predictor(pcfg, p_kwargs, xs[tr], recipe.seed)
+        _, best = fit_predictor(model, xs[tr], data.y[rows[tr]], xs[ca], data.y[rows[ca]], k, pcfg,
+                                torch.device("cpu"), recipe.seed, False)
+        fitted["folds"].append({"train_rows": int(len(tr)), "cal_rows": int(len(ca)), "best_epoch": best})
         fp32, int8 = folder / f"skab_mlp{fold}.onnx", folder / f"skab_mlp{fold}.int8.onnx"
-        _export_torch(model, xs, fp32, "probs")
-        quantize_model(fp32, int8, calibration_sample(xs))
-        for i in score:
-            xi = ((per_file[i][1] - mu) / sd).astype(np.float32)
-            out["fp32"][i] = run_model(fp32, xi)["probs"][:, 1].astype(np.float64)
-            out["int8"][i] = run_model(int8, xi)["probs"][:, 1].astype(np.float64)
-    return out
+        _export_torch(model, xs[tr], fp32, "probs")
+        quantize_model(fp32, int8, calibration_sample(xs[tr]))
+        for i in range(fold, len(files), 2):
+            table = datasets.read_skab(files[i])
+            feats = extract(recipe.features.extractor, sliding_windows(table.values, size, 1), table.rate_hz)
+            xi = ((feats.astype(np.float64)[FIT_ROWS - size + 1:] - mean) / std).astype(np.float32)
+            out["fp32"][i] = run_model(fp32, xi)["probs"][:, positive].astype(np.float64)
+            out["int8"][i] = run_model(int8, xi)["probs"][:, positive].astype(np.float64)
+    return out, fitted
 
 
 def _baseline_count(design: SkabDesign) -> int:
@@ -222,17 +240,15 @@ def evaluate_skab(design: SkabDesign | None = None, progress: bool = True) -> di
         files = [p for p in files if f"{p.parent.name}/{p.name}" in design.files]
     n_base = _baseline_count(design)
 
-    per_file, pred_file = [], []
+    per_file = []
     for path in _progress(files, progress, "skab features"):
         table = datasets.read_skab(path)
         label = table.labels["anomaly"].astype(np.int64)
         per_file.append((path, row_features(table.values, design), label))
-        pred_file.append((path, predictor_features(table.values, design), label))
     free = datasets.read_skab(datasets.require("skab/data/anomaly-free/anomaly-free.csv")).values
     starts = [k for k in range(0, len(free) - FIT_ROWS, design.chunk_step)
               if len(free[k:k + design.chunk_rows]) >= FIT_ROWS + design.window]
     chunks = [row_features(free[k:k + design.chunk_rows], design) for k in starts]
-    pred_chunks = [predictor_features(free[k:k + design.chunk_rows], design) for k in starts]
 
     raw_train = np.vstack([*chunks, *(f[:n_base] for _, f, _ in per_file)])
     floor = design.std_floor * (raw_train.std(axis=0) + 1e-6)
@@ -244,7 +260,7 @@ def evaluate_skab(design: SkabDesign | None = None, progress: bool = True) -> di
     out: dict[str, Any] = {"design": asdict(design), "note": DESIGN_NOTE}
     with tempfile.TemporaryDirectory() as tmp:
         fp32_path, int8_path = _export(model, x_train, Path(tmp))
-        probs = _predictor_probs(pred_file, pred_chunks, design, Path(tmp))
+        probs, out["predictor"] = _predictor_probs(files, design, Path(tmp))
         for name, onnx_path in (("fp32", fp32_path), ("int8", int8_path)):
             ys, preds, scores, thresholds, names, pprob = [], [], [], [], [], []
             for j, (path, feats, y) in enumerate(per_file):
@@ -257,7 +273,7 @@ def evaluate_skab(design: SkabDesign | None = None, progress: bool = True) -> di
                 scores.append(test)
                 thresholds.append(np.full(len(test), thr))
                 names.append(np.full(len(test), f"{path.parent.name}/{path.name}"))
-                pprob.append(probs[name][j][FIT_ROWS - design.window + 1:])
+                pprob.append(probs[name][j])  # already rows 400..T-1
             y_all, p_all, prob_all = np.concatenate(ys), np.concatenate(preds), np.concatenate(pprob)
             out[name] = binary_metrics(y_all, p_all)
             out[f"predictor_{name}"] = binary_metrics(y_all, prob_all >= 0.5)
@@ -304,8 +320,13 @@ def table(result: dict[str, Any]) -> str:
     for g, m in result["by_folder"].items():
         lines.append(f"  {g:<32}{m['f1']:>6.2f}{100 * m['far']:>8.2f}{100 * m['mar']:>8.2f}")
     lines.append(f"* the {ho['n_files']} files at odd positions of skab_files(), never used for design choices")
-    lines += textwrap.wrap("** predictor: MLP on window means of all 8 channels, trained on the other half of the "
-                           "fault files' labels (cross-fitted by file): supervised, unlike the published detectors",
+    p = result["predictor"]
+    epochs = ", ".join(str(f["best_epoch"] + 1) for f in p["folds"])
+    lines += textwrap.wrap(f"** predictor: {p['recipe']}'s MLP (hidden {p['hidden']}, {p['n_features']} "
+                           f"'{p['extractor']}' features of a {p['window']}-row window ending at each row), "
+                           f"fitted as `edgekit train` fits it (weights of epoch {epochs} of {p['epochs']}, "
+                           "lowest loss on a file-grouped cal part), on the other half of the fault files' "
+                           "labels (cross-fitted by file): supervised, unlike the published detectors",
                            110, subsequent_indent="   ")
     lines.append("target F1 >= 0.85 with FAR <= 10 %:")
     lines.append("  AE gate: " + target_verdict(result["int8"]))

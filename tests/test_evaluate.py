@@ -1,4 +1,5 @@
-"""Metric and deferral code of the evaluations, on hand-computed and synthetic cases (fast: no training)."""
+"""Metric and deferral code of the evaluations, on hand-computed and synthetic cases (fast: no training);
+on real data (data, torch, slow), that the evaluations fit the models the recipes define, not copies."""
 
 from __future__ import annotations
 
@@ -135,3 +136,37 @@ def test_fall_rows_and_skab_features_on_real_data(data_dir) -> None:
     assert feats.shape == (len(table.values) - design.window + 1, len(design.channels))
     # baseline-normalised: window means over the first 400 rows sit near 0 (the on-device baseline)
     assert np.abs(feats[: FIT_ROWS - design.window + 1].mean(axis=0)).max() < 0.5
+
+
+@pytest.mark.data
+@pytest.mark.torch
+@pytest.mark.slow
+def test_skab_eval_scores_the_recipes_predictor(data_dir, tmp_path) -> None:
+    """The predictor beside the SKAB gate is examples/skab.toml's (its widths and window, trained as `edgekit
+    train` trains it; an earlier copy of its settings went stale), and its scores line up with test rows."""
+    pytest.importorskip("torch")
+    import onnx
+
+    from edgekit import datasets
+    from edgekit.exporters.eval_skab import FIT_ROWS, ROOT, SkabDesign, _predictor_probs
+    from edgekit.features import feature_names
+    from edgekit.recipe import load_recipe
+
+    shipped = load_recipe(ROOT / "examples" / "skab.toml")
+    text = (ROOT / "examples" / "skab.toml").read_text()
+    fast = text.replace(f"epochs = {shipped.predictor.epochs}\n", "epochs = 2\n", 1)  # the first: [predictor]
+    assert fast != text
+    (tmp_path / "skab.toml").write_text(fast)
+    files = datasets.skab_files("valve1")[:4]
+    out, fitted = _predictor_probs(files, SkabDesign(predictor_recipe=str(tmp_path / "skab.toml")), tmp_path)
+
+    n_features = len(feature_names(shipped.features.extractor, list(datasets.SKAB_CHANNELS)))
+    assert fitted["hidden"] == shipped.predictor.hidden and fitted["window"] == shipped.window.size
+    assert fitted["n_features"] == n_features and len(fitted["folds"]) == 2
+    dims = {tuple(t.dims) for t in onnx.load(str(tmp_path / "skab_mlp0.onnx")).graph.initializer}
+    assert {(shipped.predictor.hidden[0], n_features), (n_features, shipped.predictor.hidden[0])} & dims
+    for i, path in enumerate(files):  # one probability per test row (rows 400..T-1), fp32 and INT8
+        rows = len(datasets.read_skab(path).values) - FIT_ROWS
+        for kind in ("fp32", "int8"):
+            assert out[kind][i].shape == (rows,)
+            assert np.all((out[kind][i] >= 0) & (out[kind][i] <= 1))
