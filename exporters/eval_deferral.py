@@ -24,7 +24,7 @@ from .calibrate import ltt_threshold, min_accepted
 log = logging.getLogger(__name__)
 
 TARGETS = (0.02, 0.05, 0.10)
-DELTA = 0.1  # the recipes' default gate.delta
+DELTA = 0.1  # split_trials' default; evaluate_deferral uses each recipe's gate.delta
 SPLITS = 100
 CAL_FRACTION = 0.5
 
@@ -129,18 +129,21 @@ def skab_confidence(score: np.ndarray, threshold: np.ndarray, prob: np.ndarray |
 
 def evaluate_deferral(progress: bool = True, splits: int = SPLITS) -> dict[str, Any]:
     """SKAB (INT8 gate's per-row decisions; row-level and file-level splits) and fall screening
-    (out-of-fold decisions of the MLP+SVM combination, one CV repeat per split)."""
+    (out-of-fold decisions of the recipe's predictor + second opinion, one CV repeat per split); delta is
+    each task's recipe gate.delta (examples/skab.toml, examples/fall_screening.toml)."""
     from . import eval_fall, eval_skab
 
     t0 = time.perf_counter()
+    skab_delta = eval_skab.predictor_recipe(eval_skab.SkabDesign())[1].gate.delta
+    fall_delta = eval_fall.fall_recipe(eval_fall.FallDesign())[1].gate.delta
     skab = eval_skab.evaluate_skab(progress=progress)
     rows = skab["rows"]
     decision = rows["score"] > rows["threshold"]
     errors = decision != rows["y"].astype(bool)
     conf = skab_confidence(rows["score"], rows["threshold"], rows["prob"])
-    out: dict[str, Any] = {"delta": DELTA, "splits": splits}
-    out["skab"] = split_trials(conf, errors, splits=splits, seed=1)
-    out["skab_by_file"] = split_trials(conf, errors, splits=splits, seed=2, groups=rows["file"])
+    out: dict[str, Any] = {"delta": {"skab": skab_delta, "fall": fall_delta}, "splits": splits}
+    out["skab"] = split_trials(conf, errors, delta=skab_delta, splits=splits, seed=1)
+    out["skab_by_file"] = split_trials(conf, errors, delta=skab_delta, splits=splits, seed=2, groups=rows["file"])
 
     fall = eval_fall.evaluate_fall(progress=progress)
     oof = fall["oof"]
@@ -148,7 +151,7 @@ def evaluate_deferral(progress: bool = True, splits: int = SPLITS) -> dict[str, 
     fall_trials = []
     per_split = max(1, splits // len(oof))
     for i, rep in enumerate(oof):
-        fall_trials.append(split_trials(rep["confidence"], rep["errors"], splits=per_split,
+        fall_trials.append(split_trials(rep["confidence"], rep["errors"], delta=fall_delta, splits=per_split,
                                         seed=int(rng.integers(1 << 31)) + i))
     out["fall"] = _merge(fall_trials)
     out["seconds"] = round(time.perf_counter() - t0, 1)
@@ -171,7 +174,7 @@ def _merge(trials: list[dict[str, Any]]) -> dict[str, Any]:
 LABELS = {
     "skab": "SKAB INT8 AE gate, rows split at random",
     "skab_by_file": "SKAB INT8 AE gate, files split (stress)",
-    "fall": "fall screening MLP+SVM, participants split",
+    "fall": "fall screening combined, participants split",
 }
 
 
@@ -182,7 +185,8 @@ def _f(v: float | None, pct: bool = False) -> str:
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = [f"Deferral guarantee: Learn-then-Test (fixed-sequence binomial), delta = {result['delta']}, "
+    deltas = ", ".join(f"{k} {v:g}" for k, v in result["delta"].items())
+    lines = [f"Deferral guarantee: Learn-then-Test (fixed-sequence binomial), delta (recipe gate.delta): {deltas}, "
              f"cal/test halves, {result['splits']} random splits",
              f"{'case':<44}{'target':>7}{'base err':>9}{'test err':>9}{'p90 err':>8}{'coverage':>10}"
              f"{'> target':>9}{'> t+noise':>10}{'bound':>7}{'holds':>6}"]
@@ -201,7 +205,8 @@ def table(result: dict[str, Any]) -> str:
                  "quantile of Binomial(splits, delta) / splits; holds: > t+noise <= bound. A split with no "
                  "valid threshold defers everything (coverage 0). SKAB decisions are the INT8 AE gate's; its "
                  "confidence is min(|log(score/threshold)|, 2 x the cross-fitted predictor's support). Fall: "
-                 "MLP+SVM decisions, confidence = margin from the in-fold cut, disagreements deferred first.", 110)
+                 "the recipe's predictor + second opinion (mean probability), confidence = margin from the in-fold cut, "
+                 "disagreements deferred first.", 110)
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
-"""Fall screening (Bet, Castro & Ponti 2021 data): repeated stratified k-fold CV of the predictor (MLP,
-torch), the second opinions (SVM as in examples/fall_screening.toml, and a random forest) and their
-combination, beside the study's results; with the gate on, a coverage-risk curve.
+"""Fall screening (Bet, Castro & Ponti 2021 data): repeated stratified k-fold CV of the predictor and the
+second opinion that examples/fall_screening.toml defines (built and fitted by exporters/train.py's own
+functions, on the recipe's rows) and their combination, plus baselines (SVM, logistic regression, the best
+single feature), beside the study's results; with the gate on, a coverage-risk curve.
 
 Everything a fold decides (feature scaling, weights, decision thresholds) is fitted on its training part
 only: each model's threshold maximises Youden's J on inner 3-fold out-of-fold probabilities.
@@ -9,6 +10,7 @@ only: each model's threshold maximises Youden's J on inner 3-fold out-of-fold pr
 from __future__ import annotations
 
 import logging
+import textwrap
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -17,18 +19,19 @@ from typing import Any
 
 import numpy as np
 
-from edgekit import datasets
+from edgekit.errors import ConfigError
+from edgekit.recipe import Recipe, load_recipe
 
 from .evaluate import binary_metrics, coverage_risk_curve, mean_sd, risk_at_coverage
 
 log = logging.getLogger(__name__)
 
-FALL_FILE = "fall_screening/tug_accel_features.csv"
-MODELS = ("mlp", "svm", "rf", "logreg", "single", "mlp+svm")
-BASE_MODELS = ("mlp", "svm", "rf", "logreg", "single")
-MODEL_LABELS = {"mlp": "predictor MLP (torch)", "svm": "second opinion SVM", "rf": "random forest",
-                "logreg": "logistic reg. (C in fold)",
-                "single": "best single feature (in fold)", "mlp+svm": "combination MLP+SVM"}
+ROOT = Path(__file__).resolve().parent.parent  # the checkout: examples/ sits beside exporters/
+MODELS = ("mlp", "second", "svm", "logreg", "single", "combined")
+BASE_MODELS = ("mlp", "second", "svm", "logreg", "single")
+MODEL_LABELS = {"mlp": "predictor MLP (recipe)", "second": "second opinion (recipe)", "svm": "SVM (defaults)",
+                "logreg": "logistic reg. (C in fold)", "single": "best single feature (in fold)",
+                "combined": "predictor + second opinion"}
 PUBLISHED = [  # Bet, Castro & Ponti, Exp. Gerontology 143 (2021); "-" where not reported
     ("best single feature", 0.75, 0.71, 0.76),
     ("fusion of 3 best features", None, 0.86, None),
@@ -42,63 +45,71 @@ class FallDesign:
     repeats: int = 10
     folds: int = 5
     inner_folds: int = 3
-    hidden: tuple[int, ...] = (16,)  # examples/fall_screening.toml [predictor]
-    dropout: float = 0.2
-    epochs: int = 150
-    lr: float = 0.003
-    weight_decay: float = 0.001
-    batch_size: int = 16
     seed: int = 0
+    # the predictor, second opinion and rows are the recipe's (relative paths from the checkout), never a
+    # copy of its settings
+    recipe: str = "examples/fall_screening.toml"
 
 
-def load_fall() -> tuple[np.ndarray, np.ndarray]:
-    """Features (73, 9) and faller labels (73,) of the usable participants (excluded == 0)."""
-    path = datasets.require(FALL_FILE)
-    header, rows = datasets.read_table(path, ",")
-    x = datasets.column_matrix(path, header, rows, list(datasets.FALL_FEATURES))
-    y = datasets.column_matrix(path, header, rows, ["faller_12m"])[:, 0]
-    excluded = datasets.column_matrix(path, header, rows, ["excluded"])[:, 0]
-    keep = excluded != 1
-    return x[keep], y[keep].astype(np.int64)
+def fall_recipe(design: FallDesign) -> tuple[Path, Recipe]:
+    """The recipe whose models are evaluated; ConfigError if it is not a binary feature-MLP recipe."""
+    path = Path(design.recipe)
+    path = path if path.is_absolute() else ROOT / path
+    recipe = load_recipe(path)
+    if recipe.predictor.arch != "mlp" or recipe.positive_label is None:
+        raise ConfigError(f"needs arch 'mlp' and two labels (got {recipe.predictor.arch!r}, {recipe.labels})",
+                          where=f"{path}: predictor", hint="the fall evaluation is binary: faller or not")
+    return path, recipe
 
 
-def _fit_mlp(x: np.ndarray, y: np.ndarray, design: FallDesign, seed: int) -> Any:
+def load_fall(design: FallDesign | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The recipe's rows (exporters.tasks.load_task): features (73, 9) and 1 = faller (73,) of the usable
+    participants (excluded == 0)."""
+    from .tasks import load_task
+
+    path, recipe = fall_recipe(design or FallDesign())
+    data = load_task(recipe, path.parent)
+    positive = recipe.labels.index(recipe.positive_label or recipe.labels[1])
+    return data.features.astype(np.float64), (data.y == positive).astype(np.int64)
+
+
+def _fit_mlp(x: np.ndarray, y: np.ndarray, recipe: Recipe, seed: int) -> Any:
+    """The recipe's predictor, built and fitted as exporters/train.py does (no cal rows here: with fewer than
+    train.EARLY_STOP_MIN_CAL, which the recipe's own cal split is, the last epoch is kept either way)."""
     import torch
-    from torch import nn
 
-    from .models import MLP
+    from .train import fit_predictor, new_predictor
 
-    torch.manual_seed(seed)
-    rng = np.random.default_rng(seed)
-    model = MLP(x.shape[1], 2, design.hidden, design.dropout)
-    counts = np.bincount(y, minlength=2).astype(np.float64)
-    weight = torch.tensor(len(y) / (2 * np.maximum(counts, 1)), dtype=torch.float32)
-    loss_fn = nn.CrossEntropyLoss(weight=weight)
-    opt = torch.optim.Adam(model.parameters(), lr=design.lr, weight_decay=design.weight_decay)
-    xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y)
-    model.train()
-    for _ in range(design.epochs):
-        for b in np.array_split(rng.permutation(len(y)), max(1, len(y) // design.batch_size)):
-            idx = torch.from_numpy(b)
-            opt.zero_grad()
-            loss_fn(model.logits(xt[idx]), yt[idx]).backward()
-            opt.step()
+    pcfg = recipe.predictor
+    p_kwargs = {"n_features": x.shape[1], "n_classes": 2, "hidden": tuple(pcfg.hidden), "dropout": pcfg.dropout}
+    xs = x.astype(np.float32)
+    model = new_predictor(pcfg, p_kwargs, xs, seed)
+    fit_predictor(model, xs, y, xs[:0], y[:0], 2, pcfg, torch.device("cpu"), seed, False)
     model.eval()
     return model
 
 
-def _fit_predict(name: str, x: np.ndarray, y: np.ndarray, x_new: np.ndarray, design: FallDesign,
-                 seed: int) -> np.ndarray:
-    """P(faller) for x_new from model `name` fitted on (x, y), features scaled with x's statistics."""
-    mu, sd = x.mean(axis=0), x.std(axis=0)
-    sd = np.where(sd > 0, sd, 1.0)
+def _fit_predict(name: str, x: np.ndarray, y: np.ndarray, x_new: np.ndarray, recipe: Recipe,
+                 seed: int, where: str = "recipe") -> np.ndarray:
+    """P(faller) for x_new from model `name` fitted on (x, y), features scaled with x's statistics.
+    `where` (the recipe file) names the place of a bad second_opinion.params key."""
+    from .train import fit_normalizer
+
+    mu, sd = fit_normalizer(x)
     xs, xn = (x - mu) / sd, (x_new - mu) / sd
     if name == "mlp":
         import torch
 
-        model = _fit_mlp(xs, y, design, seed)
+        model = _fit_mlp(xs, y, recipe, seed)
         with torch.no_grad():
             return model(torch.from_numpy(xn.astype(np.float32))).numpy()[:, 1].astype(np.float64)
+    if name == "second":
+        from .train import fit_second_opinion
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.9 deprecates SVC(probability=True)
+            est = fit_second_opinion(recipe.model_copy(update={"seed": seed}), xs, y, where=where)
+        return est.predict_proba(xn)[:, 1]
     if name == "single":
         # the study's approach: the one feature that best separates the training fold (AUC), oriented
         auc = np.array([_auc(y, xs[:, j]) for j in range(xs.shape[1])])
@@ -109,11 +120,15 @@ def _fit_predict(name: str, x: np.ndarray, y: np.ndarray, x_new: np.ndarray, des
 
         # the L2 strength is chosen by inner 3-fold CV on the training part only
         est = LogisticRegressionCV(Cs=LOGREG_CS, cv=3, scoring="roc_auc", class_weight="balanced")
-        est.fit(xs, y)
+        with warnings.catch_warnings():
+            # scikit-learn 1.9 warns about l1_ratios and fitted-attribute defaults changing in 1.10; the plain
+            # L2 fit used here is the same either way
+            warnings.simplefilter("ignore", FutureWarning)
+            est.fit(xs, y)
         return est.predict_proba(xn)[:, 1]
     from .train import SECOND_OPINIONS
 
-    cls, defaults = SECOND_OPINIONS["svm" if name == "svm" else "random_forest"]
+    cls, defaults = SECOND_OPINIONS["svm"]
     est = cls(**{**defaults, "random_state": seed})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.9 deprecates SVC(probability=True)
@@ -155,7 +170,8 @@ def evaluate_fall(design: FallDesign | None = None, progress: bool = True) -> di
     design = design or FallDesign()
     t0 = time.perf_counter()
     torch.set_num_threads(1)
-    x, y = load_fall()
+    path, recipe = fall_recipe(design)
+    x, y = load_fall(design)
     per_repeat: dict[str, list[dict[str, Any]]] = {m: [] for m in MODELS}
     curves, oof = [], []
     reps = range(design.repeats)
@@ -173,33 +189,38 @@ def evaluate_fall(design: FallDesign | None = None, progress: bool = True) -> di
             inner_prob = {m: np.zeros(len(tr)) for m in prob}
             for itr, ite in inner.split(x[tr], y[tr]):
                 for m in prob:
-                    inner_prob[m][ite] = _fit_predict(m, x[tr][itr], y[tr][itr], x[tr][ite], design, seed + k)
-            inner_prob["mlp+svm"] = (inner_prob["mlp"] + inner_prob["svm"]) / 2
+                    inner_prob[m][ite] = _fit_predict(m, x[tr][itr], y[tr][itr], x[tr][ite], recipe, seed + k,
+                                                      str(path))
+            inner_prob["combined"] = (inner_prob["mlp"] + inner_prob["second"]) / 2
             for m in thr:
                 thr[m][te] = youden_threshold(y[tr], inner_prob[m])
             for m in prob:
-                prob[m][te] = _fit_predict(m, x[tr], y[tr], x[te], design, seed + k)
-        prob["mlp+svm"] = (prob["mlp"] + prob["svm"]) / 2
+                prob[m][te] = _fit_predict(m, x[tr], y[tr], x[te], recipe, seed + k, str(path))
+        prob["combined"] = (prob["mlp"] + prob["second"]) / 2
         for m in MODELS:
             met = binary_metrics(y, prob[m] >= thr[m])
             met["auc"] = _auc(y, prob[m])
             per_repeat[m].append(met)
-        decision = prob["mlp+svm"] >= thr["mlp+svm"]
-        agree = (prob["mlp"] >= thr["mlp"]) == (prob["svm"] >= thr["svm"])
-        conf = gate_confidence(prob["mlp+svm"], thr["mlp+svm"], agree)
+        decision = prob["combined"] >= thr["combined"]
+        agree = (prob["mlp"] >= thr["mlp"]) == (prob["second"] >= thr["second"])
+        conf = gate_confidence(prob["combined"], thr["combined"], agree)
         errors = decision != y.astype(bool)
         curves.append(risk_at_coverage(coverage_risk_curve(conf, errors), COVERAGE_GRID))
         oof.append({"y": y.copy(), "decision": decision, "confidence": conf, "errors": errors,
                     "agree_rate": float(agree.mean())})
     # what choosing the feature and its cut on all 73 people gives (no held-out data): an optimistic bound
-    p_in = _fit_predict("single", x, y, x, design, design.seed)
+    p_in = _fit_predict("single", x, y, x, recipe, design.seed)
     in_sample = binary_metrics(y, p_in >= youden_threshold(y, p_in))
     in_sample["auc"] = _auc(y, p_in)
     summary = {m: {k: mean_sd([d[k] for d in per_repeat[m]])
                    for k in ("sensitivity", "specificity", "auc", "accuracy", "f1")} for m in MODELS}
     curve = np.array(curves)
     out = {
-        "design": asdict(design), "n": int(len(y)), "n_fallers": int(y.sum()), "models": summary,
+        "design": asdict(design),
+        "recipe": {"file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+                   "predictor": recipe.predictor.model_dump(mode="json"),
+                   "second_opinion": recipe.second_opinion.model_dump(mode="json")},
+        "n": int(len(y)), "n_fallers": int(y.sum()), "models": summary,
         "coverage_risk": {"coverage": COVERAGE_GRID.tolist(), "risk_mean": curve.mean(axis=0).tolist(),
                           "risk_sd": curve.std(axis=0, ddof=1).tolist()},
         "in_sample_single_feature": in_sample,
@@ -209,7 +230,7 @@ def evaluate_fall(design: FallDesign | None = None, progress: bool = True) -> di
         "seconds": round(time.perf_counter() - t0, 1), "oof": oof,
     }
     log.info("eval_fall n=%d combo_sens=%.3f combo_spec=%.3f seconds=%.1f", len(y),
-             summary["mlp+svm"]["sensitivity"]["mean"], summary["mlp+svm"]["specificity"]["mean"], out["seconds"])
+             summary["combined"]["sensitivity"]["mean"], summary["combined"]["specificity"]["mean"], out["seconds"])
     return out
 
 
@@ -239,7 +260,14 @@ def table(result: dict[str, Any]) -> str:
     lines.append(f"{'fraction deferred':<20}" + "".join(f"{1 - c:>7.2f}" for c in cr["coverage"][::3]))
     lines.append(f"{'error (mean)':<20}" + "".join(f"{v:>7.2f}" for v in cr["risk_mean"][::3]))
     lines.append(f"{'error (sd)':<20}" + "".join(f"{v:>7.2f}" for v in cr["risk_sd"][::3]))
-    lines.append("* feature and cut chosen and scored on the same 73 people (no held-out data): optimistic")
+    lines.append(f"* feature and cut chosen and scored on the same {result['n']} people (no held-out data): "
+                 "optimistic")
+    rec = result["recipe"]
+    pr, so = rec["predictor"], rec["second_opinion"]
+    params = ", ".join(f"{k}={v}" for k, v in so["params"].items())
+    lines += textwrap.wrap(f"predictor and second opinion as {rec['file']} defines them, fitted by exporters/train.py: "
+                           f"MLP hidden {pr['hidden']}, dropout {pr['dropout']}, {pr['epochs']} epochs; "
+                           f"{so['kind']} ({params})", 110)
     lines.append(f"predictor and second opinion agree on {result['agree_rate']['mean']:.0%} of participants")
     return "\n".join(lines)
 

@@ -170,3 +170,19 @@ def test_skab_eval_scores_the_recipes_predictor(data_dir, tmp_path) -> None:
         for kind in ("fp32", "int8"):
             assert out[kind][i].shape == (rows,)
             assert np.all((out[kind][i] >= 0) & (out[kind][i] <= 1))
+
+
+@pytest.mark.data
+@pytest.mark.torch
+def test_fall_eval_fits_the_recipes_models(data_dir) -> None:
+    pytest.importorskip("torch")
+    from edgekit.exporters.eval_fall import FallDesign, _fit_mlp, _fit_predict, fall_recipe, load_fall
+
+    _, recipe = fall_recipe(FallDesign())
+    x, y = load_fall()
+    model = _fit_mlp(x, y, recipe, seed=0)
+    widths = [m.out_features for m in model.body if hasattr(m, "out_features")]
+    assert widths == [*recipe.predictor.hidden, 2]
+    assert {m.p for m in model.body if hasattr(m, "p")} == {recipe.predictor.dropout}
+    prob = _fit_predict("second", x, y, x[:5], recipe, seed=0)
+    assert prob.shape == (5,) and np.all((prob >= 0) & (prob <= 1))
