@@ -321,12 +321,12 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"  {g:<32}{m['f1']:>6.2f}{100 * m['far']:>8.2f}{100 * m['mar']:>8.2f}")
     lines.append(f"* the {ho['n_files']} files at odd positions of skab_files(), never used for design choices")
     p = result["predictor"]
-    epochs = ", ".join(str(f["best_epoch"] + 1) for f in p["folds"])
+    epochs = " and ".join(str(f["best_epoch"] + 1) for f in p["folds"])
     lines += textwrap.wrap(f"** predictor: {p['recipe']}'s MLP (hidden {p['hidden']}, {p['n_features']} "
                            f"'{p['extractor']}' features of a {p['window']}-row window ending at each row), "
-                           f"fitted as `edgekit train` fits it (weights of epoch {epochs} of {p['epochs']}, "
-                           "lowest loss on a file-grouped cal part), on the other half of the fault files' "
-                           "labels (cross-fitted by file): supervised, unlike the published detectors",
+                           "fitted as `edgekit train` fits it, on the other half of the fault files' labels "
+                           f"(cross-fitted by file; the two fold models kept epochs {epochs} of {p['epochs']}, "
+                           "lowest loss on a file-grouped cal part): supervised, unlike the published detectors",
                            110, subsequent_indent="   ")
     lines.append("target F1 >= 0.85 with FAR <= 10 %:")
     lines.append("  AE gate: " + target_verdict(result["int8"]))
