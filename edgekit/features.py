@@ -6,8 +6,11 @@ training called on thousands, so the numbers agree bitwise. numpy only; never im
 
 from __future__ import annotations
 
+import functools
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -41,46 +44,107 @@ def _check(windows: np.ndarray, rate_hz: float) -> np.ndarray:
         raise ValueError(f"windows must be 3-D (n, size, channels) (got shape {windows.shape})")
     if windows.shape[1] < 2:
         raise ValueError(f"windows need at least 2 samples each (got size {windows.shape[1]})")
-    if not (np.isfinite(rate_hz) and rate_hz > 0):
+    if not (math.isfinite(rate_hz) and rate_hz > 0):
         raise ValueError(f"rate_hz must be a finite number > 0 (got {rate_hz!r})")
     return windows
 
 
-def _safe_div(num: np.ndarray, den: np.ndarray, ok: np.ndarray) -> np.ndarray:
-    """num/den where `ok`, else 0 (no warnings, no NaN)."""
-    out = np.zeros(np.broadcast(num, den).shape, dtype=np.float64)
-    np.divide(num, den, out=out, where=ok)
-    return out
+# How the code below stays bit-identical to the plain formulas (tests/reference_features.py pins them)
+# while making few numpy calls, which is what one window costs (~1-2 us per call, whatever the size):
+# - x.sum(axis) / n is what x.mean(axis) computes (numpy's _mean is that sum and a true divide);
+# - several reductions run as one over arrays stacked along a new OUTERMOST axis (buffers written with
+#   out=), so every output element is still summed over the same elements in the same order;
+# - a boolean band mask is a contiguous range of rFFT bins (frequencies are sorted), so it is a slice;
+# - max|x| = max(max x, -min x), and max|x - m| = max(max x - m, m - min x): rounding is monotone and
+#   symmetric, so these are the same floats (up to the sign of a zero, made +0.0 where it is an output);
+# - what depends only on (size, rate_hz) is computed once (_plan).
+_add = np.add.reduce
+_max = np.maximum.reduce
+_min = np.minimum.reduce
 
 
-def _moments(x: np.ndarray) -> dict[str, np.ndarray]:
-    """Per-window, per-channel statistics of x (n, size, C) reduced over axis 1."""
-    mean = x.mean(axis=1)
-    xc = x - mean[:, None, :]
-    var = (xc * xc).mean(axis=1)
-    std = np.sqrt(var)
-    scale = np.abs(x).max(axis=1)
-    ok = std > _FLAT_RTOL * scale
-    std = np.where(ok, std, 0.0)  # rounding noise of a flat channel reads as exactly 0
-    m3 = (xc * xc * xc).mean(axis=1)
-    m4 = (xc * xc * xc * xc).mean(axis=1)
-    return {
-        "mean": mean, "std": std, "ok": ok, "xc": xc,
-        "min": x.min(axis=1), "max": x.max(axis=1),
-        "rms": np.sqrt((x * x).mean(axis=1)),
-        # Fisher (excess) kurtosis and the moment skewness, as scipy.stats.kurtosis/skew (biased).
-        "kurtosis": np.where(ok, _safe_div(m4, var * var, ok) - 3.0, 0.0),
-        "skewness": _safe_div(m3, var * std, ok),
-        # Crest factor of the fluctuation: peak deviation from the mean over its RMS (the std), so an
-        # offset does not hide a spike; 0 for a flat channel.
-        "crest": _safe_div(np.abs(xc).max(axis=1), std, ok),
-    }
+@dataclass(frozen=True)
+class _Plan:
+    """What depends only on the window size and rate, not on the data."""
+
+    idx: np.ndarray  # (1, size, 1) sample index minus its mean, for the least-squares slope
+    idx_sq: np.float64  # sum of idx^2
+    freqs: np.ndarray  # rFFT bin frequencies without DC, (size // 2,)
+    bands: tuple[slice, slice, slice]  # thirds of 0..Nyquist (Nyquist in the top band), over `freqs`
+    step_band: slice  # STEP_BAND_HZ, over `freqs`
+    rfft: Callable[[np.ndarray], np.ndarray]  # np.fft.rfft(x, axis=1), or the same kernel called directly
 
 
-def _power(xc: np.ndarray) -> np.ndarray:
-    """One-sided power spectrum over axis 1 of the mean-removed x (n, size, C) -> (n, size//2+1, C)."""
-    spec = np.fft.rfft(xc, axis=1)
-    return spec.real * spec.real + spec.imag * spec.imag
+def _range(mask: np.ndarray) -> slice:
+    """The slice that selects what the boolean `mask` selects; the mask must be one contiguous run."""
+    hits = np.flatnonzero(mask)
+    if len(hits) == 0:
+        return slice(0, 0)
+    lo, hi = int(hits[0]), int(hits[-1]) + 1
+    if hi - lo != len(hits):  # cannot happen for masks over sorted frequencies
+        raise AssertionError(f"mask is not one contiguous run: {mask}")
+    return slice(lo, hi)
+
+
+def _rfft_axis1(size: int) -> Callable[[np.ndarray], np.ndarray]:
+    """np.fft.rfft(x, axis=1) for windows of `size`. numpy >= 2 computes it with a gufunc behind ~4 us of
+    Python; calling that gufunc directly is the same computation (checked bit for bit on a probe here),
+    and np.fft.rfft itself is used wherever the gufunc is not there or does not match."""
+
+    def public(x: np.ndarray) -> np.ndarray:
+        return np.fft.rfft(x, axis=1)
+
+    try:
+        from numpy.fft import _pocketfft_umath as pfu  # numpy >= 2.0
+
+        kernel = pfu.rfft_n_even if size % 2 == 0 else pfu.rfft_n_odd
+        axes = [(1,), (), (1,)]
+
+        def direct(x: np.ndarray) -> np.ndarray:
+            out = np.empty((x.shape[0], size // 2 + 1, *x.shape[2:]), dtype=np.complex128)
+            return kernel(x, 1, axes=axes, out=out)
+
+        probe = np.random.default_rng(0).normal(size=(2, size, 3))
+        if np.array_equal(direct(probe).view(np.uint64), public(probe).view(np.uint64)):
+            return direct
+    except Exception:  # a numpy without that gufunc, or with another signature: the public function
+        pass
+    return public
+
+
+def _plan(size: int, rate_hz: float) -> _Plan:
+    """The plan for this size and rate; cached for Python and numpy float64 rates (another type, e.g. a
+    float32 rate, rounds differently: its plan is computed afresh, as the plain formulas would)."""
+    if type(rate_hz) in (float, int, np.float64):
+        return _cached_plan(size, float(rate_hz))
+    return _make_plan(size, rate_hz)
+
+
+def _make_plan(size: int, rate_hz: float) -> _Plan:
+    idx = np.arange(size, dtype=np.float64)
+    idx -= idx.mean()
+    freqs = np.fft.rfftfreq(size, d=1.0 / rate_hz)[1:]
+    nyq = rate_hz / 2.0
+    band_of = np.minimum((freqs / nyq * 3.0).astype(np.int64), 2)  # 0, 1, 2 (Nyquist in the top band)
+    in_step = (freqs >= STEP_BAND_HZ[0]) & (freqs <= STEP_BAND_HZ[1])
+    plan = _Plan(idx=idx[None, :, None], idx_sq=(idx * idx).sum(), freqs=freqs,
+                 bands=(_range(band_of == 0), _range(band_of == 1), _range(band_of == 2)),
+                 step_band=_range(in_step), rfft=_rfft_axis1(size))
+    plan.idx.flags.writeable = False
+    plan.freqs.flags.writeable = False
+    return plan
+
+
+_cached_plan = functools.lru_cache(maxsize=64)(_make_plan)
+
+
+def _power(plan: _Plan, xc: np.ndarray) -> np.ndarray:
+    """One-sided power spectrum over axis 1 of the mean-removed x (n, size, ...) without the DC bin."""
+    spec = plan.rfft(xc)[:, 1:]
+    re, im = spec.real, spec.imag
+    power = re * re
+    power += im * im
+    return power
 
 
 class MachineFeatures:
@@ -88,6 +152,9 @@ class MachineFeatures:
 
     Per channel: mean, std, min, max, ptp, rms, kurtosis, skewness, crest, slope (units per second,
     least squares), band_low/band_mid/band_high (share of the AC rFFT power in thirds of 0..Nyquist).
+    Kurtosis is Fisher's (excess) and skewness the moment skewness, as scipy.stats.kurtosis/skew (biased).
+    Crest is the peak deviation from the mean over the std, so an offset does not hide a spike. A flat
+    channel (std below _FLAT_RTOL of its scale) has std, kurtosis, skewness, crest and bands 0.
     """
 
     kind = "machine"
@@ -100,22 +167,54 @@ class MachineFeatures:
     def __call__(self, windows: np.ndarray, rate_hz: float) -> np.ndarray:
         x = _check(windows, rate_hz)
         n, size, c = x.shape
-        m = _moments(x)
-        ok = m["ok"]
-        idx = np.arange(size, dtype=np.float64)
-        idx -= idx.mean()
-        slope = (m["xc"] * idx[None, :, None]).sum(axis=1) / (idx * idx).sum() * rate_hz
-        power = _power(m["xc"])[:, 1:, :]  # drop DC
-        freqs = np.fft.rfftfreq(size, d=1.0 / rate_hz)[1:]
-        nyq = rate_hz / 2.0
-        band_of = np.minimum((freqs / nyq * 3.0).astype(np.int64), 2)  # 0, 1, 2 (Nyquist in the top band)
-        total = power.sum(axis=1)
-        good = ok & (total > 0)
-        bands = [_safe_div(power[:, band_of == b, :].sum(axis=1), total, good) for b in range(3)]
-        cols = [m["mean"], m["std"], m["min"], m["max"], m["max"] - m["min"], m["rms"], m["kurtosis"],
-                m["skewness"], m["crest"], slope, *bands]
-        out = np.stack(cols, axis=2)  # (n, C, 13): channel-major, as names()
-        return out.reshape(n, c * len(self.per_channel)).astype(np.float32)
+        plan = _plan(size, rate_hz)
+        f = np.zeros((13, n, c))  # one row per feature, in per_channel order
+        mean, std, mn, mx, ptp, rms, _, _, _, slope = f[:10]
+        _add(x, 1, out=mean)
+        mean /= size
+        _min(x, 1, out=mn)
+        _max(x, 1, out=mx)
+        np.subtract(mx, mn, out=ptp)
+
+        buf = np.empty((6, n, size, c))
+        xc = np.subtract(x, mean[:, None, :], out=buf[0])
+        np.multiply(xc, xc, out=buf[3])
+        np.multiply(buf[3], xc, out=buf[2])
+        np.multiply(buf[2], xc, out=buf[1])
+        np.multiply(x, x, out=buf[4])
+        np.multiply(xc, plan.idx, out=buf[5])
+        sums = _add(buf[1:], 2)  # (5, n, c): sums of xc^4, xc^3, xc^2, x^2, xc * idx
+        num, den = np.empty((2, 3, n, c))  # kurtosis, skewness, crest = num / den
+        np.divide(sums[:2], size, out=num[:2])  # 4th and 3rd central moments
+        var, msq = sums[2:4] / size
+        np.sqrt(var, out=std)
+        np.sqrt(msq, out=rms)
+        np.maximum(mx - mean, mean - mn, out=num[2])  # max |x - mean|
+        np.multiply(var, var, out=den[0])
+        np.multiply(var, std, out=den[1])
+        den[2] = std
+        ok = std > _FLAT_RTOL * np.maximum(mx, -mn)  # std above rounding noise of the channel's max |x|
+        np.divide(num, den, out=f[6:9], where=ok)
+        np.subtract(f[6], 3.0, out=f[6], where=ok)  # excess kurtosis; stays +0.0 where not ok
+        np.divide(sums[4], plan.idx_sq, out=slope)
+        slope *= rate_hz
+        np.copyto(std, 0.0, where=~ok)
+
+        power = _power(plan, xc)
+        total = _add(power, 1)
+        bands = np.empty((3, n, c))
+        for b, band in enumerate(plan.bands):
+            _add(power[:, band], 1, out=bands[b])
+        np.divide(bands, total, out=f[10:], where=ok & (total > 0))
+        out = np.empty((n, c, 13), dtype=np.float32)  # channel-major, as names()
+        np.copyto(out, f.transpose(1, 2, 0))
+        return out.reshape(n, c * 13)
+
+
+# Rows of GaitFeatures' statistics pool -> its derived columns, in `derived` order.
+_GAIT_POOL = ("acc.mean", "gyr.mean", "yaw.mean", "acc.std", "gyr.std", "yaw.std", "acc.max", "gyr.max",
+              "yaw.max", "acc.min", "gyr.min", "yaw.min", "dom_freq", "dom_power", "step_band", "yaw.max_abs",
+              "yaw.angle")
 
 
 class GaitFeatures:
@@ -132,6 +231,9 @@ class GaitFeatures:
                "gyr_mag.mean", "gyr_mag.std", "gyr_mag.max",
                "acc_mag.dom_freq_hz", "acc_mag.dom_power", "acc_mag.step_band_rel",
                "yaw.mean", "yaw.std", "yaw.max_abs", "yaw.abs_angle_deg")
+    _take = [_GAIT_POOL.index(k) for k in ("acc.mean", "acc.std", "acc.min", "acc.max", "gyr.mean", "gyr.std",
+                                            "gyr.max", "dom_freq", "dom_power", "step_band", "yaw.mean",
+                                            "yaw.std", "yaw.max_abs", "yaw.angle")]
 
     def names(self, channels: Sequence[str]) -> list[str]:
         if len(channels) != 6:
@@ -145,43 +247,59 @@ class GaitFeatures:
         if c != 6:
             raise ConfigError(f"gait features need 6 channels (acc xyz, gyr xyz) (got {c})",
                               where="features.kind", hint="use kind 'machine' for other sensors")
-        m = _moments(x)
-        per = np.stack([m["mean"], m["std"], m["rms"]], axis=2).reshape(n, 18)
+        plan = _plan(size, rate_hz)
+        out = np.empty((n, 32), dtype=np.float32)
 
-        acc, gyr = x[:, :, :3], x[:, :, 3:]
-        acc_mag = np.sqrt((acc * acc).sum(axis=2))  # (n, size)
-        gyr_mag = np.sqrt((gyr * gyr).sum(axis=2))
-        am = acc_mag.mean(axis=1)
-        ac = acc_mag - am[:, None]
-        a_std = np.sqrt((ac * ac).mean(axis=1))
-        g_mean = gyr_mag.mean(axis=1)
-        gc = gyr_mag - g_mean[:, None]
+        # Per channel: mean, std (0 when flat), rms.
+        per = np.empty((3, n, 6))
+        mean = per[0]
+        _add(x, 1, out=mean)
+        mean /= size
+        sq = np.empty((2, n, size, 6))  # (x - mean)^2, x^2
+        xc = x - mean[:, None, :]
+        np.multiply(xc, xc, out=sq[0])
+        np.multiply(x, x, out=sq[1])
+        var_msq = _add(sq, 2)
+        var_msq /= size
+        np.sqrt(var_msq, out=per[1:])  # std, rms
+        np.copyto(per[1], 0.0, where=~(per[1] > _FLAT_RTOL * _max(np.abs(x), 1)))
+        np.copyto(out[:, :18].reshape(n, 6, 3), per.transpose(1, 2, 0))
 
-        spec = np.fft.rfft(ac, axis=1)
-        power = (spec.real * spec.real + spec.imag * spec.imag)[:, 1:]  # drop DC
-        freqs = np.fft.rfftfreq(size, d=1.0 / rate_hz)[1:]
-        total = power.sum(axis=1)
-        a_ok = (a_std > _FLAT_RTOL * np.abs(acc_mag).max(axis=1)) & (total > 0)
+        # Rows: acceleration magnitude, gyro magnitude, yaw rate (turning about the vertical), each (n, size).
+        sig = np.empty((3, n, size))
+        mags = sig[:2].transpose(1, 2, 0)  # (n, size, 2) view
+        _add(sq[1].reshape(n, size, 2, 3), 3, out=mags)
+        np.sqrt(mags, out=mags)
+        g = mean[:, :3]
+        g_norm = np.sqrt(_add(g * g, 1))
+        up = np.zeros((n, 3))  # unit vertical, 0 without gravity
+        np.divide(g, g_norm[:, None], out=up, where=(g_norm > 0)[:, None])
+        _add(x[:, :, 3:] * up[:, None, :], 2, out=sig[2])  # rad/s about the vertical
+
+        pool = np.zeros((len(_GAIT_POOL), n))
+        sums = _add(sig, 2)  # (3, n)
+        means = np.divide(sums, size, out=pool[0:3])
+        _max(sig, 2, out=pool[6:9])
+        _min(sig, 2, out=pool[9:12])
+        cen = sig - means[:, :, None]
+        power = _power(plan, cen[0])  # of the acceleration magnitude, mean removed
+        cen *= cen
+        var = _add(cen, 2)
+        var /= size
+        np.sqrt(var, out=pool[3:6])
+        total = _add(power, 1)
+        a_ok = (pool[3] > _FLAT_RTOL * pool[6]) & (total > 0)  # acc_mag >= 0: its max is its max |.|
         k = power.argmax(axis=1)
-        dom_f = np.where(a_ok, freqs[k], 0.0)
-        dom_p = _safe_div(power[np.arange(n), k], total, a_ok)
-        in_band = (freqs >= STEP_BAND_HZ[0]) & (freqs <= STEP_BAND_HZ[1])
-        step_rel = _safe_div(power[:, in_band].sum(axis=1), total, a_ok)
-
-        g = m["mean"][:, :3]
-        g_norm = np.sqrt((g * g).sum(axis=1))
-        up = _safe_div(g, g_norm[:, None], (g_norm > 0)[:, None])  # unit vertical, 0 without gravity
-        yaw = (gyr * up[:, None, :]).sum(axis=2)  # (n, size) rad/s about the vertical
-        y_mean = yaw.mean(axis=1)
-        yc = yaw - y_mean[:, None]
-        derived = np.stack([
-            am, a_std, acc_mag.min(axis=1), acc_mag.max(axis=1),
-            g_mean, np.sqrt((gc * gc).mean(axis=1)), gyr_mag.max(axis=1),
-            dom_f, dom_p, step_rel,
-            y_mean, np.sqrt((yc * yc).mean(axis=1)), np.abs(yaw).max(axis=1),
-            np.degrees(np.abs(yaw.sum(axis=1)) / rate_hz),
-        ], axis=1)
-        return np.concatenate([per, derived], axis=1).astype(np.float32)
+        np.copyto(pool[12], plan.freqs[k], where=a_ok)
+        num = np.empty((2, n))
+        num[0] = power[np.arange(n), k]
+        _add(power[:, plan.step_band], 1, out=num[1])
+        np.divide(num, total, out=pool[13:15], where=a_ok)
+        np.maximum(pool[8], -pool[11], out=pool[15])
+        pool[15] += 0.0  # max |yaw| of an all-zero yaw is +0.0, as abs() gives, not max(0.0, -0.0)
+        np.degrees(np.abs(sums[2]) / rate_hz, out=pool[16])
+        np.copyto(out[:, 18:], pool.take(self._take, axis=0).T)
+        return out
 
 
 EXTRACTORS: dict[str, Extractor] = {

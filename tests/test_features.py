@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference_features import REFERENCE
 
 from edgekit.datasets import FALL_FEATURES, IPOL_CHANNELS, ipol_files, read_ipol, read_skab, skab_files
 from edgekit.errors import ConfigError
@@ -92,6 +93,58 @@ def test_edge_features_equal_server_features_bitwise(data_dir, kind: str, size: 
     assert server.shape == edge.shape and len(server) > 10
     assert np.all(np.isfinite(server))
     assert np.array_equal(server, edge)  # bitwise: the same numbers reach the model on both sides
+
+
+def bits(a: np.ndarray) -> np.ndarray:
+    """The float32 bit patterns: equal bits, not merely equal values (0.0 vs -0.0, NaN payloads)."""
+    assert a.dtype == np.float32
+    return np.ascontiguousarray(a).view(np.uint32)
+
+
+def assert_same_as_reference(kind: str, windows: np.ndarray, rate_hz: float) -> None:
+    """extract() on the batch and on each window alone equals the frozen pre-fast-path code, bit for bit."""
+    want = REFERENCE[kind](windows, rate_hz)
+    batch = extract(kind, windows, rate_hz)
+    assert batch.shape == want.shape and batch.flags.c_contiguous
+    assert np.array_equal(bits(batch), bits(want)), f"{kind} batch differs from the reference"
+    for i in range(len(windows)):
+        one = extract(kind, windows[i:i + 1], rate_hz)
+        assert np.array_equal(bits(one), bits(want[i:i + 1])), f"{kind} window {i} differs from the reference"
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("kind,size,hop", [("machine", 32, 4), ("machine", 60, 10), ("gait", 128, 64),
+                                           ("gait", 256, 64)])
+def test_features_pinned_to_the_reference_on_recorded_windows(data_dir, kind: str, size: int, hop: int) -> None:
+    """The recipes' window sizes (skab 32/4, ipol_gait 128/64) and the server-edge test's, on real files."""
+    if kind == "machine":
+        tables = [read_skab(skab_files(part)[0]) for part in ("valve1", "valve2", "other")]
+    else:
+        tables = [read_ipol(path) for path in ipol_files()[:3]]
+    for table in tables:
+        windows = sliding_windows(table.values, size, hop)
+        assert len(windows) > 10
+        assert_same_as_reference(kind, windows, table.rate_hz)
+
+
+@pytest.mark.parametrize("kind", sorted(EXTRACTORS))
+def test_features_pinned_to_the_reference_on_awkward_windows(kind: str) -> None:
+    """Shapes and values that take other paths inside numpy: one channel (reductions become pairwise sums),
+    odd and tiny sizes, flat and all-zero channels, a spike, huge and tiny scales, integer input."""
+    rng = np.random.default_rng(7)
+    shapes = [(5, 64, 6), (3, 33, 6), (2, 2, 6), (1, 127, 6), (4, 300, 6)]
+    if kind == "machine":
+        shapes += [(3, 64, 1), (2, 9, 1), (5, 17, 2), (1, 1000, 3), (2, 8, 8), (64, 32, 8)]
+    for n, size, c in shapes:
+        x = rng.normal(size=(n, size, c)) * rng.choice([1e-8, 1.0, 1e6], size=c) + rng.normal(size=c) * 10
+        x[0, :, 0] = 3.3  # flat channel
+        if n > 1:
+            x[1] = 0.0  # silent window
+            x[1, size // 2, c - 1] = 50.0  # one spike
+        for rate in (1.0, 100.0, 7.3, 25, np.float32(7.3)):
+            assert_same_as_reference(kind, x, rate)
+    ints = rng.integers(-5, 5, size=(3, 40, 6))
+    assert_same_as_reference(kind, ints, 50.0)
 
 
 @pytest.mark.data
