@@ -104,7 +104,7 @@ def _rfft_axis1(size: int) -> Callable[[np.ndarray], np.ndarray]:
             out = np.empty((x.shape[0], size // 2 + 1, *x.shape[2:]), dtype=np.complex128)
             return kernel(x, 1, axes=axes, out=out)
 
-        probe = np.random.default_rng(0).normal(size=(2, size, 3))
+        probe = np.sin(np.arange(6.0 * size).reshape(2, size, 3) * 0.7) * 1e3  # numpy.random: a 15 ms import
         if np.array_equal(direct(probe).view(np.uint64), public(probe).view(np.uint64)):
             return direct
     except Exception:  # a numpy without that gufunc, or with another signature: the public function
