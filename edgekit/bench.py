@@ -196,12 +196,13 @@ def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = 
             model_rows.append({"role": role, "quantization": quant, "file": fname,
                                "used": fname == spec.file})
 
-    # The floor: exactly the session runs the agent makes per window, on ready inputs.
-    run_list = [(models.sessions[r], outputs.get(r), models.inputs[r], r) for r in models.sessions]
+    # The floor: exactly the session runs the agent makes per window, on ready inputs (bound once per
+    # input, as ModelSet.infer binds its buffers: IO binding for one window, session.run otherwise).
+    run_list = list(models.sessions)
+    floors = [models.floor_runs(one_feats[i], None if one_wins is None else one_wins[i]) for i in range(n)]
 
     def floor(i: int) -> None:
-        for sess, outs, name, role in run_list:
-            sess.run(outs, {name: model_input(role, i)})
+        floors[i % n]()
 
     window_objs = [Window(seq=i, start_s=float(i), end_s=float(i + inp.window_size - 1), data=wins[i])
                    for i in range(n)]

@@ -6,10 +6,11 @@ single-window inference, see FIELD-NOTES). Imports onnxruntime and numpy only; n
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -68,14 +69,22 @@ class Preprocess:
 
     def features(self, raw: np.ndarray) -> np.ndarray:
         """(n, F) raw features -> normalised float32."""
-        return ((raw - self.feature_mean) / self.feature_std).astype(np.float32, copy=False)
+        out = raw - self.feature_mean
+        out /= self.feature_std
+        return out.astype(np.float32, copy=False)
 
     def window(self, data: np.ndarray) -> np.ndarray:
-        """(size, C) window -> (1, C, size) normalised float32, the CNN's layout."""
+        """(size, C) window -> (1, C, size) normalised float32 (C-contiguous), the CNN's layout."""
         if self.window_mean is None or self.window_std is None:
             raise ModelError("bundle has no window normalisation but a model takes windows",
                              where="manifest.json: normalize.window")
-        return ((data.T[None] - self.window_mean) / self.window_std).astype(np.float32)
+        # (x - mean) / std elementwise in the window's own layout (the same numbers as on the transposed
+        # view), rounded to float32 once while being written in the model's (C, size) layout.
+        norm = data - self.window_mean.T
+        norm /= self.window_std.T
+        out = np.empty((1, data.shape[1], data.shape[0]), dtype=np.float32)
+        np.copyto(out[0], norm.T, casting="same_kind")
+        return out
 
 
 @dataclass
@@ -85,8 +94,34 @@ class Outputs:
     ood_score: np.ndarray | None  # (n,)
 
 
+class _Bound:
+    """One session's single-window run through IO binding: input and output stay in buffers bound once,
+    so a run skips building an input tensor and allocating the output (~3-7 us of a tiny model's
+    `session.run`, bench/latency.py). Batches, whose shapes vary, use `session.run`."""
+
+    def __init__(self, sess: Any, input_name: str, output_name: str, inp: np.ndarray) -> None:
+        meta = {o.name: o for o in sess.get_outputs()}[output_name]
+        dims = list(meta.shape)
+        if meta.type != "tensor(float)" or not dims or not all(isinstance(d, int) for d in dims[1:]):
+            raise ValueError(f"output {output_name!r} is {meta.type} {dims}, not float32 (batch, fixed...)")
+        self.out = np.empty([1, *dims[1:]], dtype=np.float32)
+        self.inp = inp  # the binding points into this array's memory: keep it alive
+        self.binding = sess.io_binding()
+        self.binding.bind_cpu_input(input_name, inp)
+        self.binding.bind_output(output_name, "cpu", 0, np.float32, list(self.out.shape), self.out.ctypes.data)
+        self.run = functools.partial(sess.run_with_iobinding, self.binding)
+        # The bound run must give what session.run gives (shape metadata can lie): checked once, here.
+        self.run()
+        want = sess.run([output_name], {input_name: inp})[0]
+        if want.shape != self.out.shape or not np.array_equal(want, self.out, equal_nan=True):
+            raise ValueError(f"bound run of {output_name!r} gave {self.out.shape}, session.run {want.shape}")
+
+
 class ModelSet:
-    """The bundle's sessions by role. `infer` runs what the manifest lists, nothing else."""
+    """The bundle's sessions by role. `infer` runs what the manifest lists, nothing else.
+
+    One inference thread per ModelSet: single-window calls share preallocated input and output buffers.
+    """
 
     def __init__(self, bundle_dir: Path, manifest: Any, providers: list[str], intra_op_threads: int = 1) -> None:
         self.manifest = manifest
@@ -107,19 +142,71 @@ class ModelSet:
             "gate": ["score"],
             "second_opinion": ["probabilities"],
         }
-        log.info("runtime.loaded roles=%s providers=%s threads=%d", ",".join(self.sessions),
-                 ",".join(providers), intra_op_threads)
+        # Single-window buffers, one per input kind, shaped by the manifest (None: batch axis).
+        self._single_in: dict[str, np.ndarray] = {}
+        self._bound: dict[str, _Bound] = {}
+        for role, spec in manifest.models.items():
+            shape = [1, *spec.input_shape[1:]]
+            kind = self.input_kind[role]
+            if not all(isinstance(d, int) and d > 0 for d in shape):
+                continue
+            buf = self._single_in.setdefault(kind, np.zeros(shape, dtype=np.float32))
+            if list(buf.shape) != shape:
+                continue
+            try:
+                self._bound[role] = _Bound(self.sessions[role], self.inputs[role], self._out[role][0], buf)
+            except Exception as exc:  # an output we cannot preallocate: that role uses session.run
+                log.warning("runtime.no_io_binding role=%s reason=%s", role, exc)
+        log.info("runtime.loaded roles=%s providers=%s threads=%d io_binding=%s", ",".join(self.sessions),
+                 ",".join(providers), intra_op_threads, ",".join(self._bound) or "none")
+
+    def floor_runs(self, features: np.ndarray, window: np.ndarray | None) -> Callable[[], None]:
+        """The bare session runs `infer` makes for one window, on these inputs bound once: the onnxruntime
+        floor `edgekit bench` compares the edge path with (no input copy, no output copy, no Python around)."""
+        if not self._single(features, window):
+            runs = [functools.partial(sess.run, self._out[role],
+                                      {self.inputs[role]: window if self.input_kind[role] == "window" else features})
+                    for role, sess in self.sessions.items()]
+        else:
+            inputs = {"features": features, "window": window}
+            runs = [_Bound(self.sessions[role], self.inputs[role], self._out[role][0],
+                           inputs[self.input_kind[role]]).run for role in self._bound]
+
+        def floor() -> None:
+            for run in runs:
+                run()
+
+        return floor
+
+    def _run(self, role: str, features: np.ndarray, window: np.ndarray | None) -> np.ndarray | None:
+        sess = self.sessions.get(role)
+        if sess is None:
+            return None
+        x = window if self.input_kind[role] == "window" else features
+        return sess.run(self._out[role], {self.inputs[role]: x})[0]
+
+    def _single(self, features: np.ndarray, window: np.ndarray | None) -> bool:
+        """Whether this call can take the bound single-window path (one window, float32, every role bound)."""
+        if len(self._bound) != len(self.sessions):
+            return False
+        for kind, buf in self._single_in.items():
+            x = features if kind == "features" else window
+            if x is None or x.shape != buf.shape or x.dtype != np.float32:
+                return False
+        return True
 
     def infer(self, features: np.ndarray, window: np.ndarray | None) -> Outputs:
         """features: normalised (n, F) float32; window: normalised (n, C, W) float32 or None."""
-
-        def run(role: str) -> np.ndarray | None:
-            sess = self.sessions.get(role)
-            if sess is None:
-                return None
-            x = window if self.input_kind[role] == "window" else features
-            return sess.run(self._out[role], {self.inputs[role]: x})[0]
-
-        probs = run("predictor")
+        if self._single(features, window):
+            for kind, buf in self._single_in.items():
+                np.copyto(buf, features if kind == "features" else window)
+            got: dict[str, np.ndarray] = {}
+            for role, bound in self._bound.items():
+                bound.run()
+                got[role] = bound.out.copy()
+            return Outputs(probs=got["predictor"], second_probs=got.get("second_opinion"),
+                           ood_score=got.get("gate"))
+        probs = self._run("predictor", features, window)
         assert probs is not None  # predictor presence is checked in __init__
-        return Outputs(probs=probs, second_probs=run("second_opinion"), ood_score=run("gate"))
+        return Outputs(probs=probs, second_probs=self._run("second_opinion", features, window),
+                       ood_score=self._run("gate", features, window))
