@@ -2,7 +2,9 @@
 
 Each source is a context manager and an iterator of `Sample` or `Quarantined` items: a bad line or
 message never stops the stream, it comes out as `Quarantined(where, reason, raw)` and the agent counts
-it. Drivers are import strings in `SOURCES`, resolved only when selected. Must not import torch, and
+it. `iter_blocks()` gives the same items with runs of samples as one `SampleBlock` where a source has many
+at once (replay and simulation at speed 0); the agent uses it. Drivers are import strings in `SOURCES`,
+resolved only when selected. Must not import torch, and
 must not import paho or pyserial at module level (they are imported by the driver that needs them).
 """
 
@@ -26,7 +28,7 @@ import numpy as np
 from edgekit.config import MqttSource, ReplaySource, SimulatedSource
 from edgekit.datasets import IPOL_CHANNELS, SKAB_CHANNELS
 from edgekit.errors import ConfigError, DataError, TransportError
-from edgekit.values import Quarantined, Sample
+from edgekit.values import Quarantined, Sample, SampleBlock
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,7 @@ SOURCES: dict[str, str] = {
 EXTRAS: dict[str, str] = {"serial": "serial"}
 
 Item = Sample | Quarantined
+BlockItem = SampleBlock | Sample | Quarantined
 
 
 @runtime_checkable
@@ -56,6 +59,8 @@ class Source(Protocol):
     def __exit__(self, *exc: object) -> None: ...
 
     def __iter__(self) -> Iterator[Item]: ...
+
+    def iter_blocks(self) -> Iterator[BlockItem]: ...
 
 
 def resolve(kind: str) -> type:
@@ -169,8 +174,17 @@ class BaseReader:
         self._gen = self._items()
         return self._gen
 
+    def iter_blocks(self) -> Iterator[BlockItem]:
+        """The same samples and quarantines, in the same order, as iterating; runs of samples may come
+        as one `SampleBlock`. Readers without a faster path give their items one by one."""
+        self._gen = self._block_items()
+        return self._gen
+
     def _items(self) -> Iterator[Item]:  # pragma: no cover - overridden
         raise NotImplementedError
+
+    def _block_items(self) -> Iterator[BlockItem]:
+        return self._items()
 
 
 # --- replay ---------------------------------------------------------------------------------------
@@ -268,6 +282,8 @@ class ReplayReader(BaseReader):
     (PacketCounter has real gaps and a repeat in 11-1_lb.txt, so it is only checked not to go backwards);
     SKAB and NAB t = timestamp - first timestamp, and a timestamp that does not advance is quarantined.
     Clean chunks are parsed with numpy in one go; a chunk with any bad line is re-read line by line.
+    At speed 0, `iter_blocks()` hands each clean (sub-)chunk over as one `SampleBlock`; paced replay
+    (speed > 0) always gives one `Sample` at a time, each at its time.
     """
 
     finite = True
@@ -312,11 +328,11 @@ class ReplayReader(BaseReader):
         self._last_t = t
         return Sample(t, values)
 
-    def _parse_chunk(self, texts: list[str], linenos: list[int]) -> list[Sample] | None:
-        """Vectorised parse of a clean chunk; None when any line needs the careful per-line path."""
+    def _parse_chunk(self, texts: list[str], linenos: list[int]) -> SampleBlock | None:
+        """Vectorised parse of a clean, non-empty chunk; None when any line needs the careful per-line path."""
         lay = self.layout
         if not texts:
-            return []
+            return None
         d = lay.delimiter
         want = lay.ncols - 1
         if any(s.count(d) != want for s in texts):
@@ -359,10 +375,10 @@ class ReplayReader(BaseReader):
         if lay.fmt != "ipol":
             self._t0 = t0
         self._last_t = float(t[-1])
-        return [Sample(float(t[k]), values[k]) for k in range(len(t))]
+        return SampleBlock(np.ascontiguousarray(t, dtype=np.float64), values)
 
-    def _items(self) -> Iterator[Item]:
-        pacer = Pacer(self.speed, self.stop)
+    def _chunks(self) -> Iterator[tuple[list[str], list[int]]]:
+        """The file's data lines in chunks of up to _CHUNK_LINES: (texts, 1-based line numbers), blanks left out."""
         self._last_t = self._last_counter = self._t0 = None
         with self.path.open(newline=None) as fh:
             for _ in range(self.layout.first_line - 1):
@@ -380,25 +396,43 @@ class ReplayReader(BaseReader):
                         texts.append(text)
                         linenos.append(lineno + i)
                 lineno += len(raw)
-                for item in self._chunk_items(texts, linenos):
-                    if isinstance(item, Sample):
-                        if not pacer.wait(item.t_s):
+                yield texts, linenos
+
+    def _items(self) -> Iterator[Item]:
+        pacer = Pacer(self.speed, self.stop)
+        for texts, linenos in self._chunks():
+            for item in self._chunk_items(texts, linenos):
+                for one in item.samples() if isinstance(item, SampleBlock) else (item,):
+                    if isinstance(one, Sample):
+                        if not pacer.wait(one.t_s):
                             return
                     elif self.stop.is_set():
                         return
-                    yield item
+                    yield one
 
-    def _chunk_items(self, texts: list[str], linenos: list[int]) -> Iterator[Item]:
-        """A chunk vectorised when clean; otherwise its clean sub-chunks vectorised and the rest per line."""
+    def _block_items(self) -> Iterator[BlockItem]:
+        if self.speed > 0:  # paced: one sample at a time, each at its time
+            yield from self._items()
+            return
+        for texts, linenos in self._chunks():
+            for item in self._chunk_items(texts, linenos):
+                if self.stop.is_set():
+                    return
+                yield item
+
+    def _chunk_items(self, texts: list[str], linenos: list[int]) -> Iterator[BlockItem]:
+        """A chunk as one block when clean; otherwise its clean sub-chunks as blocks and the rest per line."""
+        if not texts:
+            return
         fast = self._parse_chunk(texts, linenos)
         if fast is not None:
-            yield from fast
+            yield fast
             return
         for a in range(0, len(texts), _SUB_CHUNK_LINES):
             sub_texts, sub_linenos = texts[a:a + _SUB_CHUNK_LINES], linenos[a:a + _SUB_CHUNK_LINES]
             fast = self._parse_chunk(sub_texts, sub_linenos) if len(texts) > _SUB_CHUNK_LINES else None
             if fast is not None:
-                yield from fast
+                yield fast
                 continue
             for text, n in zip(sub_texts, sub_linenos):
                 try:
@@ -467,7 +501,10 @@ def pump_block(rng: np.random.Generator, n: int, fault: str | None) -> np.ndarra
 
 
 class SimulatedReader(BaseReader):
-    """Deterministic synthetic streams per seed: 'gait' (IPOL channels, 100 Hz), 'pump' (SKAB, 1 Hz)."""
+    """Deterministic synthetic streams per seed: 'gait' (IPOL channels, 100 Hz), 'pump' (SKAB, 1 Hz).
+
+    At speed 0, `iter_blocks()` gives each generated block as one `SampleBlock`; paced, one `Sample` each.
+    """
 
     finite = True
 
@@ -507,6 +544,20 @@ class SimulatedReader(BaseReader):
                     return
                 yield Sample(t, row)
                 k += 1
+
+    def _block_items(self) -> Iterator[BlockItem]:
+        """At speed 0 each generated block is one SampleBlock (same times: k / rate_hz, exact in both)."""
+        if self.speed > 0:
+            yield from self._items()
+            return
+        total = int(round(self.duration_s * self.rate_hz))
+        k = 0
+        for block in self.blocks():
+            if k >= total or self.stop.is_set():
+                return
+            rows = block[:total - k]
+            yield SampleBlock(np.arange(k, k + len(rows)) / self.rate_hz, rows)
+            k += len(rows)
 
 
 # --- mqtt -----------------------------------------------------------------------------------------

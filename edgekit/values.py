@@ -1,6 +1,6 @@
 """Typed values passed between the stages of the data's path. Each checks its invariants on construction.
 
-source -> Sample -> window -> Window -> features -> Features -> gate/predict -> GateDecision, Prediction
+source -> Sample (or SampleBlock) -> window -> Window -> features -> Features -> gate/predict -> GateDecision, Prediction
 -> Result. Must not import any stage module (they import this).
 """
 
@@ -26,6 +26,43 @@ class Sample:
             raise ValueError(f"Sample.t_s must be finite (got {self.t_s!r})")
         if not np.isfinite(self.values).all():
             raise ValueError(f"Sample.values must be finite (got {self.values.tolist()!r})")
+
+
+@dataclass(frozen=True, slots=True)
+class SampleBlock:
+    """Consecutive validated readings in one value: `t_s` (n,) seconds, `values` (n, channels) float64.
+
+    What a source yields when it has many samples at once (a file replayed at speed 0, a simulation), so
+    the agent windows them with one `Windower.push_many` call instead of n `push` calls. Same invariants
+    as n `Sample`s plus time order inside the block (equal times allowed, as `Windower` allows them).
+    """
+
+    t_s: np.ndarray  # float64, shape (n,), n >= 1
+    values: np.ndarray  # float64, shape (n, channels)
+
+    def __post_init__(self) -> None:
+        t, v = self.t_s, self.values
+        if t.ndim != 1 or len(t) == 0:
+            raise ValueError(f"SampleBlock.t_s must be 1-D and non-empty (got shape {t.shape})")
+        if v.ndim != 2 or v.shape[0] != t.shape[0]:
+            raise ValueError(f"SampleBlock.values must be ({len(t)}, channels) (got shape {v.shape})")
+        if not np.isfinite(t).all():
+            bad = int(np.flatnonzero(~np.isfinite(t))[0])
+            raise ValueError(f"SampleBlock.t_s must be finite (got {float(t[bad])!r} at row {bad})")
+        if not np.isfinite(v).all():
+            bad = int(np.flatnonzero(~np.isfinite(v).all(axis=1))[0])
+            raise ValueError(f"SampleBlock.values must be finite (got {v[bad].tolist()!r} at row {bad})")
+        steps = np.diff(t)
+        if (steps < 0).any():
+            bad = int(np.flatnonzero(steps < 0)[0]) + 1
+            raise ValueError(f"SampleBlock.t_s goes back at row {bad}: {float(t[bad])!r} after {float(t[bad - 1])!r}")
+
+    def __len__(self) -> int:
+        return int(self.t_s.shape[0])
+
+    def samples(self) -> list[Sample]:
+        """The same readings one `Sample` each (for consumers that take one at a time)."""
+        return [Sample(float(self.t_s[k]), self.values[k]) for k in range(len(self))]
 
 
 @dataclass(frozen=True, slots=True)
