@@ -181,6 +181,52 @@ def _predictor_probs(files: list[Path], design: SkabDesign, folder: Path
     return out, fitted
 
 
+def level_shift(values: np.ndarray, anomaly: np.ndarray, channels: list[int], min_rows: int = 30
+                ) -> tuple[float | None, float | None]:
+    """How far a file's normal rows sit from its baseline (the first 400 rows), model-free: the largest
+    |mean - baseline mean| / baseline std over `channels`, for the test rows before the first fault row and
+    for the rows after the last one (labelled normal); None where fewer than `min_rows` such rows exist."""
+    base = values[:FIT_ROWS, channels]
+    mu, sd = base.mean(axis=0), base.std(axis=0) + 1e-9
+    rows = np.flatnonzero(anomaly)
+    first, last = (int(rows[0]), int(rows[-1])) if rows.size else (len(values), len(values))
+
+    def shift(part: np.ndarray) -> float | None:
+        return float(np.abs((part.mean(axis=0) - mu) / sd).max()) if len(part) >= min_rows else None
+
+    return shift(values[FIT_ROWS:first, channels]), shift(values[last + 1:, channels])
+
+
+def error_sources(y: np.ndarray, pred: np.ndarray, files: np.ndarray, lag_rows: int) -> dict[str, Any]:
+    """Where a detector's errors sit (test rows of each file in order): false alarms on normal rows before the
+    file's first fault row vs on rows labelled normal after its last; misses in the first `lag_rows` rows of
+    a fault segment (the window is still filling with fault rows) vs later; files whose F1 is below 0.5."""
+    y, pred = np.asarray(y).astype(bool), np.asarray(pred).astype(bool)
+    out = {"normal_before": 0, "fa_before": 0, "normal_after": 0, "fa_after": 0, "fa_between": 0,
+           "miss_lag": 0, "miss_later": 0, "lag_rows": lag_rows, "files_f1_below_half": []}
+    for name in dict.fromkeys(files.tolist()):
+        m = files == name
+        yf, pf = y[m], pred[m]
+        pos = np.arange(len(yf))
+        fault = np.flatnonzero(yf)
+        first, last = (fault[0], fault[-1]) if fault.size else (len(yf), len(yf))
+        normal = ~yf
+        out["normal_before"] += int((normal & (pos < first)).sum())
+        out["fa_before"] += int((normal & pf & (pos < first)).sum())
+        out["normal_after"] += int((normal & (pos > last)).sum())
+        out["fa_after"] += int((normal & pf & (pos > last)).sum())
+        out["fa_between"] += int((normal & pf & (pos > first) & (pos < last)).sum())
+        onset = np.zeros(len(yf), dtype=bool)
+        for start in np.flatnonzero(yf & ~np.r_[False, yf[:-1]]):
+            onset[start:start + lag_rows] = True
+        miss = yf & ~pf
+        out["miss_lag"] += int((miss & onset).sum())
+        out["miss_later"] += int((miss & ~onset).sum())
+        if fault.size and binary_metrics(yf, pf)["f1"] < 0.5:
+            out["files_f1_below_half"].append(str(name))
+    return out
+
+
 def _baseline_count(design: SkabDesign) -> int:
     return FIT_ROWS - design.window + 1  # windows ending inside the first 400 rows
 
@@ -240,11 +286,13 @@ def evaluate_skab(design: SkabDesign | None = None, progress: bool = True) -> di
         files = [p for p in files if f"{p.parent.name}/{p.name}" in design.files]
     n_base = _baseline_count(design)
 
-    per_file = []
+    per_file, shifts = [], []
+    gate_channels = [datasets.SKAB_CHANNELS.index(c) for c in design.channels]
     for path in _progress(files, progress, "skab features"):
         table = datasets.read_skab(path)
         label = table.labels["anomaly"].astype(np.int64)
         per_file.append((path, row_features(table.values, design), label))
+        shifts.append(level_shift(table.values, label, gate_channels))
     free = datasets.read_skab(datasets.require("skab/data/anomaly-free/anomaly-free.csv")).values
     starts = [k for k in range(0, len(free) - FIT_ROWS, design.chunk_step)
               if len(free[k:k + design.chunk_rows]) >= FIT_ROWS + design.window]
@@ -286,6 +334,13 @@ def evaluate_skab(design: SkabDesign | None = None, progress: bool = True) -> di
                 position = {f"{p.parent.name}/{p.name}": i for i, (p, _, _) in enumerate(per_file)}
                 odd = np.array([position[f] % 2 == 1 for f in folder])
                 comb = p_all & (prob_all >= design.combined_min_prob)
+                out["error_sources"] = error_sources(y_all, p_all, folder, design.window)
+                before = [b for b, _ in shifts if b is not None]
+                after = [a for _, a in shifts if a is not None]
+                out["level_shift"] = {"before_fault_median": float(np.median(before)), "files_before": len(before),
+                                      "after_fault_median": float(np.median(after)), "files_after": len(after),
+                                      "after_over_3sd": int(np.sum(np.array(after) > 3)),
+                                      "before_over_3sd": int(np.sum(np.array(before) > 3))}
                 out["held_out"] = {"gate": binary_metrics(y_all[odd], p_all[odd]),
                                    "combined": binary_metrics(y_all[odd], comb[odd]), "n_files": len(set(folder[odd]))}
                 out["rows"] = {"y": y_all, "score": np.concatenate(scores), "prob": prob_all,
@@ -328,6 +383,27 @@ def table(result: dict[str, Any]) -> str:
                            f"(cross-fitted by file; the two fold models kept epochs {epochs} of {p['epochs']}, "
                            "lowest loss on a file-grouped cal part): supervised, unlike the published detectors",
                            110, subsequent_indent="   ")
+    es, ls = result["error_sources"], result["level_shift"]
+    lines.append("where the INT8 gate's errors are (test rows of each file in order):")
+
+    def pct(a: int, b: int) -> str:
+        return f"{100 * a / b:.2f} %" if b else "-"
+
+    lines += textwrap.wrap(f"false alarms: {es['fa_before']} of {es['normal_before']} normal rows before the fault "
+                           f"({pct(es['fa_before'], es['normal_before'])}), {es['fa_after']} of {es['normal_after']} "
+                           f"rows labelled normal after it ended ({pct(es['fa_after'], es['normal_after'])}), "
+                           f"{es['fa_between']} between fault segments",
+                           110, initial_indent="  ", subsequent_indent="    ")
+    lines += textwrap.wrap(f"misses: {es['miss_lag']} in the first {es['lag_rows']} rows of a fault (the window "
+                           f"still filling), {es['miss_later']} later; F1 < 0.5 in {len(es['files_f1_below_half'])} "
+                           f"files: {', '.join(es['files_f1_below_half']) or '-'}",
+                           110, initial_indent="  ", subsequent_indent="    ")
+    lines += textwrap.wrap(f"level of the gate's {len(result['design']['channels'])} channels against each file's "
+                           "first 400 rows (largest |mean shift| / baseline sd), median over files: "
+                           f"{ls['before_fault_median']:.2f} before the fault ({ls['files_before']} files, "
+                           f"{ls['before_over_3sd']} over 3), {ls['after_fault_median']:.2f} after it ended "
+                           f"({ls['files_after']} files, {ls['after_over_3sd']} over 3)",
+                           110, initial_indent="  ", subsequent_indent="    ")
     lines.append("target F1 >= 0.85 with FAR <= 10 %:")
     lines.append("  AE gate: " + target_verdict(result["int8"]))
     lines.append("  gate AND predictor: " + target_verdict(result["combined_int8"]))

@@ -122,6 +122,28 @@ def test_youden_threshold_separates() -> None:
     assert evaluate.binary_metrics(y, prob >= thr)["accuracy"] == 1.0
 
 
+def test_skab_error_sources_hand_computed() -> None:
+    from edgekit.exporters.eval_skab import FIT_ROWS, error_sources, level_shift
+
+    files = np.array(["a"] * 10 + ["b"] * 6)
+    y = np.array([0, 0, 1, 1, 1, 1, 0, 0, 0, 0] + [0, 1, 1, 1, 0, 0])
+    p = np.array([1, 0, 0, 1, 1, 1, 1, 1, 0, 0] + [0, 0, 0, 0, 0, 0])
+    e = error_sources(y, p, files, lag_rows=2)
+    assert (e["normal_before"], e["fa_before"], e["normal_after"], e["fa_after"], e["fa_between"]) == (3, 1, 6, 2, 0)
+    assert (e["miss_lag"], e["miss_later"]) == (3, 1)  # a: row 2 (onset); b: rows 1, 2 (onset) and 3
+    assert e["files_f1_below_half"] == ["b"]  # a: F1 6/10
+    # baseline rows alternate -1/+1 (mean 0, sd 1); normal rows before the fault at 0, after it at 5
+    values = np.zeros((FIT_ROWS + 30 + 10 + 30, 2))
+    values[:FIT_ROWS, 0] = np.tile([-1.0, 1.0], FIT_ROWS // 2)
+    values[:FIT_ROWS, 1] = np.tile([-1.0, 1.0], FIT_ROWS // 2)
+    values[FIT_ROWS + 40:, 0] = 5.0
+    anomaly = np.zeros(len(values), dtype=int)
+    anomaly[FIT_ROWS + 30:FIT_ROWS + 40] = 1
+    before, after = level_shift(values, anomaly, [0, 1])
+    assert before == pytest.approx(0.0) and after == pytest.approx(5.0)
+    assert level_shift(values[: FIT_ROWS + 45], anomaly[: FIT_ROWS + 45], [0, 1])[1] is None  # 5 rows after
+
+
 @pytest.mark.data
 def test_fall_rows_and_skab_features_on_real_data(data_dir) -> None:
     from edgekit import datasets
