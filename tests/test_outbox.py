@@ -137,3 +137,22 @@ def test_each_thread_uses_its_own_connection(tmp_path: Path) -> None:
         assert errors == []
         assert ob.backlog() == 800
         assert len({r.id for r in ob.pending(1000)}) == 800
+
+
+def test_put_many_ids_are_the_rows_ids_in_order(tmp_path: Path) -> None:
+    """Multi-row INSERTs (200 rows a statement): the returned ids are the rows' own, in the items' order,
+    also after acks, drops and a reopen (AUTOINCREMENT never reuses an id)."""
+    path = tmp_path / "o.db"
+    with Outbox(path, max_rows=1000) as ob:
+        first = ob.put_many([(T, f'{{"i":{i}}}'.encode(), i % 3 != 0) for i in range(450)], replayed=True)
+        rows = ob.pending(1000)
+        assert first == [r.id for r in rows] and len(set(first)) == 450
+        assert [r.payload for r in rows] == [f'{{"i":{i}}}'.encode() for i in range(450)]
+        assert [r.batchable for r in rows] == [i % 3 != 0 for i in range(450)] and all(r.replayed for r in rows)
+        ob.ack(first[-10:])  # the newest rows go: their ids must not come back
+        more = ob.put_many([(T, b'{"j":1}', True)] * 700)  # past max_rows: the oldest are dropped
+        assert more[0] == first[-1] + 1 and more == list(range(more[0], more[0] + 700))
+        assert ob.backlog() == 1000 and ob.dropped == 140
+    with Outbox(path, max_rows=1000) as ob:
+        again = ob.put_many([(T, b'{"k":1}', True)] * 3)
+        assert again[0] == more[-1] + 1 and [r.id for r in ob.pending(5000)][-3:] == again
