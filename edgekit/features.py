@@ -10,7 +10,6 @@ import functools
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
@@ -63,16 +62,20 @@ _max = np.maximum.reduce
 _min = np.minimum.reduce
 
 
-@dataclass(frozen=True)
 class _Plan:
-    """What depends only on the window size and rate, not on the data."""
+    """What depends only on the window size and rate, not on the data (a plain class: a dataclass would
+    cost ~1 ms of the agent's start)."""
 
-    idx: np.ndarray  # (1, size, 1) sample index minus its mean, for the least-squares slope
-    idx_sq: np.float64  # sum of idx^2
-    freqs: np.ndarray  # rFFT bin frequencies without DC, (size // 2,)
-    bands: tuple[slice, slice, slice]  # thirds of 0..Nyquist (Nyquist in the top band), over `freqs`
-    step_band: slice  # STEP_BAND_HZ, over `freqs`
-    rfft: Callable[[np.ndarray], np.ndarray]  # np.fft.rfft(x, axis=1), or the same kernel called directly
+    __slots__ = ("idx", "idx_sq", "freqs", "bands", "step_band", "rfft")
+
+    def __init__(self, idx: np.ndarray, idx_sq: np.float64, freqs: np.ndarray, bands: tuple[slice, slice, slice],
+                 step_band: slice, rfft: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.idx = idx  # (1, size, 1) sample index minus its mean, for the least-squares slope
+        self.idx_sq = idx_sq  # sum of idx^2
+        self.freqs = freqs  # rFFT bin frequencies without DC, (size // 2,)
+        self.bands = bands  # thirds of 0..Nyquist (Nyquist in the top band), over `freqs`
+        self.step_band = step_band  # STEP_BAND_HZ, over `freqs`
+        self.rfft = rfft  # np.fft.rfft(x, axis=1), or the same kernel called directly
 
 
 def _range(mask: np.ndarray) -> slice:
