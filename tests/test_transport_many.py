@@ -80,7 +80,7 @@ def test_send_many_delivers_everything_once_and_wakes_once_per_call(mosquitto: M
             me = threading.current_thread().name
             sets = count_calls(tr._wake, "set")
             n, calls = 0, 0
-            for k in range(60):
+            for _ in range(60):
                 items: list[tuple[str, bytes]] = [("result", result(n + j)) for j in range(25)]
                 items += [("review", review(n + j)) for j in range(0, 25, 5)]
                 tr.send_many(items)  # type: ignore[arg-type]
@@ -111,13 +111,14 @@ def test_no_send_waits_for_the_fallback_timer(mosquitto: Mosquitto, tmp_path: Pa
         rng = random.Random(1)
         slowest = 0.0
         for burst in range(150):
-            def sender(k: int) -> None:
+            def sender(k: int, base: int) -> None:
                 for j in range(k):
-                    tr.send("review", review(burst * 100 + j))
+                    tr.send("review", review(base + j))
                     if rng.random() < 0.3:
                         time.sleep(rng.random() * 0.0005)
 
-            threads = [threading.Thread(target=sender, args=(rng.randint(1, 3),)) for _ in range(2)]
+            threads = [threading.Thread(target=sender, args=(rng.randint(1, 3), burst * 100 + 10 * t))
+                       for t in range(2)]
             t0 = time.monotonic()
             for t in threads:
                 t.start()
