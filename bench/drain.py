@@ -5,8 +5,9 @@ broker comes back; time until the outbox is empty (every row PUBACKed and delete
 
 Per mode (per-result messages; batched, <= 500 results per message), one Transport (the agent's defaults:
 max_inflight 200, reconnect backoff up to 10 s) on a real mosquitto that is down at first:
-  queue    10,000 results through Transport.send (the agent's per-result path, one transaction each),
-           the rest with Outbox.put_many in transactions of 1,000 (both timed: the outbox write rate);
+  queue    10,000 results through Transport.send (one transaction each), 10,000 through
+           Transport.send_many in calls of 500 (the agent's path: one transaction per call), the rest
+           with Outbox.put_many in transactions of 1,000 (all timed: the outbox write rate);
   back     the broker starts on the same port; we time broker start -> connected -> outbox empty.
 Drain rate = rows / (empty - connected). Target: >= 20,000 results/s.
 """
@@ -29,6 +30,7 @@ from edgekit import topics  # noqa: E402
 from edgekit.broker import Mosquitto  # noqa: E402
 
 SEND_ROWS = 10_000
+SEND_MANY_ROWS, SEND_MANY_CHUNK = 10_000, 500
 PUT_MANY_CHUNK = 1_000
 
 
@@ -48,8 +50,13 @@ def drain(rows: int, payloads: list[bytes], batched: bool, tmp: Path) -> dict[st
         for i in range(n_send):
             t.send("result", payloads[i % len(payloads)])
         send_s = time.perf_counter() - t0
+        n_many = min(SEND_MANY_ROWS, rows - n_send)
         t0 = time.perf_counter()
-        left = rows - n_send
+        for a in range(0, n_many, SEND_MANY_CHUNK):
+            t.send_many([("result", payloads[j % len(payloads)]) for j in range(a, min(n_many, a + SEND_MANY_CHUNK))])
+        send_many_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        left = rows - n_send - n_many
         while left > 0:
             k = min(PUT_MANY_CHUNK, left)
             box.put_many([(topic, payloads[j % len(payloads)], True) for j in range(k)], replayed=True)
@@ -73,18 +80,20 @@ def drain(rows: int, payloads: list[bytes], batched: bool, tmp: Path) -> dict[st
     drain_s = t_empty - t_conn
     return {"mode": name, "rows": rows, "queued": queued, "drained": ok, "acked": stats["acked"],
             "messages": stats["messages"], "replayed": stats["replayed"],
-            "send_per_s": n_send / send_s, "put_many_per_s": (rows - n_send) / put_many_s if rows > n_send else None,
+            "send_per_s": n_send / send_s, "send_many_per_s": n_many / send_many_s if n_many else None,
+            "put_many_per_s": (rows - n_send - n_many) / put_many_s if rows > n_send + n_many else None,
             "reconnect_s": t_conn - t_back, "drain_s": drain_s, "drain_per_s": rows / drain_s,
             "back_to_empty_s": t_empty - t_back}
 
 
 def table(result: dict[str, Any]) -> str:
     lines = [f"== outbox drain after an outage ({result['rows']} results queued, mosquitto QoS 1)",
-             f"{'mode':<12}{'queue: send/s':>14}{'put_many/s':>12}{'reconnect_s':>12}{'drain_s':>9}"
+             f"{'mode':<12}{'queue: send/s':>14}{'send_many/s':>12}{'put_many/s':>12}{'reconnect_s':>12}{'drain_s':>9}"
              f"{'drain results/s':>17}{'messages':>10}  empty"]
     for c in result["cases"]:
         pm = f"{c['put_many_per_s']:.0f}" if c["put_many_per_s"] else "-"
-        lines.append(f"{c['mode']:<12}{c['send_per_s']:>14.0f}{pm:>12}{c['reconnect_s']:>12.2f}"
+        sm = f"{c['send_many_per_s']:.0f}" if c.get("send_many_per_s") else "-"
+        lines.append(f"{c['mode']:<12}{c['send_per_s']:>14.0f}{sm:>12}{pm:>12}{c['reconnect_s']:>12.2f}"
                      f"{c['drain_s']:>9.2f}{c['drain_per_s']:>17.0f}{c['messages']:>10}  {c['drained']}")
     for c in result["cases"]:
         lines.append(f"{c['mode']}: drain {c['drain_per_s']:.0f} results/s, target >= 20,000: "

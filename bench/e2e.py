@@ -7,11 +7,17 @@ Cases (one broker, started here from deploy/mosquitto/test.conf; one run, same p
   paho bare       the baseline without us: paho publishes the same result payloads at QoS 1, no outbox
                   (waits for every PUBACK at the end); at most max_inflight messages in flight.
   transport       edgekit.transport.Transport.send of ready payloads: outbox write, publisher thread, PUBACK
-                  deletes; per-result (batch_interval_s=0) and batched (batch_interval_s=0.05, max_batch=500).
-  agent           the whole agent loop minus the source: samples -> Windower -> Agent.process (features,
-                  models, gate, JSON, outbox) -> Transport -> mosquitto -> PUBACK; per-result and batched.
-Rates count from the first send to the last PUBACK (flush returned, outbox empty). Latency: each outbox
-row's insert time to the PUBACK that deleted it (the sample->insert part is Agent.process, bench 1).
+                  deletes; per-result (batch_interval_s=0) and batched (batch_interval_s=0.05, max_batch=500);
+                  batched also with Transport.send_many of 500 payloads per call (one transaction each).
+  agent           the agent's real path: Agent.run over a replay file at speed 0 (the recorded windows' rows
+                  written in the task's file format): ReplayReader blocks -> Windower.push_many ->
+                  Agent.process_many (features, models, gate, JSON, one outbox transaction per call) ->
+                  Transport -> mosquitto -> PUBACK; per-result, batched, and per-result with the gate off.
+  agent per-window the loop before blocks, for comparison in the same run: Sample list -> Windower.push ->
+                  Agent.process per window.
+Rates count from the first send (Agent.run called) to the last PUBACK (flush returned, outbox empty); the
+agent's "loop" rate ends at its last outbox write. Latency: each outbox row's insert time to the PUBACK that
+deleted it (the sample->insert part is Agent.process, bench 1).
 Targets: >= 5,000 windows/s per-result; >= 50,000 results/s batched.
 """
 
@@ -121,26 +127,32 @@ def paho_bare(url_port: int, payloads: list[bytes], n: int) -> dict[str, Any]:
 
 
 def transport_only(url: str, payloads: list[bytes], n: int, batched: bool, tmp: Path,
-                   rate_per_s: float | None = None) -> dict[str, Any]:
-    """As fast as send() goes, or paced at `rate_per_s` (latency below saturation, not queueing delay)."""
+                   rate_per_s: float | None = None, per_call: int = 1) -> dict[str, Any]:
+    """As fast as send() goes, or paced at `rate_per_s` (latency below saturation, not queueing delay);
+    per_call > 1: send_many of that many payloads per call."""
     from edgekit.outbox import Outbox
     from edgekit.transport import Transport
 
-    box = Outbox(tmp / f"transport-{int(batched)}-{rate_per_s or 0}.db")
+    box = Outbox(tmp / f"transport-{int(batched)}-{rate_per_s or 0}-{per_call}.db")
     clock = Clock(box)
-    t = Transport(url, site="bench", device=f"tr{int(batched)}{'p' if rate_per_s else ''}", outbox=box, max_inflight=MAX_INFLIGHT,
-                  batch_interval_s=BATCH_INTERVAL_S if batched else 0.0, max_batch=MAX_BATCH)
+    t = Transport(url, site="bench", device=f"tr{int(batched)}{'p' if rate_per_s else ''}{per_call}", outbox=box,
+                  max_inflight=MAX_INFLIGHT, batch_interval_s=BATCH_INTERVAL_S if batched else 0.0,
+                  max_batch=MAX_BATCH)
     try:
         deadline = time.monotonic() + 10
         while not t.connected and time.monotonic() < deadline:
             time.sleep(0.01)
         t0 = time.perf_counter()
-        for i in range(n):
-            if rate_per_s:
-                wait = t0 + i / rate_per_s - time.perf_counter()
-                if wait > 0:
-                    time.sleep(wait)
-            t.send("result", payloads[i % len(payloads)])
+        if per_call > 1:
+            for a in range(0, n, per_call):
+                t.send_many([("result", payloads[i % len(payloads)]) for i in range(a, min(n, a + per_call))])
+        else:
+            for i in range(n):
+                if rate_per_s:
+                    wait = t0 + i / rate_per_s - time.perf_counter()
+                    if wait > 0:
+                        time.sleep(wait)
+                t.send("result", payloads[i % len(payloads)])
         sent_s = time.perf_counter() - t0
         ok = t.flush(300)
         elapsed = time.perf_counter() - t0
@@ -152,41 +164,53 @@ def transport_only(url: str, payloads: list[bytes], n: int, batched: bool, tmp: 
     mode = f"batched ({BATCH_INTERVAL_S}s, <= {MAX_BATCH}/msg)" if batched else "per-result"
     if rate_per_s:
         mode += f" paced at {rate_per_s:.0f}/s"
+    if per_call > 1:
+        mode += f", send_many x{per_call}"
     return {"case": f"transport {mode}", "results": n, "messages": stats["messages"], "seconds": elapsed,
             "send_seconds": sent_s, "send_per_s": n / sent_s, "results_per_s": n / elapsed, "drained": ok, "acked": stats["acked"],
             "p50_ms": common.pct(lat, 50), "p99_ms": common.pct(lat, 99), "latency": "outbox insert to PUBACK"}
 
 
-def agent_loop(url: str, bundle: Path, samples: list[Any], batched: bool, tmp: Path,
-               gate: bool = True) -> dict[str, Any]:
-    from edgekit.agent import Agent
+def agent_config(url: str, bundle: Path, source: Path, batched: bool, tmp: Path, gate: bool, tag: str) -> Any:
     from edgekit.config import AgentConfig, validate
-    from edgekit.window import Windower
 
-    cfg = validate(AgentConfig, {
-        "device_id": f"ag{int(batched)}{int(gate)}", "site": "bench", "bundle": str(bundle),
+    return validate(AgentConfig, {
+        "device_id": f"ag{int(batched)}{int(gate)}{tag}", "site": "bench", "bundle": str(bundle),
         "gate": {"enabled": gate},
-        "source": {"kind": "simulated", "generator": "pump"},
+        "source": {"kind": "replay", "path": str(source), "speed": 0},
         "mqtt": {"url": url, "batch_interval_s": BATCH_INTERVAL_S if batched else 0.0, "max_batch": MAX_BATCH,
                  "max_inflight": MAX_INFLIGHT},
-        "outbox": {"path": str(tmp / f"agent-{int(batched)}{int(gate)}.db")},
+        "outbox": {"path": str(tmp / f"agent-{int(batched)}{int(gate)}{tag}.db")},
         "runtime": {"intra_op_threads": 1},
     }, "bench/e2e.py")
-    with Agent(cfg) as agent:
+
+
+def agent_case(url: str, bundle: Path, source: Path, batched: bool, tmp: Path, gate: bool = True,
+               samples: list[Any] | None = None) -> dict[str, Any]:
+    """Agent.run over the replay file; with `samples`, the per-window loop over them instead."""
+    from edgekit.agent import Agent
+    from edgekit.window import Windower
+
+    tag = "w" if samples is not None else ""
+    with Agent(agent_config(url, bundle, source, batched, tmp, gate, tag)) as agent:
         clock = Clock(agent.outbox)
         deadline = time.monotonic() + 10
         while not agent.transport.connected and time.monotonic() < deadline:
             time.sleep(0.01)
-        inp = agent.manifest.input
-        windower = Windower(int(inp.window_size), int(inp.window_hop), len(inp.channels))
         t0 = time.perf_counter()
-        for s in samples:
-            w = windower.push(s)
-            if w is not None:
-                agent.process(w)
-        loop_s = time.perf_counter() - t0
-        ok = agent.transport.flush(300)
+        if samples is None:
+            summary = agent.run(drain_timeout_s=300)
+            ok = summary.queued == 0
+        else:
+            inp = agent.manifest.input
+            windower = Windower(int(inp.window_size), int(inp.window_hop), len(inp.channels))
+            for s in samples:
+                w = windower.push(s)
+                if w is not None:
+                    agent.process(w)
+            ok = agent.transport.flush(300)
         elapsed = time.perf_counter() - t0
+        loop_s = max(clock.inserted.values()) - t0
         stats = agent.transport.stats()
         windows = agent.counters.windows
         deferred = agent.counters.deferred
@@ -194,52 +218,87 @@ def agent_loop(url: str, bundle: Path, samples: list[Any], batched: bool, tmp: P
     mode = f"batched ({BATCH_INTERVAL_S}s, <= {MAX_BATCH}/msg)" if batched else "per-result"
     if not gate:
         mode += ", gate off (no reviews)"
-    return {"case": f"agent {mode}", "results": windows, "windows": windows, "deferred_reviews": deferred,
+    name = "agent per-window" if samples is not None else "agent"
+    return {"case": f"{name} {mode}", "results": windows, "windows": windows, "deferred_reviews": deferred,
             "messages": stats["messages"], "seconds": elapsed, "loop_seconds": loop_s,
-            "results_per_s": windows / elapsed, "send_per_s": windows / loop_s, "loop_windows_per_s": windows / loop_s, "drained": ok,
-            "acked": stats["acked"], "p50_ms": common.pct(lat, 50), "p99_ms": common.pct(lat, 99),
-            "latency": "outbox insert to PUBACK"}
+            "results_per_s": windows / elapsed, "send_per_s": windows / loop_s,
+            "loop_windows_per_s": windows / loop_s, "drained": ok, "acked": stats["acked"],
+            "p50_ms": common.pct(lat, 50), "p99_ms": common.pct(lat, 99), "latency": "outbox insert to PUBACK",
+            "path": ("Sample list -> Windower.push -> Agent.process" if samples is not None
+                     else "Agent.run: replay speed 0 -> push_many -> process_many")}
 
 
-def stream_samples(bundle: Path, windows_wanted: int) -> list[Any]:
-    """Recorded samples, enough for `windows_wanted` windows (recordings concatenated and repeated)."""
+def stream_rows(bundle: Path, windows_wanted: int) -> np.ndarray:
+    """Recorded rows (T, C), enough for `windows_wanted` windows (recordings concatenated and repeated)."""
     from edgekit.manifest import load_bundle
-    from edgekit.values import Sample
 
     inp = load_bundle(bundle).input
     base = common.real_windows(bundle, n=64)  # (64, size, C) recorded windows; their rows are the stream
     rows = base.reshape(-1, base.shape[2])
     need = int(inp.window_size) + (windows_wanted - 1) * int(inp.window_hop)
     reps = int(np.ceil(need / len(rows)))
-    stream = np.tile(rows, (reps, 1))[:need]
-    period = 1.0 / float(inp.rate_hz or 1.0)
-    return [Sample(i * period, stream[i]) for i in range(need)]
+    return np.tile(rows, (reps, 1))[:need]
+
+
+def stream_samples(bundle: Path, rows: np.ndarray) -> list[Any]:
+    """The rows as Samples on the replay file's clock (row / rate_hz)."""
+    from edgekit.manifest import load_bundle
+    from edgekit.values import Sample
+
+    rate = float(load_bundle(bundle).input.rate_hz or 1.0)
+    return [Sample(i / rate, rows[i]) for i in range(len(rows))]
+
+
+def write_replay_file(bundle: Path, rows: np.ndarray, path: Path) -> Path:
+    """The rows as a recording the replay source reads (SKAB csv or IPOL txt); floats round-trip exactly."""
+    from datetime import datetime, timedelta
+
+    from edgekit.manifest import load_bundle
+
+    m = load_bundle(bundle)
+    channels = list(m.input.channels)
+    cells = [";".join(repr(float(v)) for v in row) for row in rows]
+    if m.task.startswith("skab"):
+        t0 = datetime(2020, 1, 1)
+        step = timedelta(seconds=1.0 / float(m.input.rate_hz or 1.0))
+        lines = ["datetime;" + ";".join(channels)]
+        lines += [f"{(t0 + i * step).isoformat(sep=' ')};{c}" for i, c in enumerate(cells)]
+    else:
+        lines = [f"Acquisition frequency: {float(m.input.rate_hz):g} Hz", "PacketCounter\t" + "\t".join(channels)]
+        lines += [f"{i % 65536}\t" + c.replace(";", "\t") for i, c in enumerate(cells)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def table(result: dict[str, Any]) -> str:
     lines = [f"== e2e through mosquitto (QoS 1, TCP_NODELAY, max_inflight {MAX_INFLIGHT}), task "
              f"{result['task']}",
-             f"{'case':<50}{'results':>8}{'msgs':>7}{'send/s':>8}{'results/s':>10}{'p50_ms':>8}{'p99_ms':>8}"
+             f"{'case':<56}{'results':>8}{'msgs':>7}{'send/s':>8}{'results/s':>10}{'p50_ms':>8}{'p99_ms':>8}"
              "  latency",
              "(send/s: how fast results went into the outbox; results/s: first send to last PUBACK)"]
     for c in result["cases"]:
-        lines.append(f"{c['case']:<50}{c['results']:>8}{c['messages']:>7}{c['send_per_s']:>8.0f}"
+        lines.append(f"{c['case']:<56}{c['results']:>8}{c['messages']:>7}{c['send_per_s']:>8.0f}"
                      f"{c['results_per_s']:>10.0f}{c['p50_ms']:>8.2f}{c['p99_ms']:>8.2f}  {c['latency']}")
     for c in result["cases"]:
         if "loop_windows_per_s" in c:
-            lines.append(f"  {c['case']}: agent loop alone {c['loop_windows_per_s']:.0f} windows/s "
-                         f"(samples->windower->process->outbox), {c['deferred_reviews']} deferred reviews sent too")
-    by = {c["case"].split(" (")[0]: c for c in result["cases"]}
-    a1, ab = by.get("agent per-result"), by.get("agent batched")
-    t1, tb = by.get("transport per-result"), by.get("transport batched")
+            lines.append(f"  {c['case']}: {c['results_per_s']:.0f} windows/s end to end, loop alone "
+                         f"{c['loop_windows_per_s']:.0f} windows/s ({c['path']}), {c['deferred_reviews']} "
+                         "deferred reviews sent too")
+    by = {c["case"]: c for c in result["cases"]}
+    batch = f"batched ({BATCH_INTERVAL_S}s, <= {MAX_BATCH}/msg)"
+    a1, ab = by.get("agent per-result"), by.get(f"agent {batch}")
+    t1, tb, tm = (by.get("transport per-result"), by.get(f"transport {batch}"),
+                  by.get(f"transport {batch}, send_many x{MAX_BATCH}"))
     if a1 and t1:
         lines.append(f"per-result: agent {a1['results_per_s']:.0f} windows/s, transport alone "
                      f"{t1['results_per_s']:.0f} results/s; target >= 5,000 windows/s: "
                      f"{common.verdict(a1['results_per_s'] >= 5000)}")
-    if ab and tb:
-        lines.append(f"batched: transport {tb['results_per_s']:.0f} results/s, agent {ab['results_per_s']:.0f} "
-                     f"windows/s; target >= 50,000 results/s: {common.verdict(tb['results_per_s'] >= 50000)}"
-                     f" (transport), {common.verdict(ab['results_per_s'] >= 50000)} (agent)")
+    if ab and tb and tm:
+        lines.append(f"batched: transport {tb['results_per_s']:.0f} results/s (send), {tm['results_per_s']:.0f} "
+                     f"(send_many), agent {ab['results_per_s']:.0f} windows/s; target >= 50,000 results/s: "
+                     f"{common.verdict(tb['results_per_s'] >= 50000)} (send), "
+                     f"{common.verdict(tm['results_per_s'] >= 50000)} (send_many), "
+                     f"{common.verdict(ab['results_per_s'] >= 50000)} (agent)")
     return "\n".join(lines)
 
 
@@ -253,19 +312,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     common.setup_logging()
     bundle = common.ensure_bundle(args.task)
     payloads = sample_payloads(bundle, common.real_windows(bundle, n=64), 64)
-    samples = stream_samples(bundle, args.windows)
+    rows = stream_rows(bundle, args.windows)
     cases = []
     with tempfile.TemporaryDirectory(prefix="bench-e2e-") as tmp_s:
         tmp = Path(tmp_s)
+        replay = write_replay_file(bundle, rows, tmp / ("stream.csv" if args.task == "skab" else "stream_lb.txt"))
         with Mosquitto(tmp / "broker") as broker:
             per_result_n = min(args.results, 20000)
             cases.append(paho_bare(broker.port, payloads, per_result_n))
             cases.append(transport_only(broker.url, payloads, per_result_n, False, tmp))
             cases.append(transport_only(broker.url, payloads, 3000, False, tmp, rate_per_s=1000))
             cases.append(transport_only(broker.url, payloads, args.results, True, tmp))
-            cases.append(agent_loop(broker.url, bundle, samples, False, tmp))
-            cases.append(agent_loop(broker.url, bundle, samples, True, tmp))
-            cases.append(agent_loop(broker.url, bundle, samples, False, tmp, gate=False))
+            cases.append(transport_only(broker.url, payloads, args.results, True, tmp, per_call=MAX_BATCH))
+            cases.append(agent_case(broker.url, bundle, replay, False, tmp))
+            cases.append(agent_case(broker.url, bundle, replay, True, tmp))
+            cases.append(agent_case(broker.url, bundle, replay, False, tmp, gate=False))
+            cases.append(agent_case(broker.url, bundle, replay, False, tmp, samples=stream_samples(bundle, rows)))
             for c in cases:
                 print(f"  {c['case']}: {c['results_per_s']:.0f} results/s", flush=True)
     result = {"benchmark": "e2e", "task": args.task, "machine": common.machine(),
