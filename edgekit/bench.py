@@ -261,7 +261,7 @@ def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = 
     labels = {
         "features": f"features ({inp.extractor})",
         "normalise": "normalise (features" + (", window)" if uses_window else ")"),
-        "floor": f"floor: bare onnxruntime runs ({len(run_list)} models)",
+        "floor": f"floor: bare onnxruntime runs ({len(run_list)} models, io binding)",
         "gate_decide": "gate.decide",
         "edge_path": "edge path: features+normalise+models+gate",
         "agent_process": "agent.process: + result JSON + outbox write",
