@@ -14,6 +14,7 @@ the common failure.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 import threading
@@ -136,13 +137,11 @@ class Outbox:
         db = self._conn()
         db.execute("BEGIN IMMEDIATE")
         try:
-            flag = int(replayed)  # a literal 0 or 1 in the SQL, never user input
             for a in range(0, len(items), _ROWS_PER_INSERT):
                 chunk = items[a:a + _ROWS_PER_INSERT]
                 params = [x for topic, payload, batchable in chunk for x in (topic, payload, int(batchable))]
-                db.execute("INSERT INTO outbox (topic, payload, batchable, replayed) VALUES "
-                           + ",".join([f"(?, ?, ?, {flag})"] * len(chunk)), params)
-            last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+                cur = db.execute(_insert_sql(len(chunk), bool(replayed)), params)
+            last = cur.lastrowid  # the statement's last row
             ids = list(range(last - len(items) + 1, last + 1))
             rows = db.execute("UPDATE meta SET value = value + ? WHERE key = 'rows' RETURNING value",
                               (len(items),)).fetchone()[0]
@@ -249,6 +248,13 @@ class Outbox:
 
     def journal_mode(self) -> str:
         return str(self._conn().execute("PRAGMA journal_mode").fetchone()[0])
+
+
+@functools.lru_cache(maxsize=2 * _ROWS_PER_INSERT)
+def _insert_sql(rows: int, replayed: bool) -> str:
+    """INSERT of `rows` rows of (topic, payload, batchable); `replayed` is a literal 0 or 1, never user input."""
+    return ("INSERT INTO outbox (topic, payload, batchable, replayed) VALUES "
+            + ",".join([f"(?, ?, ?, {int(replayed)})"] * rows))
 
 
 def _runs(ids: list[int]) -> list[tuple[int, int]]:
