@@ -19,7 +19,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -228,6 +228,18 @@ class Outbox:
             "SELECT id, topic, payload, batchable, replayed FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
             (after_id, limit))
         return [OutboxRow(i, t, p, bool(b), bool(r)) for i, t, p, b, r in cur]
+
+    def iter_pending(self, limit: int, *, after_id: int = 0) -> Iterator[OutboxRow]:
+        """The rows `pending` returns, read from SQLite only as they are consumed (a reader that stops early
+        reads nothing more). Close the iterator when done: until then it holds a read snapshot."""
+        cur = self._conn().execute(
+            "SELECT id, topic, payload, batchable, replayed FROM outbox WHERE id > ? ORDER BY id LIMIT ?",
+            (after_id, limit))
+        try:
+            for i, t, p, b, r in cur:
+                yield OutboxRow(i, t, p, bool(b), bool(r))
+        finally:
+            cur.close()
 
     def backlog(self) -> int:
         """Rows queued and not yet acknowledged (O(1): a counter kept in the meta table)."""

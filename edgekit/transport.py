@@ -20,6 +20,7 @@ import ssl
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import unquote, urlsplit
@@ -405,29 +406,33 @@ class Transport:
             if free <= 0:
                 return
             limit = min(_READ_CHUNK, free * self._max_batch) if batching else free
-            rows = self.outbox.pending(limit, after_id=self._cursor)
-            if not rows:
-                break
-            i, n, sent = 0, len(rows), 0
-            while i < n and free > 0:
-                row = rows[i]
-                if batching and row.batchable:
-                    j = i + 1
-                    while j < n and j - i < self._max_batch and rows[j].batchable and rows[j].topic == row.topic:
-                        j += 1
-                    if j == n and j - i < self._max_batch and not flush_partial:
-                        break  # a partial batch at the end of the queue waits for more rows or the tick
-                    flushed_partial = flushed_partial or j - i < self._max_batch
-                    chunk = rows[i:j]
-                    payload = topics.batch(self.site, self.device, [_body(r) for r in chunk])
-                    self._publish(row.topic, payload, chunk)
-                    i = j
-                else:
-                    self._publish(row.topic, _body(row), rows[i:i + 1])
-                    i += 1
-                free -= 1
-                sent += 1
-            if sent == 0 or i < n:
+            # Rows are read as they are published: a window that fills after `free` reviews has read free + 1
+            # rows, not `limit` (5,000 rows of 7 KB reviews per pass, re-read each pass, stalled the drain).
+            with closing(self.outbox.iter_pending(limit, after_id=self._cursor)) as rows:
+                row = next(rows, None)
+                if row is None:
+                    break
+                sent, waiting = 0, False
+                while row is not None and free > 0:
+                    if batching and row.batchable:
+                        chunk = [row]
+                        row = next(rows, None)
+                        while (row is not None and len(chunk) < self._max_batch and row.batchable
+                               and row.topic == chunk[0].topic):
+                            chunk.append(row)
+                            row = next(rows, None)
+                        if row is None and len(chunk) < self._max_batch and not flush_partial:
+                            waiting = True  # a partial batch at the end of the queue waits for more rows or the tick
+                            break
+                        flushed_partial = flushed_partial or len(chunk) < self._max_batch
+                        payload = topics.batch(self.site, self.device, [_body(r) for r in chunk])
+                        self._publish(chunk[0].topic, payload, chunk)
+                    else:
+                        self._publish(row.topic, _body(row), [row])
+                        row = next(rows, None)
+                    free -= 1
+                    sent += 1
+            if sent == 0 or waiting or row is not None:
                 break  # window full, or a partial batch is waiting
         if flushed_partial or (batching and now >= self._next_tick):
             self._next_tick = now + self._batch_interval_s

@@ -156,3 +156,17 @@ def test_put_many_ids_are_the_rows_ids_in_order(tmp_path: Path) -> None:
     with Outbox(path, max_rows=1000) as ob:
         again = ob.put_many([(T, b'{"k":1}', True)] * 3)
         assert again[0] == more[-1] + 1 and [r.id for r in ob.pending(5000)][-3:] == again
+
+
+def test_iter_pending_reads_what_pending_reads_and_lets_go_when_closed(tmp_path: Path) -> None:
+    from contextlib import closing
+
+    with Outbox(tmp_path / "o.db") as ob:
+        ob.put_many([(T, f'{{"i":{i}}}'.encode(), i % 2 == 0) for i in range(30)])
+        assert list(ob.iter_pending(20, after_id=5)) == ob.pending(20, after_id=5)
+        with closing(ob.iter_pending(30)) as rows:
+            assert next(rows).payload == b'{"i":0}'  # stop early: the rest is never read
+        ob.ack([r.id for r in ob.pending(10)])
+        with sqlite3.connect(tmp_path / "o.db") as raw:  # no snapshot left open: a full checkpoint completes
+            busy, _, _ = raw.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+        assert busy == 0 and ob.backlog() == 20
