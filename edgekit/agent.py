@@ -5,12 +5,15 @@ The only module that wires the stages together. Never imports torch (tests/test_
 What a crash can lose: samples read but not yet in a completed window, and windows completed but not yet
 written (at most one source block, <= 2,048 samples at replay speed 0; one window when paced) are lost like
 unread samples; replay the source to get them back. Whatever `process_many` has written (one outbox
-transaction per call) survives a crash or SIGKILL and is published at least once.
+transaction per call) survives a crash or SIGKILL and is published at least once. With a gait bundle the
+current trial's samples (at most MAX_TRIAL_S) are also lost by a crash: its summary is sent only when the
+source ends, on a clean stop, or when the trial reaches MAX_TRIAL_S.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import Counter
@@ -37,6 +40,13 @@ SEQ_BLOCK = 1024  # result sequence numbers reserved per outbox write (a gap aft
 # falling (bench/README.md: edge path 267 -> 70 -> 48 us at 1, 8, 64 windows), and this bounds one outbox
 # transaction (skab: a 722-byte result and a 7.2 KB review per deferred window, <= 2 MB at 256 windows).
 MAX_WINDOWS_PER_CALL = 256
+# Longest trial kept for gait.segment (issue 3: still / walk / turn, steps, cadence of a TUG-like trial).
+# A TUG takes 7-30 s; 300 s at 100 Hz is 30k rows x 6 channels (1.4 MB). A longer stream (a live source)
+# is cut here: the full buffer is segmented and sent as one trial (closed_by "max_duration"), and the next
+# sample starts a new trial, so memory stays bounded and no sample goes unsegmented.
+MAX_TRIAL_S = 300.0
+FULL = "max_duration"  # closed_by of a trial cut at MAX_TRIAL_S
+GAIT_CHANNELS = 6  # gait.segment reads acc xyz (m/s^2) then gyr xyz (rad/s)
 
 
 @dataclass
@@ -82,6 +92,40 @@ def _downsample_many(windows: list[np.ndarray], points: int) -> list[list[list[f
     if windows and all(w.shape == windows[0].shape for w in windows) and windows[0].shape[0] <= points:
         return np.round(np.stack(windows).transpose(0, 2, 1), 5).tolist()
     return [_downsample(w, points) for w in windows]
+
+
+class TrialBuffer:
+    """The current trial's samples, at most `max_rows`; `push_many` returns each trial that filled it."""
+
+    def __init__(self, max_rows: int, channels: int) -> None:
+        if max_rows < 1:
+            raise ValueError(f"max_rows must be >= 1 (got {max_rows})")
+        self.max_rows = max_rows
+        self._t = np.empty(max_rows, dtype=np.float64)
+        self._values = np.empty((max_rows, channels), dtype=np.float64)
+        self._n = 0
+
+    def __len__(self) -> int:
+        return self._n
+
+    def push_many(self, t_s: np.ndarray, values: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        full = []
+        i = 0
+        while i < len(t_s):
+            k = min(self.max_rows - self._n, len(t_s) - i)
+            self._t[self._n:self._n + k] = t_s[i:i + k]
+            self._values[self._n:self._n + k] = values[i:i + k]
+            self._n += k
+            i += k
+            if self._n == self.max_rows:
+                full.append(self.take())
+        return full
+
+    def take(self) -> tuple[np.ndarray, np.ndarray]:
+        """(t_s, values) of the samples kept so far, copied; the buffer starts a new trial."""
+        out = self._t[:self._n].copy(), self._values[:self._n].copy()
+        self._n = 0
+        return out
 
 
 class Agent:
@@ -252,6 +296,71 @@ class Agent:
                                  "points": points}
             reviews.append(("review", topics.encode(payload)))
 
+    def _trial_buffer(self, channels: int) -> TrialBuffer | None:
+        """A buffer for the trial's samples when the bundle reads gait (input.extractor), else None."""
+        m = self.manifest
+        if m.input.extractor != "gait":
+            return None
+        if channels != GAIT_CHANNELS or not m.input.rate_hz:
+            log.warning("agent.trial_off reason=gait.segment needs %d channels (acc xyz, gyr xyz) and a rate "
+                        "(bundle has %d channels, rate_hz=%s)", GAIT_CHANNELS, channels, m.input.rate_hz)
+            return None
+        return TrialBuffer(max(1, int(MAX_TRIAL_S * float(m.input.rate_hz))), channels)
+
+    def trial_payload(self, t_s: np.ndarray, values: np.ndarray, closed_by: str) -> dict[str, Any]:
+        """Segment one trial's samples (gait.segment) into its summary payload, and log it in one line.
+
+        Times of the walk, turn and steps are seconds from the trial's first sample (`trial.start_s` in
+        source time). No walk found: `reason`, steps 0 and the walk/turn times null. Segmentation refused
+        (fewer than 4 s of samples): `error` with its message, no segmentation fields.
+        """
+        from edgekit import gait
+
+        rate = float(self.manifest.input.rate_hz or 1.0)
+        seq = self._next_seq()
+        payload: dict[str, Any] = {
+            "schema": topics.SCHEMA_TRIAL,
+            "id": topics.result_id(self.cfg.device_id, seq),
+            "seq": seq,
+            "site": self.cfg.site,
+            "device": self.cfg.device_id,
+            "ts": time.time(),
+            "model_version": self.model_version,
+            "task": self.manifest.task,
+            "trial": {"start_s": float(t_s[0]) if len(t_s) else None,
+                      "end_s": float(t_s[-1]) if len(t_s) else None,
+                      "samples": int(len(t_s)), "rate_hz": rate, "closed_by": closed_by},
+        }
+
+        def num(x: float) -> float | None:
+            return float(x) if math.isfinite(x) else None
+
+        try:
+            seg = gait.segment(values, rate)
+        except ValueError as exc:
+            payload["error"] = str(exc)
+            log.warning("agent.trial id=%s samples=%d closed_by=%s error=%s", payload["id"], len(t_s),
+                        closed_by, exc)
+        else:
+            payload.update({
+                "walk_start_s": num(seg.walk_start_s), "walk_end_s": num(seg.walk_end_s),
+                "turn_start_s": num(seg.turn_start_s), "turn_end_s": num(seg.turn_end_s),
+                "steps": seg.steps, "cadence_spm": num(seg.cadence_spm),
+                "phase_s": {k: num(v) for k, v in seg.phase_s.items()},
+                "step_times_s": np.round(seg.step_times_s, 3).tolist(),
+            })
+            if payload["walk_start_s"] is None:
+                payload["reason"] = "no walk: activity never rose above still standing"
+            elif payload["turn_start_s"] is None:
+                payload["reason"] = "no turn: the walk never turned by 90 degrees"
+            cadence = "none" if payload["cadence_spm"] is None else f"{payload['cadence_spm']:.1f}"
+            log.info("agent.trial id=%s samples=%d closed_by=%s walk_start_s=%s walk_end_s=%s "
+                     "turn_start_s=%s turn_end_s=%s steps=%d cadence_spm=%s reason=%s", payload["id"],
+                     len(t_s), closed_by, payload["walk_start_s"], payload["walk_end_s"],
+                     payload["turn_start_s"], payload["turn_end_s"], seg.steps, cadence,
+                     payload.get("reason", "none"))
+        return payload
+
     def metrics(self) -> dict[str, Any]:
         c = self.counters
         stats = self.transport.stats()
@@ -270,6 +379,8 @@ class Agent:
 
         Sample blocks (replay or simulation at speed 0) go through `Windower.push_many` and the windows
         they complete through `process_many`; single samples (paced or live sources) through `push`.
+        With a gait bundle the same samples also fill a `TrialBuffer`, segmented and sent as one trial
+        when the source ends or stop is set (and whenever it reaches MAX_TRIAL_S).
         """
         from edgekit.source import open_source
         from edgekit.window import Windower
@@ -281,6 +392,7 @@ class Agent:
             idx = self._check_channels(tuple(source.channels))
             windower = Windower(size, hop, len(idx))
             select = None if idx == list(range(len(source.channels))) else np.asarray(idx)
+            trial = self._trial_buffer(len(idx))
             next_metrics = time.monotonic() + self.cfg.metrics_interval_s
             log.info("agent.start device=%s site=%s bundle=%s source=%s broker=%s", self.cfg.device_id,
                      self.cfg.site, self.cfg.bundle, self.cfg.source.kind, self.cfg.mqtt.url or "none")
@@ -299,6 +411,9 @@ class Agent:
                     self.counters.samples += len(item)
                     values = item.values if select is None else item.values[:, select]
                     windows = windower.push_many(item.t_s, values)
+                    if trial is not None:
+                        for t_s, v in trial.push_many(item.t_s, values):
+                            self.transport.send("trial", topics.encode(self.trial_payload(t_s, v, FULL)))
                     for a in range(0, len(windows), MAX_WINDOWS_PER_CALL):
                         self.process_many(windows[a:a + MAX_WINDOWS_PER_CALL])
                 else:
@@ -307,11 +422,19 @@ class Agent:
                     window = windower.push(sample)
                     if window is not None:
                         self.process(window)
+                    if trial is not None:
+                        for t_s, v in trial.push_many(np.array([sample.t_s]), sample.values[None]):
+                            self.transport.send("trial", topics.encode(self.trial_payload(t_s, v, FULL)))
                 now = time.monotonic()
                 if now >= next_metrics:
                     self._publish_metrics()
                     next_metrics = now + self.cfg.metrics_interval_s
-        self._publish_metrics()
+        # The trial's summary and the final metrics: one outbox transaction.
+        last: list[tuple[SendKind, bytes]] = []
+        if trial is not None and len(trial):
+            closed_by = "stop" if self.stop.is_set() else "end"
+            last.append(("trial", topics.encode(self.trial_payload(*trial.take(), closed_by))))
+        self.transport.send_many([*last, ("metrics", topics.encode(self.metrics()))])
         if self.cfg.mqtt.url:
             self.transport.flush(drain_timeout_s)
         stats = self.transport.stats()

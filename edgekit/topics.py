@@ -1,12 +1,14 @@
 """The MQTT contract: every topic and payload schema edgekit speaks is built and parsed here, and only here.
 
-Topics: edgekit/v1/{site}/{device}/{result|review|status|metrics}. Payloads are JSON objects with a
+Topics: edgekit/v1/{site}/{device}/{result|review|status|metrics|trial}. Payloads are JSON objects with a
 `schema` field "edgekit.<kind>/<version>". Must not import paho, onnxruntime or torch.
 
     result   one result, or a batch {"schema": "edgekit.result-batch/1", "results": [...]}   QoS 1
     review   a deferred result plus its features and a downsampled signal                     QoS 1
     status   retained {"state": "online"|"offline", ...}; "offline" is also the last will     QoS 1
     metrics  counters: windows, accepted, deferred, quarantined, published, queued, dropped   QoS 1
+    trial    gait bundles only: one summary per trial (edgekit.gait.segment: walk and turn      QoS 1
+             times, phase durations, steps, cadence), or its `error` / `reason`
 """
 
 from __future__ import annotations
@@ -19,15 +21,16 @@ import orjson
 from edgekit.errors import DataError
 
 PREFIX = "edgekit/v1"
-KINDS = ("result", "review", "status", "metrics")
-Kind = Literal["result", "review", "status", "metrics"]
+KINDS = ("result", "review", "status", "metrics", "trial")
+Kind = Literal["result", "review", "status", "metrics", "trial"]
 
 SCHEMA_RESULT = "edgekit.result/1"
 SCHEMA_RESULT_BATCH = "edgekit.result-batch/1"
 SCHEMA_REVIEW = "edgekit.review/1"
 SCHEMA_STATUS = "edgekit.status/1"
 SCHEMA_METRICS = "edgekit.metrics/1"
-SCHEMAS = {SCHEMA_RESULT, SCHEMA_RESULT_BATCH, SCHEMA_REVIEW, SCHEMA_STATUS, SCHEMA_METRICS}
+SCHEMA_TRIAL = "edgekit.trial/1"
+SCHEMAS = {SCHEMA_RESULT, SCHEMA_RESULT_BATCH, SCHEMA_REVIEW, SCHEMA_STATUS, SCHEMA_METRICS, SCHEMA_TRIAL}
 
 QOS = 1
 

@@ -35,8 +35,8 @@ from edgekit.outbox import Outbox, OutboxRow
 
 log = logging.getLogger(__name__)
 
-SendKind = Literal["result", "review", "metrics"]
-_SEND_KINDS = ("result", "review", "metrics")
+SendKind = Literal["result", "review", "metrics", "trial"]
+_SEND_KINDS = ("result", "review", "metrics", "trial")
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 # Rows read from the outbox per query while draining: bounds the publisher's memory whatever the backlog.
 _READ_CHUNK = 5000

@@ -3,6 +3,7 @@
 paho's network thread only queues messages; one writer thread decodes a batch, writes it in one
 transaction and only then acknowledges (manual PUBACK), so a crash loses nothing and a redelivery is a
 no-op (writes are idempotent by result id). Bad payloads are logged and acknowledged, never fatal.
+Trial summaries (gait bundles) are counted, logged and acknowledged but not stored yet (no table for them).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ class IngestStats:
     results: int = 0  # result objects received (a batch counts each), duplicates included
     new_results: int = 0  # rows created
     reviews: int = 0
+    trials: int = 0  # trial summaries received: acknowledged, not stored
     bad: int = 0
     batches: int = 0
 
@@ -120,6 +122,14 @@ def to_batch(messages: list[tuple[str, bytes]] | list[tuple[str, bytes, bool]], 
                 if old is None or old["ts"] <= m["ts"]:
                     out.metrics[(site, device)] = m
                 out.see(site, device, now)
+            elif tp.kind == "trial" and schema == topics.SCHEMA_TRIAL:
+                log.info("hub.trial site=%s device=%s id=%s steps=%s walk_start_s=%s walk_end_s=%s "
+                         "reason=%s stored=no", site, device, obj.get("id"), obj.get("steps"),
+                         obj.get("walk_start_s"), obj.get("walk_end_s"),
+                         obj.get("reason") or obj.get("error") or "none")
+                out.see(site, device, now)
+                if stats:
+                    stats.trials += 1
             else:
                 raise DataError(f"schema {schema!r} does not belong on a {tp.kind} topic")
         except DataError as exc:
@@ -229,8 +239,9 @@ class Ingest:
             props.SessionExpiryInterval = 0
         self.client.disconnect(properties=props)
         self.client.loop_stop()
-        log.info("hub.ingest_stopped messages=%d results=%d new=%d reviews=%d bad=%d", self.stats.messages,
-                 self.stats.results, self.stats.new_results, self.stats.reviews, self.stats.bad)
+        log.info("hub.ingest_stopped messages=%d results=%d new=%d reviews=%d trials=%d bad=%d",
+                 self.stats.messages, self.stats.results, self.stats.new_results, self.stats.reviews,
+                 self.stats.trials, self.stats.bad)
 
     def __enter__(self) -> Ingest:
         self.start()
