@@ -281,10 +281,12 @@ def device_detect(root: Path) -> None:
 @click.option("--username", default=None, help="Broker account (deploy/mosquitto/acl.example: 'hub').")
 @click.option("--password-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="File whose first line is the broker password (or set EDGEKIT_MQTT_PASSWORD).")
+@click.option("--secure-cookies", is_flag=True,
+              help="Send the session cookie over HTTPS only (set when a TLS proxy serves the review page).")
 @click.pass_context
 @handle_errors
 def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str, client_id: str | None,
-        username: str | None, password_file: Path | None) -> None:
+        username: str | None, password_file: Path | None, secure_cookies: bool) -> None:
     """Collect results from every device and serve the review station."""
     ctx.obj = {"db": db}
     if ctx.invoked_subcommand is not None:
@@ -300,7 +302,7 @@ def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str, c
     stop = stop_on_signals()
     click.echo(f"hub: broker {broker}, db {db}, review page http://{http}/" if http else "hub: ingest only")
     run_hub(broker, db, http or None, share_group=share_group, client_id=client_id, stop=stop,
-            username=username, password=password)
+            username=username, password=password, secure_cookies=secure_cookies)
 
 
 def _read_password(path: Path) -> str:

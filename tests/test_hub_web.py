@@ -206,3 +206,12 @@ def test_run_hub_says_when_its_web_port_is_taken(mosquitto, tmp_path):
         port = busy.getsockname()[1]
         with pytest.raises(TransportError, match="could not listen"):
             run_hub(mosquitto.url, f"sqlite:///{tmp_path / 'hub.db'}", http=f"127.0.0.1:{port}")
+
+
+def test_secure_cookies_are_sent_for_https_only(hub):
+    _, db, _ = hub
+    plain = TestClient(create_app(db), base_url="http://127.0.0.1").get("/login").headers["set-cookie"]
+    https = TestClient(create_app(db, secure_cookies=True), base_url="https://127.0.0.1").get("/login")
+    assert "secure" not in plain.lower()
+    cookie = https.headers["set-cookie"].lower()
+    assert "secure" in cookie and "httponly" in cookie and "samesite=strict" in cookie

@@ -54,7 +54,7 @@ def listen_socket(host: str, port: int) -> socket.socket:
 def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
             share_group: str = "edgekit-hub", client_id: str | None = None,
             stop: threading.Event | None = None, username: str | None = None,
-            password: str | None = None) -> None:
+            password: str | None = None, secure_cookies: bool = False) -> None:
     """Ingest (and, unless `http` is None, serve the review pages) until `stop` is set."""
     from edgekit.hub.ingest import Ingest
 
@@ -71,7 +71,7 @@ def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
                 from edgekit.hub.web import create_app
 
                 sock = listen_socket(*listen)
-                config = uvicorn.Config(create_app(db), host=listen[0], port=listen[1], log_level="warning",
+                config = uvicorn.Config(create_app(db, secure_cookies=secure_cookies), host=listen[0], port=listen[1], log_level="warning",
                                         access_log=False, lifespan="off")
                 server = uvicorn.Server(config)
                 thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hub-web",
