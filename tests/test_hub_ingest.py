@@ -1,5 +1,6 @@
 """Hub ingest against a real mosquitto: idempotent by result id across duplicates, batches, replayed
-resends after a broker outage, review/result merging, bad payloads, and two hubs on one shared subscription."""
+resends after a broker outage, review/result merging, gait trial summaries stored once, bad payloads, and two
+hubs on one shared subscription."""
 
 from __future__ import annotations
 
@@ -54,6 +55,24 @@ def review(res: dict[str, Any], n: int = 128) -> dict[str, Any]:
             "features": {"acc_rms": 1.0 + seq / 100, "gyro_rms": 0.5, "cadence_hz": 1.8},
             "signal": {"channels": ["acc_x", "acc_y", "gyro_z"], "rate_hz": 64.0, "start_s": res["window"]["start_s"],
                        "points": [[round(math.sin(i / 8 + c) * (c + 1), 4) for i in range(n)] for c in range(3)]}}
+
+
+def trial(device: str, seq: int, *, site: str = "lab", walk: bool = True) -> dict[str, Any]:
+    """A trial summary as the agent sends it (agent.trial_payload): a segmented TUG, or one with no walk."""
+    payload: dict[str, Any] = {
+        "schema": topics.SCHEMA_TRIAL, "id": topics.result_id(device, seq), "seq": seq, "site": site,
+        "device": device, "ts": 1_700_000_000.0 + seq, "model_version": "gait-cnn@3", "task": "classify",
+        "trial": {"start_s": 0.0, "end_s": 24.0, "samples": 2401, "rate_hz": 100.0, "closed_by": "end"},
+        "walk_start_s": 2.5, "walk_end_s": 19.25, "turn_start_s": 9.0, "turn_end_s": 11.5, "steps": 18,
+        "cadence_spm": 96.4,
+        "phase_s": {"still_before": 2.5, "walk_out": 6.5, "turn": 2.5, "walk_back": 7.75, "still_after": 4.75},
+        "step_times_s": [3.1, 3.7, 4.3],
+    }
+    if not walk:
+        payload.update({"walk_start_s": None, "walk_end_s": None, "turn_start_s": None, "turn_end_s": None,
+                        "steps": 0, "cadence_spm": None, "phase_s": {}, "step_times_s": [],
+                        "reason": "no walk: activity never rose above still standing"})
+    return payload
 
 
 def publisher(url_port: int, client_id: str = "test-pub") -> mqtt.Client:
@@ -212,6 +231,59 @@ def test_bad_payloads_are_logged_and_ingest_goes_on(mosquitto, tmp_path, caplog)
     assert len(bad) == 6, bad
     assert all("topic=edgekit/v1/lab/edge-2/re" in b and "reason=" in b for b in bad)
     assert any("not JSON" in b for b in bad) and any("id must be" in b for b in bad)
+
+
+@pytest.mark.broker
+def test_each_trial_stored_once_across_duplicates_and_replayed_resends(mosquitto, tmp_path):
+    db_url = f"sqlite:///{tmp_path / 'hub.db'}"
+    t = topics.topic("lab", "edge-1", "trial")
+    walked, still = trial("edge-1", 41), trial("edge-1", 83, walk=False)
+    refused = {**trial("edge-1", 90), "error": "a trial needs at least 4 s of samples (got 1.2 s)"}
+    for key in ("walk_start_s", "walk_end_s", "turn_start_s", "turn_end_s", "steps", "cadence_spm", "phase_s",
+                "step_times_s"):
+        refused.pop(key)
+    msgs = [(t, topics.encode(p)) for p in (walked, still, refused)]
+    with HubThread(mosquitto.url, db_url, client_id="hub-t"), HubDB(db_url) as db:
+        hub_listening(db_url, mosquitto.port)
+        pub = publisher(mosquitto.port)
+        # Duplicates in one batch, then plain and replayed redeliveries: three trials, each stored once.
+        publish_all(pub, msgs + msgs[:1])
+        publish_all(pub, msgs + [(tp, topics.mark_replayed(p)) for tp, p in msgs])
+        wait_for(lambda: db.count_trials() >= 3, what="3 trials")
+        time.sleep(0.5)
+        pub.disconnect()
+        pub.loop_stop()
+        assert db.count_trials() == 3 and db.count() == 0  # trials are not results
+        rows = db.trials()
+        assert [r["id"] for r in rows] == [refused["id"], still["id"], walked["id"]]  # newest first
+        by_id = {r["id"]: r for r in rows}
+        assert {(r["site"], r["device"]) for r in rows} == {("lab", "edge-1")}
+        assert by_id[walked["id"]]["ts"] == walked["ts"]
+        assert by_id[walked["id"]]["summary"]["phase_s"] == walked["phase_s"]
+        assert by_id[walked["id"]]["summary"]["steps"] == 18
+        assert by_id[still["id"]]["summary"]["reason"].startswith("no walk")
+        assert by_id[refused["id"]]["summary"]["error"].startswith("a trial needs")
+        assert "edge-1" in {d["device"] for d in db.fleet()}  # a trial counts as hearing from the device
+
+
+def test_a_redelivered_trial_stores_nothing_new_and_a_bad_one_is_refused(tmp_path, caplog):
+    from edgekit.hub.ingest import IngestStats
+
+    t = topics.topic("lab", "edge-5", "trial")
+    payload = topics.encode(trial("edge-5", 7))
+    with HubDB(f"sqlite:///{tmp_path / 'hub.db'}") as db:
+        db.create()
+        assert db.store(to_batch([(t, payload), (t, payload)], 1.0)).new_trials == 1
+        assert db.store(to_batch([(t, topics.mark_replayed(payload))], 2.0)).new_trials == 0
+        [row] = db.trials()
+        assert row["received_at"] == 1.0 and not row["summary"].get("replayed")  # the first copy is kept
+        stats = IngestStats()
+        caplog.set_level(logging.WARNING, logger="edgekit.hub")
+        bad = [{**trial("edge-5", 8), "steps": "many"}, {**trial("edge-5", 9), "ts": None},
+               {k: v for k, v in trial("edge-5", 10).items() if k != "id"}]
+        batch = to_batch([(t, topics.encode(p)) for p in bad], 3.0, stats)
+        assert not batch.trials and stats.bad == 3 and stats.trials == 0
+        assert db.count_trials() == 1
 
 
 def test_status_in_arrival_order_and_metrics_update_the_fleet(tmp_path):

@@ -10,7 +10,7 @@ import time
 import uuid
 
 import pytest
-from test_hub_ingest import hub_listening, publish_all, publisher, result, review, settled
+from test_hub_ingest import hub_listening, publish_all, publisher, result, review, settled, trial
 
 from edgekit import topics
 from edgekit.hub import add_user, export_labels, run_hub
@@ -69,6 +69,13 @@ def test_store_is_idempotent_and_merges_reviews_on_postgres(pg_url):
         assert db.count() == 10 and db.count("defer") == 2
         assert db.case(topics.result_id("edge-1", 10))["features"]["cadence_hz"] == 1.8
         assert not db.case(topics.result_id("edge-1", 1))["replayed"]
+        # Trial summaries: the same idempotent path (a redelivery in the batch and a replayed one later).
+        tt = topics.topic("lab", "edge-1", "trial")
+        summary = topics.encode(trial("edge-1", 11))
+        assert db.store(to_batch([(tt, summary), (tt, summary)], time.time())).new_trials == 1
+        assert db.store(to_batch([(tt, topics.mark_replayed(summary))], time.time())).new_trials == 0
+        [row] = db.trials()
+        assert row["id"] == topics.result_id("edge-1", 11) and row["summary"]["cadence_spm"] == 96.4
 
 
 @pytest.mark.broker

@@ -1,5 +1,6 @@
 """Review web app through FastAPI's TestClient on a real SQLite file: every page and API route refuses
-anonymous requests, login and CSRF, labelling with history, the queue's filters, and the label export."""
+anonymous requests, login and CSRF, labelling with history, the queue's filters, the label export, and the
+gait trials page."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 from starlette.routing import Route
-from test_hub_ingest import result, review
+from test_hub_ingest import result, review, trial
 
 from edgekit import topics
 from edgekit.hub import add_user, export_labels
@@ -39,6 +40,9 @@ def hub(tmp_path):
                                    dropped=1)))
         msgs.append((topics.topic("ward", "edge-2", "status"),
                      topics.status("ward", "edge-2", "offline", time.time() - 600, model_version="gait-cnn@2")))
+        msgs.append((topics.topic("lab", "edge-1", "trial"), topics.encode(trial("edge-1", 21))))
+        msgs.append((topics.topic("ward", "edge-2", "trial"), topics.encode(trial("edge-2", 22, site="ward",
+                                                                                     walk=False))))
         db.store(to_batch(msgs, time.time()))
         yield url, db, TestClient(create_app(db), base_url="http://127.0.0.1")
 
@@ -60,7 +64,7 @@ def test_every_page_and_api_route_refuses_anonymous_requests(hub):
     routes = [r for r in client.app.routes if isinstance(r, Route) and not any(r.path.startswith(o) for o in OPEN)]
     assert {r.path for r in routes} >= {"/", "/queue", "/fleet", "/cases/{result_id}", "/cases/{result_id}/label",
                                         "/api/cases", "/api/cases/{result_id}", "/api/cases/{result_id}/labels",
-                                        "/api/fleet", "/api/me", "/logout"}
+                                        "/api/fleet", "/api/me", "/logout", "/trials", "/api/trials"}
     checked = 0
     for route in routes:
         path = route.path.replace("{result_id}", case_id)
@@ -77,7 +81,7 @@ def test_every_page_and_api_route_refuses_anonymous_requests(hub):
                 assert r.status_code == 303, (method, path, r.status_code)
                 assert r.headers["location"].startswith("/login?next=")
             checked += 1
-    assert checked >= 11
+    assert checked >= 13
     with HubDB(_url) as db:
         assert db.case(case_id)["labels"] == []  # the anonymous POSTs stored nothing
     # A forged or stale cookie is no better than none.
@@ -175,6 +179,29 @@ def test_fleet_page_and_api(hub):
     assert r.headers["x-frame-options"] == "DENY" and "frame-ancestors 'none'" in r.headers["content-security-policy"]
     page = r.text
     assert 'class="state online"' in page and 'class="state offline"' in page and "gait-cnn@3" in page
+
+
+def test_trials_page_and_api_show_stored_trials_newest_first(hub):
+    _url, _db, client = hub
+    assert client.get("/api/trials").status_code == 401
+    r = client.get("/trials", follow_redirects=False)
+    assert r.status_code == 303 and r.headers["location"] == "/login?next=%2Ftrials"
+    login(client)
+    rows = client.get("/api/trials").json()["trials"]
+    assert [t["id"] for t in rows] == [topics.result_id("edge-2", 22), topics.result_id("edge-1", 21)]
+    walked = rows[1]
+    assert (walked["site"], walked["device"], walked["summary"]["steps"]) == ("lab", "edge-1", 18)
+    assert walked["summary"]["phase_s"]["walk_back"] == 7.75
+    assert [t["id"] for t in client.get("/api/trials", params={"device": "edge-1"}).json()["trials"]] == [walked["id"]]
+    page = client.get("/queue").text
+    assert 'href="/trials"' in page  # in the nav
+    page = client.get("/trials").text
+    assert page.count('<tr class="trial">') == 2
+    assert page.index("edge-2:000000000022") < page.index("edge-1:000000000021")
+    assert "96.4" in page and "2.50 – 19.25" in page and "9.00 – 11.50" in page  # cadence, walk, turn
+    assert "walk_out 6.50" in page and "still_after 4.75" in page
+    assert "no walk: activity never rose above still standing" in page
+    assert "2023-11-14 22:13:41 UTC" in page  # the trial's ts
 
 
 def test_passwords_are_salted_scrypt_hashes():

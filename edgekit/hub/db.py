@@ -1,8 +1,9 @@
-"""The hub's database: results (deferred ones are review cases), labels with history, reviewers, devices.
+"""The hub's database: results (deferred ones are review cases), labels with history, reviewers, devices,
+gait trial summaries.
 
 One code path for SQLite (default) and PostgreSQL (psycopg 3), SQLAlchemy 2 Core. Writes are idempotent by
-result id (INSERT .. ON CONFLICT), so redelivered and replayed messages are stored exactly once. Must not
-import paho, fastapi or torch.
+result or trial id (INSERT .. ON CONFLICT), so redelivered and replayed messages are stored exactly once.
+Must not import paho, fastapi or torch.
 """
 
 from __future__ import annotations
@@ -81,6 +82,17 @@ devices = sa.Table(
     sa.Column("dropped", sa.BigInteger),
     sa.Column("metrics", sa.Text),
     sa.Column("metrics_ts", sa.Float),
+)
+
+trials = sa.Table(
+    "edgekit_trials", metadata,
+    sa.Column("id", sa.String(128), primary_key=True),  # "{device}:{seq:012d}" as for results, the idempotency key
+    sa.Column("site", sa.String(128), nullable=False),
+    sa.Column("device", sa.String(128), nullable=False),
+    sa.Column("ts", sa.Float, nullable=False),  # the agent's clock when it segmented the trial
+    sa.Column("payload", sa.Text, nullable=False),  # the whole edgekit.trial/1 object as JSON (orjson)
+    sa.Column("received_at", sa.Float, nullable=False),
+    sa.Index("ix_edgekit_trials_ts", "ts"),
 )
 
 settings = sa.Table(
@@ -191,12 +203,33 @@ def review_row(obj: dict[str, Any], site: str, device: str, replayed: bool, now:
     return row
 
 
+def trial_row(obj: dict[str, Any], site: str, device: str, now: float) -> dict[str, Any]:
+    """An edgekit.trial/1 object as a trials row (the object kept whole as JSON); DataError names the first
+    bad field of those the web page shows."""
+    tid = obj.get("id")
+    if not isinstance(tid, str) or not tid or len(tid) > 128:
+        raise DataError(f"id must be a non-empty string (got {tid!r:.80})")
+    ts = _num(obj, "ts", float, required=True)
+    steps = obj.get("steps")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
+        raise DataError(f"steps must be an integer (got {steps!r:.40})")
+    for key in ("walk_start_s", "walk_end_s", "turn_start_s", "turn_end_s", "cadence_spm"):
+        _num(obj, key)
+    for key in ("phase_s", "trial"):
+        if obj.get(key) is not None and not isinstance(obj[key], dict):
+            raise DataError(f"{key} must be an object (got {obj[key]!r:.80})")
+    for key in ("reason", "error"):
+        _text(obj, key, 2000)
+    return {"id": tid, "site": site, "device": device, "ts": ts, "payload": _dumps(obj), "received_at": now}
+
+
 @dataclass
 class Batch:
     """What one ingest transaction writes: rows by kind, plus the device facts seen in them."""
 
     results: list[dict[str, Any]] = field(default_factory=list)
     reviews: list[dict[str, Any]] = field(default_factory=list)
+    trials: list[dict[str, Any]] = field(default_factory=list)
     seen: dict[tuple[str, str], float] = field(default_factory=dict)
     status: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
     metrics: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
@@ -206,13 +239,15 @@ class Batch:
             self.seen[(site, device)] = ts
 
     def __len__(self) -> int:
-        return len(self.results) + len(self.reviews) + len(self.status) + len(self.metrics)
+        return (len(self.results) + len(self.reviews) + len(self.trials) + len(self.status)
+                + len(self.metrics))
 
 
 @dataclass
 class Stored:
     new_results: int = 0  # rows created (by a result or a review message)
     reviews: int = 0  # review messages written (new rows or merged into a result row)
+    new_trials: int = 0  # trial rows created (a redelivered trial creates none)
 
 
 class HubDB:
@@ -231,6 +266,8 @@ class HubDB:
             "reviews": new.on_conflict_do_update(
                 index_elements=["id"], set_={"features": new.excluded.features, "signal": new.excluded.signal},
                 where=results.c.features.is_(None)),
+            "trials": self._insert(trials).values({c.name: sa.bindparam(c.name) for c in trials.columns})
+            .on_conflict_do_nothing(index_elements=["id"]),
         }
         self._bulk_sql: dict[str, tuple[str, tuple[str, ...] | None]] = {}
 
@@ -291,6 +328,8 @@ class HubDB:
                 self._many(conn, "reviews", rows)
                 out.reviews += len(rows)
                 out.new_results += len(rows) - before
+            if batch.trials:
+                out.new_trials += self._many(conn, "trials", _unique(batch.trials))
             for (site, device), ts in sorted(batch.seen.items()):  # one lock order for every hub
                 stmt = ins(devices).values(site=site, device=device, last_seen=ts)
                 conn.execute(stmt.on_conflict_do_update(
@@ -416,6 +455,26 @@ class HubDB:
             q = q.where(results.c.decision == decision)
         with self.engine.connect() as conn:
             return conn.execute(q).scalar_one()
+
+    def trials(self, *, site: str | None = None, device: str | None = None, limit: int = 50,
+               offset: int = 0) -> list[dict[str, Any]]:
+        """Stored trial summaries, newest first: id, site, device, ts, received_at and `summary` (the
+        decoded edgekit.trial/1 object)."""
+        q = sa.select(trials)
+        if site:
+            q = q.where(trials.c.site == site)
+        if device:
+            q = q.where(trials.c.device == device)
+        q = q.order_by(trials.c.ts.desc(), trials.c.id.desc()).limit(limit).offset(offset)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+        for r in rows:
+            r["summary"] = _loads(r.pop("payload"))
+        return rows
+
+    def count_trials(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(trials)).scalar_one()
 
     # --- users and settings ------------------------------------------------------------------------
 

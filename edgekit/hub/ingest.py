@@ -3,7 +3,7 @@
 paho's network thread only queues messages; one writer thread decodes a batch, writes it in one
 transaction and only then acknowledges (manual PUBACK), so a crash loses nothing and a redelivery is a
 no-op (writes are idempotent by result id). Bad payloads are logged and acknowledged, never fatal.
-Trial summaries (gait bundles) are counted, logged and acknowledged but not stored yet (no table for them).
+Trial summaries (gait bundles) are stored the same way, idempotent by trial id.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgekit import topics
 from edgekit.errors import ConfigError, DataError
-from edgekit.hub.db import Batch, HubDB, result_row, review_row
+from edgekit.hub.db import Batch, HubDB, result_row, review_row, trial_row
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,8 @@ class IngestStats:
     results: int = 0  # result objects received (a batch counts each), duplicates included
     new_results: int = 0  # rows created
     reviews: int = 0
-    trials: int = 0  # trial summaries received: acknowledged, not stored
+    trials: int = 0  # trial summaries received, duplicates included
+    new_trials: int = 0  # trial rows created
     bad: int = 0
     batches: int = 0
 
@@ -123,8 +124,9 @@ def to_batch(messages: list[tuple[str, bytes]] | list[tuple[str, bytes, bool]], 
                     out.metrics[(site, device)] = m
                 out.see(site, device, now)
             elif tp.kind == "trial" and schema == topics.SCHEMA_TRIAL:
+                out.trials.append(trial_row(obj, site, device, now))
                 log.info("hub.trial site=%s device=%s id=%s steps=%s walk_start_s=%s walk_end_s=%s "
-                         "reason=%s stored=no", site, device, obj.get("id"), obj.get("steps"),
+                         "reason=%s", site, device, obj.get("id"), obj.get("steps"),
                          obj.get("walk_start_s"), obj.get("walk_end_s"),
                          obj.get("reason") or obj.get("error") or "none")
                 out.see(site, device, now)
@@ -239,9 +241,10 @@ class Ingest:
             props.SessionExpiryInterval = 0
         self.client.disconnect(properties=props)
         self.client.loop_stop()
-        log.info("hub.ingest_stopped messages=%d results=%d new=%d reviews=%d trials=%d bad=%d",
+        log.info("hub.ingest_stopped messages=%d results=%d new=%d reviews=%d trials=%d new_trials=%d "
+                 "bad=%d",
                  self.stats.messages, self.stats.results, self.stats.new_results, self.stats.reviews,
-                 self.stats.trials, self.stats.bad)
+                 self.stats.trials, self.stats.new_trials, self.stats.bad)
 
     def __enter__(self) -> Ingest:
         self.start()
@@ -287,6 +290,7 @@ class Ingest:
                 self._seen.update(batch.seen)
                 self.stats.new_results += stored.new_results
                 self.stats.reviews += stored.reviews
+                self.stats.new_trials += stored.new_trials
                 break
             except sqlalchemy.exc.OperationalError as exc:
                 # The database is down or locked: keep the batch unacknowledged and retry.
@@ -315,6 +319,7 @@ class Ingest:
                 stored = self.db.store(one)
                 self.stats.new_results += stored.new_results
                 self.stats.reviews += stored.reviews
+                self.stats.new_trials += stored.new_trials
             except sqlalchemy.exc.DBAPIError as exc:
                 log.warning("hub.bad_payload topic=%s reason=database refused: %s", name,
                             str(exc).splitlines()[0])

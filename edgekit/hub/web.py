@@ -1,5 +1,5 @@
 """The review web app: login, queue of deferred cases, case page with its signal plot, labels, fleet view,
-and a JSON API. Every page and API route needs a logged-in reviewer; every POST checks a CSRF token.
+gait trial summaries, and a JSON API. Every page and API route needs a logged-in reviewer; every POST checks a CSRF token.
 
 Offline by design: no CDN; the signal plot is inline SVG built here. Must not import paho or torch.
 """
@@ -197,6 +197,17 @@ def create_app(db: HubDB, *, secure_cookies: bool = False) -> FastAPI:
     def fleet_page(request: Request, user: str = Depends(page_user)) -> HTMLResponse:
         return render(request, "fleet.html", user, devices=db.fleet(), now=time.time())
 
+    @app.get("/trials", response_class=HTMLResponse)
+    def trials_page(request: Request, site: str = "", device: str = "", offset: int = 0,
+                    user: str = Depends(page_user)) -> HTMLResponse:
+        offset = max(offset, 0)
+        rows = db.trials(site=site or None, device=device or None, limit=PAGE_SIZE + 1, offset=offset)
+        filters = {"site": site, "device": device}
+        more = len(rows) > PAGE_SIZE
+        return render(request, "trials.html", user, trials=rows[:PAGE_SIZE], filters=filters,
+                      newer=urlencode({**filters, "offset": max(offset - PAGE_SIZE, 0)}) if offset else None,
+                      older=urlencode({**filters, "offset": offset + PAGE_SIZE}) if more else None)
+
     # --- JSON API ------------------------------------------------------------------------------------
 
     @app.get("/api/cases")
@@ -229,6 +240,14 @@ def create_app(db: HubDB, *, secure_cookies: bool = False) -> FastAPI:
     @app.get("/api/fleet")
     def api_fleet(user: str = Depends(api_user)) -> dict[str, Any]:
         return {"devices": db.fleet(), "now": time.time()}
+
+    @app.get("/api/trials")
+    def api_trials(site: str | None = None, device: str | None = None, limit: int = 100, offset: int = 0,
+                   user: str = Depends(api_user)) -> dict[str, Any]:
+        limit = min(max(limit, 1), 1000)
+        offset = max(offset, 0)
+        return {"trials": db.trials(site=site, device=device, limit=limit, offset=offset), "limit": limit,
+                "offset": offset}
 
     @app.get("/api/me")
     def api_me(request: Request, user: str = Depends(api_user)) -> dict[str, str]:
