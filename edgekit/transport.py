@@ -43,6 +43,8 @@ _READ_CHUNK = 5000
 # Status messages (birth, offline) ride beside the results; paho's own window must leave room for them.
 _STATUS_SLOTS = 4
 _COALESCE_S = 0.002
+# The publisher's longest sleep without a wake-up (unbatched): a safety net, never the way rows get sent.
+_IDLE_WAIT_S = 1.0
 _STATUS_KEYS = {"schema", "site", "device", "state", "ts"}
 
 
@@ -104,6 +106,7 @@ class Transport:
         # PUBACKs set _wake. _work counts sends that need a pass; the publisher re-reads it before waiting.
         self._idle = True
         self._work = 0
+        self.idle_wait_s = _IDLE_WAIT_S  # tests stretch it so that a lost wake-up cannot hide behind it
         self._acked_cond = threading.Condition()
         self._stop = threading.Event()
         self._acks: queue.SimpleQueue[tuple[int, ReasonCode]] = queue.SimpleQueue()
@@ -349,7 +352,7 @@ class Transport:
 
     def _wait_s(self) -> float:
         if self._batch_interval_s <= 0:
-            return 1.0
+            return self.idle_wait_s
         left = self._next_tick - time.monotonic()
         return left if left > 0.001 else self._batch_interval_s
 
