@@ -171,15 +171,13 @@ def test_replay_speed_paces_to_the_sensor_clock(tmp_path: Path) -> None:
     assert 0.2 <= t_paced < 2.0
 
 
-def test_replay_at_speed_0_is_fast(tmp_path: Path) -> None:
-    """Loose bound; the measured rate on the 2-core VM is ~150-190k samples/s."""
+def test_replay_at_speed_0_reads_a_large_file_whole(tmp_path: Path) -> None:
+    """50,000 lines through the chunked parser (its speed is bench/e2e.py's business, not a test's)."""
     path = tmp_path / "big_lb.txt"
     write_ipol_like(path, 50_000)
-    t0 = time.perf_counter()
     samples, bad, _ = drain(ReplaySource(path=path))
-    rate = len(samples) / (time.perf_counter() - t0)
     assert len(samples) == 50_000 and not bad
-    assert rate > 20_000, f"replay ran at {rate:.0f} samples/s"
+    np.testing.assert_allclose([samples[0].t_s, samples[-1].t_s], [0.0, 49_999 / 100])
 
 
 def test_stop_event_ends_a_real_time_replay(tmp_path: Path) -> None:
