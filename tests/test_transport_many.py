@@ -6,12 +6,12 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 from subscriber import Subscriber
+from test_transport import wait_for
 
 from edgekit import topics
 from edgekit.broker import Mosquitto
@@ -19,14 +19,6 @@ from edgekit.outbox import Outbox
 from edgekit.transport import Transport
 
 SITE, DEVICE = "plant1", "pump8"
-
-
-def wait_for(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not pred():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(0.005)
 
 
 def result(i: int) -> bytes:
