@@ -1,6 +1,6 @@
 """Serial-line sensor source (pyserial, the `serial` extra): one sample per text line.
 
-Line format, ASCII/UTF-8, ended by "\\n" ("\\r\\n" accepted), values separated by commas:
+Line format, text in source.encoding (default UTF-8), ended by "\\n" ("\\r\\n" accepted), values separated by commas:
 
     v1,v2,...,vN          N = source.channels; t = previous t + 1/rate_hz (0 for the first sample)
     t,v1,v2,...,vN        N + 1 values: the first is the sensor's time in seconds
@@ -23,7 +23,17 @@ import serial  # pyserial; a missing package is reported by edgekit.source.resol
 
 from edgekit.config import SerialSource
 from edgekit.errors import ConfigError, DeviceError
-from edgekit.source import RAW_CHARS, BaseReader, Item, LineRejected, check_time, to_floats
+from edgekit.source import (
+    RAW_CHARS,
+    BaseReader,
+    Item,
+    LineRejected,
+    check_time,
+    decode_line,
+    shown,
+    to_floats,
+    undecodable,
+)
 from edgekit.values import Quarantined, Sample
 
 log = logging.getLogger(__name__)
@@ -43,6 +53,7 @@ class SerialReader(BaseReader):
         self.port = cfg.port
         self.baudrate = cfg.baudrate
         self.rate_hz = float(cfg.rate_hz)
+        self.encoding = cfg.encoding
         self.channels = tuple(channel_names) if channel_names else tuple(f"ch{i}" for i in range(cfg.channels))
         if len(self.channels) != cfg.channels:
             raise ConfigError(f"{len(self.channels)} channel names for {cfg.channels} channels",
@@ -150,13 +161,12 @@ class SerialReader(BaseReader):
                 if not line.strip():
                     continue
                 where = f"{self.port}:{lineno}"
-                try:
-                    text = line.decode("utf-8")
-                except UnicodeDecodeError:
-                    yield Quarantined(where=where, reason="not text: bytes are not UTF-8 (wrong baud rate?)",
-                                      raw=line[:RAW_CHARS].decode("ascii", "replace"))
+                text = decode_line(line, self.encoding)
+                bad = undecodable(text, self.encoding)
+                if bad:
+                    yield Quarantined(where=where, reason=f"{bad} (wrong baud rate?)", raw=shown(text[:RAW_CHARS]))
                     continue
                 try:
                     yield self.parse(text)
                 except LineRejected as exc:
-                    yield Quarantined(where=where, reason=str(exc), raw=text[:RAW_CHARS])
+                    yield Quarantined(where=where, reason=str(exc), raw=shown(text[:RAW_CHARS]))

@@ -28,6 +28,7 @@ from edgekit import topics
 from edgekit.config import AgentConfig
 from edgekit.errors import ConfigError, ModelError
 from edgekit.gate import Gate
+from edgekit.plausible import Plausibility
 from edgekit.values import GateDecision, Quarantined, SampleBlock, Window
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ class Counters:
     accepted: int = 0
     deferred: int = 0
     quarantined: int = 0
+    implausible: int = 0  # windows deferred before the models (edgekit/plausible.py)
     samples: int = 0
     quarantine_reasons: Counter = field(default_factory=Counter)
     started_s: float = field(default_factory=time.monotonic)
@@ -138,6 +140,7 @@ class Agent:
         self._seq_next = 0
         self._seq_end = 0
         self._stack: list[Any] = []
+        self._implausible_seen: set[str] = set()
 
     # --- setup -------------------------------------------------------------------------------------
 
@@ -164,6 +167,7 @@ class Agent:
         threads = cfg.runtime.intra_op_threads or profile.intra_op_threads
         self.models = ModelSet(Path(cfg.bundle), m, providers, threads)
         self.pre = Preprocess.from_manifest(m)
+        self.plausible = Plausibility.from_manifest(m)
         th = m.thresholds
         self.gate = Gate(th.ood_max_score, th.min_confidence, th.max_disagreement, enabled=cfg.gate.enabled,
                          defer_all=th.defer_all)
@@ -232,40 +236,73 @@ class Agent:
         rate = float(m.input.rate_hz or 1.0)
         one = len(windows) == 1  # the paced path: no copies into a batch
         data = windows[0].data[None] if one else np.stack([w.data for w in windows])
-        raw = extract(m.input.extractor, data, rate)
+        # Plausibility before the models: an implausible window is neither featurised nor shown to a model.
+        why = self.plausible.windows(data)
+        keep = [i for i, w in enumerate(why) if w is None]
+        if len(keep) < len(windows):
+            data = data[keep]
+        raw = extract(m.input.extractor, data, rate) if keep else np.empty((0, len(m.input.feature_names)))
         feats = self.pre.features(raw)
-        win = None
-        if "window" in self.models.input_kind.values():
-            win = (self.pre.window(windows[0].data) if one
-                   else np.concatenate([self.pre.window(w.data) for w in windows]))
-        out = self.models.infer(feats, win)
+        for j, w in enumerate(Plausibility.features(feats, raw, m.input.feature_names)):
+            if w is not None:
+                why[keep[j]] = w
+        ok = [j for j, i in enumerate(keep) if why[i] is None]  # rows of data/raw/feats the models see
+        decisions: list[GateDecision] = [self.gate.refuse("implausible")] * len(windows)
+        probs: list[np.ndarray | None] = [None] * len(windows)
+        second: list[np.ndarray | None] = [None] * len(windows)
+        if ok:
+            rows = [keep[j] for j in ok]
+            if len(ok) < len(keep):
+                feats = feats[ok]
+            win = None
+            if "window" in self.models.input_kind.values():
+                win = (self.pre.window(windows[0].data) if one
+                       else np.concatenate([self.pre.window(windows[i].data) for i in rows]))
+            out = self.models.infer(feats, win)
+            for k, d in enumerate(self.gate.decide_many(out.probs, out.second_probs, out.ood_score)):
+                decisions[rows[k]] = d
+                probs[rows[k]] = out.probs[k]
+                second[rows[k]] = None if out.second_probs is None else out.second_probs[k]
+        feature_rows = dict(zip(keep, raw))
         ts = time.time()
         results: list[tuple[SendKind, bytes]] = []
         reviews: list[tuple[SendKind, bytes]] = []
-        decisions = [self.gate.decide(out.probs[i], None if out.second_probs is None else out.second_probs[i],
-                                      None if out.ood_score is None else float(out.ood_score[i]))
-                     for i in range(len(windows))]
         deferred = [i for i, d in enumerate(decisions) if d.action == "defer"]
         signals = dict(zip(deferred, _downsample_many([windows[i].data for i in deferred],
                                                       self.cfg.gate.downsample_points)))
         for i, window in enumerate(windows):
-            self._payloads(window, raw[i], out.probs[i], None if out.second_probs is None else out.second_probs[i],
-                           decisions[i], ts, signals.get(i), results, reviews)
+            if why[i] is not None:
+                self._log_implausible(window, why[i])
+            self._payloads(window, feature_rows.get(i), probs[i], second[i], decisions[i], ts, signals.get(i),
+                           results, reviews, why[i])
         self.transport.send_many(results + reviews)
         c = self.counters
         c.windows += len(results)
         c.deferred += len(reviews)
         c.accepted += len(results) - len(reviews)
 
-    def _payloads(self, window: Window, raw_features: np.ndarray, probs: np.ndarray, second: np.ndarray | None,
-                  decision: GateDecision, ts: float, points: list[list[float]] | None,
-                  results: list[tuple[SendKind, bytes]], reviews: list[tuple[SendKind, bytes]]) -> None:
+    def _log_implausible(self, window: Window, why: str) -> None:
+        """Count the window; log the first of each channel or feature as a warning, the rest at debug (a
+        broken sensor would otherwise write one warning per window)."""
+        self.counters.implausible += 1
+        key = " ".join(why.split(" ", 2)[:2])  # "channel 'X'" / "feature 'Y'"
+        first = key not in self._implausible_seen
+        self._implausible_seen.add(key)
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "agent.implausible window=%d start_s=%.6g reason=%s%s", window.seq, window.start_s, why,
+                " (further windows of this kind at debug level; counted in metrics)" if first else "")
+
+    def _payloads(self, window: Window, raw_features: np.ndarray | None, probs: np.ndarray | None,
+                  second: np.ndarray | None, decision: GateDecision, ts: float, points: list[list[float]] | None,
+                  results: list[tuple[SendKind, bytes]], reviews: list[tuple[SendKind, bytes]],
+                  implausible: str | None = None) -> None:
         """Append the window's encoded result (and its review, with the signal's `points`, when deferred).
         tolist() gives the same Python floats as float() of each numpy scalar, at a fraction of the cost
-        (104 features: ~30 -> ~3 us)."""
+        (104 features: ~30 -> ~3 us). An implausible window (no model saw it: `probs` None) carries no label,
+        confidence or probabilities, and says why in `implausible`."""
         seq = self._next_seq()
-        label_i = int(probs.argmax())
-        p = probs.tolist()
+        label_i = int(probs.argmax()) if probs is not None else -1
+        p = probs.tolist() if probs is not None else []
         payload: dict[str, Any] = {
             "schema": topics.SCHEMA_RESULT,
             "id": topics.result_id(self.cfg.device_id, seq),
@@ -276,21 +313,24 @@ class Agent:
             "window": {"start_s": window.start_s, "end_s": window.end_s},
             "model_version": self.model_version,
             "task": self.manifest.task,
-            "label": self.labels[label_i],
-            "confidence": p[label_i],
+            "label": self.labels[label_i] if p else None,
+            "confidence": p[label_i] if p else None,
             "probs": dict(zip(self.labels, p)),
             "decision": decision.action,
             "reasons": list(decision.reasons),
             "scores": decision.scores,
             "thresholds": decision.thresholds,
         }
+        if implausible is not None:
+            payload["implausible"] = implausible
         if second is not None:
             payload["second_opinion"] = {"label": self.labels[int(second.argmax())],
                                          "probs": dict(zip(self.labels, second.tolist()))}
         results.append(("result", topics.encode(payload)))
         if decision.action == "defer":
             payload["schema"] = topics.SCHEMA_REVIEW
-            payload["features"] = dict(zip(self.manifest.input.feature_names, raw_features.tolist()))
+            payload["features"] = ({} if raw_features is None
+                                   else dict(zip(self.manifest.input.feature_names, raw_features.tolist())))
             payload["signal"] = {"channels": list(self.manifest.input.channels or []),
                                  "rate_hz": self.manifest.input.rate_hz, "start_s": window.start_s,
                                  "points": points}
@@ -366,7 +406,8 @@ class Agent:
         stats = self.transport.stats()
         return {"schema": topics.SCHEMA_METRICS, "site": self.cfg.site, "device": self.cfg.device_id,
                 "ts": time.time(), "windows": c.windows, "accepted": c.accepted, "deferred": c.deferred,
-                "quarantined": c.quarantined, "quarantine_reasons": dict(c.quarantine_reasons),
+                "quarantined": c.quarantined, "implausible": c.implausible,
+                "quarantine_reasons": dict(c.quarantine_reasons),
                 "samples": c.samples, "published": stats.get("acked", 0), "queued": self.outbox.backlog(),
                 "dropped": self.outbox.dropped, "replayed": stats.get("replayed", 0),
                 "uptime_s": time.monotonic() - c.started_s}

@@ -5,6 +5,7 @@ Validators are pure: no network, no files opened. Must not import onnxruntime, p
 
 from __future__ import annotations
 
+import codecs
 import difflib
 import sys
 from pathlib import Path
@@ -20,6 +21,17 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def known_encoding(value: str) -> str:
+    """A Python codec name (pure: codecs.lookup reads no files); ValueError names the bad one."""
+    try:
+        info = codecs.lookup(value)
+    except LookupError:
+        info = None
+    if info is None or not getattr(info, "_is_text_encoding", True):  # base64, rot13: codecs, not encodings
+        raise ValueError(f"unknown text encoding {value!r} (e.g. utf-8, latin-1, utf-16)")
+    return value
 
 
 class Strict(BaseModel):
@@ -40,6 +52,15 @@ class ReplaySource(Strict):
     speed: float = Field(
         0.0, ge=0.0, description="1 = real time, N = N times faster, 0 = as fast as possible."
     )
+    encoding: str = Field(
+        "utf-8", description="Text encoding of the file (any Python codec name, e.g. latin-1, utf-16); a line "
+        "that does not decode is quarantined, the rest of the file is read."
+    )
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        return known_encoding(value)
 
 
 class SerialSource(Strict):
@@ -48,6 +69,13 @@ class SerialSource(Strict):
     baudrate: int = Field(115200, gt=0, description="Line speed in baud.")
     channels: int = Field(gt=0, description="Comma-separated values expected per line.")
     rate_hz: float = Field(gt=0, description="Sample rate of the sensor, used to time-stamp samples.")
+    encoding: str = Field("utf-8", description="Text encoding of the lines (any Python codec name); a line "
+                          "that does not decode is quarantined.")
+
+    @field_validator("encoding")
+    @classmethod
+    def _known_encoding(cls, value: str) -> str:
+        return known_encoding(value)
 
 
 class MqttSource(Strict):

@@ -1,9 +1,18 @@
 """The gate: accept a window's prediction, or defer it to a person with the reasons and the scores.
 
-Three independent checks against thresholds calibrated at export (edgekit/manifest.py `thresholds`):
+One rule, vectorised (`Gate.verdicts`), run by the agent on every window and by export calibration
+(exporters/calibrate.py `accept_mask`) on the calibration and held-out splits, so both accept the same rows
+on the same scores (tests/test_gate.py). Checks against thresholds calibrated at export (manifest
+`thresholds`):
     ood             autoencoder reconstruction error > ood_max_score   (input unlike the training data)
     disagreement    total variation distance between predictor and second opinion > max_disagreement
     low_confidence  predictor's top probability < min_confidence
+    non_finite      a probability or score is NaN or infinite: NaN compares false both ways, so a rule
+                    written `score > threshold -> defer` would accept it (FIELD-NOTES.md, "Gates and numbers")
+and one the agent applies before any model runs (edgekit/plausible.py):
+    implausible     a sample outside the bundle's plausible range, or a non-finite feature
+`non_finite` and `implausible` defer even when the gate is disabled: disabling the gate turns off the
+judgement calls, never the refusal to answer from numbers that are not numbers.
 Must not import onnxruntime, paho or torch: it only compares numbers.
 """
 
@@ -15,7 +24,8 @@ import numpy as np
 
 from edgekit.values import GateDecision
 
-REASONS = ("ood", "disagreement", "low_confidence")
+REASONS = ("implausible", "ood", "disagreement", "low_confidence", "non_finite")
+ALWAYS = ("implausible", "non_finite")  # deferred whatever `enabled` says
 
 
 def confidence(probs: np.ndarray) -> np.ndarray:
@@ -26,6 +36,24 @@ def confidence(probs: np.ndarray) -> np.ndarray:
 def disagreement(probs: np.ndarray, second_probs: np.ndarray) -> np.ndarray:
     """Total variation distance between two probability vectors per row (0 = same, 1 = disjoint)."""
     return 0.5 * np.abs(probs - second_probs).sum(axis=-1)
+
+
+@dataclass(frozen=True)
+class Verdicts:
+    """The gate's rule applied to n rows: the scores and one boolean mask per reason (True = defer)."""
+
+    confidence: np.ndarray  # (n,)
+    ood: np.ndarray | None  # (n,) or None without an autoencoder
+    disagreement: np.ndarray | None  # (n,) or None without a second opinion
+    masks: dict[str, np.ndarray]  # reason -> (n,) bool, in REASONS order
+
+    @property
+    def accept(self) -> np.ndarray:
+        """(n,) True where no reason defers the row."""
+        out = np.ones(len(self.confidence), dtype=bool)
+        for mask in self.masks.values():
+            out &= ~mask
+        return out
 
 
 @dataclass(frozen=True)
@@ -42,27 +70,74 @@ class Gate:
             if not np.isfinite(value):
                 raise ValueError(f"Gate.{name} must be finite (got {value!r})")
 
+    @classmethod
+    def from_thresholds(cls, thresholds: dict, *, enabled: bool = True) -> Gate:
+        """From a manifest's (or calibration's) thresholds dict."""
+        return cls(float(thresholds["ood_max_score"]), float(thresholds["min_confidence"]),
+                   float(thresholds["max_disagreement"]), enabled=enabled,
+                   defer_all=bool(thresholds.get("defer_all", False)))
+
     @property
     def thresholds(self) -> dict[str, float]:
         return {"ood_max_score": float(self.ood_max_score), "min_confidence": float(self.min_confidence),
                 "max_disagreement": float(self.max_disagreement)}
 
+    def verdicts(self, probs: np.ndarray, second_probs: np.ndarray | None,
+                 ood_score: np.ndarray | None) -> Verdicts:
+        """The rule on n rows: `probs` (n, K), `second_probs` (n, K) or None, `ood_score` (n,) or None.
+
+        Comparisons are written so that NaN fails them (`not score <= max` defers), and any non-finite
+        probability or score defers as `non_finite` on its own."""
+        probs = np.asarray(probs)
+        conf = confidence(probs)
+        finite = np.isfinite(probs).all(axis=-1)
+        masks = {r: np.zeros(len(conf), dtype=bool) for r in REASONS}
+        ood = dis = None
+        if ood_score is not None:
+            ood = np.asarray(ood_score).reshape(len(conf))
+            masks["ood"] = ~(ood <= self.ood_max_score)
+            finite &= np.isfinite(ood)
+        if second_probs is not None:
+            second_probs = np.asarray(second_probs)
+            dis = disagreement(probs, second_probs)
+            masks["disagreement"] = ~(dis <= self.max_disagreement)
+            finite &= np.isfinite(second_probs).all(axis=-1)
+        masks["low_confidence"] = ~(conf >= self.min_confidence) | self.defer_all
+        masks["non_finite"] = ~finite
+        if not self.enabled:
+            masks = {r: (m if r in ALWAYS else np.zeros_like(m)) for r, m in masks.items()}
+        return Verdicts(conf, ood, dis, masks)
+
+    def decide_many(self, probs: np.ndarray, second_probs: np.ndarray | None,
+                    ood_score: np.ndarray | None) -> list[GateDecision]:
+        """`verdicts` as one GateDecision per row (scores as Python floats)."""
+        v = self.verdicts(probs, second_probs, ood_score)
+        conf = v.confidence.tolist()
+        ood = None if v.ood is None else v.ood.tolist()
+        dis = None if v.disagreement is None else v.disagreement.tolist()
+        rows = {r: np.flatnonzero(m) for r, m in v.masks.items() if m.any()}
+        reasons: list[list[str]] = [[] for _ in conf]
+        for r, idx in rows.items():
+            for i in idx.tolist():
+                reasons[i].append(r)
+        th = self.thresholds
+        out = []
+        for i, c in enumerate(conf):
+            scores = {"confidence": c}
+            if ood is not None:
+                scores["ood"] = ood[i]
+            if dis is not None:
+                scores["disagreement"] = dis[i]
+            out.append(GateDecision("defer" if reasons[i] else "accept", tuple(reasons[i]), scores, th))
+        return out
+
     def decide(self, probs: np.ndarray, second_probs: np.ndarray | None, ood_score: float | None) -> GateDecision:
         """One window: `probs` (K,), `second_probs` (K,) or None, the autoencoder score or None."""
-        conf = float(probs.max())
-        scores = {"confidence": conf}
-        reasons = []
-        if ood_score is not None:
-            scores["ood"] = float(ood_score)
-            if ood_score > self.ood_max_score:
-                reasons.append("ood")
-        if second_probs is not None:
-            dis = float(0.5 * np.abs(probs - second_probs).sum())
-            scores["disagreement"] = dis
-            if dis > self.max_disagreement:
-                reasons.append("disagreement")
-        if conf < self.min_confidence or self.defer_all:
-            reasons.append("low_confidence")
-        if not self.enabled:
-            reasons = []
-        return GateDecision("defer" if reasons else "accept", tuple(reasons), scores, self.thresholds)
+        return self.decide_many(np.asarray(probs)[None], None if second_probs is None else np.asarray(second_probs)[None],
+                                None if ood_score is None else np.asarray([ood_score]))[0]
+
+    def refuse(self, reason: str) -> GateDecision:
+        """The decision for a window no model may see (`implausible`): deferred, no scores."""
+        if reason not in ALWAYS:
+            raise ValueError(f"Gate.refuse takes one of {ALWAYS} (got {reason!r})")
+        return GateDecision("defer", (reason,), {}, self.thresholds)

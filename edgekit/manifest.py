@@ -11,11 +11,12 @@ import base64
 import hashlib
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edgekit.errors import ModelError
 
@@ -31,6 +32,12 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
 
+class PlausibleRange(_Strict):
+    low: list[float] = Field(description="Per channel (input.channels order): the lowest plausible sample.")
+    high: list[float] = Field(description="Per channel: the highest plausible sample.")
+    basis: str = Field(description="How the range was set, e.g. 'training range widened by 1 span each side'.")
+
+
 class InputSpec(_Strict):
     kind: Literal["window", "table"] = Field(description="'window': a sliding window over a sample stream; "
                                              "'table': one row of precomputed values per case.")
@@ -43,6 +50,23 @@ class InputSpec(_Strict):
     feature_names: list[str] = Field(description="Names of the feature vector, in model input order.")
     imputation: dict[str, Any] | None = Field(
         None, description="How missing table values are filled (copied from the run), or null.")
+    plausible: PlausibleRange | None = Field(
+        None, description="Samples outside this range never reach a model: the agent defers the window as "
+        "'implausible' (edgekit/plausible.py). Null: only non-finite values are refused.")
+
+    @model_validator(mode="after")
+    def _plausible_fits_channels(self) -> InputSpec:
+        rng = self.plausible
+        if rng is None:
+            return self
+        n = len(self.channels or [])
+        if len(rng.low) != n or len(rng.high) != n:
+            raise ValueError(f"plausible.low/high need one value per channel ({n}), got {len(rng.low)} and "
+                             f"{len(rng.high)}")
+        for c, (lo, hi) in enumerate(zip(rng.low, rng.high)):
+            if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
+                raise ValueError(f"plausible range of channel {c} must be finite with low <= high (got {lo}, {hi})")
+        return self
 
 
 class Stats(_Strict):

@@ -10,11 +10,13 @@ must not import paho or pyserial at module level (they are imported by the drive
 
 from __future__ import annotations
 
+import codecs
 import importlib
 import itertools
 import logging
 import math
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -111,7 +113,7 @@ def to_floats(cells: Sequence[Any], names: Sequence[str]) -> np.ndarray:
             raise LineRejected(f"not a number: column {name!r} (got {cell!r})")
         try:
             v = float(cell)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             shown = cell.strip() if isinstance(cell, str) else cell
             raise LineRejected(f"not a number: column {name!r} (got {shown!r})") from None
         if not math.isfinite(v):
@@ -128,6 +130,13 @@ def check_time(t_s: float, last_s: float | None, *, strict: bool = True) -> None
     if last_s is not None and (t_s < last_s or (strict and t_s == last_s)):
         word = "went backwards" if t_s < last_s else "did not advance"
         raise LineRejected(f"time {word}: {t_s:.6g} s after {last_s:.6g} s")
+
+
+def shown(text: str) -> str:
+    """A quarantined line as printable text: undecodable bytes (lone surrogates) as \\xNN escapes."""
+    if text.isascii():
+        return text
+    return _ESCAPED.sub(lambda m: f"\\x{ord(m.group()) - 0xDC00:02x}", text)
 
 
 class Pacer:
@@ -191,8 +200,49 @@ class BaseReader:
 
 _EPOCH = datetime(1970, 1, 1)
 RAW_CHARS = 500  # a quarantined line is kept (and logged) up to this length
+# A recorded line longer than this is not a sample (the widest real one, an IPOL line, is ~200 characters):
+# it is quarantined and skipped without holding it in memory (a binary file may have no newline at all).
+MAX_LINE_CHARS = 65536
 _CHUNK_LINES = 2048
 _SUB_CHUNK_LINES = 64  # a chunk with a bad line is retried in pieces this long
+
+
+def undecodable(text: str, encoding: str) -> str | None:
+    """The quarantine reason when `text` holds bytes that did not decode (read with errors=surrogateescape,
+    they are lone surrogates U+DC80..U+DCFF), else None."""
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        byte = ord(text[exc.start]) - 0xDC00
+        return (f"not text: byte 0x{byte:02x} at character {exc.start} is not valid {encoding} "
+                f"(set source.encoding if the file is in another encoding)")
+    return None
+
+
+def _escape_bytes(exc: UnicodeError) -> tuple[str, int]:
+    """Decoding error handler: each undecodable byte becomes the lone surrogate U+DC00 + byte. Like
+    Python's surrogateescape, but for bytes below 0x80 too (which other codecs than UTF-8 can reject)."""
+    if isinstance(exc, UnicodeDecodeError):
+        return "".join(chr(0xDC00 + b) for b in exc.object[exc.start:exc.end]), exc.end
+    raise exc
+
+
+ESCAPE = "edgekit.escape"
+codecs.register_error(ESCAPE, _escape_bytes)
+_ESCAPED = re.compile("[\udc00-\udcff]")
+
+
+def decode_line(data: bytes, encoding: str) -> str:
+    """Bytes to text; bytes that do not decode stay as lone surrogates (`undecodable` names the first)."""
+    return data.decode(encoding, ESCAPE)
+
+
+def _open_text(path: Path, encoding: str) -> Any:
+    """A recorded file as text in `encoding`; bytes that do not decode stay in the line as lone surrogates
+    (`undecodable` finds them), so one bad byte costs its line, not the file."""
+    return path.open(encoding=encoding, errors=ESCAPE, newline=None)
 
 
 def _parse_stamp(cell: str) -> float:
@@ -218,12 +268,17 @@ class _Layout:
         self.time_col = time_col  # ipol: PacketCounter (checked, not used as time); csv: timestamp
 
 
-def _sniff(path: Path, fmt: str) -> _Layout:
+def _sniff(path: Path, fmt: str, encoding: str = "utf-8") -> _Layout:
     """Read the header of a recorded file and decide its layout; file-level problems raise DataError."""
-    with path.open(newline=None) as fh:
-        first = fh.readline().rstrip("\n")
-        second = fh.readline().rstrip("\n")
-        head = [line.rstrip("\n") for line in itertools.islice(fh, 256)]
+    with _open_text(path, encoding) as fh:
+        first = fh.readline(MAX_LINE_CHARS).rstrip("\n")
+        second = fh.readline(MAX_LINE_CHARS).rstrip("\n")
+        head = [fh.readline(MAX_LINE_CHARS).rstrip("\n") for _ in range(256)]
+    for n, line in ((1, first), (2, second)):
+        bad = undecodable(line, encoding)
+        if bad and (n == 1 or fmt == "ipol" or first.startswith("Acquisition frequency")):
+            raise DataError(f"header {bad}", where=f"{path}:{n}",
+                            hint="set source.encoding (e.g. latin-1, utf-16) or check that this is a recording")
     if fmt == "auto":
         if first.startswith("Acquisition frequency"):
             fmt = "ipol"
@@ -294,7 +349,8 @@ class ReplayReader(BaseReader):
         if not self.path.is_file():
             raise ConfigError("replay file not found", where=str(self.path), hint="check source.path")
         self.speed = cfg.speed
-        self.layout = _sniff(self.path, cfg.format)
+        self.encoding = cfg.encoding
+        self.layout = _sniff(self.path, cfg.format, cfg.encoding)
         self.channels = self.layout.names
         self.rate_hz = self.layout.rate_hz
         self.format = self.layout.fmt
@@ -305,6 +361,9 @@ class ReplayReader(BaseReader):
     # one line -> Sample, or LineRejected
     def _parse_line(self, text: str, lineno: int) -> Sample:
         lay = self.layout
+        bad = undecodable(text, self.encoding)
+        if bad:
+            raise LineRejected(bad)
         cells = text.split(lay.delimiter)
         if len(cells) != lay.ncols:
             raise LineRejected(f"wrong width: expected {lay.ncols} cells, got {len(cells)}")
@@ -328,14 +387,16 @@ class ReplayReader(BaseReader):
         self._last_t = t
         return Sample(t, values)
 
-    def _parse_chunk(self, texts: list[str], linenos: list[int]) -> SampleBlock | None:
+    def _parse_chunk(self, texts: list[str | None], linenos: list[int]) -> SampleBlock | None:
         """Vectorised parse of a clean, non-empty chunk; None when any line needs the careful per-line path."""
         lay = self.layout
-        if not texts:
+        if not texts or None in texts:
             return None
         d = lay.delimiter
         want = lay.ncols - 1
         if any(s.count(d) != want for s in texts):
+            return None
+        if undecodable("".join(texts), self.encoding):
             return None
         try:
             if lay.fmt == "ipol":
@@ -377,22 +438,39 @@ class ReplayReader(BaseReader):
         self._last_t = float(t[-1])
         return SampleBlock(np.ascontiguousarray(t, dtype=np.float64), values)
 
-    def _chunks(self) -> Iterator[tuple[list[str], list[int]]]:
-        """The file's data lines in chunks of up to _CHUNK_LINES: (texts, 1-based line numbers), blanks left out."""
+    def _lines(self, fh: Any) -> Iterator[str | None]:
+        """The rest of the file line by line, without line ends; None for a line over MAX_LINE_CHARS, whose
+        characters are read and dropped in pieces (never held whole)."""
+        while True:
+            line = fh.readline(MAX_LINE_CHARS)
+            if not line:
+                return
+            if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
+                while True:
+                    more = fh.readline(MAX_LINE_CHARS)
+                    if not more or more.endswith("\n"):
+                        break
+                yield None
+                continue
+            yield line.rstrip("\r\n")
+
+    def _chunks(self) -> Iterator[tuple[list[str | None], list[int]]]:
+        """The file's data lines in chunks of up to _CHUNK_LINES: (texts, 1-based line numbers), blanks left
+        out; a text is None for a line too long to be a sample."""
         self._last_t = self._last_counter = self._t0 = None
-        with self.path.open(newline=None) as fh:
+        with _open_text(self.path, self.encoding) as fh:
             for _ in range(self.layout.first_line - 1):
-                fh.readline()
+                fh.readline(MAX_LINE_CHARS)
             lineno = self.layout.first_line
+            lines = self._lines(fh)
             while True:
-                raw = list(itertools.islice(fh, _CHUNK_LINES))
+                raw = list(itertools.islice(lines, _CHUNK_LINES))
                 if not raw:
                     return
-                texts: list[str] = []
+                texts: list[str | None] = []
                 linenos: list[int] = []
-                for i, line in enumerate(raw):
-                    text = line.rstrip("\r\n")
-                    if text.strip():  # blank lines (a trailing newline) are not samples
+                for i, text in enumerate(raw):
+                    if text is None or text.strip():  # blank lines (a trailing newline) are not samples
                         texts.append(text)
                         linenos.append(lineno + i)
                 lineno += len(raw)
@@ -420,7 +498,7 @@ class ReplayReader(BaseReader):
                     return
                 yield item
 
-    def _chunk_items(self, texts: list[str], linenos: list[int]) -> Iterator[BlockItem]:
+    def _chunk_items(self, texts: list[str | None], linenos: list[int]) -> Iterator[BlockItem]:
         """A chunk as one block when clean; otherwise its clean sub-chunks as blocks and the rest per line."""
         if not texts:
             return
@@ -435,10 +513,15 @@ class ReplayReader(BaseReader):
                 yield fast
                 continue
             for text, n in zip(sub_texts, sub_linenos):
+                if text is None:
+                    yield Quarantined(where=f"{self.path}:{n}", reason=f"line too long: over {MAX_LINE_CHARS} "
+                                      "characters without a newline", raw="")
+                    continue
                 try:
                     yield self._parse_line(text, n)
                 except LineRejected as exc:
-                    yield Quarantined(where=f"{self.path}:{n}", reason=str(exc), raw=text[:RAW_CHARS])
+                    yield Quarantined(where=f"{self.path}:{n}", reason=str(exc),
+                                      raw=shown(text[:RAW_CHARS]))
 
 
 # --- simulated ------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import numpy as np
 from scipy.stats import binom
 
 from edgekit.errors import ExportError
+from edgekit.gate import Gate
 
 log = logging.getLogger(__name__)
 
@@ -104,13 +105,8 @@ def gate_score(probs: np.ndarray, second_probs: np.ndarray) -> np.ndarray:
 
 def accept_mask(probs: np.ndarray, second_probs: np.ndarray, ood_score: np.ndarray,
                 thresholds: dict[str, Any]) -> np.ndarray:
-    """What the agent's gate accepts under `thresholds` (same rules, vectorised)."""
-    if thresholds.get("defer_all"):
-        return np.zeros(len(probs), dtype=bool)
-    confidence = np.asarray(probs, np.float64).max(axis=-1)
-    return ((np.asarray(ood_score) <= thresholds["ood_max_score"])
-            & (confidence >= thresholds["min_confidence"])
-            & (tv_distance(probs, second_probs) <= thresholds["max_disagreement"]))
+    """What the agent's gate accepts under `thresholds`: the agent's own rule (edgekit.gate), not a copy."""
+    return Gate.from_thresholds(thresholds).verdicts(probs, second_probs, ood_score).accept
 
 
 def calibrate_gate(cal: dict[str, np.ndarray], test: dict[str, np.ndarray], *, normal_index: int,

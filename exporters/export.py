@@ -45,6 +45,11 @@ ROLES: dict[str, dict[str, Any]] = {
 }
 TORCH_ROLES = ("predictor", "gate")
 OOD_QUANTILE = 0.99
+# The plausible range is the training range widened by this many spans on each side. It has to stop values
+# no working sensor of the kind gives (4e300 in a recording, a stuck reading far off scale); a fault that
+# moves a channel further than the whole training spread is deferred too (a person looks) rather than
+# answered by models that never saw anything like it. The ood check judges everything in between.
+PLAUSIBLE_MARGIN = 1.0
 
 
 @dataclass
@@ -368,6 +373,17 @@ def _parity_summary(parity: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def plausible_range(observed: dict[str, list[float]] | None) -> dict[str, Any] | None:
+    """The manifest's plausible sample range from the training range: widened by PLAUSIBLE_MARGIN spans on
+    each side (a channel that never moved in training gets 1.0 or its magnitude, whichever is larger)."""
+    if not observed:
+        return None
+    lo, hi = np.asarray(observed["min"], np.float64), np.asarray(observed["max"], np.float64)
+    span = np.maximum(hi - lo, np.maximum(1.0, np.maximum(np.abs(lo), np.abs(hi))) * (hi == lo))
+    return {"low": (lo - PLAUSIBLE_MARGIN * span).tolist(), "high": (hi + PLAUSIBLE_MARGIN * span).tolist(),
+            "basis": f"training range widened by {PLAUSIBLE_MARGIN:g} span(s) on each side"}
+
+
 def write_bundle(run: Run, out: Path, parity: dict[str, Any], calibration: dict[str, Any],
                  outputs: dict[str, dict[str, np.ndarray]], sign_key: Path | None) -> Manifest:
     meta = run.meta
@@ -406,7 +422,7 @@ def write_bundle(run: Run, out: Path, parity: dict[str, Any], calibration: dict[
         "input": {"kind": inp["kind"], "extractor": inp["extractor"], "channels": inp.get("channels"),
                   "rate_hz": inp.get("rate_hz"), "window_size": inp.get("window_size"),
                   "window_hop": inp.get("window_hop"), "feature_names": inp["feature_names"],
-                  "imputation": meta.get("imputation")},
+                  "imputation": meta.get("imputation"), "plausible": plausible_range(inp.get("channel_range"))},
         "normalize": {"features": meta["normalize"]["features"], "window": meta["normalize"].get("window")},
         "models": models,
         "thresholds": calibration["thresholds"],

@@ -9,7 +9,10 @@ runs/NAME/
                      "positive_label": str|null (binary tasks: the label that is not normal),
                      "input": {"kind": "window"|"table", "extractor": "machine"|"gait"|"table",
                                "channels": [str]|null, "rate_hz": float|null, "window_size": int|null,
-                               "window_hop": int|null, "feature_names": [str]},
+                               "window_hop": int|null, "feature_names": [str],
+                               "channel_range": {"min": [C], "max": [C]} | null (raw samples of the
+                                                 train split's windows; export widens it into the
+                                                 manifest's plausible range)},
                      "normalize": {"features": {"mean": [F], "std": [F]},
                                    "window": {"mean": [C], "std": [C]} | null (cnn1d only)},
                      "imputation": {"method": "median", "values": {column: train median},
@@ -659,6 +662,7 @@ def _train(recipe_path: Path, out: Path, *, extra_labels: Path | None, epochs: i
             "window_size": recipe.window.size if recipe.window else None,
             "window_hop": recipe.window.hop if recipe.window else None,
             "feature_names": data.feature_names,
+            "channel_range": channel_range(data.windows[split["train"]]) if data.windows is not None else None,
         },
         "normalize": {
             "features": {"mean": mean.tolist(), "std": std.tolist()},
@@ -698,6 +702,11 @@ def _train(recipe_path: Path, out: Path, *, extra_labels: Path | None, epochs: i
     log.info("train_done task=%s out=%s seconds=%.1f test_accuracy=%.3f test_balanced_accuracy=%s test_auc=%s",
              recipe.task, out, time.perf_counter() - started, t["accuracy"], t["balanced_accuracy"], t["auc"])
     return out
+
+
+def channel_range(windows: np.ndarray) -> dict[str, list[float]]:
+    """Per-channel min and max of raw (n, W, C) training windows."""
+    return {"min": windows.min(axis=(0, 1)).tolist(), "max": windows.max(axis=(0, 1)).tolist()}
 
 
 def _finite(o: Any) -> Any:

@@ -26,3 +26,43 @@ def test_defer_all_and_disabled():
 def test_non_finite_threshold_is_refused():
     with pytest.raises(ValueError, match="ood_max_score"):
         Gate(float("nan"), 0.5, 0.5)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_scores_defer_even_with_the_gate_disabled(bad):
+    sure = np.array([0.95, 0.05])
+    for enabled in (True, False):
+        g = Gate(1.0, 0.5, 0.5, enabled=enabled)
+        assert g.decide(sure, sure, bad).reasons[-1] == "non_finite"
+        assert g.decide(np.array([bad, 0.05]), sure, 0.1).action == "defer"
+        assert g.decide(sure, np.array([0.9, bad]), 0.1).action == "defer"
+    assert Gate(1.0, 0.5, 0.5, enabled=False).refuse("implausible").reasons == ("implausible",)
+    with pytest.raises(ValueError, match="refuse"):
+        Gate(1.0, 0.5, 0.5).refuse("ood")
+
+
+def test_agent_gate_and_export_calibration_accept_the_same_rows():
+    """The agent decides with Gate.decide_many, export reports coverage with calibrate.accept_mask: one rule."""
+    from edgekit.exporters.calibrate import accept_mask
+
+    rng = np.random.default_rng(7)
+    n = 5000
+    probs = rng.dirichlet([1.0, 1.0, 1.0], size=n).astype(np.float32)
+    second = rng.dirichlet([1.0, 1.0, 1.0], size=n).astype(np.float32)
+    score = rng.exponential(1.0, size=n).astype(np.float32)
+    # hostile rows: NaN and inf in every input, and scores exactly on the thresholds
+    probs[:20, 0] = np.nan
+    second[20:40, 1] = np.inf
+    score[40:60] = np.nan
+    score[60:80] = 1.5
+    probs[80:100] = np.array([0.6, 0.3, 0.1], dtype=np.float32)
+    th = {"ood_max_score": 1.5, "min_confidence": float(np.float32(0.6)), "max_disagreement": 0.4,
+          "defer_all": False}
+    agent_accepts = np.array([d.action == "accept" for d in Gate.from_thresholds(th).decide_many(probs, second, score)])
+    np.testing.assert_array_equal(agent_accepts, accept_mask(probs, second, score, th))
+    assert not agent_accepts[:60].any()  # every non-finite row is deferred
+    assert 0.1 < agent_accepts.mean() < 0.9  # the rule is not trivially all-or-nothing here
+    one_by_one = [Gate.from_thresholds(th).decide(probs[i], second[i], float(score[i])).action == "accept"
+                  for i in range(200)]
+    np.testing.assert_array_equal(one_by_one, agent_accepts[:200])
+    assert not accept_mask(probs, second, score, {**th, "defer_all": True}).any()
