@@ -28,10 +28,10 @@ from edgekit import topics
 from edgekit.config import AgentConfig
 from edgekit.errors import ConfigError, ModelError
 from edgekit.gate import Gate
-from edgekit.plausible import Plausibility
-from edgekit.values import GateDecision, Quarantined, SampleBlock, Window
+from edgekit.values import Quarantined, SampleBlock, Window
 
 if TYPE_CHECKING:
+    from edgekit.pipeline import Judged
     from edgekit.transport import SendKind
 
 log = logging.getLogger(__name__)
@@ -149,6 +149,7 @@ class Agent:
         from edgekit.devices import detect as detect_mod
         from edgekit.devices import profile as profile_mod
         from edgekit.outbox import Outbox
+        from edgekit.pipeline import EdgePipeline
         from edgekit.runtime import ModelSet, Preprocess
         from edgekit.transport import Transport
 
@@ -167,10 +168,10 @@ class Agent:
         threads = cfg.runtime.intra_op_threads or profile.intra_op_threads
         self.models = ModelSet(Path(cfg.bundle), m, providers, threads)
         self.pre = Preprocess.from_manifest(m)
-        self.plausible = Plausibility.from_manifest(m)
         th = m.thresholds
         self.gate = Gate(th.ood_max_score, th.min_confidence, th.max_disagreement, enabled=cfg.gate.enabled,
                          defer_all=th.defer_all)
+        self.pipeline = EdgePipeline(m, self.models, self.pre, self.gate)
         self.labels = list(m.labels)
         self.model_version = f"{m.task}@{m.data_fingerprint[:12]}"
         self.outbox = Outbox(Path(cfg.outbox.path), max_rows=cfg.outbox.max_rows)
@@ -228,53 +229,19 @@ class Agent:
         one batch message while the reviews still go out at once). Payloads are those of `process` on
         each window alone, bar the `ts` stamp (tests/test_agent_blocks.py).
         """
-        from edgekit.features import extract
-
         if not windows:
             return
-        m = self.manifest
-        rate = float(m.input.rate_hz or 1.0)
-        one = len(windows) == 1  # the paced path: no copies into a batch
-        data = windows[0].data[None] if one else np.stack([w.data for w in windows])
-        # Plausibility before the models: an implausible window is neither featurised nor shown to a model.
-        why = self.plausible.windows(data)
-        keep = [i for i, w in enumerate(why) if w is None]
-        if len(keep) < len(windows):
-            data = data[keep]
-        raw = extract(m.input.extractor, data, rate) if keep else np.empty((0, len(m.input.feature_names)))
-        feats = self.pre.features(raw)
-        for j, w in enumerate(Plausibility.features(feats, raw, m.input.feature_names)):
-            if w is not None:
-                why[keep[j]] = w
-        ok = [j for j, i in enumerate(keep) if why[i] is None]  # rows of data/raw/feats the models see
-        decisions: list[GateDecision] = [self.gate.refuse("implausible")] * len(windows)
-        probs: list[np.ndarray | None] = [None] * len(windows)
-        second: list[np.ndarray | None] = [None] * len(windows)
-        if ok:
-            rows = [keep[j] for j in ok]
-            if len(ok) < len(keep):
-                feats = feats[ok]
-            win = None
-            if "window" in self.models.input_kind.values():
-                win = (self.pre.window(windows[0].data) if one
-                       else np.concatenate([self.pre.window(windows[i].data) for i in rows]))
-            out = self.models.infer(feats, win)
-            for k, d in enumerate(self.gate.decide_many(out.probs, out.second_probs, out.ood_score)):
-                decisions[rows[k]] = d
-                probs[rows[k]] = out.probs[k]
-                second[rows[k]] = None if out.second_probs is None else out.second_probs[k]
-        feature_rows = dict(zip(keep, raw))
+        judged = self.pipeline.run(windows)
         ts = time.time()
         results: list[tuple[SendKind, bytes]] = []
         reviews: list[tuple[SendKind, bytes]] = []
-        deferred = [i for i, d in enumerate(decisions) if d.action == "defer"]
-        signals = dict(zip(deferred, _downsample_many([windows[i].data for i in deferred],
-                                                      self.cfg.gate.downsample_points)))
-        for i, window in enumerate(windows):
-            if why[i] is not None:
-                self._log_implausible(window, why[i])
-            self._payloads(window, feature_rows.get(i), probs[i], second[i], decisions[i], ts, signals.get(i),
-                           results, reviews, why[i])
+        deferred = [j for j in judged if j.decision.action == "defer"]
+        signals = dict(zip((id(j) for j in deferred),
+                           _downsample_many([j.window.data for j in deferred], self.cfg.gate.downsample_points)))
+        for j in judged:
+            if j.implausible is not None:
+                self._log_implausible(j.window, j.implausible)
+            self._payloads(j, ts, signals.get(id(j)), results, reviews)
         self.transport.send_many(results + reviews)
         c = self.counters
         c.windows += len(results)
@@ -292,14 +259,13 @@ class Agent:
                 "agent.implausible window=%d start_s=%.6g reason=%s%s", window.seq, window.start_s, why,
                 " (further windows of this kind at debug level; counted in metrics)" if first else "")
 
-    def _payloads(self, window: Window, raw_features: np.ndarray | None, probs: np.ndarray | None,
-                  second: np.ndarray | None, decision: GateDecision, ts: float, points: list[list[float]] | None,
-                  results: list[tuple[SendKind, bytes]], reviews: list[tuple[SendKind, bytes]],
-                  implausible: str | None = None) -> None:
+    def _payloads(self, judged: Judged, ts: float, points: list[list[float]] | None,
+                  results: list[tuple[SendKind, bytes]], reviews: list[tuple[SendKind, bytes]]) -> None:
         """Append the window's encoded result (and its review, with the signal's `points`, when deferred).
         tolist() gives the same Python floats as float() of each numpy scalar, at a fraction of the cost
         (104 features: ~30 -> ~3 us). An implausible window (no model saw it: `probs` None) carries no label,
         confidence or probabilities, and says why in `implausible`."""
+        window, probs, second, decision = judged.window, judged.probs, judged.second_probs, judged.decision
         seq = self._next_seq()
         label_i = int(probs.argmax()) if probs is not None else -1
         p = probs.tolist() if probs is not None else []
@@ -321,16 +287,16 @@ class Agent:
             "scores": decision.scores,
             "thresholds": decision.thresholds,
         }
-        if implausible is not None:
-            payload["implausible"] = implausible
+        if judged.implausible is not None:
+            payload["implausible"] = judged.implausible
         if second is not None:
             payload["second_opinion"] = {"label": self.labels[int(second.argmax())],
                                          "probs": dict(zip(self.labels, second.tolist()))}
         results.append(("result", topics.encode(payload)))
         if decision.action == "defer":
             payload["schema"] = topics.SCHEMA_REVIEW
-            payload["features"] = ({} if raw_features is None
-                                   else dict(zip(self.manifest.input.feature_names, raw_features.tolist())))
+            payload["features"] = ({} if judged.features is None
+                                   else dict(zip(self.manifest.input.feature_names, judged.features.tolist())))
             payload["signal"] = {"channels": list(self.manifest.input.channels or []),
                                  "rate_hz": self.manifest.input.rate_hz, "start_s": window.start_s,
                                  "points": points}

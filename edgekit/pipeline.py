@@ -1,0 +1,95 @@
+"""The edge pipeline: windows -> plausibility -> features -> normalise -> models -> gate -> one `Judged` each.
+
+The one copy of what the agent does to a window before it encodes a result: `Agent.process_many` runs it,
+`edgekit bench` times it, and bench/torch_path.py runs it with torch models in place of onnxruntime
+(anything with ModelSet's `input_kind` and `infer`). Must not import paho, the outbox or torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from edgekit.features import extract
+from edgekit.gate import Gate
+from edgekit.plausible import Plausibility
+from edgekit.values import GateDecision, Window
+
+
+class Models(Protocol):
+    """What the pipeline needs of a model set (edgekit/runtime.py ModelSet; bench/torch_path.py)."""
+
+    input_kind: dict[str, str]
+
+    def infer(self, features: np.ndarray, window: np.ndarray | None) -> Any: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Judged:
+    """One window after the gate. `features` are the raw features (None when the window was implausible
+    before they were computed); `probs`/`second_probs` None when no model saw the window; `implausible`
+    says why it was refused before the models, else None."""
+
+    window: Window
+    features: np.ndarray | None
+    probs: np.ndarray | None
+    second_probs: np.ndarray | None
+    decision: GateDecision
+    implausible: str | None = None
+
+
+class EdgePipeline:
+    """Built once per bundle; `run(windows)` judges a batch (one extract, one model run per role)."""
+
+    def __init__(self, manifest: Any, models: Models, pre: Any, gate: Gate) -> None:
+        self.extractor = manifest.input.extractor
+        self.rate_hz = float(manifest.input.rate_hz or 1.0)
+        self.feature_names = list(manifest.input.feature_names)
+        self.models = models
+        self.pre = pre
+        self.gate = gate
+        self.plausible = Plausibility.from_manifest(manifest)
+        self.uses_window = "window" in models.input_kind.values()
+
+    def run(self, windows: Sequence[Window]) -> list[Judged]:
+        """Judge `windows` in order. A window with an implausible sample is never featurised, one with a
+        non-finite feature never reaches a model; both are deferred as `implausible`."""
+        if not windows:
+            return []
+        one = len(windows) == 1  # the paced path: no copies into a batch
+        data = windows[0].data[None] if one else np.stack([w.data for w in windows])
+        why = self.plausible.windows(data)
+        keep = [i for i, w in enumerate(why) if w is None]
+        if len(keep) < len(windows):
+            data = data[keep]
+        raw = (extract(self.extractor, data, self.rate_hz) if keep
+               else np.empty((0, len(self.feature_names))))
+        feats = self.pre.features(raw)
+        for j, w in enumerate(Plausibility.features(feats, raw, self.feature_names)):
+            if w is not None:
+                why[keep[j]] = w
+        ok = [j for j, i in enumerate(keep) if why[i] is None]  # rows of raw/feats the models see
+        refused = self.gate.refuse("implausible")
+        decisions: list[GateDecision] = [refused] * len(windows)
+        probs: list[np.ndarray | None] = [None] * len(windows)
+        second: list[np.ndarray | None] = [None] * len(windows)
+        if ok:
+            rows = [keep[j] for j in ok]
+            if len(ok) < len(keep):
+                feats = feats[ok]
+            win = None
+            if self.uses_window:
+                win = (self.pre.window(windows[0].data) if one
+                       else np.concatenate([self.pre.window(windows[i].data) for i in rows]))
+            out = self.models.infer(feats, win)
+            for k, d in enumerate(self.gate.decide_many(out.probs, out.second_probs, out.ood_score)):
+                i = rows[k]
+                decisions[i] = d
+                probs[i] = out.probs[k]
+                second[i] = None if out.second_probs is None else out.second_probs[k]
+        features = dict(zip(keep, raw))
+        return [Judged(w, features.get(i), probs[i], second[i], decisions[i], why[i])
+                for i, w in enumerate(windows)]
