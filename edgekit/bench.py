@@ -150,6 +150,7 @@ def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = 
     from edgekit.features import extract
     from edgekit.gate import Gate
     from edgekit.manifest import load_bundle
+    from edgekit.pipeline import EdgePipeline
     from edgekit.runtime import ModelSet, Preprocess, open_session
     from edgekit.values import Window
 
@@ -168,8 +169,8 @@ def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = 
     providers = _providers()
     models = ModelSet(bundle, manifest, providers, threads)
     pre = Preprocess.from_manifest(manifest)
-    th = manifest.thresholds
-    gate = Gate(th.ood_max_score, th.min_confidence, th.max_disagreement)
+    gate = Gate.from_thresholds(manifest.thresholds.model_dump())
+    pipeline = EdgePipeline(manifest, models, pre, gate)
     raw = extract(inp.extractor, wins, rate)
     feats = pre.features(raw)
     uses_window = "window" in models.input_kind.values()
@@ -224,16 +225,8 @@ def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = 
         gate.decide(*decide_args[i % n])
 
     def edge_path(i: int) -> None:
-        # The agent's Agent.process up to the decision, with the same objects (edgekit/agent.py).
-        w = window_objs[i % n]
-        r = extract(inp.extractor, w.data[None], rate)
-        f = pre.features(r)
-        x = pre.window(w.data) if uses_window else None
-        out = models.infer(f, x)
-        probs = out.probs[0]
-        second = None if out.second_probs is None else out.second_probs[0]
-        ood = None if out.ood_score is None else float(out.ood_score[0])
-        gate.decide(probs, second, ood)
+        # What Agent.process runs before it encodes the result: the same pipeline object (edgekit/pipeline.py).
+        pipeline.run([window_objs[i % n]])
 
     path_cases: dict[str, Callable[[int], Any]] = {"features": features_only, "normalise": normalise,
                                                    "floor": floor, "gate_decide": decide,
@@ -263,7 +256,7 @@ def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = 
         "normalise": "normalise (features" + (", window)" if uses_window else ")"),
         "floor": f"floor: bare onnxruntime runs ({len(run_list)} models, io binding)",
         "gate_decide": "gate.decide",
-        "edge_path": "edge path: features+normalise+models+gate",
+        "edge_path": "edge path: plausibility+features+normalise+models+gate",
         "agent_process": "agent.process: + result JSON + outbox write",
     }
     stages = []
