@@ -12,6 +12,7 @@ source ends, on a clean stop, or when the trial reaches MAX_TRIAL_S.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import threading
@@ -96,6 +97,14 @@ def _downsample_many(windows: list[np.ndarray], points: int) -> list[list[list[f
     return [_downsample(w, points) for w in windows]
 
 
+def _close_quietly(resource: Any) -> None:
+    """Close `resource`; a failure is logged, not raised: closing must not hide the error that led here."""
+    try:
+        resource.close()
+    except Exception:
+        log.exception("agent.close_failed resource=%s", type(resource).__name__)
+
+
 class TrialBuffer:
     """The current trial's samples, at most `max_rows`; `push_many` returns each trial that filled it."""
 
@@ -139,12 +148,20 @@ class Agent:
         self.counters = Counters()
         self._seq_next = 0
         self._seq_end = 0
-        self._stack: list[Any] = []
+        self._stack = contextlib.ExitStack()
         self._implausible_seen: set[str] = set()
 
     # --- setup -------------------------------------------------------------------------------------
 
     def __enter__(self) -> "Agent":
+        # Resources join an ExitStack as they open; if a later step fails (a transport that cannot start,
+        # a bundle that does not load), the ones already open are closed before the error leaves.
+        with contextlib.ExitStack() as stack:
+            self._open(stack)
+            self._stack = stack.pop_all()
+        return self
+
+    def _open(self, stack: contextlib.ExitStack) -> None:
         from edgekit import manifest as manifest_mod
         from edgekit.devices import detect as detect_mod
         from edgekit.devices import profile as profile_mod
@@ -175,7 +192,7 @@ class Agent:
         self.labels = list(m.labels)
         self.model_version = f"{m.task}@{m.data_fingerprint[:12]}"
         self.outbox = Outbox(Path(cfg.outbox.path), max_rows=cfg.outbox.max_rows)
-        self._stack.append(self.outbox)
+        stack.callback(_close_quietly, self.outbox)
         self.transport = Transport(
             cfg.mqtt.url, site=cfg.site, device=cfg.device_id, outbox=self.outbox,
             username=cfg.mqtt.username, password=cfg.mqtt.password, keepalive_s=cfg.mqtt.keepalive_s,
@@ -183,17 +200,11 @@ class Agent:
             max_inflight=cfg.mqtt.max_inflight, reconnect_max_s=cfg.mqtt.reconnect_max_s,
             status_extra=self._status_extra,
         )
-        self._stack.append(self.transport)
+        stack.callback(_close_quietly, self.transport)
         self.transport.__enter__()
-        return self
 
     def __exit__(self, *exc: object) -> None:
-        for res in reversed(self._stack):
-            try:
-                res.close()
-            except Exception:  # closing must not hide the original error
-                log.exception("agent.close_failed resource=%s", type(res).__name__)
-        self._stack.clear()
+        self._stack.close()
 
     def _status_extra(self) -> dict[str, Any]:
         return {"model_version": self.model_version, "queued": self.outbox.backlog(),
