@@ -72,6 +72,23 @@ def result_id(device: str, seq: int) -> str:
     return f"{device}:{seq:012d}"
 
 
+def parse_result_id(rid: object, device: str) -> int:
+    """Inverse of `result_id` for one device: the sequence number in `rid`, which must be exactly
+    `result_id(device, seq)` for some seq >= 0 (so a device cannot write another device's ids, nor a second
+    spelling of its own, e.g. "pump7:5" next to "pump7:000000000005"); DataError says what is wrong."""
+    if not isinstance(rid, str):
+        raise DataError(f"id must be a string {device}:SEQUENCE (got {rid!r:.80})")
+    prefix = f"{device}:"
+    digits = rid[len(prefix):] if rid.startswith(prefix) else ""
+    if not (digits.isascii() and digits.isdigit()):
+        raise DataError(f"id must be {device}:SEQUENCE, this device's (got {rid!r:.80})")
+    seq = int(digits)
+    if rid != result_id(device, seq):
+        raise DataError(f"id must be {result_id(device, seq)!r}, the one spelling of sequence {seq} "
+                        f"(got {rid!r:.80})")
+    return seq
+
+
 def encode(payload: dict[str, Any]) -> bytes:
     """JSON with numpy scalars and arrays converted (orjson: ~5x faster than json.dumps here)."""
     return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -100,7 +100,7 @@ def test_trial_buffer_hands_out_each_full_trial_and_keeps_the_rest():
 
 
 def test_hub_acknowledges_a_trial_without_counting_it_bad():
-    payload = topics.encode({"schema": topics.SCHEMA_TRIAL, "id": "edge-1:000000000007", "site": "lab",
+    payload = topics.encode({"schema": topics.SCHEMA_TRIAL, "id": "edge-1:000000000007", "seq": 7, "site": "lab",
                              "device": "edge-1", "ts": 1.0, "steps": 12, "walk_start_s": 2.0,
                              "walk_end_s": 14.0})
     stats = IngestStats()

@@ -3,7 +3,9 @@
 paho's network thread only queues messages; one writer thread decodes a batch, writes it in one
 transaction and only then acknowledges (manual PUBACK), so a crash loses nothing and a redelivery is a
 no-op (writes are idempotent by result id). Bad payloads are logged and acknowledged, never fatal.
-Trial summaries (gait bundles) are stored the same way, idempotent by trial id.
+Trial summaries (gait bundles) are stored the same way, idempotent by trial id. Identity comes from the topic
+(which the broker's ACL ties to the account): a payload naming another site, device or device's id is
+rejected (hub.rejected), never stored, so no device can take or shadow another's result ids.
 """
 
 from __future__ import annotations
@@ -67,13 +69,16 @@ class IngestStats:
     reviews: int = 0
     trials: int = 0  # trial summaries received, duplicates included
     new_trials: int = 0  # trial rows created
-    bad: int = 0
+    bad: int = 0  # messages refused as malformed: not JSON, wrong schema for the topic, a bad field
+    rejected: int = 0  # messages refused for identity, not counted in bad: a site, device, id or seq that is
+    #                    missing or not the topic device's own (a spoof, or a device_id unlike its account)
     batches: int = 0
 
 
 def to_batch(messages: list[tuple[str, bytes]] | list[tuple[str, bytes, bool]], now: float,
              stats: IngestStats | None = None) -> Batch:
-    """Decode (topic, payload[, retained]) into one Batch; bad ones are logged as hub.bad_payload, skipped.
+    """Decode (topic, payload[, retained]) into one Batch; bad ones are logged as hub.bad_payload, foreign
+    ones (see `foreign`) as hub.rejected, and skipped whole (a batch message with one foreign result too).
 
     A device was last seen `now`, when the hub heard from it, except for a retained status (the broker's
     copy, maybe old), which counts from its own ts."""
@@ -86,6 +91,12 @@ def to_batch(messages: list[tuple[str, bytes]] | list[tuple[str, bytes, bool]], 
             obj = topics.decode(payload, where)
             schema = obj["schema"]
             site, device = tp.site, tp.device
+            why = foreign(obj, tp)
+            if why is not None:
+                log.warning("hub.rejected topic=%s reason=%s", name, why)
+                if stats:
+                    stats.rejected += 1
+                continue
             if tp.kind == "result" and schema in (topics.SCHEMA_RESULT, topics.SCHEMA_RESULT_BATCH):
                 items = topics.results_of(obj)
                 if not isinstance(items, list):
@@ -143,6 +154,45 @@ def to_batch(messages: list[tuple[str, bytes]] | list[tuple[str, bytes, bool]], 
             if stats:
                 stats.bad += 1
     return out
+
+
+_KEYED = (topics.SCHEMA_RESULT, topics.SCHEMA_REVIEW, topics.SCHEMA_TRIAL)  # objects with an id
+
+
+def foreign(obj: dict[str, Any], tp: topics.ParsedTopic) -> str | None:
+    """Why a decoded payload may not be stored as coming from its topic's site and device, or None.
+
+    Results (each one of a batch too), reviews and trials must name the topic's site and device and carry
+    an id `topics.result_id(device, seq)` of that device whose sequence is their `seq`; a batch's envelope
+    names the topic's site and device; status and metrics, where they name a site or device, the topic's."""
+    schema = obj.get("schema")
+    if schema in _KEYED:
+        return _foreign_keyed(obj, tp)
+    batch = schema == topics.SCHEMA_RESULT_BATCH
+    for key, want in (("site", tp.site), ("device", tp.device)):
+        if (batch or key in obj) and obj.get(key) != want:
+            return f"{key} {obj.get(key)!r:.60} is not the topic's {want!r}"
+    items = obj.get("results") if batch else None
+    for i, item in enumerate(items if isinstance(items, list) else ()):
+        if isinstance(item, dict):  # not an object: a bad payload, said so by to_batch
+            why = _foreign_keyed(item, tp)
+            if why is not None:
+                return f"results[{i}] {why}"
+    return None
+
+
+def _foreign_keyed(obj: dict[str, Any], tp: topics.ParsedTopic) -> str | None:
+    for key, want in (("site", tp.site), ("device", tp.device)):
+        if obj.get(key) != want:
+            return f"{key} {obj.get(key)!r:.60} is not the topic's {want!r}"
+    try:
+        seq = topics.parse_result_id(obj.get("id"), tp.device)
+    except DataError as exc:
+        return exc.message
+    got = obj.get("seq")
+    if isinstance(got, bool) or not isinstance(got, int) or got != seq:
+        return f"seq {got!r:.40} is not the id's sequence {seq}"
+    return None
 
 
 def _counters(obj: dict[str, Any], floats: tuple[str, ...], ints: tuple[str, ...]) -> dict[str, Any]:
@@ -242,9 +292,9 @@ class Ingest:
         self.client.disconnect(properties=props)
         self.client.loop_stop()
         log.info("hub.ingest_stopped messages=%d results=%d new=%d reviews=%d trials=%d new_trials=%d "
-                 "bad=%d",
+                 "bad=%d rejected=%d",
                  self.stats.messages, self.stats.results, self.stats.new_results, self.stats.reviews,
-                 self.stats.trials, self.stats.new_trials, self.stats.bad)
+                 self.stats.trials, self.stats.new_trials, self.stats.bad, self.stats.rejected)
 
     def __enter__(self) -> Ingest:
         self.start()
