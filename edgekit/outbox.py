@@ -245,6 +245,10 @@ class Outbox:
         """Rows queued and not yet acknowledged (O(1): a counter kept in the meta table)."""
         return int(self._meta("rows"))
 
+    def backlog_by_topic(self) -> dict[str, int]:
+        """Rows queued per topic: a full scan, for a summary at a stop, not for the hot path."""
+        return {t: int(n) for t, n in self._conn().execute("SELECT topic, COUNT(*) FROM outbox GROUP BY topic")}
+
     def last_id(self) -> int:
         """The highest row id ever handed out (0 for a new file); ids are never reused."""
         row = self._conn().execute("SELECT seq FROM sqlite_sequence WHERE name = 'outbox'").fetchone()

@@ -2,7 +2,8 @@
 
 It survives the network: connects in the background with exponential backoff, never reports connected after
 a refused CONNACK, publishes a retained "online" birth on every (re)connect and leaves a retained "offline"
-last will. Topics and payloads come from topics.py. Must not import onnxruntime or torch.
+last will. A failed connection says why (TLS verify, refused, DNS, timeout, CONNACK refusal) once, and again
+only when the cause changes. Topics and payloads come from topics.py. Must not import onnxruntime or torch.
 
 Threads: the caller's thread writes to the outbox (send, send_many); paho's network thread only queues
 PUBACKed mids; one publisher thread reads the outbox, publishes, and deletes acknowledged rows. Each thread
@@ -13,10 +14,12 @@ is idle (each wake-up is a GIL hand-off; bench/README.md measured 10 % of the ag
 
 from __future__ import annotations
 
+import errno
 import logging
 import queue
 import socket
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -46,6 +49,43 @@ _COALESCE_S = 0.002
 # The publisher's longest sleep without a wake-up (unbatched): a safety net, never the way rows get sent.
 _IDLE_WAIT_S = 1.0
 _STATUS_KEYS = {"schema", "site", "device", "state", "ts"}
+# What to check, per cause of a failed connection (the log line carries it next to the cause).
+_HINTS = {
+    "tls_verify_failed": "the broker's certificate must be signed by a CA this device trusts and name this host",
+    "tls_failed": "is this port TLS (mqtts://) and does the broker accept this TLS version?",
+    "refused": "is the broker running and listening on this host and port?",
+    "dns_failed": "check the host name in the broker url",
+    "timeout": "no answer in time: a firewall dropping packets, a wrong address or port, or a stuck broker",
+    "unreachable": "check the network route to the broker",
+    "reset": "the broker or something in between closed the connection (see the broker's log)",
+    "closed_before_connack": "a plain mqtt:// client on a TLS port, or the broker dropped the client (see its log)",
+    "connack_refused": "check the broker account (username, password) and its ACL",
+    "os_error": "see the detail",
+}
+
+
+def connect_failure(exc: BaseException | None) -> tuple[str, str]:
+    """A failed connection attempt's exception -> (cause, detail): a fixed word to grep for, and the words
+    the operating system or TLS library gave. paho retries in its own thread and swallows the exception."""
+    if exc is None:
+        return "os_error", "no exception reached the transport"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return "tls_verify_failed", f"certificate verify failed: {exc.verify_message or exc.reason}"
+    if isinstance(exc, ssl.SSLError):
+        return "tls_failed", str(exc.reason or exc)
+    if isinstance(exc, ConnectionRefusedError):
+        return "refused", "connection refused"
+    if isinstance(exc, socket.gaierror):
+        return "dns_failed", f"host name lookup failed: {exc.strerror or exc}"
+    if isinstance(exc, TimeoutError):  # socket.timeout, also a TLS handshake that never finished
+        return "timeout", f"timed out ({exc})" if str(exc) else "timed out"
+    if isinstance(exc, OSError) and exc.errno in (errno.EHOSTUNREACH, errno.ENETUNREACH):
+        return "unreachable", exc.strerror or str(exc)
+    if isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+        return "reset", exc.strerror or str(exc)
+    if isinstance(exc, OSError) and exc.strerror:
+        return "os_error", f"{exc.strerror} (errno {exc.errno})"
+    return "os_error", f"{type(exc).__name__}: {exc}"
 
 
 def parse_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
@@ -75,7 +115,8 @@ class Transport:
                  username: str | None = None, password: str | None = None, keepalive_s: int = 30,
                  batch_interval_s: float = 0.0, max_batch: int = 500, max_inflight: int = 200,
                  reconnect_max_s: float = 10.0, status_extra: Callable[[], dict[str, Any]] | None = None,
-                 client_id: str | None = None, tls_ca_file: Path | None = None) -> None:
+                 client_id: str | None = None, tls_ca_file: Path | None = None,
+                 connect_timeout_s: float = 5.0) -> None:
         for name, value, low in (("keepalive_s", keepalive_s, 1), ("max_batch", max_batch, 1),
                                  ("max_inflight", max_inflight, 1)):
             if value < low:
@@ -84,6 +125,8 @@ class Transport:
             raise ConfigError(f"must be >= 0 (got {batch_interval_s})", where="mqtt.batch_interval_s")
         if reconnect_max_s <= 0:
             raise ConfigError(f"must be > 0 (got {reconnect_max_s})", where="mqtt.reconnect_max_s")
+        if connect_timeout_s <= 0:
+            raise ConfigError(f"must be > 0 (got {connect_timeout_s})", where="mqtt.connect_timeout_s")
         try:
             self._topics = {kind: topics.topic(site, device, kind) for kind in topics.KINDS}
         except ValueError as exc:
@@ -116,19 +159,24 @@ class Transport:
         self._flush_requests = 0
         self._unsignalled = 0
         self._failed_connects = 0
+        self._failure: tuple[str, str] | None = None  # the cause last logged; None once connected
+        self._connack_seen = False       # this attempt got a CONNACK (network thread)
         self.last_refusal: str | None = None
+        self.last_failure: str | None = None  # "cause: detail" of the newest failed attempt; None once connected
         self._counts = {"published": 0, "acked": 0, "reconnects": 0, "replayed": 0, "messages": 0,
                         "rejected": 0}
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
         if url is None:
             self.endpoint = None
+            self.tls = False
             log.warning("transport.offline reason=no-broker queued=%d path=%s", self.outbox.backlog(),
                         self.outbox.path)
             return
         assert parsed is not None
         host, port, tls, url_user, url_password = parsed
         self.endpoint = f"{host}:{port}"
+        self.tls = tls
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"edgekit-{site}-{device}",
                              protocol=mqtt.MQTTv311, clean_session=True)
         user = username if username is not None else url_user
@@ -143,7 +191,8 @@ class Transport:
                 raise ConfigError(f"cannot load the CA certificates ({exc})", where=str(tls_ca_file),
                                   hint="a PEM file with the CA that signed the broker's certificate") from None
         self._set_will(client)
-        client.on_pre_connect = lambda c, userdata: self._set_will(c)  # the will's ts = this connect attempt
+        client.on_pre_connect = self._on_pre_connect
+        client.connect_timeout = connect_timeout_s  # TCP connect and TLS handshake, each
         # We bound the window ourselves; paho's must be at least as wide or it would queue in memory.
         client.max_inflight_messages_set(max_inflight + _STATUS_SLOTS)
         client.reconnect_delay_set(min_delay=min(0.5, reconnect_max_s), max_delay=reconnect_max_s)
@@ -208,8 +257,13 @@ class Transport:
             self._idle = False
             self._wake.set()
 
-    def flush(self, timeout_s: float) -> bool:
-        """Publish partial batches now and wait until the outbox is empty (all PUBACKed) or timeout."""
+    def flush(self, timeout_s: float, stop: threading.Event | None = None) -> bool:
+        """Publish partial batches now and wait until the outbox is empty (all PUBACKed) or timeout.
+
+        A set `stop` ends the wait (within ~50 ms) whenever the transport is not connected: with the broker
+        away there is nothing to wait for once asked to stop, and the outbox keeps every row. While connected
+        the broker is taking rows, so the drain goes on until the outbox is empty or the timeout.
+        """
         deadline = time.monotonic() + timeout_s
         if self._client is None:
             return self.outbox.backlog() == 0
@@ -220,17 +274,28 @@ class Transport:
                 if self.outbox.backlog() == 0:
                     return True
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or (stop is not None and stop.is_set() and not self._connected):
                     return False
                 with self._acked_cond:
                     self._acked_cond.wait(min(left, 0.05))
         finally:
             self._flush_requests -= 1
 
+    def backlog_by_kind(self) -> dict[str, int]:
+        """Rows queued per kind (result, review, metrics, trial, status; "other" for topics not this
+        device's), from one scan of the outbox."""
+        kind_of = {t: k for k, t in self._topics.items()}
+        out: dict[str, int] = {}
+        for t, n in self.outbox.backlog_by_topic().items():
+            k = kind_of.get(t, "other")
+            out[k] = out.get(k, 0) + n
+        return out
+
     def stats(self) -> dict[str, Any]:
         """Counters since start (published/acked/replayed count results, messages count MQTT messages)."""
         return {**self._counts, "queued": self.outbox.backlog(), "dropped": self.outbox.dropped,
                 "connected": self._connected, "last_refusal": self.last_refusal,
+                "last_failure": self.last_failure, "failed_connects": self._failed_connects,
                 "publisher_alive": self._thread is not None and self._thread.is_alive()}
 
     def close(self) -> None:
@@ -268,14 +333,35 @@ class Transport:
         payload = topics.status(self.site, self.device, "offline", ts=time.time(), reason="lost")
         client.will_set(self._topics["status"], payload, qos=topics.QOS, retain=True)
 
+    def _on_pre_connect(self, client: mqtt.Client, userdata: Any) -> None:
+        self._connack_seen = False
+        self._set_will(client)  # the will's ts = this connect attempt
+
+    def _failed(self, cause: str, detail: str) -> bool:
+        """Count a failed attempt; True when its cause differs from the one last logged (log it then)."""
+        self._failed_connects += 1
+        self.last_failure = f"{cause}: {detail}"
+        new = (cause, detail) != self._failure
+        self._failure = (cause, detail)
+        return new
+
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Any) -> None:
+        self._connack_seen = True
         if reason.is_failure:
             self._connected = False
             self.last_refusal = str(reason)
-            log.warning("transport.refused endpoint=%s reason=%r code=%d", self.endpoint, str(reason),
-                        reason.value)
+            new = self._failed("connack_refused", str(reason))
+            # One line per cause, not per retry; a changed reason (or one after a success) is logged again.
+            log.log(logging.WARNING if new else logging.DEBUG,
+                    "transport.refused endpoint=%s reason=%r code=%d attempts=%d hint=%r", self.endpoint,
+                    str(reason), reason.value, self._failed_connects, _HINTS["connack_refused"])
             return
+        if self._failure is not None:
+            log.warning("transport.recovered endpoint=%s after_attempts=%d last_cause=%r", self.endpoint,
+                        self._failed_connects, self.last_failure)
+        self._failure = None
+        self.last_failure = None
         self._failed_connects = 0
         # Rows up to here were queued before this connection: they are replays. Read before `connected`
         # turns True, so a row sent after it (replayed=False) always has a higher id.
@@ -289,10 +375,15 @@ class Transport:
         self._wake.set()
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        self._failed_connects += 1
-        level = logging.WARNING if self._failed_connects == 1 else logging.DEBUG
-        log.log(level, "transport.connect_failed endpoint=%s attempts=%d queued_rows_stay=true",
-                self.endpoint, self._failed_connects)
+        # paho calls this from inside its `except OSError:` around reconnect(), so the exception it
+        # swallows is still the one being handled here (the callback gets no argument for it).
+        self._log_failure(*connect_failure(sys.exc_info()[1]))
+
+    def _log_failure(self, cause: str, detail: str) -> None:
+        new = self._failed(cause, detail)
+        log.log(logging.WARNING if new else logging.DEBUG,
+                "transport.connect_failed endpoint=%s tls=%s cause=%s detail=%r attempts=%d hint=%r",
+                self.endpoint, self.tls, cause, detail, self._failed_connects, _HINTS[cause])
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Any) -> None:
@@ -301,6 +392,9 @@ class Transport:
         if was and not self._closed:
             log.warning("transport.disconnected endpoint=%s reason=%r inflight=%d", self.endpoint,
                         str(reason), len(self._inflight))
+        elif not was and not self._connack_seen and not self._closed:
+            # The socket opened (and TLS, if any, shook hands) but the connection ended before any CONNACK.
+            self._log_failure("closed_before_connack", f"connection closed before any CONNACK ({reason})")
         self._wake.set()
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
