@@ -453,14 +453,39 @@ class Agent:
             closed_by = "stop" if self.stop.is_set() else "end"
             last.append(("trial", topics.encode(self.trial_payload(*trial.take(), closed_by))))
         self.transport.send_many([*last, ("metrics", topics.encode(self.metrics()))])
+        tr = self.transport
+        if self.cfg.mqtt.url and self.outbox.backlog() and (tr.connected or not self.stop.is_set()):
+            # Say what the agent waits for and how long: with the broker away, the whole timeout unless a stop
+            # (SIGTERM) ends it, which Transport.flush does at once while disconnected.
+            log.log(logging.INFO if tr.connected else logging.WARNING,
+                    "agent.draining queued=%d endpoint=%s connected=%s up_to_s=%g hint=%r", self.outbox.backlog(),
+                    tr.endpoint, tr.connected, drain_timeout_s,
+                    "SIGTERM ends the wait while the broker is away; the outbox keeps every row")
         if self.cfg.mqtt.url:
-            self.transport.flush(drain_timeout_s)
-        stats = self.transport.stats()
+            tr.flush(drain_timeout_s, stop=self.stop)
+        stats = tr.stats()
         c = self.counters
         summary = Summary(c.windows, c.accepted, c.deferred, c.quarantined, stats.get("acked", 0),
                           self.outbox.backlog(), self.outbox.dropped)
         log.info("agent.done %s", summary.line())
+        if summary.queued:
+            self._log_queued(drain_timeout_s)
         return summary
+
+    def _log_queued(self, drain_timeout_s: float) -> None:
+        """One line at the end of a run that leaves rows behind: how many of each kind, in which outbox file,
+        for which broker, and why they are still there (they are sent after the next start)."""
+        tr = self.transport
+        kinds = tr.backlog_by_kind()
+        if not self.cfg.mqtt.url:
+            reason = "no broker configured"
+        elif not tr.connected:
+            reason = f"broker unreachable ({tr.last_failure or 'no connection yet'})"
+        else:
+            reason = f"drain timed out after {drain_timeout_s:g} s"
+        log.warning("agent.queued results=%d reviews=%d other=%d outbox=%s broker=%s stopped=%s reason=%r",
+                    kinds.pop("result", 0), kinds.pop("review", 0), sum(kinds.values()),
+                    Path(self.cfg.outbox.path).resolve(), tr.endpoint or "none", self.stop.is_set(), reason)
 
 
 def run_agent(cfg: AgentConfig, stop: threading.Event | None = None, drain_timeout_s: float = 30.0) -> Summary:

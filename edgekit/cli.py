@@ -1,7 +1,8 @@
 """The `edgekit` command line. The only place that configures logging, prints, and maps errors to exit codes.
 
 Every command imports its stage lazily, so `edgekit run` never pulls in torch and `--help` is instant.
-Exit codes: 0 ok, 1 unexpected error, 2 bad input (config, data, bundle, broker), 3 parity/export failed.
+Exit codes: 0 ok, 1 unexpected error, 2 bad input (config, data, bundle, broker), 3 parity/export failed,
+4 `run`'s source ended with results still queued for a broker that did not take them (see EXIT_QUEUED).
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from edgekit import __version__
 log = logging.getLogger("edgekit.cli")
 
 EXIT_CODES = {"ExportError": 3}
+# `edgekit run`: the source ended on its own and results stay in the outbox because the broker was unreachable
+# (or the drain timed out). Nothing is lost (they go after the next start), but the run did not deliver: a
+# script or CI job can tell this from 0. A stop asked for by SIGTERM/SIGINT exits 0 whatever stays queued
+# (systemctl stop is not a failure), and so does a run without a broker (--broker '').
+EXIT_QUEUED = 4
 
 
 def _setup_logging(verbose: int) -> None:
@@ -52,7 +58,8 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def stop_on_signals() -> threading.Event:
-    """SIGTERM/SIGINT set an event: stages stop reading, the agent flushes and says offline, exit 0."""
+    """SIGTERM/SIGINT set an event: stages stop reading, the agent drains while the broker takes rows (at once
+    ends the drain while the broker is away: the outbox keeps them), says offline, exit 0."""
     stop = threading.Event()
 
     def _handler(signum: int, _frame: Any) -> None:
@@ -213,13 +220,20 @@ def agent_config(config: Path | None, **flags: Any) -> Any:
               help="Refuse the bundle unless its signature verifies with this Ed25519 public key.")
 @click.option("--batch-interval", type=float, default=None, help="Seconds per batched result message.")
 @click.option("--drain-timeout", type=float, default=30.0, show_default=True,
-              help="At the end of a finite source, wait this long for the broker to take the backlog.")
+              help="At the end (source ended, or SIGTERM), wait up to this long for the broker to take the "
+                   "backlog. While the broker is unreachable a SIGTERM ends the wait at once.")
 @handle_errors
 def run(config: Path | None, drain_timeout: float, **flags: Any) -> None:
     """Run the edge agent: read a sensor stream, window it, run the gate and models, publish over MQTT.
 
     Results go to a disk outbox first and leave it only when the broker acknowledges them. At the end
-    of a finite source the agent drains what it can and prints a one-line summary.
+    of a finite source the agent drains what it can and prints a one-line summary; rows left behind are
+    named in an `agent.queued` log line (count, outbox file, broker, why) and sent after the next start.
+
+    \b
+    Exit 0 when done, or when stopped by SIGTERM/SIGINT (even with rows still queued), or without a broker;
+    exit 4 when the source ended but results stay queued because the broker was unreachable or the drain
+    timed out (a systemd unit with Restart=on-failure or always starts it again, retrying the broker).
     """
     from edgekit.agent import run_agent
 
@@ -229,6 +243,8 @@ def run(config: Path | None, drain_timeout: float, **flags: Any) -> None:
     if not cfg.mqtt.url:
         click.echo(f"no broker: {summary.queued} results wait in the outbox {cfg.outbox.path}", err=True)
     click.echo(summary.line())
+    if cfg.mqtt.url and summary.queued and not stop.is_set():
+        sys.exit(EXIT_QUEUED)
 
 
 @main.command("check-config")
