@@ -24,20 +24,28 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def known_encoding(value: str) -> str:
-    """A Python codec name (pure: codecs.lookup reads no files); ValueError names the bad one."""
+    """A Python codec name that can decode a line (pure: codecs.lookup reads no files, the probe is in
+    memory); ValueError names the bad one."""
     try:
         info = codecs.lookup(value)
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
         info = None
     if info is None or not getattr(info, "_is_text_encoding", True):  # base64, rot13: codecs, not encodings
         raise ValueError(f"unknown text encoding {value!r} (e.g. utf-8, latin-1, utf-16)")
+    try:
+        # a line in that encoding plus a stray byte, decoded as the readers do (errors replaced, not fatal):
+        # 'undefined' refuses everything; idna and punycode refuse every error handler but 'strict'
+        info.incrementaldecoder("replace").decode(info.encode("1.5,-2\r\n")[0] + b"\xff", final=True)
+    except (UnicodeError, TypeError):
+        raise ValueError(f"{value!r} cannot decode text lines (e.g. utf-8, latin-1, utf-16)") from None
     return value
 
 
 class Strict(BaseModel):
     """Base for every config model: unknown keys are errors, values are not coerced silently."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: inf passes `ge=0` and then crashes a wait (Event.wait(inf): OverflowError)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 # --- sources -------------------------------------------------------------------------------------
@@ -200,6 +208,9 @@ def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[list[str], list
     return shown, allowed
 
 
+SHOWN_CHARS = 200  # a bad value is quoted in an error up to this length
+
+
 def format_validation_error(source: str, model: type[BaseModel], err: ValidationError) -> str:
     """One line per problem: `file: a.b: message (got X)` plus 'did you mean' for unknown keys."""
     lines = []
@@ -216,7 +227,8 @@ def format_validation_error(source: str, model: type[BaseModel], err: Validation
         else:
             msg = e["msg"]
             if e["type"] != "missing" and "input" in e:
-                msg += f" (got {e['input']!r})"
+                got = repr(e["input"])
+                msg += f" (got {got if len(got) <= SHOWN_CHARS else got[:SHOWN_CHARS] + '...'})"
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
 
@@ -231,6 +243,13 @@ def load_toml(path: Path | str) -> dict[str, Any]:
             return tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"not valid TOML: {exc}", where=str(p)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not UTF-8: byte 0x{exc.object[exc.start]:02x} at offset {exc.start}", where=str(p),
+                          hint="TOML files are UTF-8 text") from None
+    except RecursionError:  # tomllib recurses per nesting level: ~300 nested arrays exhaust the stack
+        raise ConfigError("not valid TOML: nested too deeply", where=str(p)) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read: {exc.strerror or exc}", where=str(p)) from None
 
 
 def validate(model: type[M], data: dict[str, Any], source: str) -> M:
