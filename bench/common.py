@@ -19,7 +19,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-TASKS = {"skab": "examples/skab.toml", "ipol_gait": "examples/ipol_gait.toml"}
+TASKS = {"skab": "edgekit/recipes/skab.toml", "ipol_gait": "edgekit/recipes/ipol_gait.toml"}
 
 log = logging.getLogger("bench")
 

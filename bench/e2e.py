@@ -3,7 +3,7 @@ batched, with p50/p99 outbox-insert-to-PUBACK latency.
 
     python bench/e2e.py [--task skab] [--windows 10000] [--results 100000] [--json out/e2e.json]
 
-Cases (one broker, started here from deploy/mosquitto/test.conf; one run, same payloads):
+Cases (one broker, started here from edgekit/data/mosquitto-local.conf; one run, same payloads):
   paho bare       the baseline without us: paho publishes the same result payloads at QoS 1, no outbox
                   (waits for every PUBACK at the end); at most max_inflight messages in flight.
   transport       edgekit.transport.Transport.send of ready payloads: outbox write, publisher thread, PUBACK

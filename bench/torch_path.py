@@ -27,9 +27,9 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from edgekit.exporters.training.models import load_checkpoint  # noqa: E402
 from edgekit.features import extract  # noqa: E402
 from edgekit.gate import Gate  # noqa: E402
-from exporters.models import load_checkpoint  # noqa: E402
 
 
 class TorchPath:

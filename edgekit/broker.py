@@ -1,5 +1,5 @@
-"""A local mosquitto on a free loopback port for the demo and the tests, from deploy/mosquitto/test.conf
-(so it runs from a source checkout); stoppable and restartable on the same port (outage tests)."""
+"""A local mosquitto on a free loopback port for the demo and the tests, from the config that ships in the
+package (edgekit/data/mosquitto-local.conf); stoppable and restartable on the same port (outage tests)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import subprocess
 import time
 from pathlib import Path
 
-CONF = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "test.conf"
+from edgekit.paths import shipped
+
+CONF = shipped("data", "mosquitto-local.conf")
 
 
 def installed() -> str | None:
@@ -37,8 +39,6 @@ class Mosquitto:
         self.proc: subprocess.Popen[bytes] | None = None
         workdir.mkdir(parents=True, exist_ok=True)
         self.conf = workdir / "mosquitto.conf"
-        if not CONF.exists():
-            raise FileNotFoundError(f"{CONF} not found: the local broker runs from a source checkout")
         self.conf.write_text(CONF.read_text().format(port=self.port, data_dir=workdir))
         self.log = workdir / "mosquitto.log"
 

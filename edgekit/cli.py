@@ -81,7 +81,7 @@ def main(verbose: int, debug: bool) -> None:
 
     \b
     The path of the data:
-      edgekit train examples/skab.toml --out runs/skab          # server (CUDA if present)
+      edgekit train skab --out runs/skab                        # server (CUDA if present)
       edgekit export runs/skab --int8 --out bundles/skab        # ONNX, INT8, parity, bundle
       edgekit run --bundle bundles/skab --source replay:FILE    # edge agent (no torch)
       edgekit hub --broker mqtt://127.0.0.1:1883                # collect + review web page
@@ -94,18 +94,21 @@ def main(verbose: int, debug: bool) -> None:
 
 
 @main.command()
-@click.argument("recipe", type=click.Path(path_type=Path))
+@click.argument("recipe")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory to write.")
 @click.option("--extra-labels", type=click.Path(path_type=Path), default=None,
               help="labels.csv from `edgekit labels export`: reviewed cases added to the training split.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @handle_errors
-def train(recipe: Path, out: Path, extra_labels: Path | None, epochs: int | None, no_progress: bool) -> None:
-    """Train the predictor, autoencoder gate and second opinion described by RECIPE (TOML)."""
-    from edgekit.exporters.train import train as train_fn
+def train(recipe: str, out: Path, extra_labels: Path | None, epochs: int | None, no_progress: bool) -> None:
+    """Train the predictor, autoencoder gate and second opinion described by RECIPE: a TOML file, or the name
+    of a recipe that ships with edgekit (skab, ipol_gait, fall_screening, tug_seed)."""
+    from edgekit.exporters.training.train import train as train_fn
+    from edgekit.paths import recipe_file
 
-    run_dir = train_fn(recipe, out, extra_labels=extra_labels, epochs=epochs, progress=not no_progress)
+    run_dir = train_fn(recipe_file(recipe), out, extra_labels=extra_labels, epochs=epochs,
+                       progress=not no_progress)
     click.echo(f"run written to {run_dir} (report: {run_dir / 'report'})")
 
 
@@ -121,7 +124,7 @@ def train(recipe: Path, out: Path, extra_labels: Path | None, epochs: int | None
 def export(run_dir: Path, out: Path, int8: bool, sign_key: Path | None, target_error: float | None,
            no_progress: bool) -> None:
     """Export RUN_DIR to ONNX (and INT8), check parity, calibrate the gate, write a bundle."""
-    from edgekit.exporters.export import export as export_fn
+    from edgekit.exporters.export.export import export as export_fn
 
     report = export_fn(run_dir, out, int8=int8, sign_key=sign_key, target_error=target_error,
                        progress=not no_progress)
@@ -268,7 +271,7 @@ def check_config(file: Path) -> None:
 
 @main.group()
 def device() -> None:
-    """Device profiles (devices/profiles/*.toml)."""
+    """Device profiles (edgekit/devices/profiles/*.toml)."""
 
 
 @device.command("detect")
@@ -405,11 +408,11 @@ def bench(bundle: Path, rounds: int, json_out: Path | None) -> None:
 @handle_errors
 def evaluate(name: str, json_out: Path | None, plot_out: Path | None) -> None:
     """Evaluate on real data against the published results (run by hand; minutes, not seconds)."""
-    from edgekit.exporters.evaluate import EVALUATIONS, table
+    from edgekit.exporters.evaluation.evaluate import EVALUATIONS, TABLES
 
     plot_out = plot_out or Path(f"eval-{name}.png")
     result = EVALUATIONS[name](json_out, plot_out, progress=True)
-    click.echo(table(name, result))
+    click.echo(TABLES[name](result))
     click.echo(f"plot: {plot_out}" + (f", json: {json_out}" if json_out else ""))
 
 

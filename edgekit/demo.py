@@ -19,10 +19,11 @@ from typing import Any, Callable
 
 from edgekit import topics
 from edgekit.errors import DataError, EdgekitError
+from edgekit.paths import shipped
 
 log = logging.getLogger(__name__)
 
-RECIPE = Path(__file__).resolve().parent.parent / "examples" / "skab.toml"
+RECIPE = shipped("recipes", "skab.toml")
 
 
 def _step(say: Callable[[str], None], title: str, args: list[str]) -> None:

@@ -1,7 +1,8 @@
 """Segment a TUG-like trial (stand, walk, U-turn, walk back, stand) from one lower-back IMU.
 
 numpy only (the agent runs it on the device); filtering is moving averages and FFT masks. The tuned
-constants below were chosen on IPOL subjects 1-5 only and checked on subjects 6-15 (exporters/eval_ipol.py).
+constants below were chosen on IPOL subjects 1-5 only and checked on subjects 6-15
+(exporters/evaluation/ipol.py).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ MIN_TURN_DEG = 90.0  # a U-turn turns ~180 deg; the detected IPOL turns span 135
 # Walking raises the activity signal 1.5-3 units above still standing in every IPOL trial; a still
 # sensor moves it by < 0.1, so below this rise there is no walk to segment.
 MIN_WALK_ACTIVITY = 0.3
-# Tuned on subjects 1-5 only, by a small grid (exporters/eval_ipol.py reports 6-15 separately). Levels
+# Tuned on subjects 1-5 only, by a small grid (exporters/evaluation/ipol.py reports 6-15 separately). Levels
 # are shares of (walking level - still baseline) of the activity signal:
 ACTIVITY_LEVEL = 0.3  # the walk's core: the longest run above this level ...
 MAX_GAP_S = 1.0  # ... after closing quieter gaps shorter than this

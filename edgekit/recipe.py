@@ -1,7 +1,7 @@
 """A training recipe: the TOML file `edgekit train` reads, as pydantic models loaded only by `load_recipe`.
 
 Validators are pure (no files, no network); whether columns and files exist is checked when the data is
-read (exporters/tasks.py raises DataError naming file and column). Must not import torch or sklearn.
+read (exporters/training/tasks.py raises DataError naming file and column). Must not import torch or sklearn.
 """
 
 from __future__ import annotations

@@ -33,23 +33,23 @@ def data_dir() -> Path:
 
 def _build_bundle(tmp_root: Path, recipe: str, epochs: int = 3) -> Path:
     pytest.importorskip("torch", reason="training needs the train extra (torch)")
-    from edgekit.exporters.export import export
-    from edgekit.exporters.train import train
+    from edgekit.exporters.export.export import export
+    from edgekit.exporters.training.train import train
 
     run_dir = tmp_root / f"run-{Path(recipe).stem}"
     bundle = tmp_root / f"bundle-{Path(recipe).stem}"
-    train(ROOT / "examples" / recipe, run_dir, epochs=epochs, progress=False)
+    train(ROOT / "edgekit" / "recipes" / recipe, run_dir, epochs=epochs, progress=False)
     export(run_dir, bundle, int8=True, progress=False)
     return bundle
 
 
 @pytest.fixture(scope="session")
 def skab_bundle(tmp_path_factory, data_dir) -> Path:
-    """A bundle trained (few epochs) on examples/skab.toml and exported with INT8, shared by the session."""
+    """A bundle trained (few epochs) on edgekit/recipes/skab.toml and exported with INT8, shared by the session."""
     return _build_bundle(tmp_path_factory.mktemp("skab"), "skab.toml")
 
 
 @pytest.fixture(scope="session")
 def ipol_bundle(tmp_path_factory, data_dir) -> Path:
-    """A bundle trained (few epochs) on examples/ipol_gait.toml (1D-CNN on IMU windows), INT8."""
+    """A bundle trained (few epochs) on edgekit/recipes/ipol_gait.toml (1D-CNN on IMU windows), INT8."""
     return _build_bundle(tmp_path_factory.mktemp("ipol"), "ipol_gait.toml")

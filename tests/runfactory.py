@@ -1,5 +1,6 @@
-"""A small run directory in the exact layout `exporters.train.train` writes (run.json + splits.npz + models),
-trained in seconds on synthetic signals, so export tests do not depend on the training pipeline or datasets.
+"""A small run directory in the exact layout edgekit/exporters/training/train.py writes (run.json + splits.npz +
+models), trained in seconds on synthetic signals, so export tests do not depend on the training pipeline or
+datasets.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def make_run(root: Path, *, arch: str = "mlp", n_classes: int = 2, second: str =
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.svm import SVC
 
-    from edgekit.exporters.models import build, save_checkpoint
+    from edgekit.exporters.training.models import build, save_checkpoint
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from edgekit.errors import ExportError
-from edgekit.exporters.calibrate import accept_mask, calibrate_gate, gate_score, ltt_threshold, min_accepted
+from edgekit.exporters.export.calibrate import (
+    accept_mask,
+    calibrate_gate,
+    gate_score,
+    ltt_threshold,
+    min_accepted,
+)
 
 
 def _draw(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -119,7 +125,7 @@ def test_calibrate_gate_defers_all_when_nothing_is_valid() -> None:
 
 
 def test_calibrate_imports_no_torch() -> None:
-    code = ("import sys; import edgekit.exporters.calibrate; "
+    code = ("import sys; import edgekit.exporters.export.calibrate; "
             "assert 'torch' not in sys.modules, 'torch imported'; print('ok')")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr

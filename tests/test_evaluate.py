@@ -6,17 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgekit.errors import ConfigError
-from edgekit.exporters import evaluate
-from edgekit.exporters.eval_deferral import skab_confidence, split_trials, violation_bound
-from edgekit.exporters.eval_fall import gate_confidence, youden_threshold
+from edgekit.exporters import metrics
+from edgekit.exporters.evaluation import evaluate
+from edgekit.exporters.evaluation.deferral import skab_confidence, split_trials, violation_bound
+from edgekit.exporters.evaluation.fall_screening import gate_confidence, youden_threshold
 
 
 def test_binary_metrics_hand_computed() -> None:
     # 10 rows: 4 anomalies; the detector flags rows 1, 2, 3 (anomalies) and 5, 6 (normal)
     y = np.array([0, 1, 1, 1, 1, 0, 0, 0, 0, 0])
     p = np.array([0, 1, 1, 1, 0, 1, 1, 0, 0, 0])
-    m = evaluate.binary_metrics(y, p)
+    m = metrics.binary_metrics(y, p)
     assert (m["tp"], m["fp"], m["fn"], m["tn"]) == (3, 2, 1, 4)
     assert m["f1"] == pytest.approx(2 * 3 / (2 * 3 + 2 + 1))  # 6/9
     assert m["far"] == pytest.approx(2 / 6)
@@ -27,40 +27,38 @@ def test_binary_metrics_hand_computed() -> None:
 
 
 def test_binary_metrics_degenerate_and_mismatch() -> None:
-    m = evaluate.binary_metrics(np.zeros(5), np.zeros(5))
+    m = metrics.binary_metrics(np.zeros(5), np.zeros(5))
     assert m["f1"] == 0.0 and m["far"] == 0.0 and m["mar"] == 0.0 and m["accuracy"] == 1.0
     with pytest.raises(ValueError, match="differ in length"):
-        evaluate.binary_metrics(np.zeros(3), np.zeros(4))
+        metrics.binary_metrics(np.zeros(3), np.zeros(4))
 
 
 def test_coverage_risk_curve_properties() -> None:
     rng = np.random.default_rng(0)
     conf = rng.random(500)
     errors = rng.random(500) < (1 - conf)  # less confident -> more errors
-    curve = evaluate.coverage_risk_curve(conf, errors)
+    curve = metrics.coverage_risk_curve(conf, errors)
     assert np.all(np.diff(curve["coverage"]) > 0)
     assert curve["coverage"][-1] == 1.0
     assert curve["risk"][-1] == pytest.approx(errors.mean())  # nothing deferred: the base error
     assert np.allclose(curve["deferred"], 1 - curve["coverage"])
     # informative confidence: deferring the least confident half lowers the error on what is kept
-    half = evaluate.risk_at_coverage(curve, np.array([0.5]))[0]
+    half = metrics.risk_at_coverage(curve, np.array([0.5]))[0]
     assert half < errors.mean() - 0.1
     # with a perfectly ordered confidence the risk never decreases as coverage grows
-    perfect = evaluate.coverage_risk_curve(-np.arange(100.0), np.arange(100) >= 70)
+    perfect = metrics.coverage_risk_curve(-np.arange(100.0), np.arange(100) >= 70)
     assert np.all(np.diff(perfect["risk"]) >= 0)
     assert perfect["risk"][69] == 0.0
 
 
 def test_coverage_risk_curve_ties_accepted_together() -> None:
-    curve = evaluate.coverage_risk_curve(np.array([1.0, 1.0, 0.5, 0.5]), np.array([0, 1, 0, 0]))
+    curve = metrics.coverage_risk_curve(np.array([1.0, 1.0, 0.5, 0.5]), np.array([0, 1, 0, 0]))
     assert curve["coverage"].tolist() == [0.5, 1.0]
     assert curve["risk"].tolist() == [0.5, 0.25]
 
 
-def test_registry_and_unknown_table() -> None:
-    assert set(evaluate.EVALUATIONS) == {"skab", "fall-screening", "ipol", "deferral"}
-    with pytest.raises(ConfigError, match="unknown evaluation"):
-        evaluate.table("nab", {})
+def test_registry_has_a_table_for_every_evaluation() -> None:
+    assert set(evaluate.EVALUATIONS) == set(evaluate.TABLES) == {"skab", "fall-screening", "ipol", "deferral"}
 
 
 def test_json_drops_big_arrays_and_non_finite(tmp_path) -> None:
@@ -119,11 +117,11 @@ def test_youden_threshold_separates() -> None:
     prob = np.array([0.1, 0.2, 0.3, 0.6, 0.7])
     thr = youden_threshold(y, prob)
     assert 0.3 < thr < 0.6
-    assert evaluate.binary_metrics(y, prob >= thr)["accuracy"] == 1.0
+    assert metrics.binary_metrics(y, prob >= thr)["accuracy"] == 1.0
 
 
 def test_skab_error_sources_hand_computed() -> None:
-    from edgekit.exporters.eval_skab import FIT_ROWS, error_sources, level_shift
+    from edgekit.exporters.evaluation.skab import FIT_ROWS, error_sources, level_shift
 
     files = np.array(["a"] * 10 + ["b"] * 6)
     y = np.array([0, 0, 1, 1, 1, 1, 0, 0, 0, 0] + [0, 1, 1, 1, 0, 0])
@@ -147,8 +145,8 @@ def test_skab_error_sources_hand_computed() -> None:
 @pytest.mark.data
 def test_fall_rows_and_skab_features_on_real_data(data_dir) -> None:
     from edgekit import datasets
-    from edgekit.exporters.eval_fall import load_fall
-    from edgekit.exporters.eval_skab import FIT_ROWS, SkabDesign, row_features
+    from edgekit.exporters.evaluation.fall_screening import load_fall
+    from edgekit.exporters.evaluation.skab import FIT_ROWS, SkabDesign, row_features
 
     x, y = load_fall()
     assert x.shape == (73, 9) and int(y.sum()) == 20  # the study's usable participants and fallers
@@ -164,18 +162,20 @@ def test_fall_rows_and_skab_features_on_real_data(data_dir) -> None:
 @pytest.mark.torch
 @pytest.mark.slow
 def test_skab_eval_scores_the_recipes_predictor(data_dir, tmp_path) -> None:
-    """The predictor beside the SKAB gate is examples/skab.toml's (its widths and window, trained as `edgekit
+    """The predictor beside the SKAB gate is edgekit/recipes/skab.toml's (its widths and window, trained as `edgekit
     train` trains it; an earlier copy of its settings went stale), and its scores line up with test rows."""
     pytest.importorskip("torch")
     import onnx
 
     from edgekit import datasets
-    from edgekit.exporters.eval_skab import FIT_ROWS, ROOT, SkabDesign, _predictor_probs
+    from edgekit.exporters.evaluation.skab import FIT_ROWS, SkabDesign, _predictor_probs
     from edgekit.features import feature_names
+    from edgekit.paths import shipped as shipped_file
     from edgekit.recipe import load_recipe
 
-    shipped = load_recipe(ROOT / "examples" / "skab.toml")
-    text = (ROOT / "examples" / "skab.toml").read_text()
+    recipe_file = shipped_file("recipes", "skab.toml")
+    shipped = load_recipe(recipe_file)
+    text = recipe_file.read_text()
     fast = text.replace(f"epochs = {shipped.predictor.epochs}\n", "epochs = 2\n", 1)  # the first: [predictor]
     assert fast != text
     (tmp_path / "skab.toml").write_text(fast)
@@ -198,7 +198,13 @@ def test_skab_eval_scores_the_recipes_predictor(data_dir, tmp_path) -> None:
 @pytest.mark.torch
 def test_fall_eval_fits_the_recipes_models(data_dir) -> None:
     pytest.importorskip("torch")
-    from edgekit.exporters.eval_fall import FallDesign, _fit_mlp, _fit_predict, fall_recipe, load_fall
+    from edgekit.exporters.evaluation.fall_screening import (
+        FallDesign,
+        _fit_mlp,
+        _fit_predict,
+        fall_recipe,
+        load_fall,
+    )
 
     _, recipe = fall_recipe(FallDesign())
     x, y = load_fall()

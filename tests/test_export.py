@@ -32,7 +32,7 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 @pytest.fixture(scope="module")
 def mlp_bundle(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]) -> tuple[Path, Path, dict]:
-    from edgekit.exporters.export import export
+    from edgekit.exporters.export.export import export
 
     root = tmp_path_factory.mktemp("mlp")
     run = make_run(root, arch="mlp", n_classes=2, second="random_forest", n=900, epochs=50)
@@ -43,7 +43,7 @@ def mlp_bundle(tmp_path_factory: pytest.TempPathFactory, keys: tuple[Path, Path]
 
 @pytest.fixture(scope="module")
 def cnn_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict]:
-    from edgekit.exporters.export import export
+    from edgekit.exporters.export.export import export
 
     root = tmp_path_factory.mktemp("cnn")
     run = make_run(root, arch="cnn1d", n_classes=3, second="random_forest", n=900, epochs=30)
@@ -212,7 +212,7 @@ def test_unsigned_bundle_with_key_fails_clearly(cnn_bundle: tuple[Path, Path, di
 
 def test_parity_failures_are_results(mlp_bundle: tuple[Path, Path, dict], tmp_path: Path) -> None:
     """A failing INT8 keeps fp32 with the reason; a failing fp32 fails the report."""
-    from edgekit.exporters.export import check_parity, export_onnx, load_run, quantize_models
+    from edgekit.exporters.export.export import check_parity, export_onnx, load_run, quantize_models
 
     run_dir, _, _ = mlp_bundle
     run = load_run(run_dir)
@@ -235,7 +235,7 @@ def test_parity_failures_are_results(mlp_bundle: tuple[Path, Path, dict], tmp_pa
 
 
 def test_bad_inputs_raise_export_error(mlp_bundle: tuple[Path, Path, dict], tmp_path: Path) -> None:
-    from edgekit.exporters.export import export
+    from edgekit.exporters.export.export import export
 
     run_dir, out, _ = mlp_bundle
     with pytest.raises(ExportError, match="run.json not found"):
@@ -261,8 +261,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _train_and_export(recipe: Path, tmp_path: Path) -> tuple[Path, dict]:
-    from edgekit.exporters.export import export
-    from edgekit.exporters.train import train
+    from edgekit.exporters.export.export import export
+    from edgekit.exporters.training.train import train
 
     run = train(recipe, tmp_path / "run", epochs=5, progress=False)
     out = tmp_path / "bundle"
@@ -271,7 +271,7 @@ def _train_and_export(recipe: Path, tmp_path: Path) -> tuple[Path, dict]:
 
 def test_train_then_export_tug_seed(tmp_path: Path) -> None:
     """The real training contract end to end: 23 rows with holes, imputation carried into the manifest."""
-    out, report = _train_and_export(ROOT / "examples" / "tug_seed.toml", tmp_path)
+    out, report = _train_and_export(ROOT / "edgekit" / "recipes" / "tug_seed.toml", tmp_path)
     m = load_bundle(out)
     assert m.task == "tug_seed" and m.input.kind == "table" and m.input.imputation is not None
     assert report["passed"] is True
@@ -282,7 +282,7 @@ def test_train_then_export_tug_seed(tmp_path: Path) -> None:
 
 @pytest.mark.data
 def test_train_then_export_fall_screening(tmp_path: Path, data_dir: Path) -> None:
-    out, report = _train_and_export(ROOT / "examples" / "fall_screening.toml", tmp_path)
+    out, report = _train_and_export(ROOT / "edgekit" / "recipes" / "fall_screening.toml", tmp_path)
     m = load_bundle(out)
     assert m.task == "fall_screening" and report["models"]["second_opinion"]["pass"]
     assert m.models["predictor"].input_shape == [None, 9]

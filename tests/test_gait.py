@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from edgekit.datasets import ipol_files, read_ipol
-from edgekit.exporters.eval_ipol import ERRORS, evaluate, plot, table
+from edgekit.exporters.evaluation.ipol import ERRORS, evaluate, plot, table
 from edgekit.gait import STILL, TURN, WALK, band_pass, find_peaks, moving_average, segment
 
 RATE = 100.0

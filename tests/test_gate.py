@@ -43,7 +43,7 @@ def test_non_finite_scores_defer_even_with_the_gate_disabled(bad):
 
 def test_agent_gate_and_export_calibration_accept_the_same_rows():
     """The agent decides with Gate.decide_many, export reports coverage with calibrate.accept_mask: one rule."""
-    from edgekit.exporters.calibrate import accept_mask
+    from edgekit.exporters.export.calibrate import accept_mask
 
     rng = np.random.default_rng(7)
     n = 5000

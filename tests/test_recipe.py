@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from edgekit.errors import ConfigError, DataError
-from edgekit.exporters.tasks import load_task
+from edgekit.exporters.training.tasks import load_task
 from edgekit.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,7 +47,7 @@ def toy_csv(tmp_path: Path, rows: list[str], header: str = "a,b,y,sex") -> Path:
 
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_examples_validate(name: str) -> None:
-    recipe = load_recipe(ROOT / "examples" / f"{name}.toml")
+    recipe = load_recipe(ROOT / "edgekit" / "recipes" / f"{name}.toml")
     assert isinstance(recipe, Recipe)
     assert recipe.task == name
     assert recipe.normal_label == recipe.labels[0]
@@ -156,8 +156,8 @@ def test_table_rows_keep_holes_as_nan_for_train_time_imputation(tmp_path: Path) 
 
 
 def test_shipped_tug_table_loads_with_its_holes() -> None:
-    recipe = load_recipe(ROOT / "examples" / "tug_seed.toml")
-    data = load_task(recipe, ROOT / "examples")
+    recipe = load_recipe(ROOT / "edgekit" / "recipes" / "tug_seed.toml")
+    data = load_task(recipe, ROOT / "edgekit" / "recipes")
     px = data.feature_names.index("px")
     assert data.features.shape == (23, 12)
     assert np.isnan(data.features[5:8, px]).all() and not np.isnan(np.delete(data.features[:, px], [5, 6, 7])).any()
@@ -167,7 +167,7 @@ def test_shipped_tug_table_loads_with_its_holes() -> None:
 
 @pytest.mark.data
 def test_skab_window_labels_follow_the_last_row(data_dir: Path, tmp_path: Path) -> None:
-    text = (ROOT / "examples" / "skab.toml").read_text().replace(
+    text = (ROOT / "edgekit" / "recipes" / "skab.toml").read_text().replace(
         'skab_groups = ["valve1", "valve2", "other"]', 'skab_groups = ["valve2"]\nmax_files = 1')
     recipe = load_recipe(write(tmp_path, text))
     data = load_task(recipe, tmp_path)

@@ -1,5 +1,5 @@
 """train(): every example recipe trains (tiny epochs) into a run directory that keeps the contract in
-exporters/train.py's docstring; the saved models reproduce the recorded metrics; same seed, same metrics;
+edgekit/exporters/training/train.py's docstring; the saved models reproduce the recorded metrics; same seed, same metrics;
 tug_seed's median imputation is recorded; hub labels join the training split only; split errors are clear."""
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from edgekit.errors import ConfigError, DataError  # noqa: E402
-from edgekit.exporters.models import load_checkpoint  # noqa: E402
-from edgekit.exporters.train import train  # noqa: E402
+from edgekit.exporters.training.models import load_checkpoint  # noqa: E402
+from edgekit.exporters.training.train import train  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
+EXAMPLES = ROOT / "edgekit" / "recipes"
 RUN_KEYS = {"schema", "task", "recipe", "seed", "device", "labels", "normal_label", "positive_label", "input",
             "normalize", "imputation", "data_fingerprint", "models", "gate", "metrics", "groups_metrics",
             "extra_labels_added", "created_at", "code_version"}
@@ -161,7 +161,7 @@ def test_fall_screening_trains(data_dir: Path, tmp_path: Path) -> None:
 
 def test_svm_second_opinion(tmp_path: Path) -> None:
     text = (EXAMPLES / "tug_seed.toml").read_text()
-    text = text.replace('path = "../edgekit/data/tug_gait_23.tsv"', f'path = "{ROOT / "edgekit/data/tug_gait_23.tsv"}"')
+    text = text.replace('path = "../data/tug_gait_23.tsv"', f'path = "{ROOT / "edgekit/data/tug_gait_23.tsv"}"')
     text = text.replace("params = { n_estimators = 200, max_depth = 3, min_samples_leaf = 2 }", "params = { C = 2.0 }")
     text = text.replace('kind = "random_forest"', 'kind = "svm"')
     (tmp_path / "svm.toml").write_text(text)

@@ -1,6 +1,6 @@
 """Deferral guarantee: does "answer alone only where the error stays under target_error" hold on data?
 
-The gate's acceptance threshold is chosen by Learn-then-Test (exporters.calibrate.ltt_threshold: fixed-
+The gate's acceptance threshold is chosen by Learn-then-Test (export/calibrate.py ltt_threshold: fixed-
 sequence binomial tests, P(risk > target) <= delta) on a random calibration half; the realised error on the
 accepted cases of the other half is measured. Repeated over R random splits of the same model outputs
 (the models are fitted once: only the cal/test assignment changes). If the method holds, the fraction of
@@ -19,7 +19,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import binom
 
-from .calibrate import ltt_threshold, min_accepted
+from edgekit.exporters.export.calibrate import ltt_threshold, min_accepted
+
+from . import fall_screening, skab
 
 log = logging.getLogger(__name__)
 
@@ -130,14 +132,11 @@ def skab_confidence(score: np.ndarray, threshold: np.ndarray, prob: np.ndarray |
 def evaluate_deferral(progress: bool = True, splits: int = SPLITS) -> dict[str, Any]:
     """SKAB (INT8 gate's per-row decisions; row-level and file-level splits) and fall screening
     (out-of-fold decisions of the recipe's predictor + second opinion, one CV repeat per split); delta is
-    each task's recipe gate.delta (examples/skab.toml, examples/fall_screening.toml)."""
-    from . import eval_fall, eval_skab
-
+    each task's recipe gate.delta (edgekit/recipes/skab.toml, fall_screening.toml)."""
     t0 = time.perf_counter()
-    skab_delta = eval_skab.predictor_recipe(eval_skab.SkabDesign())[1].gate.delta
-    fall_delta = eval_fall.fall_recipe(eval_fall.FallDesign())[1].gate.delta
-    skab = eval_skab.evaluate_skab(progress=progress)
-    rows = skab["rows"]
+    skab_delta = skab.predictor_recipe(skab.SkabDesign())[1].gate.delta
+    fall_delta = fall_screening.fall_recipe(fall_screening.FallDesign())[1].gate.delta
+    rows = skab.evaluate_skab(progress=progress)["rows"]
     decision = rows["score"] > rows["threshold"]
     errors = decision != rows["y"].astype(bool)
     conf = skab_confidence(rows["score"], rows["threshold"], rows["prob"])
@@ -145,7 +144,7 @@ def evaluate_deferral(progress: bool = True, splits: int = SPLITS) -> dict[str, 
     out["skab"] = split_trials(conf, errors, delta=skab_delta, splits=splits, seed=1)
     out["skab_by_file"] = split_trials(conf, errors, delta=skab_delta, splits=splits, seed=2, groups=rows["file"])
 
-    fall = eval_fall.evaluate_fall(progress=progress)
+    fall = fall_screening.evaluate_fall(progress=progress)
     oof = fall["oof"]
     rng = np.random.default_rng(3)
     fall_trials = []

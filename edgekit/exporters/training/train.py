@@ -1,6 +1,6 @@
 """Train a recipe: predictor (torch), dense autoencoder (torch, normal rows), second opinion (scikit-learn).
 
-`train(recipe_path, out)` writes a run directory that the exporter (exporters/export.py) reads. Its
+`train(recipe_path, out)` writes a run directory that the exporter (export/export.py) reads. Its
 contract, binding for both sides (additive keys allowed, nothing renamed):
 
 runs/NAME/
@@ -39,10 +39,10 @@ runs/NAME/
                       {split}_window        float32 (n, C, W) NORMALISED per channel (cnn1d tasks only)
                       {split}_y             int64 (n,) index into labels
                       {split}_group         str (n,) the split group (file/subject), when group_by is set
-  predictor.pt, autoencoder.pt   exporters.models.save_checkpoint (load with load_checkpoint)
+  predictor.pt, autoencoder.pt   models.save_checkpoint (load with load_checkpoint)
   second_opinion.pkl             pickled scikit-learn estimator, fitted on NORMALISED features; its class
                                  is the argmax of predict_proba (for SVC that can differ from predict())
-  report/index.html              plots and tables (exporters/report.py)
+  report/index.html              plots and tables (report.py)
 
 Normalisation: mean/std of the TRAIN split (std floored at 1e-6); test is never used for fitting or
 calibration. Windows (cnn1d): raw (W, C) windows as edgekit.window cuts them, (w - mean[c]) / std[c] with
@@ -73,13 +73,6 @@ from typing import Any
 import numpy as np
 import torch
 from sklearn.ensemble import RandomForestClassifier
-from sklearn.metrics import (
-    balanced_accuracy_score,
-    confusion_matrix,
-    f1_score,
-    log_loss,
-    roc_auc_score,
-)
 from sklearn.model_selection import StratifiedGroupKFold, train_test_split
 from sklearn.svm import SVC
 from torch import nn
@@ -87,8 +80,9 @@ from tqdm import tqdm
 
 import edgekit
 from edgekit.errors import ConfigError, DataError
-from edgekit.exporters.models import build, save_checkpoint
-from edgekit.exporters.tasks import load_task
+from edgekit.exporters.metrics import auc, classification_metrics
+from edgekit.exporters.training.models import build, save_checkpoint
+from edgekit.exporters.training.tasks import load_task
 from edgekit.recipe import PredictorSection, Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -322,8 +316,8 @@ def init_hinges(layer: nn.Linear, x: np.ndarray, seed: int) -> None:
 def new_predictor(pcfg: PredictorSection, p_kwargs: dict[str, Any], x_train: np.ndarray, seed: int) -> nn.Module:
     """The recipe's predictor before fitting: seeded init, and for an MLP with >= 2 first-layer units per
     feature (room for a rising and a falling hinge each) the hinge start of init_hinges on `x_train` (the
-    normalised training features). One place for this choice: `_train` and the evaluations (eval_skab,
-    eval_fall) build the predictor they report through it.
+    normalised training features). One place for this choice: `_train` and the evaluations (evaluation/skab.py,
+    evaluation/fall_screening.py) build the predictor they report through it.
     """
     torch.manual_seed(seed)
     model = build(pcfg.arch, **p_kwargs)
@@ -439,41 +433,6 @@ def fit_second_opinion(recipe: Recipe, x: np.ndarray, y: np.ndarray, where: str)
 # --- metrics -------------------------------------------------------------------------------------
 
 
-def _safe_auc(y: np.ndarray, score: np.ndarray, **kw: Any) -> float | None:
-    if len(np.unique(y)) < 2:
-        return None
-    try:
-        return float(roc_auc_score(y, score, **kw))
-    except ValueError:
-        return None
-
-
-def classification_metrics(y: np.ndarray, probs: np.ndarray, labels: list[str], normal: int) -> dict[str, Any]:
-    k = len(labels)
-    pred = probs.argmax(axis=1)
-    cm = confusion_matrix(y, pred, labels=list(range(k)))
-    out: dict[str, Any] = {
-        "n": int(len(y)),
-        "accuracy": float((pred == y).mean()) if len(y) else None,
-        "balanced_accuracy": float(balanced_accuracy_score(y, pred)) if len(np.unique(y)) > 1 else None,
-        "macro_f1": float(f1_score(y, pred, average="macro", labels=list(range(k)), zero_division=0)),
-        "recall": {lab: (float(cm[i, i] / cm[i].sum()) if cm[i].sum() else None) for i, lab in enumerate(labels)},
-        "confusion": cm.tolist(),
-    }
-    if len(np.unique(y)) > 1:
-        clipped = np.clip(probs, 1e-7, 1)
-        out["log_loss"] = float(log_loss(y, clipped / clipped.sum(axis=1, keepdims=True), labels=list(range(k))))
-    if k == 2:
-        pos = 1 - normal
-        out["auc"] = _safe_auc((y == pos).astype(int), probs[:, pos])
-        out["sensitivity"] = out["recall"][labels[pos]]
-        out["specificity"] = out["recall"][labels[normal]]
-    else:
-        out["auc"] = (_safe_auc(y, probs, multi_class="ovr", labels=list(range(k)))
-                      if len(np.unique(y)) == k else None)
-    return out
-
-
 def split_metrics(y: np.ndarray, probs: np.ndarray, second: np.ndarray, ae_score: np.ndarray,
                   labels: list[str], normal: int) -> dict[str, Any]:
     m = classification_metrics(y, probs, labels, normal)
@@ -483,7 +442,7 @@ def split_metrics(y: np.ndarray, probs: np.ndarray, second: np.ndarray, ae_score
     m["autoencoder"] = {
         "score_mean_normal": float(ae_score[is_normal].mean()) if is_normal.any() else None,
         "score_mean_other": float(ae_score[~is_normal].mean()) if (~is_normal).any() else None,
-        "auc_other_vs_normal": _safe_auc((~is_normal).astype(int), ae_score),
+        "auc_other_vs_normal": auc((~is_normal).astype(int), ae_score),
     }
     return m
 
@@ -695,7 +654,7 @@ def _train(recipe_path: Path, out: Path, *, extra_labels: Path | None, epochs: i
     run = _finite(run)
     (out / "run.json").write_text(json.dumps(run, indent=2, allow_nan=False))
 
-    from edgekit.exporters.report import write_report  # matplotlib only when a report is written
+    from edgekit.exporters.training.report import write_report  # matplotlib only when a report is written
 
     write_report(out, run, outputs["test"])
     t = metrics["test"]

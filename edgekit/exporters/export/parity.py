@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-from sklearn.metrics import f1_score
+
+from edgekit.exporters.metrics import decision_metric, f1
 
 log = logging.getLogger(__name__)
 
@@ -84,29 +85,20 @@ def closeness(reference: np.ndarray, got: np.ndarray, atol: float, rtol: float) 
     return {"max_abs": float(diff.max(initial=0.0)), "max_rel": float(rel.max(initial=0.0)), "pass": ok}
 
 
-def classification_metric(y: np.ndarray, pred: np.ndarray, n_classes: int,
-                          positive_index: int | None) -> tuple[str, float]:
-    """Binary F1 of the positive label when there is one and two classes, else macro-F1."""
-    if positive_index is not None and n_classes == 2:
-        return "f1", float(f1_score(y, pred, pos_label=positive_index, average="binary", zero_division=0))
-    return "macro_f1", float(f1_score(y, pred, labels=list(range(n_classes)), average="macro",
-                                      zero_division=0))
-
-
 def compare_int8(kind: str, fp32_out: np.ndarray, int8_out: np.ndarray, y: np.ndarray, *, n_classes: int,
                  positive_index: int | None, normal_index: int, ae_threshold: float | None,
                  criteria: dict[str, float]) -> dict[str, Any]:
     """Decision agreement and held-out metric, fp32 and INT8 side by side. kind: 'probs' or 'score'."""
     if kind == "probs":
         d32, d8 = fp32_out.argmax(axis=-1), int8_out.argmax(axis=-1)
-        metric, m32 = classification_metric(y, d32, n_classes, positive_index)
-        _, m8 = classification_metric(y, d8, n_classes, positive_index)
+        metric, m32 = decision_metric(y, d32, n_classes, positive_index)
+        _, m8 = decision_metric(y, d8, n_classes, positive_index)
     else:
         d32, d8 = fp32_out > ae_threshold, int8_out > ae_threshold
         truth = y != normal_index
         metric = "anomaly_f1"
-        m32 = float(f1_score(truth, d32, zero_division=0))
-        m8 = float(f1_score(truth, d8, zero_division=0))
+        m32 = f1(truth, d32)
+        m8 = f1(truth, d8)
     agreement = float(np.mean(d32 == d8)) if len(d32) else 1.0
     drop = m32 - m8
     out = {"decision_agreement": agreement, "metric": metric, "heldout_fp32": m32, "heldout_int8": m8,

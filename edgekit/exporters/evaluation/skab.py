@@ -8,12 +8,13 @@ The gate, as the agent runs it on one pump:
   2. window features (edgekit.features "machine", window ending at each row, hop 1), kept: the `mean`
      of the six hydraulic/electrical channels (the two temperatures drift with warm-up, see DESIGN_NOTE);
   3. features standardised by their own baseline windows (those ending inside the first 400 rows);
-  4. a dense autoencoder (exporters.models "dense_ae", trained on anomaly-free.csv plus every file's first
-     400 rows), exported to ONNX and quantized INT8 static QDQ (exporters.quantize);
+  4. a dense autoencoder (training/models.py "dense_ae", trained on anomaly-free.csv plus every file's first
+     400 rows), exported to ONNX and quantized INT8 static QDQ (export/quantize.py);
   5. threshold per file = THRESHOLD_MULTIPLE x the largest score over its first 400 rows.
 
-The predictor beside it is the one examples/skab.toml defines ([window], [features], [predictor], splits.cal,
-seed), built and fitted by exporters/train.py's own functions, cross-fitted by file (see _predictor_probs).
+The predictor beside it is the one edgekit/recipes/skab.toml defines ([window], [features], [predictor],
+splits.cal, seed), built and fitted by training/train.py's own functions, cross-fitted by file (see
+_predictor_probs).
 """
 
 from __future__ import annotations
@@ -30,16 +31,15 @@ import numpy as np
 
 from edgekit import datasets
 from edgekit.errors import ConfigError
+from edgekit.exporters.metrics import binary_metrics
 from edgekit.features import extract, feature_names
+from edgekit.paths import shipped, shown
 from edgekit.recipe import Recipe, load_recipe
 from edgekit.window import sliding_windows
-
-from .evaluate import binary_metrics
 
 log = logging.getLogger(__name__)
 
 FIT_ROWS = 400  # SKAB's protocol: the first 400 rows of each file are the training part
-ROOT = Path(__file__).resolve().parent.parent  # the checkout: examples/ sits beside exporters/
 
 # Published outlier-detection results on this protocol (SKAB README, via ../shared/datasets/README.md).
 PUBLISHED = [
@@ -79,10 +79,10 @@ class SkabDesign:
     std_floor: float = 0.1
     seed: int = 0
     files: tuple[str, ...] = field(default=())  # empty = every fault file
-    # the predictor (INT8): the recipe's (relative paths from the checkout), never a copy of its settings;
+    # the predictor (INT8): the recipe's (a shipped recipe's name, or a path), never a copy of its settings;
     # cross-fitted by file: files at even positions of the list train the model that scores the odd ones and
     # vice versa, so no file is scored by a model that saw its labels
-    predictor_recipe: str = "examples/skab.toml"
+    predictor_recipe: str = "skab.toml"
     # combined alarm: the AE gate fires AND the predictor's P(anomaly) >= this
     combined_min_prob: float = 0.1
 
@@ -107,7 +107,7 @@ def row_features(values: np.ndarray, design: SkabDesign) -> np.ndarray:
 def predictor_recipe(design: SkabDesign) -> tuple[Path, Recipe]:
     """The recipe whose predictor is evaluated; ConfigError if it cannot score SKAB rows."""
     path = Path(design.predictor_recipe)
-    path = path if path.is_absolute() else ROOT / path
+    path = path if path.is_absolute() else shipped("recipes", str(path))
     recipe = load_recipe(path)
     where = f"{path}: "
     if recipe.data.loader != "skab" or recipe.predictor.arch != "mlp" or recipe.window is None:
@@ -126,7 +126,7 @@ def _predictor_probs(files: list[Path], design: SkabDesign, folder: Path
     fold model that never saw it; and what was fitted.
 
     Each fold model is the recipe's: trained on the recipe's windows (size, hop, extractor, labels as
-    exporters.tasks.load_skab cuts them) of the other fold's files plus the anomaly-free chunks, normalised
+    training/tasks.py load_skab cuts them) of the other fold's files plus the anomaly-free chunks, normalised
     by those rows' mean/std, built by train.new_predictor and fitted by train.fit_predictor with early
     stopping on a file-grouped cal part of the same rows (the recipe's splits.cal share of train + cal).
     Scoring slides the recipe's window with hop 1, so every test row gets the window ending at it.
@@ -134,11 +134,11 @@ def _predictor_probs(files: list[Path], design: SkabDesign, folder: Path
     import torch
     from sklearn.model_selection import StratifiedGroupKFold
 
-    from .export import _export_torch
-    from .parity import run_model
-    from .quantize import calibration_sample, quantize_model
-    from .tasks import load_task
-    from .train import fit_normalizer, fit_predictor, new_predictor
+    from edgekit.exporters.export.export import torch_to_onnx
+    from edgekit.exporters.export.parity import run_model
+    from edgekit.exporters.export.quantize import calibration_sample, quantize_model
+    from edgekit.exporters.training.tasks import load_task
+    from edgekit.exporters.training.train import fit_normalizer, fit_predictor, new_predictor
 
     path, recipe = predictor_recipe(design)
     data = load_task(recipe, path.parent)
@@ -150,7 +150,7 @@ def _predictor_probs(files: list[Path], design: SkabDesign, folder: Path
     names = [f"{p.parent.name}/{p.name}" for p in files]
     free = np.char.startswith(groups, "anomaly-free/")
     out: dict[str, list[np.ndarray]] = {"fp32": [np.empty(0)] * len(files), "int8": [np.empty(0)] * len(files)}
-    fitted: dict[str, Any] = {"recipe": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+    fitted: dict[str, Any] = {"recipe": shown(path),
                               "window": size, "extractor": recipe.features.extractor,
                               "n_features": len(data.feature_names), "hidden": list(pcfg.hidden),
                               "dropout": pcfg.dropout, "epochs": pcfg.epochs, "lr": pcfg.lr,
@@ -170,7 +170,7 @@ def _predictor_probs(files: list[Path], design: SkabDesign, folder: Path
                                 torch.device("cpu"), recipe.seed, False)
         fitted["folds"].append({"train_rows": int(len(tr)), "cal_rows": int(len(ca)), "best_epoch": best})
         fp32, int8 = folder / f"skab_mlp{fold}.onnx", folder / f"skab_mlp{fold}.int8.onnx"
-        _export_torch(model, xs[tr], fp32, "probs")
+        torch_to_onnx(model, xs[tr], fp32, "probs")
         quantize_model(fp32, int8, calibration_sample(xs[tr]))
         for i in range(fold, len(files), 2):
             table = datasets.read_skab(files[i])
@@ -237,9 +237,12 @@ def _standardise(feats: np.ndarray, n_base: int, floor: np.ndarray) -> np.ndarra
 
 
 def _train_ae(x: np.ndarray, design: SkabDesign) -> Any:
+    """The gate's autoencoder, fitted on baseline rows only. Not training/train.py's fit_autoencoder on
+    purpose: that one draws its batches from numpy (seed + 1) and tracks a cal loss; this one's batches come
+    from torch.randperm, and the published SKAB numbers (README, Model quality) were measured with them."""
     import torch
 
-    from .models import DenseAE
+    from edgekit.exporters.training.models import DenseAE
 
     torch.manual_seed(design.seed)
     gen = torch.Generator().manual_seed(design.seed)
@@ -259,11 +262,11 @@ def _train_ae(x: np.ndarray, design: SkabDesign) -> Any:
 
 
 def _export(model: Any, x_train: np.ndarray, folder: Path) -> tuple[Path, Path]:
-    from .export import _export_torch
-    from .quantize import calibration_sample, quantize_model
+    from edgekit.exporters.export.export import torch_to_onnx
+    from edgekit.exporters.export.quantize import calibration_sample, quantize_model
 
     fp32, int8 = folder / "skab_ae.onnx", folder / "skab_ae.int8.onnx"
-    _export_torch(model, x_train, fp32, "score")
+    torch_to_onnx(model, x_train, fp32, "score")
     quantize_model(fp32, int8, calibration_sample(x_train.astype(np.float32)))
     return fp32, int8
 
@@ -276,7 +279,7 @@ def evaluate_skab(design: SkabDesign | None = None, progress: bool = True) -> di
     """
     import torch
 
-    from .parity import run_model
+    from edgekit.exporters.export.parity import run_model
 
     design = design or SkabDesign()
     t0 = time.perf_counter()

@@ -25,6 +25,7 @@ import onnx
 
 import edgekit
 from edgekit.errors import ExportError
+from edgekit.exporters.metrics import decision_metric
 from edgekit.manifest import Manifest, bundle_files, sign_bundle, write_manifest
 
 from . import calibrate as calibrate_mod
@@ -149,7 +150,9 @@ def set_metadata(path: Path, props: dict[str, str]) -> None:
 # --- step 1: export -------------------------------------------------------------------------------
 
 
-def _export_torch(model: Any, example: np.ndarray, path: Path, output: str) -> None:
+def torch_to_onnx(model: Any, example: np.ndarray, path: Path, output: str) -> None:
+    """A torch module -> fp32 ONNX file: input "x" with a dynamic batch, one output named `output`, opset
+    OPSET. The export step of every torch model, the evaluations' (evaluation/skab.py) included."""
     import torch
 
     x = torch.from_numpy(np.ascontiguousarray(example[:2], np.float32))
@@ -176,7 +179,7 @@ def export_onnx(run: Run, out: Path) -> dict[str, Any]:
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
 
-    from .models import load_checkpoint
+    from edgekit.exporters.training.models import load_checkpoint
 
     result: dict[str, Any] = {}
     threads = torch.get_num_threads()
@@ -190,7 +193,7 @@ def export_onnx(run: Run, out: Path) -> dict[str, Any]:
             model, _ = load_checkpoint(ckpt_path)
             fname = f"{ROLES[role]['stem']}.fp32.onnx"
             try:
-                _export_torch(model, run.x(role, "train"), out / fname, ROLES[role]["outputs"][0])
+                torch_to_onnx(model, run.x(role, "train"), out / fname, ROLES[role]["outputs"][0])
             except Exception as exc:
                 raise ExportError(f"torch.onnx.export failed: {exc}", where=str(ckpt_path)) from exc
             set_metadata(out / fname, _metadata(run, role, "fp32"))
@@ -289,7 +292,7 @@ def check_parity(run: Run, out: Path, exported: dict[str, Any], quantized: dict[
         elif q is not None:
             int8_report = {"file": None, "pass": False, "error": q.get("error"), "fail_reasons": [q.get("error")]}
         if role == "predictor" and int8_report is None:
-            metric, value = parity_mod.classification_metric(y_test, fp32_test.argmax(-1), len(run.labels),
+            metric, value = decision_metric(y_test, fp32_test.argmax(-1), len(run.labels),
                                                              run.positive_index)
             report["heldout"] = {"metric": metric, "fp32": value}
         report["int8"] = int8_report
@@ -311,7 +314,7 @@ def check_parity(run: Run, out: Path, exported: dict[str, Any], quantized: dict[
     agreement = float(np.mean(onnx_out["label"] == so["reference_label"]["test"]))
     max_abs = float(np.abs(onnx_out["probabilities"] - so["reference"]["test"]).max(initial=0.0))
     so_pass = agreement >= crit["sklearn_min_agreement"] and max_abs <= crit["sklearn_max_abs"]
-    metric, value = parity_mod.classification_metric(y_test, onnx_out["probabilities"].argmax(-1),
+    metric, value = decision_metric(y_test, onnx_out["probabilities"].argmax(-1),
                                                      len(run.labels), run.positive_index)
     models["second_opinion"] = {
         "fp32": {"file": so["fp32_file"], "label_agreement_vs_sklearn": agreement,

@@ -1,5 +1,5 @@
 """Fall screening (Bet, Castro & Ponti 2021 data): repeated stratified k-fold CV of the predictor and the
-second opinion that examples/fall_screening.toml defines (built and fitted by exporters/train.py's own
+second opinion that edgekit/recipes/fall_screening.toml defines (built and fitted by training/train.py's own
 functions, on the recipe's rows) and their combination, plus baselines (SVM, logistic regression, the best
 single feature), beside the study's results; with the gate on, a coverage-risk curve.
 
@@ -20,13 +20,12 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import ConfigError
+from edgekit.exporters.metrics import auc, binary_metrics, coverage_risk_curve, mean_sd, risk_at_coverage
+from edgekit.paths import shipped, shown
 from edgekit.recipe import Recipe, load_recipe
-
-from .evaluate import binary_metrics, coverage_risk_curve, mean_sd, risk_at_coverage
 
 log = logging.getLogger(__name__)
 
-ROOT = Path(__file__).resolve().parent.parent  # the checkout: examples/ sits beside exporters/
 MODELS = ("mlp", "second", "svm", "logreg", "single", "combined")
 BASE_MODELS = ("mlp", "second", "svm", "logreg", "single")
 MODEL_LABELS = {"mlp": "predictor MLP (recipe)", "second": "second opinion (recipe)", "svm": "SVM (defaults)",
@@ -46,15 +45,15 @@ class FallDesign:
     folds: int = 5
     inner_folds: int = 3
     seed: int = 0
-    # the predictor, second opinion and rows are the recipe's (relative paths from the checkout), never a
+    # the predictor, second opinion and rows are the recipe's (a shipped recipe's name, or a path), never a
     # copy of its settings
-    recipe: str = "examples/fall_screening.toml"
+    recipe: str = "fall_screening.toml"
 
 
 def fall_recipe(design: FallDesign) -> tuple[Path, Recipe]:
     """The recipe whose models are evaluated; ConfigError if it is not a binary feature-MLP recipe."""
     path = Path(design.recipe)
-    path = path if path.is_absolute() else ROOT / path
+    path = path if path.is_absolute() else shipped("recipes", str(path))
     recipe = load_recipe(path)
     if recipe.predictor.arch != "mlp" or recipe.positive_label is None:
         raise ConfigError(f"needs arch 'mlp' and two labels (got {recipe.predictor.arch!r}, {recipe.labels})",
@@ -63,9 +62,9 @@ def fall_recipe(design: FallDesign) -> tuple[Path, Recipe]:
 
 
 def load_fall(design: FallDesign | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The recipe's rows (exporters.tasks.load_task): features (73, 9) and 1 = faller (73,) of the usable
+    """The recipe's rows (training/tasks.py load_task): features (73, 9) and 1 = faller (73,) of the usable
     participants (excluded == 0)."""
-    from .tasks import load_task
+    from edgekit.exporters.training.tasks import load_task
 
     path, recipe = fall_recipe(design or FallDesign())
     data = load_task(recipe, path.parent)
@@ -74,11 +73,11 @@ def load_fall(design: FallDesign | None = None) -> tuple[np.ndarray, np.ndarray]
 
 
 def _fit_mlp(x: np.ndarray, y: np.ndarray, recipe: Recipe, seed: int) -> Any:
-    """The recipe's predictor, built and fitted as exporters/train.py does (no cal rows here: with fewer than
+    """The recipe's predictor, built and fitted as training/train.py does (no cal rows here: with fewer than
     train.EARLY_STOP_MIN_CAL, which the recipe's own cal split is, the last epoch is kept either way)."""
     import torch
 
-    from .train import fit_predictor, new_predictor
+    from edgekit.exporters.training.train import fit_predictor, new_predictor
 
     pcfg = recipe.predictor
     p_kwargs = {"n_features": x.shape[1], "n_classes": 2, "hidden": tuple(pcfg.hidden), "dropout": pcfg.dropout}
@@ -93,7 +92,7 @@ def _fit_predict(name: str, x: np.ndarray, y: np.ndarray, x_new: np.ndarray, rec
                  seed: int, where: str = "recipe") -> np.ndarray:
     """P(faller) for x_new from model `name` fitted on (x, y), features scaled with x's statistics.
     `where` (the recipe file) names the place of a bad second_opinion.params key."""
-    from .train import fit_normalizer
+    from edgekit.exporters.training.train import fit_normalizer
 
     mu, sd = fit_normalizer(x)
     xs, xn = (x - mu) / sd, (x_new - mu) / sd
@@ -104,7 +103,7 @@ def _fit_predict(name: str, x: np.ndarray, y: np.ndarray, x_new: np.ndarray, rec
         with torch.no_grad():
             return model(torch.from_numpy(xn.astype(np.float32))).numpy()[:, 1].astype(np.float64)
     if name == "second":
-        from .train import fit_second_opinion
+        from edgekit.exporters.training.train import fit_second_opinion
 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)  # scikit-learn 1.9 deprecates SVC(probability=True)
@@ -112,9 +111,9 @@ def _fit_predict(name: str, x: np.ndarray, y: np.ndarray, x_new: np.ndarray, rec
         return est.predict_proba(xn)[:, 1]
     if name == "single":
         # the study's approach: the one feature that best separates the training fold (AUC), oriented
-        auc = np.array([_auc(y, xs[:, j]) for j in range(xs.shape[1])])
-        j = int(np.argmax(np.abs(auc - 0.5)))
-        return 1.0 / (1.0 + np.exp(-np.sign(auc[j] - 0.5) * xn[:, j]))
+        aucs = np.array([auc(y, xs[:, j]) for j in range(xs.shape[1])])
+        j = int(np.argmax(np.abs(aucs - 0.5)))
+        return 1.0 / (1.0 + np.exp(-np.sign(aucs[j] - 0.5) * xn[:, j]))
     if name == "logreg":
         from sklearn.linear_model import LogisticRegressionCV
 
@@ -126,7 +125,7 @@ def _fit_predict(name: str, x: np.ndarray, y: np.ndarray, x_new: np.ndarray, rec
             warnings.simplefilter("ignore", FutureWarning)
             est.fit(xs, y)
         return est.predict_proba(xn)[:, 1]
-    from .train import SECOND_OPINIONS
+    from edgekit.exporters.training.train import SECOND_OPINIONS
 
     cls, defaults = SECOND_OPINIONS["svm"]
     est = cls(**{**defaults, "random_state": seed})
@@ -147,12 +146,6 @@ def youden_threshold(y: np.ndarray, prob: np.ndarray) -> float:
         if j > best_j:
             best, best_j = float(c), j
     return best
-
-
-def _auc(y: np.ndarray, score: np.ndarray) -> float:
-    from sklearn.metrics import roc_auc_score
-
-    return float(roc_auc_score(y, score))
 
 
 def gate_confidence(prob: np.ndarray, thr: np.ndarray, agree: np.ndarray) -> np.ndarray:
@@ -199,7 +192,7 @@ def evaluate_fall(design: FallDesign | None = None, progress: bool = True) -> di
         prob["combined"] = (prob["mlp"] + prob["second"]) / 2
         for m in MODELS:
             met = binary_metrics(y, prob[m] >= thr[m])
-            met["auc"] = _auc(y, prob[m])
+            met["auc"] = auc(y, prob[m])
             per_repeat[m].append(met)
         decision = prob["combined"] >= thr["combined"]
         agree = (prob["mlp"] >= thr["mlp"]) == (prob["second"] >= thr["second"])
@@ -211,13 +204,13 @@ def evaluate_fall(design: FallDesign | None = None, progress: bool = True) -> di
     # what choosing the feature and its cut on all 73 people gives (no held-out data): an optimistic bound
     p_in = _fit_predict("single", x, y, x, recipe, design.seed)
     in_sample = binary_metrics(y, p_in >= youden_threshold(y, p_in))
-    in_sample["auc"] = _auc(y, p_in)
+    in_sample["auc"] = auc(y, p_in)
     summary = {m: {k: mean_sd([d[k] for d in per_repeat[m]])
                    for k in ("sensitivity", "specificity", "auc", "accuracy", "f1")} for m in MODELS}
     curve = np.array(curves)
     out = {
         "design": asdict(design),
-        "recipe": {"file": str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path),
+        "recipe": {"file": shown(path),
                    "predictor": recipe.predictor.model_dump(mode="json"),
                    "second_opinion": recipe.second_opinion.model_dump(mode="json")},
         "n": int(len(y)), "n_fallers": int(y.sum()), "models": summary,
@@ -265,7 +258,7 @@ def table(result: dict[str, Any]) -> str:
     rec = result["recipe"]
     pr, so = rec["predictor"], rec["second_opinion"]
     params = ", ".join(f"{k}={v}" for k, v in so["params"].items())
-    lines += textwrap.wrap(f"predictor and second opinion as {rec['file']} defines them, fitted by exporters/train.py: "
+    lines += textwrap.wrap(f"predictor and second opinion as {rec['file']} defines them, fitted by training/train.py: "
                            f"MLP hidden {pr['hidden']}, dropout {pr['dropout']}, {pr['epochs']} epochs; "
                            f"{so['kind']} ({params})", 110)
     lines.append(f"predictor and second opinion agree on {result['agree_rate']['mean']:.0%} of participants")
