@@ -519,7 +519,8 @@ def _metrics(site: str, device: str) -> dict[str, Any]:
         transport=SimpleNamespace(stats=lambda: {"acked": 10, "replayed": 1}),
         outbox=SimpleNamespace(backlog=lambda: 2, dropped=0))
     agent.counters.quarantine_reasons["wrong width"] += 2
-    return Agent.metrics(agent)  # type: ignore[arg-type]
+    metrics = Agent.metrics(agent)  # type: ignore[arg-type]
+    return metrics.to_obj() if hasattr(metrics, "to_obj") else metrics  # a typed message, or its dict
 
 
 def seed_payloads(site: str, device: str, seq: int) -> dict[str, list[Any]]:
@@ -786,6 +787,49 @@ def _walk(obj: Any) -> Iterator[Any]:
         yield obj
 
 
+# --- inputs that broke a contract once (kept as regression examples, tried before any generated ones) ---
+
+
+def _skab_with(line: str, at: int = 50, n: int = 100) -> bytes:
+    rng = np.random.default_rng(0)
+    rows = [";".join(_cells("skab", i, rng)) for i in range(n)]
+    rows[at] = line
+    return "\n".join((SKAB_HEADER, *rows)).encode()
+
+
+def _status(**fields: Any) -> bytes:
+    return orjson.dumps({**orjson.loads(topics.status("lab", "edge-1", "online", 1_700_000_000.0)), **fields})
+
+
+FOUND: dict[str, list[Any]] = {
+    "replay": [
+        # utf-16 / utf-32 without a BOM: the codec raises UnicodeError (not UnicodeDecodeError) on line 1
+        ReplayCase("skab", "utf-16", True, "\n".join((SKAB_HEADER, "2020-03-09 10:34:33" + ";1" * 10)).encode("utf-16-le")),
+        # a cell "5\x1c": numpy's parser (whole clean chunks) takes it as 5, float() (line by line) refuses it
+        ReplayCase("skab", "utf-8", True, _skab_with("2020-03-09 10:35:23;1;2;5\x1c;4;5;6;7;8;0;0")),
+    ],
+    "serial": [
+        # the last piece of a line over the limit came through as a sample at t = 9.99e99 s, and every line
+        # after it was then quarantined as going back in time
+        SerialCase("utf-8", b"9" * 4200 + b",1,2,3\n4,5,6\n", [4100, 200]),
+    ],
+    "hub": [
+        [(topics.topic("lab", "edge-1", "status"), _status(queued=2**63), True)],  # SQLite INTEGER overflow
+        [(topics.topic("lab", "edge-1", "metrics"),
+          orjson.dumps({**_metrics("lab", "edge-1"), "dropped": 2**64 - 1}), False)],
+        [(topics.topic("lab", "edge-1", "review"), orjson.dumps({"schema": [], "id": "edge-1:000000000000"}), False)],
+    ],
+    "recipe": [b"\x80", f"a = {'[' * 1000}{']' * 1000}".encode(), b"task = 'x'\nseed = inf\n"],
+    "config": [
+        b"\xff\xfe[\x00",
+        f"[source]\nkind = {'[' * 600}{']' * 600}".encode(),
+        b"bundle = 'b'\nmetrics_interval_s = inf\n[source]\nkind = 'simulated'\ngenerator = 'pump'\n",
+        b"bundle = 'b'\n[source]\nkind = 'replay'\npath = 'r.csv'\nencoding = 'undefined'\n",
+        b"bundle = 'b'\n[source]\nkind = 'serial'\nport = 'p'\nchannels = 1\nrate_hz = 1.0\nencoding = 'idna'\n",
+    ],
+}
+
+
 # --- the registry --------------------------------------------------------------------------------------
 
 
@@ -795,6 +839,10 @@ class Target:
     what: str
     strategy: st.SearchStrategy[Any]
     check: Callable[[Any], None]
+
+    @property
+    def found(self) -> list[Any]:
+        return FOUND.get(self.name, [])
 
 
 TARGETS: dict[str, Target] = {t.name: t for t in (

@@ -1,5 +1,6 @@
 """Hostile input, fuzzed (issue 10): every target in tests/fuzzing.py under its contract, a few hundred
-inputs each, the same ones on every run (the `ci` Hypothesis profile: derandomized, no database).
+inputs each, the same ones on every run (the `ci` Hypothesis profile: derandomized, no database), after the
+inputs that once broke a contract (fuzzing.FOUND).
 
 HYPOTHESIS_PROFILE=long runs more, fresh inputs; bench/fuzz.py runs 10,000+ per target with a table of
 crashes and hangs.
@@ -9,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 from fuzzing import PROFILE, TARGETS
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 
 pytestmark = pytest.mark.fuzz
 
@@ -17,11 +18,13 @@ pytestmark = pytest.mark.fuzz
 def fuzz_test(name: str):
     target = TARGETS[name]
 
-    @settings(settings.get_profile(PROFILE))
-    @given(target.strategy)
     def test(case) -> None:
         target.check(case)
 
+    test = given(target.strategy)(test)
+    for case in reversed(target.found):
+        test = example(case)(test)
+    test = settings(settings.get_profile(PROFILE))(test)
     test.__doc__ = f"{target.what}: {target.check.__doc__}"
     return test
 
