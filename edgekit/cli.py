@@ -369,18 +369,20 @@ def labels_export(db: str, out: Path) -> None:
 
 
 @main.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=Path("demo"), show_default=True,
-              help="Where runs, bundles, keys, broker files and the outbox go.")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="Where runs, bundles, keys, broker files and the outbox go [default: STATE_DIR/demo, "
+                   "STATE_DIR being $EDGEKIT_STATE_DIR or ~/.local/state/edgekit].")
 @click.option("--fault-file", default="valve1/1.csv", show_default=True,
               help="SKAB fault file (under skab/data) that the agent replays.")
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the recipe's epochs.")
 @handle_errors
-def demo(workdir: Path, fault_file: str, epochs: int | None) -> None:
+def demo(workdir: Path | None, fault_file: str, epochs: int | None) -> None:
     """Run the whole path end to end: train, export INT8 + sign, verify, run the agent through a local
     broker on a recorded fault, and show the results and the deferred cases."""
     from edgekit.demo import run_demo
+    from edgekit.paths import state_dir
 
-    run_demo(workdir, click.echo, fault_file=fault_file, epochs=epochs)
+    run_demo(workdir or state_dir() / "demo", click.echo, fault_file=fault_file, epochs=epochs)
 
 
 @main.command()
@@ -404,13 +406,16 @@ def bench(bundle: Path, rounds: int, json_out: Path | None) -> None:
 @main.command("eval")
 @click.argument("name", type=click.Choice(["skab", "fall-screening", "ipol", "deferral"]))
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
-@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None, help="Write the plot (PNG).")
+@click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
+              help="Where the plot (PNG) goes [default: STATE_DIR/eval/NAME.png, STATE_DIR being "
+                   "$EDGEKIT_STATE_DIR or ~/.local/state/edgekit].")
 @handle_errors
 def evaluate(name: str, json_out: Path | None, plot_out: Path | None) -> None:
     """Evaluate on real data against the published results (run by hand; minutes, not seconds)."""
     from edgekit.exporters.evaluation.evaluate import EVALUATIONS, TABLES
+    from edgekit.paths import state_dir
 
-    plot_out = plot_out or Path(f"eval-{name}.png")
+    plot_out = plot_out or state_dir() / "eval" / f"{name}.png"
     result = EVALUATIONS[name](json_out, plot_out, progress=True)
     click.echo(TABLES[name](result))
     click.echo(f"plot: {plot_out}" + (f", json: {json_out}" if json_out else ""))

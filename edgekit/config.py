@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from edgekit.errors import ConfigError
+from edgekit.paths import state_dir
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -134,7 +135,9 @@ class MqttConfig(Strict):
 
 
 class OutboxConfig(Strict):
-    path: Path = Field(Path("edgekit-outbox.db"), description="SQLite (WAL) file holding unsent results.")
+    path: Path = Field(default_factory=lambda: state_dir() / "outbox.db",
+                       description="SQLite (WAL) file holding unsent results (default: STATE_DIR/outbox.db, "
+                       "STATE_DIR being $EDGEKIT_STATE_DIR, else $XDG_STATE_HOME/edgekit or ~/.local/state/edgekit).")
     max_rows: int = Field(1_000_000, gt=0, description="Bound; beyond it the oldest are dropped and counted.")
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: a real mosquitto per test (restartable), the data directory, and skips with reasons."""
+"""Shared fixtures: a real mosquitto per test (restartable), the data directory, a state directory of the
+session's own, and skips with reasons."""
 
 from __future__ import annotations
 
@@ -10,6 +11,15 @@ import pytest
 from edgekit.broker import Mosquitto, installed
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def state_dir(tmp_path_factory) -> Path:
+    """EDGEKIT_STATE_DIR under the session's tmp dir (subprocesses inherit it): what defaults to the state
+    directory (the agent's outbox, eval plots, the demo's files) never lands in the home directory."""
+    path = tmp_path_factory.mktemp("state")
+    os.environ["EDGEKIT_STATE_DIR"] = str(path)
+    return path
 
 
 @pytest.fixture
