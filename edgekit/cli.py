@@ -8,6 +8,7 @@ Exit codes: 0 ok, 1 unexpected error, 2 bad input (config, data, bundle, broker)
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import signal
 import sys
@@ -22,6 +23,14 @@ from edgekit import __version__
 log = logging.getLogger("edgekit.cli")
 
 EXIT_CODES = {"ExportError": 3}
+# Commands that need an extra, and the packages whose absence means the extra is not installed: checked before
+# the command imports anything, so an agent-only install answers with one line instead of a traceback.
+EXTRA_PACKAGES: dict[str, tuple[str, ...]] = {
+    "train": ("torch", "sklearn", "onnx", "skl2onnx", "matplotlib", "tqdm", "scipy"),
+    "hub": ("fastapi", "uvicorn", "sqlalchemy", "jinja2", "itsdangerous"),
+}
+COMMAND_EXTRAS = {"train": "train", "export": "train", "eval": "train", "demo": "train", "hub": "hub",
+                  "labels": "hub"}
 # `edgekit run`: the source ended on its own and results stay in the outbox because the broker was unreachable
 # (or the drain timed out). Nothing is lost (they go after the next start), but the run did not deliver: a
 # script or CI job can tell this from 0. A stop asked for by SIGTERM/SIGINT exits 0 whatever stays queued
@@ -55,6 +64,17 @@ def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(130)
 
     return wrapper
+
+
+def require_extra(command: str) -> None:
+    """EdgekitError naming the extra and its pip command when `edgekit COMMAND` needs one that is missing."""
+    from edgekit.errors import EdgekitError
+
+    extra = COMMAND_EXTRAS[command]
+    missing = [name for name in EXTRA_PACKAGES[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise EdgekitError(f"edgekit {command} needs the '{extra}' extra: pip install 'edgekit[{extra}]'",
+                           hint=f"not installed: {', '.join(missing)}")
 
 
 def stop_on_signals() -> threading.Event:
@@ -104,6 +124,7 @@ def main(verbose: int, debug: bool) -> None:
 def train(recipe: str, out: Path, extra_labels: Path | None, epochs: int | None, no_progress: bool) -> None:
     """Train the predictor, autoencoder gate and second opinion described by RECIPE: a TOML file, or the name
     of a recipe that ships with edgekit (skab, ipol_gait, fall_screening, tug_seed)."""
+    require_extra("train")
     from edgekit.exporters.training.train import train as train_fn
     from edgekit.paths import recipe_file
 
@@ -124,6 +145,7 @@ def train(recipe: str, out: Path, extra_labels: Path | None, epochs: int | None,
 def export(run_dir: Path, out: Path, int8: bool, sign_key: Path | None, target_error: float | None,
            no_progress: bool) -> None:
     """Export RUN_DIR to ONNX (and INT8), check parity, calibrate the gate, write a bundle."""
+    require_extra("export")
     from edgekit.exporters.export.export import export as export_fn
 
     report = export_fn(run_dir, out, int8=int8, sign_key=sign_key, target_error=target_error,
@@ -307,6 +329,7 @@ def device_detect(root: Path) -> None:
 def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str, client_id: str | None,
         username: str | None, password_file: Path | None, secure_cookies: bool) -> None:
     """Collect results from every device and serve the review station."""
+    require_extra("hub")
     ctx.obj = {"db": db}
     if ctx.invoked_subcommand is not None:
         return
@@ -352,8 +375,10 @@ def hub_adduser(ctx: click.Context, name: str, password: str) -> None:
 
 
 @main.group()
+@handle_errors
 def labels() -> None:
     """Reviewed labels, for the next training run."""
+    require_extra("labels")
 
 
 @labels.command("export")
@@ -379,6 +404,7 @@ def labels_export(db: str, out: Path) -> None:
 def demo(workdir: Path | None, fault_file: str, epochs: int | None) -> None:
     """Run the whole path end to end: train, export INT8 + sign, verify, run the agent through a local
     broker on a recorded fault, and show the results and the deferred cases."""
+    require_extra("demo")
     from edgekit.demo import run_demo
     from edgekit.paths import state_dir
 
@@ -412,6 +438,7 @@ def bench(bundle: Path, rounds: int, json_out: Path | None) -> None:
 @handle_errors
 def evaluate(name: str, json_out: Path | None, plot_out: Path | None) -> None:
     """Evaluate on real data against the published results (run by hand; minutes, not seconds)."""
+    require_extra("eval")
     from edgekit.exporters.evaluation.evaluate import EVALUATIONS, TABLES
     from edgekit.paths import state_dir
 
