@@ -27,6 +27,7 @@ import numpy as np
 
 from edgekit import topics
 from edgekit.config import AgentConfig
+from edgekit.contract import messages
 from edgekit.errors import ConfigError, ModelError
 from edgekit.gate import Gate
 from edgekit.values import Quarantined, SampleBlock, Window
@@ -278,40 +279,23 @@ class Agent:
         confidence or probabilities, and says why in `implausible`."""
         window, probs, second, decision = judged.window, judged.probs, judged.second_probs, judged.decision
         seq = self._next_seq()
-        label_i = int(probs.argmax()) if probs is not None else -1
         p = probs.tolist() if probs is not None else []
-        payload: dict[str, Any] = {
-            "schema": topics.SCHEMA_RESULT,
-            "id": topics.result_id(self.cfg.device_id, seq),
-            "seq": seq,
-            "site": self.cfg.site,
-            "device": self.cfg.device_id,
-            "ts": ts,
-            "window": {"start_s": window.start_s, "end_s": window.end_s},
-            "model_version": self.model_version,
-            "task": self.manifest.task,
-            "label": self.labels[label_i] if p else None,
-            "confidence": p[label_i] if p else None,
-            "probs": dict(zip(self.labels, p)),
-            "decision": decision.action,
-            "reasons": list(decision.reasons),
-            "scores": decision.scores,
-            "thresholds": decision.thresholds,
-        }
-        if judged.implausible is not None:
-            payload["implausible"] = judged.implausible
-        if second is not None:
-            payload["second_opinion"] = {"label": self.labels[int(second.argmax())],
-                                         "probs": dict(zip(self.labels, second.tolist()))}
-        results.append(("result", topics.encode(payload)))
+        label_i = int(probs.argmax()) if probs is not None else -1
+        result = messages.Result(
+            id=topics.result_id(self.cfg.device_id, seq), seq=seq, site=self.cfg.site, device=self.cfg.device_id,
+            ts=ts, start_s=window.start_s, end_s=window.end_s, model_version=self.model_version,
+            task=self.manifest.task, label=self.labels[label_i] if p else None,
+            confidence=p[label_i] if p else None, probs=dict(zip(self.labels, p)), decision=decision.action,
+            reasons=list(decision.reasons), scores=decision.scores, thresholds=decision.thresholds,
+            second_opinion=None if second is None else messages.SecondOpinion(
+                self.labels[int(second.argmax())], dict(zip(self.labels, second.tolist()))),
+            implausible=judged.implausible)
+        results.append(("result", result.encode()))
         if decision.action == "defer":
-            payload["schema"] = topics.SCHEMA_REVIEW
-            payload["features"] = ({} if judged.features is None
-                                   else dict(zip(self.manifest.input.feature_names, judged.features.tolist())))
-            payload["signal"] = {"channels": list(self.manifest.input.channels or []),
-                                 "rate_hz": self.manifest.input.rate_hz, "start_s": window.start_s,
-                                 "points": points}
-            reviews.append(("review", topics.encode(payload)))
+            inp = self.manifest.input
+            features = {} if judged.features is None else dict(zip(inp.feature_names, judged.features.tolist()))
+            signal = messages.Signal(list(inp.channels or []), inp.rate_hz, window.start_s, points or [])
+            reviews.append(("review", messages.Review(result, features, signal).encode()))
 
     def _trial_buffer(self, channels: int) -> TrialBuffer | None:
         """A buffer for the trial's samples when the bundle reads gait (input.extractor), else None."""
@@ -324,8 +308,8 @@ class Agent:
             return None
         return TrialBuffer(max(1, int(MAX_TRIAL_S * float(m.input.rate_hz))), channels)
 
-    def trial_payload(self, t_s: np.ndarray, values: np.ndarray, closed_by: str) -> dict[str, Any]:
-        """Segment one trial's samples (gait.segment) into its summary payload, and log it in one line.
+    def trial_payload(self, t_s: np.ndarray, values: np.ndarray, closed_by: str) -> messages.Trial:
+        """Segment one trial's samples (gait.segment) into its summary message, and log it in one line.
 
         Times of the walk, turn and steps are seconds from the trial's first sample (`trial.start_s` in
         source time). No walk found: `reason`, steps 0 and the walk/turn times null. Segmentation refused
@@ -335,19 +319,11 @@ class Agent:
 
         rate = float(self.manifest.input.rate_hz or 1.0)
         seq = self._next_seq()
-        payload: dict[str, Any] = {
-            "schema": topics.SCHEMA_TRIAL,
-            "id": topics.result_id(self.cfg.device_id, seq),
-            "seq": seq,
-            "site": self.cfg.site,
-            "device": self.cfg.device_id,
-            "ts": time.time(),
-            "model_version": self.model_version,
-            "task": self.manifest.task,
-            "trial": {"start_s": float(t_s[0]) if len(t_s) else None,
-                      "end_s": float(t_s[-1]) if len(t_s) else None,
-                      "samples": int(len(t_s)), "rate_hz": rate, "closed_by": closed_by},
-        }
+        span = messages.TrialSpan(float(t_s[0]) if len(t_s) else None, float(t_s[-1]) if len(t_s) else None,
+                                  int(len(t_s)), rate, closed_by)
+        msg = messages.Trial(id=topics.result_id(self.cfg.device_id, seq), seq=seq, site=self.cfg.site,
+                             device=self.cfg.device_id, ts=time.time(), model_version=self.model_version,
+                             task=self.manifest.task, trial=span)
 
         def num(x: float) -> float | None:
             return float(x) if math.isfinite(x) else None
@@ -355,42 +331,38 @@ class Agent:
         try:
             seg = gait.segment(values, rate)
         except ValueError as exc:
-            payload["error"] = str(exc)
-            log.warning("agent.trial id=%s samples=%d closed_by=%s error=%s", payload["id"], len(t_s),
-                        closed_by, exc)
-        else:
-            payload.update({
-                "walk_start_s": num(seg.walk_start_s), "walk_end_s": num(seg.walk_end_s),
-                "turn_start_s": num(seg.turn_start_s), "turn_end_s": num(seg.turn_end_s),
-                "steps": seg.steps, "cadence_spm": num(seg.cadence_spm),
-                "phase_s": {k: num(v) for k, v in seg.phase_s.items()},
-                "step_times_s": np.round(seg.step_times_s, 3).tolist(),
-            })
-            if payload["walk_start_s"] is None:
-                payload["reason"] = "no walk: activity never rose above still standing"
-            elif payload["turn_start_s"] is None:
-                payload["reason"] = "no turn: the walk never turned by 90 degrees"
-            cadence = "none" if payload["cadence_spm"] is None else f"{payload['cadence_spm']:.1f}"
-            log.info("agent.trial id=%s samples=%d closed_by=%s walk_start_s=%s walk_end_s=%s "
-                     "turn_start_s=%s turn_end_s=%s steps=%d cadence_spm=%s reason=%s", payload["id"],
-                     len(t_s), closed_by, payload["walk_start_s"], payload["walk_end_s"],
-                     payload["turn_start_s"], payload["turn_end_s"], seg.steps, cadence,
-                     payload.get("reason", "none"))
-        return payload
+            msg.error = str(exc)
+            log.warning("agent.trial id=%s samples=%d closed_by=%s error=%s", msg.id, len(t_s), closed_by, exc)
+            return msg
+        msg.walk_start_s, msg.walk_end_s = num(seg.walk_start_s), num(seg.walk_end_s)
+        msg.turn_start_s, msg.turn_end_s = num(seg.turn_start_s), num(seg.turn_end_s)
+        msg.steps, msg.cadence_spm = seg.steps, num(seg.cadence_spm)
+        msg.phase_s = {k: num(v) for k, v in seg.phase_s.items()}
+        msg.step_times_s = np.round(seg.step_times_s, 3).tolist()
+        if msg.walk_start_s is None:
+            msg.reason = "no walk: activity never rose above still standing"
+        elif msg.turn_start_s is None:
+            msg.reason = "no turn: the walk never turned by 90 degrees"
+        cadence = "none" if msg.cadence_spm is None else f"{msg.cadence_spm:.1f}"
+        log.info("agent.trial id=%s samples=%d closed_by=%s walk_start_s=%s walk_end_s=%s turn_start_s=%s "
+                 "turn_end_s=%s steps=%d cadence_spm=%s reason=%s", msg.id, len(t_s), closed_by,
+                 msg.walk_start_s, msg.walk_end_s, msg.turn_start_s, msg.turn_end_s, seg.steps, cadence,
+                 msg.reason or "none")
+        return msg
 
-    def metrics(self) -> dict[str, Any]:
+    def metrics(self) -> messages.Metrics:
         c = self.counters
         stats = self.transport.stats()
-        return {"schema": topics.SCHEMA_METRICS, "site": self.cfg.site, "device": self.cfg.device_id,
-                "ts": time.time(), "windows": c.windows, "accepted": c.accepted, "deferred": c.deferred,
-                "quarantined": c.quarantined, "implausible": c.implausible,
-                "quarantine_reasons": dict(c.quarantine_reasons),
-                "samples": c.samples, "published": stats.get("acked", 0), "queued": self.outbox.backlog(),
-                "dropped": self.outbox.dropped, "replayed": stats.get("replayed", 0),
-                "uptime_s": time.monotonic() - c.started_s}
+        counters = {"windows": c.windows, "accepted": c.accepted, "deferred": c.deferred,
+                    "quarantined": c.quarantined, "implausible": c.implausible,
+                    "quarantine_reasons": dict(c.quarantine_reasons), "samples": c.samples,
+                    "published": stats.get("acked", 0), "replayed_results": stats.get("replayed", 0),
+                    "uptime_s": time.monotonic() - c.started_s}
+        return messages.Metrics(self.cfg.site, self.cfg.device_id, time.time(), self.outbox.backlog(),
+                                self.outbox.dropped, counters)
 
     def _publish_metrics(self) -> None:
-        self.transport.send("metrics", topics.encode(self.metrics()))
+        self.transport.send("metrics", self.metrics().encode())
 
     def run(self, drain_timeout_s: float = 30.0) -> Summary:
         """Read the source to its end (or until stop), then drain the outbox as far as the broker allows.
@@ -431,7 +403,7 @@ class Agent:
                     windows = windower.push_many(item.t_s, values)
                     if trial is not None:
                         for t_s, v in trial.push_many(item.t_s, values):
-                            self.transport.send("trial", topics.encode(self.trial_payload(t_s, v, FULL)))
+                            self.transport.send("trial", self.trial_payload(t_s, v, FULL).encode())
                     for a in range(0, len(windows), MAX_WINDOWS_PER_CALL):
                         self.process_many(windows[a:a + MAX_WINDOWS_PER_CALL])
                 else:
@@ -442,7 +414,7 @@ class Agent:
                         self.process(window)
                     if trial is not None:
                         for t_s, v in trial.push_many(np.array([sample.t_s]), sample.values[None]):
-                            self.transport.send("trial", topics.encode(self.trial_payload(t_s, v, FULL)))
+                            self.transport.send("trial", self.trial_payload(t_s, v, FULL).encode())
                 now = time.monotonic()
                 if now >= next_metrics:
                     self._publish_metrics()
@@ -451,8 +423,8 @@ class Agent:
         last: list[tuple[SendKind, bytes]] = []
         if trial is not None and len(trial):
             closed_by = "stop" if self.stop.is_set() else "end"
-            last.append(("trial", topics.encode(self.trial_payload(*trial.take(), closed_by))))
-        self.transport.send_many([*last, ("metrics", topics.encode(self.metrics()))])
+            last.append(("trial", self.trial_payload(*trial.take(), closed_by).encode()))
+        self.transport.send_many([*last, ("metrics", self.metrics().encode())])
         tr = self.transport
         if self.cfg.mqtt.url and self.outbox.backlog() and (tr.connected or not self.stop.is_set()):
             # Say what the agent waits for and how long: with the broker away, the whole timeout unless a stop

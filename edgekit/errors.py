@@ -2,7 +2,8 @@
 
     EdgekitError            every error edgekit raises on purpose; .hint says what to do
     ├── ConfigError         a config, recipe or flag is wrong (names file and key)
-    ├── DataError           a dataset or sample is unusable (names file, row, column)
+    ├── DataError           a dataset, sample or message is unusable (names file, row, column, field)
+    │   └── IdentityError   a message that does not belong to the topic it came on (site, device, id)
     ├── DeviceError         a device profile or execution provider problem
     ├── ModelError          a bundle, manifest, ONNX file or signature problem
     ├── TransportError      the broker or network (names the endpoint)
@@ -34,6 +35,10 @@ class ConfigError(EdgekitError):
 
 class DataError(EdgekitError):
     """A dataset file, column or sample is missing or unusable."""
+
+
+class IdentityError(DataError):
+    """A message names another site or device than its topic, or an id that is not its device's own."""
 
 
 class DeviceError(EdgekitError):

@@ -28,9 +28,13 @@ SCHEMA_RESULT = "edgekit.result/1"
 SCHEMA_RESULT_BATCH = "edgekit.result-batch/1"
 SCHEMA_REVIEW = "edgekit.review/1"
 SCHEMA_STATUS = "edgekit.status/1"
-SCHEMA_METRICS = "edgekit.metrics/1"
+# /2: the counter of re-sent results is "replayed_results" (in /1 "replayed", which the transport's
+# "replayed": true on a re-sent metrics message overwrote). The hub reads both.
+SCHEMA_METRICS = "edgekit.metrics/2"
+SCHEMA_METRICS_V1 = "edgekit.metrics/1"
 SCHEMA_TRIAL = "edgekit.trial/1"
-SCHEMAS = {SCHEMA_RESULT, SCHEMA_RESULT_BATCH, SCHEMA_REVIEW, SCHEMA_STATUS, SCHEMA_METRICS, SCHEMA_TRIAL}
+SCHEMAS = {SCHEMA_RESULT, SCHEMA_RESULT_BATCH, SCHEMA_REVIEW, SCHEMA_STATUS, SCHEMA_METRICS, SCHEMA_METRICS_V1,
+           SCHEMA_TRIAL}
 
 QOS = 1
 

@@ -20,6 +20,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from edgekit.contract.messages import Result, Review, Trial
 from edgekit.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -140,87 +141,33 @@ def _loads(text: str | None) -> Any:
     return None if text is None else orjson.loads(text)
 
 
-def _num(obj: dict[str, Any], key: str, kind: type = float, required: bool = False) -> Any:
-    value = obj.get(key)
-    if value is None:
-        if required:
-            raise DataError(f"{key} is missing")
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise DataError(f"{key} must be a number (got {value!r})")
-    return kind(value)
-
-
-def _text(obj: dict[str, Any], key: str, limit: int = 128) -> str | None:
-    value = obj.get(key)
-    if value is None:
-        return None
-    if not isinstance(value, str) or len(value) > limit:
-        raise DataError(f"{key} must be a string of at most {limit} characters (got {value!r:.80})")
-    return value
-
-
-def result_row(obj: dict[str, Any], site: str, device: str, replayed: bool, now: float) -> dict[str, Any]:
-    """A result (or review) object as a results row; DataError names the first bad field."""
-    rid = obj.get("id")
-    if not isinstance(rid, str) or not rid or len(rid) > 128:
-        raise DataError(f"id must be a non-empty string (got {rid!r:.80})")
-    decision = obj.get("decision")
-    if decision not in ("accept", "defer"):
-        raise DataError(f"decision must be accept or defer (got {decision!r:.40})")
-    reasons = obj.get("reasons") or []
-    if not isinstance(reasons, list) or not all(isinstance(r, str) and "," not in r for r in reasons):
-        raise DataError(f"reasons must be a list of names (got {reasons!r:.80})")
-    window = obj.get("window") or {}
-    if not isinstance(window, dict):
-        raise DataError(f"window must be an object (got {window!r:.80})")
-    for key in ("probs", "second_opinion", "scores", "thresholds"):
-        if obj.get(key) is not None and not isinstance(obj[key], dict):
-            raise DataError(f"{key} must be an object (got {obj[key]!r:.80})")
+def result_row(msg: Result, now: float) -> dict[str, Any]:
+    """A parsed result as a results row (the contract validated it: edgekit/contract/messages.py)."""
+    second = msg.second_opinion
     return {
-        "id": rid, "site": site, "device": device,
-        "seq": _num(obj, "seq", int), "ts": _num(obj, "ts", float, required=True),
-        "window_start_s": _num(window, "start_s"), "window_end_s": _num(window, "end_s"),
-        "model_version": _text(obj, "model_version"), "task": _text(obj, "task", 64),
-        "label": _text(obj, "label"), "confidence": _num(obj, "confidence"),
-        "decision": decision, "reasons": "," + ",".join(reasons) + "," if reasons else "",
-        "probs": _dumps(obj.get("probs") or {}), "second_opinion": _dumps(obj.get("second_opinion")),
-        "scores": _dumps(obj.get("scores") or {}), "thresholds": _dumps(obj.get("thresholds") or {}),
-        "features": None, "signal": None,
-        "replayed": bool(replayed or obj.get("replayed")), "received_at": now,
+        "id": msg.id, "site": msg.site, "device": msg.device, "seq": msg.seq, "ts": msg.ts,
+        "window_start_s": msg.start_s, "window_end_s": msg.end_s, "model_version": msg.model_version,
+        "task": msg.task, "label": msg.label, "confidence": msg.confidence, "decision": msg.decision,
+        "reasons": "," + ",".join(msg.reasons) + "," if msg.reasons else "",
+        "probs": _dumps(msg.probs),
+        "second_opinion": _dumps(None if second is None else {"label": second.label, "probs": second.probs}),
+        "scores": _dumps(msg.scores), "thresholds": _dumps(msg.thresholds), "features": None, "signal": None,
+        "replayed": msg.replayed, "received_at": now,
     }
 
 
-def review_row(obj: dict[str, Any], site: str, device: str, replayed: bool, now: float) -> dict[str, Any]:
-    row = result_row(obj, site, device, replayed, now)
-    features, signal = obj.get("features"), obj.get("signal")
-    if not isinstance(features, dict):
-        raise DataError(f"features must be an object (got {features!r:.80})")
-    if not isinstance(signal, dict) or not isinstance(signal.get("points"), list):
-        raise DataError("signal must be an object with points")
-    row["features"] = _dumps(features)
-    row["signal"] = _dumps(signal)
+def review_row(msg: Review, now: float) -> dict[str, Any]:
+    """A parsed review as a results row with its features and signal."""
+    row = result_row(msg.result, now)
+    row["features"] = _dumps(msg.features)
+    row["signal"] = _dumps(msg.to_obj()["signal"])
     return row
 
 
-def trial_row(obj: dict[str, Any], site: str, device: str, now: float) -> dict[str, Any]:
-    """An edgekit.trial/1 object as a trials row (the object kept whole as JSON); DataError names the first
-    bad field of those the web page shows."""
-    tid = obj.get("id")
-    if not isinstance(tid, str) or not tid or len(tid) > 128:
-        raise DataError(f"id must be a non-empty string (got {tid!r:.80})")
-    ts = _num(obj, "ts", float, required=True)
-    steps = obj.get("steps")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
-        raise DataError(f"steps must be an integer (got {steps!r:.40})")
-    for key in ("walk_start_s", "walk_end_s", "turn_start_s", "turn_end_s", "cadence_spm"):
-        _num(obj, key)
-    for key in ("phase_s", "trial"):
-        if obj.get(key) is not None and not isinstance(obj[key], dict):
-            raise DataError(f"{key} must be an object (got {obj[key]!r:.80})")
-    for key in ("reason", "error"):
-        _text(obj, key, 2000)
-    return {"id": tid, "site": site, "device": device, "ts": ts, "payload": _dumps(obj), "received_at": now}
+def trial_row(msg: Trial, now: float) -> dict[str, Any]:
+    """A parsed trial summary as a trials row (the summary kept whole as JSON)."""
+    return {"id": msg.id, "site": msg.site, "device": msg.device, "ts": msg.ts, "payload": _dumps(msg.to_obj()),
+            "received_at": now}
 
 
 @dataclass

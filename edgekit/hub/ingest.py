@@ -28,7 +28,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgekit import topics
-from edgekit.errors import ConfigError, DataError
+from edgekit.contract import messages as messages_contract
+from edgekit.errors import ConfigError, DataError, IdentityError
 from edgekit.hub.db import Batch, HubDB, result_row, review_row, trial_row
 
 log = logging.getLogger(__name__)
@@ -77,8 +78,10 @@ class IngestStats:
 
 def to_batch(messages: list[tuple[str, bytes]] | list[tuple[str, bytes, bool]], now: float,
              stats: IngestStats | None = None) -> Batch:
-    """Decode (topic, payload[, retained]) into one Batch; bad ones are logged as hub.bad_payload, foreign
-    ones (see `foreign`) as hub.rejected, and skipped whole (a batch message with one foreign result too).
+    """Parse (topic, payload[, retained]) with the message contract (edgekit/contract/messages.py) into one
+    Batch. Malformed messages are logged as hub.bad_payload, foreign ones (another site's or device's
+    identity, an id not the topic device's own) as hub.rejected; both are skipped whole (a batch with one
+    foreign result too).
 
     A device was last seen `now`, when the hub heard from it, except for a retained status (the broker's
     copy, maybe old), which counts from its own ts."""
@@ -86,126 +89,55 @@ def to_batch(messages: list[tuple[str, bytes]] | list[tuple[str, bytes, bool]], 
     for name, payload, *flags in messages:
         retained = bool(flags and flags[0])
         try:
-            where = f"topic {name!r}"
-            tp = topics.parse_topic(name)
-            obj = topics.decode(payload, where)
-            schema = obj["schema"]
-            site, device = tp.site, tp.device
-            why = foreign(obj, tp)
-            if why is not None:
-                log.warning("hub.rejected topic=%s reason=%s", name, why)
-                if stats:
-                    stats.rejected += 1
-                continue
-            if tp.kind == "result" and schema in (topics.SCHEMA_RESULT, topics.SCHEMA_RESULT_BATCH):
-                items = topics.results_of(obj)
-                if not isinstance(items, list):
-                    raise DataError("results must be a list")
-                replayed = bool(obj.get("replayed"))
-                rows = []
-                for item in items:
-                    if not isinstance(item, dict):
-                        raise DataError(f"each result must be an object (got {item!r:.60})")
-                    rows.append(result_row(item, site, device, replayed, now))
-                out.results.extend(rows)
-                if rows:
-                    out.see(site, device, now)
-                if stats:
-                    stats.results += len(rows)
-            elif tp.kind == "review" and schema == topics.SCHEMA_REVIEW:
-                row = review_row(obj, site, device, bool(obj.get("replayed")), now)
-                out.reviews.append(row)
-                out.see(site, device, now)
-            elif tp.kind == "status" and schema == topics.SCHEMA_STATUS:
-                if obj.get("state") not in ("online", "offline"):
-                    raise DataError(f"state must be online or offline (got {obj.get('state')!r:.40})")
-                st = _counters(obj, ("ts",), ("queued", "dropped"))
-                st["state"] = obj["state"]
-                mv = obj.get("model_version")
-                st["model_version"] = mv if isinstance(mv, str) else None
-                # Arrival order, not ts: a last will carries the ts of the connect that registered it,
-                # older than the "online" sent after that connect, yet it is the newer news.
-                out.status[(site, device)] = st
-                out.see(site, device, st["ts"] if retained else now)
-            elif tp.kind == "metrics" and schema == topics.SCHEMA_METRICS:
-                m = dict(obj)
-                m.update(_counters(obj, ("ts",), ()))
-                old = out.metrics.get((site, device))
-                if old is None or old["ts"] <= m["ts"]:
-                    out.metrics[(site, device)] = m
-                out.see(site, device, now)
-            elif tp.kind == "trial" and schema == topics.SCHEMA_TRIAL:
-                out.trials.append(trial_row(obj, site, device, now))
-                log.info("hub.trial site=%s device=%s id=%s steps=%s walk_start_s=%s walk_end_s=%s "
-                         "reason=%s", site, device, obj.get("id"), obj.get("steps"),
-                         obj.get("walk_start_s"), obj.get("walk_end_s"),
-                         obj.get("reason") or obj.get("error") or "none")
-                out.see(site, device, now)
-                if stats:
-                    stats.trials += 1
-            else:
-                raise DataError(f"schema {schema!r} does not belong on a {tp.kind} topic")
+            msg = messages_contract.parse(name, payload)
+        except IdentityError as exc:
+            log.warning("hub.rejected topic=%s reason=%s", name, exc.message)
+            if stats:
+                stats.rejected += 1
+            continue
         except DataError as exc:
             log.warning("hub.bad_payload topic=%s reason=%s", name, exc.message)
             if stats:
                 stats.bad += 1
-        except (KeyError, TypeError, ValueError) as exc:
-            log.warning("hub.bad_payload topic=%s reason=%s", name, f"{type(exc).__name__}: {exc}")
-            if stats:
-                stats.bad += 1
+            continue
+        _add(out, msg, now, retained, stats)
     return out
 
 
-_KEYED = (topics.SCHEMA_RESULT, topics.SCHEMA_REVIEW, topics.SCHEMA_TRIAL)  # objects with an id
-
-
-def foreign(obj: dict[str, Any], tp: topics.ParsedTopic) -> str | None:
-    """Why a decoded payload may not be stored as coming from its topic's site and device, or None.
-
-    Results (each one of a batch too), reviews and trials must name the topic's site and device and carry
-    an id `topics.result_id(device, seq)` of that device whose sequence is their `seq`; a batch's envelope
-    names the topic's site and device; status and metrics, where they name a site or device, the topic's."""
-    schema = obj.get("schema")
-    if schema in _KEYED:
-        return _foreign_keyed(obj, tp)
-    batch = schema == topics.SCHEMA_RESULT_BATCH
-    for key, want in (("site", tp.site), ("device", tp.device)):
-        if (batch or key in obj) and obj.get(key) != want:
-            return f"{key} {obj.get(key)!r:.60} is not the topic's {want!r}"
-    items = obj.get("results") if batch else None
-    for i, item in enumerate(items if isinstance(items, list) else ()):
-        if isinstance(item, dict):  # not an object: a bad payload, said so by to_batch
-            why = _foreign_keyed(item, tp)
-            if why is not None:
-                return f"results[{i}] {why}"
-    return None
-
-
-def _foreign_keyed(obj: dict[str, Any], tp: topics.ParsedTopic) -> str | None:
-    for key, want in (("site", tp.site), ("device", tp.device)):
-        if obj.get(key) != want:
-            return f"{key} {obj.get(key)!r:.60} is not the topic's {want!r}"
-    try:
-        seq = topics.parse_result_id(obj.get("id"), tp.device)
-    except DataError as exc:
-        return exc.message
-    got = obj.get("seq")
-    if isinstance(got, bool) or not isinstance(got, int) or got != seq:
-        return f"seq {got!r:.40} is not the id's sequence {seq}"
-    return None
-
-
-def _counters(obj: dict[str, Any], floats: tuple[str, ...], ints: tuple[str, ...]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key in floats:
-        v = obj.get(key)
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise DataError(f"{key} must be a number (got {v!r:.40})")
-        out[key] = float(v)
-    for key in ints:
-        v = obj.get(key)
-        out[key] = v if isinstance(v, int) and not isinstance(v, bool) else None
-    return out
+def _add(out: Batch, msg: messages_contract.Message, now: float, retained: bool,
+         stats: IngestStats | None) -> None:
+    """One parsed message into the batch's rows and device facts."""
+    key = (msg.site, msg.device)
+    if isinstance(msg, (messages_contract.Result, messages_contract.ResultBatch)):
+        results = msg.results if isinstance(msg, messages_contract.ResultBatch) else [msg]
+        out.results.extend(result_row(r, now) for r in results)
+        if results:
+            out.see(*key, now)
+        if stats:
+            stats.results += len(results)
+    elif isinstance(msg, messages_contract.Review):
+        out.reviews.append(review_row(msg, now))
+        out.see(*key, now)
+    elif isinstance(msg, messages_contract.Status):
+        # Arrival order, not ts: a last will carries the ts of the connect that registered it,
+        # older than the "online" sent after that connect, yet it is the newer news.
+        out.status[key] = {"state": msg.state, "ts": msg.ts, "queued": msg.queued, "dropped": msg.dropped,
+                           "model_version": msg.model_version}
+        out.see(*key, msg.ts if retained else now)
+    elif isinstance(msg, messages_contract.Metrics):
+        m = msg.to_obj()
+        old = out.metrics.get(key)
+        if old is None or old["ts"] <= m["ts"]:
+            out.metrics[key] = m
+        out.see(*key, now)
+    else:
+        out.trials.append(trial_row(msg, now))
+        log.info("hub.trial site=%s device=%s id=%s steps=%s walk_start_s=%s walk_end_s=%s reason=%s",
+                 msg.site, msg.device, msg.id, msg.steps, msg.walk_start_s, msg.walk_end_s,
+                 msg.reason or msg.error or "none")
+        out.see(*key, now)
+        if stats:
+            stats.trials += 1
 
 
 class Ingest:

@@ -1,0 +1,467 @@
+"""The MQTT messages as typed values: one class per payload kind, one `encode` (the agent and its transport)
+and one parse (the hub), so a field exists once and a change to it breaks both sides' tests.
+
+    Result       one window's answer (accept, or defer with reasons)                    result topic
+    ResultBatch  many results of one device in one message (bytes joined, not re-encoded) result topic
+    Review       a deferred Result plus its features and a downsampled signal           review topic
+    Trial        a gait trial's summary (edgekit.gait.segment), or why there is none    trial topic
+    Status       retained online/offline (and the last will)                            status topic
+    Metrics      the agent's counters                                                   metrics topic
+
+Encoding keeps the key order and the optional keys the agent always wrote, so payloads of schema /1 are
+byte-for-byte what they were (tests/test_contract.py). Parsing is the hub's validation: `parse(topic,
+payload)` raises DataError for a malformed payload and IdentityError (a DataError) for one that does not
+belong to its topic's site and device. Classes are slotted but not frozen: a frozen dataclass of ~18 fields
+costs ~3 us more per result on the agent's path; treat them as immutable. Must not import paho, onnxruntime
+or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from edgekit import topics
+from edgekit.errors import DataError, IdentityError
+
+Decision = Literal["accept", "defer"]
+TEXT_MAX = 128  # ids, labels, model versions: what the hub's columns hold
+LONG_TEXT_MAX = 2000  # reasons and errors people read
+
+
+# --- field checks (raise DataError naming the field) ------------------------------------------------
+
+
+def _num(obj: dict[str, Any], key: str, kind: type = float, required: bool = False) -> Any:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise DataError(f"{key} is missing")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise DataError(f"{key} must be a number (got {value!r:.80})")
+    if kind is int and not isinstance(value, int):
+        raise DataError(f"{key} must be an integer (got {value!r:.40})")
+    return kind(value)
+
+
+def _text(obj: dict[str, Any], key: str, limit: int = TEXT_MAX) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or len(value) > limit:
+        raise DataError(f"{key} must be a string of at most {limit} characters (got {value!r:.80})")
+    return value
+
+
+def _object(obj: dict[str, Any], key: str) -> dict[str, Any] | None:
+    value = obj.get(key)
+    if value is not None and not isinstance(value, dict):
+        raise DataError(f"{key} must be an object (got {value!r:.80})")
+    return value
+
+
+def _owner(obj: dict[str, Any], site: str, device: str) -> None:
+    """IdentityError unless the object names the topic's site and device."""
+    for key, want in (("site", site), ("device", device)):
+        if obj.get(key) != want:
+            raise IdentityError(f"{key} {obj.get(key)!r:.60} is not the topic's {want!r}")
+
+
+def _keyed(obj: dict[str, Any], site: str, device: str) -> tuple[str, int]:
+    """(id, seq) of a result, review or trial that is the topic device's own, else IdentityError."""
+    _owner(obj, site, device)
+    try:
+        seq = topics.parse_result_id(obj.get("id"), device)
+    except DataError as exc:
+        raise IdentityError(exc.message) from None
+    got = obj.get("seq")
+    if isinstance(got, bool) or not isinstance(got, int) or got != seq:
+        raise IdentityError(f"seq {got!r:.40} is not the id's sequence {seq}")
+    return obj["id"], seq
+
+
+# --- result, review, batch --------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class SecondOpinion:
+    label: str
+    probs: dict[str, float]
+
+
+@dataclass(slots=True)
+class Result:
+    """One window's answer. `label`/`confidence` are None and `probs` empty when no model saw the window
+    (`implausible` says why); `replayed` is set by the transport on a re-sent message, not by the agent."""
+
+    id: str
+    seq: int
+    site: str
+    device: str
+    ts: float
+    start_s: float | None
+    end_s: float | None
+    model_version: str | None
+    task: str | None
+    label: str | None
+    confidence: float | None
+    probs: dict[str, float]
+    decision: Decision
+    reasons: list[str]
+    scores: dict[str, float]
+    thresholds: dict[str, float]
+    second_opinion: SecondOpinion | None = None
+    implausible: str | None = None
+    replayed: bool = False
+
+    SCHEMA = topics.SCHEMA_RESULT
+
+    def to_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {
+            "schema": self.SCHEMA, "id": self.id, "seq": self.seq, "site": self.site, "device": self.device,
+            "ts": self.ts, "window": {"start_s": self.start_s, "end_s": self.end_s},
+            "model_version": self.model_version, "task": self.task, "label": self.label,
+            "confidence": self.confidence, "probs": self.probs, "decision": self.decision,
+            "reasons": self.reasons, "scores": self.scores, "thresholds": self.thresholds,
+        }
+        if self.implausible is not None:
+            obj["implausible"] = self.implausible
+        if self.second_opinion is not None:
+            obj["second_opinion"] = {"label": self.second_opinion.label, "probs": self.second_opinion.probs}
+        if self.replayed:
+            obj["replayed"] = True
+        return obj
+
+    def encode(self) -> bytes:
+        return topics.encode(self.to_obj())
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any], site: str, device: str, replayed: bool = False) -> Result:
+        rid, seq = _keyed(obj, site, device)
+        decision = obj.get("decision")
+        if decision not in ("accept", "defer"):
+            raise DataError(f"decision must be accept or defer (got {decision!r:.40})")
+        reasons = obj.get("reasons") or []
+        if not isinstance(reasons, list) or not all(isinstance(r, str) and r and "," not in r and
+                                                    len(r) <= TEXT_MAX for r in reasons):
+            raise DataError(f"reasons must be a list of names (got {reasons!r:.80})")
+        window = _object(obj, "window") or {}
+        maps = {key: _object(obj, key) or {} for key in ("probs", "scores", "thresholds")}
+        second = _object(obj, "second_opinion")
+        if second is not None and (_text(second, "label") is None or not isinstance(second.get("probs"), dict)):
+            raise DataError(f"second_opinion must have a label and probs (got {second!r:.80})")
+        return cls(
+            id=rid, seq=seq, site=site, device=device, ts=_num(obj, "ts", required=True),
+            start_s=_num(window, "start_s"), end_s=_num(window, "end_s"),
+            model_version=_text(obj, "model_version"), task=_text(obj, "task", 64), label=_text(obj, "label"),
+            confidence=_num(obj, "confidence"), probs=maps["probs"], decision=decision, reasons=reasons,
+            scores=maps["scores"], thresholds=maps["thresholds"],
+            second_opinion=None if second is None else SecondOpinion(second.get("label"), second.get("probs")),
+            implausible=_text(obj, "implausible", LONG_TEXT_MAX),
+            replayed=bool(replayed or obj.get("replayed")),
+        )
+
+
+@dataclass(slots=True)
+class Signal:
+    """The deferred window for the reviewer's plot: per channel, at most `gate.downsample_points` means."""
+
+    channels: list[str]
+    rate_hz: float | None
+    start_s: float | None
+    points: list[list[float | None]]
+
+
+@dataclass(slots=True)
+class Review:
+    """A deferred result with what a person needs to judge it; stored as a result with its review."""
+
+    result: Result
+    features: dict[str, float | None]
+    signal: Signal
+
+    SCHEMA = topics.SCHEMA_REVIEW
+
+    @property
+    def site(self) -> str:
+        return self.result.site
+
+    @property
+    def device(self) -> str:
+        return self.result.device
+
+    def to_obj(self) -> dict[str, Any]:
+        obj = self.result.to_obj()
+        obj["schema"] = self.SCHEMA
+        obj["features"] = self.features
+        obj["signal"] = {"channels": self.signal.channels, "rate_hz": self.signal.rate_hz,
+                         "start_s": self.signal.start_s, "points": self.signal.points}
+        return obj
+
+    def encode(self) -> bytes:
+        return topics.encode(self.to_obj())
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any], site: str, device: str) -> Review:
+        result = Result.from_obj(obj, site, device)
+        features, signal = obj.get("features"), obj.get("signal")
+        if not isinstance(features, dict):
+            raise DataError(f"features must be an object (got {features!r:.80})")
+        if not isinstance(signal, dict) or not isinstance(signal.get("points"), list):
+            raise DataError("signal must be an object with points")
+        channels = signal.get("channels") or []
+        if not isinstance(channels, list):
+            raise DataError(f"signal.channels must be a list (got {channels!r:.80})")
+        return cls(result, features, Signal(channels, _num(signal, "rate_hz"), _num(signal, "start_s"),
+                                            signal["points"]))
+
+
+@dataclass(slots=True)
+class ResultBatch:
+    """Results of one device in one message. `encoded` joins already-encoded results without re-encoding."""
+
+    site: str
+    device: str
+    results: list[Result]
+    replayed: bool = False
+
+    SCHEMA = topics.SCHEMA_RESULT_BATCH
+
+    @staticmethod
+    def encoded(site: str, device: str, results: list[bytes]) -> bytes:
+        return topics.batch(site, device, results)
+
+    def encode(self) -> bytes:
+        body = self.encoded(self.site, self.device, [r.encode() for r in self.results])
+        return topics.mark_replayed(body) if self.replayed else body
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any], site: str, device: str) -> ResultBatch:
+        _owner(obj, site, device)
+        items = obj.get("results")
+        if not isinstance(items, list):
+            raise DataError("results must be a list")
+        for i, item in enumerate(items):  # every result's identity before any field: a spoof is a spoof
+            if isinstance(item, dict):
+                try:
+                    _keyed(item, site, device)
+                except IdentityError as exc:
+                    raise IdentityError(f"results[{i}] {exc.message}") from None
+        replayed = bool(obj.get("replayed"))
+        out = []
+        for item in items:
+            if not isinstance(item, dict):
+                raise DataError(f"each result must be an object (got {item!r:.60})")
+            out.append(Result.from_obj(item, site, device, replayed))
+        return cls(site, device, out, replayed)
+
+
+# --- trial, status, metrics -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class TrialSpan:
+    start_s: float | None
+    end_s: float | None
+    samples: int
+    rate_hz: float
+    closed_by: str
+
+
+@dataclass(slots=True)
+class Trial:
+    """A gait trial's summary: walk and turn times (s from the trial's first sample), phases, steps,
+    cadence; or `error` when segmentation refused the samples (then the other fields are absent)."""
+
+    id: str
+    seq: int
+    site: str
+    device: str
+    ts: float
+    model_version: str | None
+    task: str | None
+    trial: TrialSpan
+    error: str | None = None
+    walk_start_s: float | None = None
+    walk_end_s: float | None = None
+    turn_start_s: float | None = None
+    turn_end_s: float | None = None
+    steps: int | None = None
+    cadence_spm: float | None = None
+    phase_s: dict[str, float | None] = field(default_factory=dict)
+    step_times_s: list[float] = field(default_factory=list)
+    reason: str | None = None
+    replayed: bool = False
+
+    SCHEMA = topics.SCHEMA_TRIAL
+    SEGMENT_KEYS = ("walk_start_s", "walk_end_s", "turn_start_s", "turn_end_s", "steps", "cadence_spm",
+                    "phase_s", "step_times_s")
+
+    def to_obj(self) -> dict[str, Any]:
+        t = self.trial
+        obj: dict[str, Any] = {
+            "schema": self.SCHEMA, "id": self.id, "seq": self.seq, "site": self.site, "device": self.device,
+            "ts": self.ts, "model_version": self.model_version, "task": self.task,
+            "trial": {"start_s": t.start_s, "end_s": t.end_s, "samples": t.samples, "rate_hz": t.rate_hz,
+                      "closed_by": t.closed_by},
+        }
+        if self.error is not None:
+            obj["error"] = self.error
+        else:
+            obj.update({k: getattr(self, k) for k in self.SEGMENT_KEYS})
+            if self.reason is not None:
+                obj["reason"] = self.reason
+        if self.replayed:
+            obj["replayed"] = True
+        return obj
+
+    def encode(self) -> bytes:
+        return topics.encode(self.to_obj())
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any], site: str, device: str) -> Trial:
+        rid, seq = _keyed(obj, site, device)
+        steps = obj.get("steps")
+        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
+            raise DataError(f"steps must be an integer (got {steps!r:.40})")
+        span = _object(obj, "trial") or {}
+        phase = _object(obj, "phase_s") or {}
+        for key in phase:
+            _num(phase, key)
+        times = obj.get("step_times_s") or []
+        if not isinstance(times, list) or not all(isinstance(x, (int, float)) and not isinstance(x, bool)
+                                                  for x in times):
+            raise DataError(f"step_times_s must be a list of numbers (got {times!r:.80})")
+        samples = _num(span, "samples", int)
+        return cls(
+            id=rid, seq=seq, site=site, device=device, ts=_num(obj, "ts", required=True),
+            model_version=_text(obj, "model_version"), task=_text(obj, "task", 64),
+            trial=TrialSpan(_num(span, "start_s"), _num(span, "end_s"), samples or 0,
+                            _num(span, "rate_hz") or 0.0, _text(span, "closed_by") or ""),
+            error=_text(obj, "error", LONG_TEXT_MAX),
+            walk_start_s=_num(obj, "walk_start_s"), walk_end_s=_num(obj, "walk_end_s"),
+            turn_start_s=_num(obj, "turn_start_s"), turn_end_s=_num(obj, "turn_end_s"), steps=steps,
+            cadence_spm=_num(obj, "cadence_spm"), phase_s=phase, step_times_s=times,
+            reason=_text(obj, "reason", LONG_TEXT_MAX), replayed=bool(obj.get("replayed")),
+        )
+
+
+@dataclass(slots=True)
+class Status:
+    """Retained `online` (birth, with what the agent runs and what waits), `offline` (close, last will)."""
+
+    site: str
+    device: str
+    state: Literal["online", "offline"]
+    ts: float
+    model_version: str | None = None
+    queued: int | None = None
+    dropped: int | None = None
+    reason: str | None = None
+
+    SCHEMA = topics.SCHEMA_STATUS
+    OPTIONAL = ("model_version", "queued", "dropped", "reason")
+
+    def to_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"schema": self.SCHEMA, "site": self.site, "device": self.device,
+                               "state": self.state, "ts": self.ts}
+        obj.update({k: getattr(self, k) for k in self.OPTIONAL if getattr(self, k) is not None})
+        return obj
+
+    def encode(self) -> bytes:
+        return topics.encode(self.to_obj())
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any], site: str, device: str) -> Status:
+        for key, want in (("site", site), ("device", device)):
+            if key in obj and obj[key] != want:
+                raise IdentityError(f"{key} {obj.get(key)!r:.60} is not the topic's {want!r}")
+        state = obj.get("state")
+        if state not in ("online", "offline"):
+            raise DataError(f"state must be online or offline (got {state!r:.40})")
+        mv = obj.get("model_version")
+        return cls(site, device, state, _num(obj, "ts", required=True),
+                   model_version=mv if isinstance(mv, str) and len(mv) <= TEXT_MAX else None,
+                   queued=_lenient_int(obj, "queued"), dropped=_lenient_int(obj, "dropped"),
+                   reason=obj["reason"] if isinstance(obj.get("reason"), str) else None)
+
+
+def _lenient_int(obj: dict[str, Any], key: str) -> int | None:
+    """An optional counter: kept when it is an integer, dropped (None) otherwise."""
+    v = obj.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+@dataclass(slots=True)
+class Metrics:
+    """The agent's counters since it started. `counters` holds every other numeric field the agent sends
+    (kept as sent, so a newer agent's counters reach the hub's page without a hub change)."""
+
+    site: str
+    device: str
+    ts: float
+    queued: int | None = None
+    dropped: int | None = None
+    counters: dict[str, Any] = field(default_factory=dict)
+
+    SCHEMA = topics.SCHEMA_METRICS
+
+    def to_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"schema": self.SCHEMA, "site": self.site, "device": self.device, "ts": self.ts}
+        obj.update(self.counters)
+        if self.queued is not None:
+            obj["queued"] = self.queued
+        if self.dropped is not None:
+            obj["dropped"] = self.dropped
+        return obj
+
+    def encode(self) -> bytes:
+        return topics.encode(self.to_obj())
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any], site: str, device: str) -> Metrics:
+        for key, want in (("site", site), ("device", device)):
+            if key in obj and obj[key] != want:
+                raise IdentityError(f"{key} {obj.get(key)!r:.60} is not the topic's {want!r}")
+        reserved = {"schema", "site", "device", "ts", "queued", "dropped"}
+        counters = {k: v for k, v in obj.items() if k not in reserved}
+        if obj.get("schema") == topics.SCHEMA_METRICS_V1 and "replayed" in counters:
+            counters["replayed_results"] = counters.pop("replayed")  # /1's name (a bool when re-sent: lost)
+        counters.pop("replayed", None)  # the transport's re-send flag, not a counter
+        return cls(site, device, _num(obj, "ts", required=True), _lenient_int(obj, "queued"),
+                   _lenient_int(obj, "dropped"), counters)
+
+
+Message = Result | ResultBatch | Review | Trial | Status | Metrics
+# topic kind -> schema -> the class that parses it
+PARSERS: dict[str, dict[str, Any]] = {
+    "result": {topics.SCHEMA_RESULT: Result, topics.SCHEMA_RESULT_BATCH: ResultBatch},
+    "review": {topics.SCHEMA_REVIEW: Review},
+    "trial": {topics.SCHEMA_TRIAL: Trial},
+    "status": {topics.SCHEMA_STATUS: Status},
+    "metrics": {topics.SCHEMA_METRICS: Metrics, topics.SCHEMA_METRICS_V1: Metrics},
+}
+
+
+def parse(topic_name: str, payload: bytes) -> Message:
+    """A received message as its typed value. DataError names what is malformed; IdentityError (a
+    DataError) says why it does not belong to its topic's site and device. Both name no payload bytes
+    beyond 80 characters."""
+    where = f"topic {topic_name!r}"
+    tp = topics.parse_topic(topic_name)
+    obj = topics.decode(payload, where)
+    schema = obj["schema"]
+    cls = PARSERS[tp.kind].get(schema)
+    if cls is None:
+        _identity_first(obj, tp)
+        raise DataError(f"schema {schema!r} does not belong on a {tp.kind} topic")
+    return cls.from_obj(obj, tp.site, tp.device)
+
+
+def _identity_first(obj: dict[str, Any], tp: topics.ParsedTopic) -> None:
+    """A payload on the wrong topic that also claims another device is reported as foreign, not as bad."""
+    if obj.get("schema") in (topics.SCHEMA_RESULT, topics.SCHEMA_REVIEW, topics.SCHEMA_TRIAL):
+        _keyed(obj, tp.site, tp.device)
+    elif obj.get("schema") == topics.SCHEMA_RESULT_BATCH:
+        _owner(obj, tp.site, tp.device)
