@@ -80,7 +80,8 @@ def test_tug_seed_contract_imputation_and_reproducibility(tmp_path: Path) -> Non
     a = train(EXAMPLES / "tug_seed.toml", tmp_path / "a", epochs=5, progress=False)
     run, arrays = check_contract(a)
     assert run["input"] == {"kind": "table", "extractor": "table", "channels": None, "rate_hz": None,
-                            "window_size": None, "window_hop": None, "feature_names": run["input"]["feature_names"]}
+                            "window_size": None, "window_hop": None, "feature_names": run["input"]["feature_names"],
+                            "channel_range": None}  # a table task has no raw channels to bound
     assert run["positive_label"] == "balance_risk" and run["normal_label"] == "no_risk"
     assert run["recipe"]["predictor"]["epochs"] == 5  # the override is what was trained
     assert set(run["groups_metrics"]) == {"gender", "age_band"}
