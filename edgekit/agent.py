@@ -30,6 +30,7 @@ from edgekit.config import AgentConfig
 from edgekit.contract import messages
 from edgekit.errors import ConfigError, ModelError
 from edgekit.gate import Gate
+from edgekit.mqtt import redact_url
 from edgekit.values import Quarantined, SampleBlock, Window
 
 if TYPE_CHECKING:
@@ -196,7 +197,7 @@ class Agent:
         stack.callback(_close_quietly, self.outbox)
         self.transport = Transport(
             cfg.mqtt.url, site=cfg.site, device=cfg.device_id, outbox=self.outbox,
-            username=cfg.mqtt.username, password=cfg.mqtt.password, keepalive_s=cfg.mqtt.keepalive_s,
+            security=cfg.mqtt, keepalive_s=cfg.mqtt.keepalive_s,
             batch_interval_s=cfg.mqtt.batch_interval_s, max_batch=cfg.mqtt.max_batch,
             max_inflight=cfg.mqtt.max_inflight, reconnect_max_s=cfg.mqtt.reconnect_max_s,
             status_extra=self._status_extra,
@@ -377,7 +378,7 @@ class Agent:
 
         m = self.manifest
         size, hop = int(m.input.window_size), int(m.input.window_hop)
-        with open_source(self.cfg.source, stop=self.stop, mqtt_url=self.cfg.mqtt.url,
+        with open_source(self.cfg.source, stop=self.stop, mqtt_url=self.cfg.mqtt.url, mqtt_security=self.cfg.mqtt,
                          channel_names=tuple(m.input.channels or ()), rate_hint=m.input.rate_hz) as source:
             idx = self._check_channels(tuple(source.channels))
             windower = Windower(size, hop, len(idx))
@@ -385,7 +386,7 @@ class Agent:
             trial = self._trial_buffer(len(idx))
             next_metrics = time.monotonic() + self.cfg.metrics_interval_s
             log.info("agent.start device=%s site=%s bundle=%s source=%s broker=%s", self.cfg.device_id,
-                     self.cfg.site, self.cfg.bundle, self.cfg.source.kind, self.cfg.mqtt.url or "none")
+                     self.cfg.site, self.cfg.bundle, self.cfg.source.kind, redact_url(self.cfg.mqtt.url or "none"))
             if not self.cfg.mqtt.url:
                 log.warning("agent.offline reason=no-broker results stay in the outbox path=%s",
                             self.cfg.outbox.path)

@@ -310,7 +310,8 @@ def device_detect(root: Path) -> None:
 
 
 @main.group(invoke_without_command=True)
-@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True, help="mqtt://HOST:PORT")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="mqtt://[USER@]HOST[:PORT], or mqtts://... for TLS (port 8883 by default).")
 @click.option("--db", default="sqlite:///hub.db", show_default=True, help="sqlite:///FILE or postgresql://...")
 @click.option("--http", default="127.0.0.1:8080", show_default=True, help="HOST:PORT for the review page; '' for none.")
 @click.option("--share-group", default="edgekit-hub", show_default=True,
@@ -321,13 +322,22 @@ def device_detect(root: Path) -> None:
                    "results for it while it is down (a day). Without it the session lasts 5 minutes.")
 @click.option("--username", default=None, help="Broker account (deploy/mosquitto/acl.example: 'hub').")
 @click.option("--password-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="File whose first line is the broker password (or set EDGEKIT_MQTT_PASSWORD).")
+              help="File whose first line is the broker password, read when connecting (or set "
+                   "EDGEKIT_MQTT_PASSWORD).")
+@click.option("--ca-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="mqtts://: PEM file with the CA that signed the broker's certificate [default: the system's "
+                   "CAs].")
+@click.option("--cert-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="mqtts://: PEM client certificate, for a broker that requires one (with --key-file).")
+@click.option("--key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="PEM private key (unencrypted) of --cert-file.")
 @click.option("--secure-cookies", is_flag=True,
               help="Send the session cookie over HTTPS only (set when a TLS proxy serves the review page).")
 @click.pass_context
 @handle_errors
 def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str, client_id: str | None,
-        username: str | None, password_file: Path | None, secure_cookies: bool) -> None:
+        username: str | None, password_file: Path | None, ca_file: Path | None, cert_file: Path | None,
+        key_file: Path | None, secure_cookies: bool) -> None:
     """Collect results from every device and serve the review station."""
     require_extra("hub")
     ctx.obj = {"db": db}
@@ -335,29 +345,19 @@ def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str, c
         return
     import os
 
-    from edgekit.errors import ConfigError
+    from edgekit.config import validate
     from edgekit.hub import run_hub
+    from edgekit.mqtt import MqttSecurity, redact_url
 
-    password = _read_password(password_file) if password_file else os.environ.get("EDGEKIT_MQTT_PASSWORD")
-    if password is not None and username is None:
-        raise ConfigError("a broker password needs a --username", where="edgekit hub --username")
+    given = {"username": username, "password_file": password_file, "ca_file": ca_file, "cert_file": cert_file,
+             "key_file": key_file,
+             "password": None if password_file else os.environ.get("EDGEKIT_MQTT_PASSWORD")}
+    security = validate(MqttSecurity, {k: v for k, v in given.items() if v is not None}, "edgekit hub")
     stop = stop_on_signals()
-    click.echo(f"hub: broker {broker}, db {db}, review page http://{http}/" if http else "hub: ingest only")
+    click.echo(f"hub: broker {redact_url(broker)}, db {redact_url(db)}, review page http://{http}/" if http
+               else "hub: ingest only")
     run_hub(broker, db, http or None, share_group=share_group, client_id=client_id, stop=stop,
-            username=username, password=password, secure_cookies=secure_cookies)
-
-
-def _read_password(path: Path) -> str:
-    from edgekit.errors import ConfigError
-
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"cannot read the password file ({exc.strerror})", where=str(path)) from None
-    if not lines or not lines[0]:
-        raise ConfigError("the password file's first line is empty (expected the broker password)",
-                          where=str(path))
-    return lines[0]
+            security=security, secure_cookies=secure_cookies)
 
 
 @hub.command("adduser")

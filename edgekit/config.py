@@ -11,9 +11,10 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from edgekit.errors import ConfigError
+from edgekit.mqtt import FILE_FIELDS, MqttSecurity, check, label, parse_url, redact_url, security_of
 from edgekit.paths import state_dir
 
 if sys.version_info >= (3, 11):
@@ -87,11 +88,38 @@ class SerialSource(Strict):
         return known_encoding(value)
 
 
-class MqttSource(Strict):
+def broker_url(value: str | None, info: ValidationInfo, key: str) -> str | None:
+    """A url field's pure check: it parses, and agrees with the section's account and TLS fields."""
+    if value in (None, ""):
+        return None
+    assert value is not None
+    try:
+        endpoint = parse_url(value, where=label(key, "url"))
+    except ConfigError as exc:  # the url itself is shown, redacted, by format_validation_error
+        raise ValueError(f"{exc.message} ({exc.hint})") from None
+    try:
+        check(endpoint, security_of(info.data), key)
+    except ConfigError as exc:  # about another key: named in the message
+        raise ValueError(str(exc)) from None
+    return value
+
+
+class MqttSource(Strict, MqttSecurity):
+    """Its own broker (url, account, TLS files), or without a url the agent's [mqtt] broker and account."""
+
     kind: Literal["mqtt"] = Field("mqtt", description="Samples published by a sensor gateway.")
     topic: str = Field(description="Topic to subscribe to; payload: JSON {'t': seconds, 'values': [...]}.")
-    url: str | None = Field(None, description="Broker URL; default: the agent's own broker.")
+    url: str | None = Field(None, validate_default=True, description="Broker as mqtt://[USER@]HOST[:PORT] or "
+                            "mqtts://...; default: the agent's own broker (mqtt.url) with its account and TLS files.")
     channels: int = Field(gt=0, description="Values expected per sample.")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value in (None, "") and security_of(info.data).configured:
+            raise ValueError("the source's username, password, password_file, ca_file, cert_file and key_file "
+                             "need its own url (without one it uses mqtt.url with the [mqtt] account and files)")
+        return broker_url(value, info, "source")
 
 
 class SimulatedSource(Strict):
@@ -110,12 +138,13 @@ SourceConfig = Annotated[
 # --- the rest of the agent -----------------------------------------------------------------------
 
 
-class MqttConfig(Strict):
+class MqttConfig(Strict, MqttSecurity):
+    """The agent's broker: url, account and TLS files (MqttSecurity, shared with the mqtt source and the hub)."""
+
     url: str | None = Field(
-        "mqtt://127.0.0.1:1883", description="Broker as mqtt://HOST:PORT; empty or null: outbox only."
+        "mqtt://127.0.0.1:1883", description="Broker as mqtt://[USER@]HOST[:PORT] or mqtts://... (TLS); empty "
+        "or null: outbox only."
     )
-    username: str | None = Field(None, description="Broker user name, if the broker wants one.")
-    password: str | None = Field(None, description="Broker password.")
     keepalive_s: int = Field(30, ge=5, description="MQTT keepalive in seconds.")
     batch_interval_s: float = Field(
         0.0, ge=0.0, description="0: one message per result; >0: results batched per interval."
@@ -126,12 +155,8 @@ class MqttConfig(Strict):
 
     @field_validator("url")
     @classmethod
-    def _url_scheme(cls, v: str | None) -> str | None:
-        if v in (None, ""):
-            return None
-        if not v.startswith(("mqtt://", "mqtts://")):
-            raise ValueError(f"must look like mqtt://HOST:PORT (got {v!r})")
-        return v
+    def _url(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return broker_url(value, info, "mqtt")
 
 
 class OutboxConfig(Strict):
@@ -229,8 +254,9 @@ def format_validation_error(source: str, model: type[BaseModel], err: Validation
                 msg += f"; expected one of {', '.join(allowed)}"
         else:
             msg = e["msg"]
-            if e["type"] != "missing" and "input" in e:
-                got = repr(e["input"])
+            if e["type"] != "missing" and "input" in e and shown[-1] != "password":  # never shown
+                got = repr(redact_url(e["input"]) if shown[-1] == "url" and isinstance(e["input"], str)
+                           else e["input"])
                 msg += f" (got {got if len(got) <= SHOWN_CHARS else got[:SHOWN_CHARS] + '...'})"
         lines.append(f"{source}: {key}: {msg}")
     return "\n".join(lines)
@@ -283,14 +309,20 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
     def fix(p: Path | None) -> Path | None:
         return p if p is None or p.is_absolute() else (base / p)
 
+    def files(section: M) -> M:  # the password and TLS files of an [mqtt] or mqtt [source] section
+        return section.model_copy(update={k: fix(getattr(section, k)) for k in FILE_FIELDS})
+
     source = cfg.source
     if isinstance(source, ReplaySource):
         source = source.model_copy(update={"path": fix(source.path)})
+    elif isinstance(source, MqttSource):
+        source = files(source)
     return cfg.model_copy(
         update={
             "bundle": fix(cfg.bundle),
             "public_key": fix(cfg.public_key),
             "source": source,
+            "mqtt": files(cfg.mqtt),
             "outbox": cfg.outbox.model_copy(update={"path": fix(cfg.outbox.path)}),
         }
     )

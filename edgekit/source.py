@@ -23,13 +23,13 @@ from collections.abc import Iterator, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
-from urllib.parse import urlsplit
 
 import numpy as np
 
 from edgekit.config import MqttSource, ReplaySource, SimulatedSource
 from edgekit.datasets import IPOL_CHANNELS, SKAB_CHANNELS
 from edgekit.errors import ConfigError, DataError, TransportError
+from edgekit.mqtt import MqttSecurity, make_client, parse_url, redact_url
 from edgekit.values import Quarantined, Sample, SampleBlock
 
 log = logging.getLogger(__name__)
@@ -83,17 +83,19 @@ def resolve(kind: str) -> type:
 
 
 def open_source(cfg: Any, *, rate_hint: float | None = None, stop: threading.Event | None = None,
-                mqtt_url: str | None = None, channel_names: Sequence[str] | None = None) -> Source:
+                mqtt_url: str | None = None, mqtt_security: MqttSecurity | None = None,
+                channel_names: Sequence[str] | None = None) -> Source:
     """Build the source selected by `cfg.kind` (not started yet: use it as a context manager).
 
     rate_hint: the bundle's sample rate, reported as `rate_hz` by `mqtt` (whose config has no rate; 0.0
     when not given: its payloads carry their own time);
-    stop: set it to end the iteration promptly; mqtt_url: the agent's broker, used when `cfg.url` is
-    unset; channel_names: names for `serial`/`mqtt` channels (default ch0, ch1, ...).
+    stop: set it to end the iteration promptly; mqtt_url and mqtt_security: the agent's broker and its
+    account and TLS files (its [mqtt] config), used by `mqtt` when `cfg.url` is unset;
+    channel_names: names for `serial`/`mqtt` channels (default ch0, ch1, ...).
     """
     cls = resolve(cfg.kind)
     return cls(cfg, rate_hint=rate_hint, stop=stop or threading.Event(), mqtt_url=mqtt_url,
-               channel_names=channel_names)
+               mqtt_security=mqtt_security, channel_names=channel_names)
 
 
 # --- shared line checks (replay, serial and mqtt use the same ones) ----------------------------------
@@ -646,33 +648,30 @@ class SimulatedReader(BaseReader):
 # --- mqtt -----------------------------------------------------------------------------------------
 
 
-def parse_mqtt_url(url: str) -> tuple[str, int]:
-    """`mqtt://host:port` -> (host, port); ConfigError otherwise."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ConfigError(f"broker URL must look like mqtt://HOST:PORT (got {url!r})", where="source.url")
-    return parts.hostname, parts.port or (8883 if parts.scheme == "mqtts" else 1883)
-
-
 class MqttReader(BaseReader):
     """Subscribes to a gateway topic; payload JSON {"t": seconds, "values": [...]} (QoS 1).
 
-    Messages wait in a bounded queue filled by paho's network thread; when it is full the oldest
-    waiting message is dropped and counted in `dropped`. Bad payloads come out as Quarantined.
+    Its broker, account and TLS files are the source's own (source.url and the same keys as [mqtt]) or,
+    without source.url, the agent's (mqtt_url, mqtt_security). Messages wait in a bounded queue filled by
+    paho's network thread; when it is full the oldest waiting message is dropped and counted in `dropped`.
+    Bad payloads come out as Quarantined.
     """
 
     finite = False
 
     def __init__(self, cfg: MqttSource, *, stop: threading.Event, rate_hint: float | None = None,
-                 mqtt_url: str | None = None, channel_names: Sequence[str] | None = None,
-                 queue_size: int = 100_000, **_: Any) -> None:
+                 mqtt_url: str | None = None, mqtt_security: MqttSecurity | None = None,
+                 channel_names: Sequence[str] | None = None, queue_size: int = 100_000, **_: Any) -> None:
         super().__init__(stop)
-        url = cfg.url or mqtt_url
+        own = bool(cfg.url)
+        url = cfg.url if own else mqtt_url
         if not url:
             raise ConfigError("no broker for the mqtt source", where="source.url",
                               hint="set source.url or mqtt.url")
-        self.url = url
-        self.host, self.port = parse_mqtt_url(url)
+        self.key = "source" if own else "mqtt"  # the config section the broker, account and files come from
+        self.endpoint = parse_url(url, where=f"{self.key}.url")
+        self.url = redact_url(url)  # for messages and logs
+        self.security = cfg if own else mqtt_security
         self.topic = cfg.topic
         self.rate_hz = float(rate_hint or 0.0)  # 0.0: unknown; each payload carries its own time
         self.channels = tuple(channel_names) if channel_names else tuple(f"ch{i}" for i in range(cfg.channels))
@@ -685,16 +684,14 @@ class MqttReader(BaseReader):
         self.subscribed = threading.Event()
 
     def __enter__(self) -> MqttReader:
-        import paho.mqtt.client as mqtt
-
-        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
-                             client_id=f"edgekit-source-{id(self):x}", protocol=mqtt.MQTTv311)
+        client = make_client(self.endpoint, self.security, client_id=f"edgekit-source-{id(self):x}",
+                             key=self.key)
         client.on_connect = self._on_connect
         client.on_message = self._on_message
         client.on_subscribe = lambda *a: self.subscribed.set()
         client.reconnect_delay_set(0.2, 10)
         try:
-            client.connect(self.host, self.port, keepalive=30)
+            client.connect(self.endpoint.host, self.endpoint.port, keepalive=30)
         except OSError as exc:
             raise TransportError(f"cannot connect: {exc}", where=self.url,
                                  hint="is the broker running and reachable?") from exc

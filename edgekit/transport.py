@@ -3,7 +3,8 @@
 It survives the network: connects in the background with exponential backoff, never reports connected after
 a refused CONNACK, publishes a retained "online" birth on every (re)connect and leaves a retained "offline"
 last will. A failed connection says why (TLS verify, refused, DNS, timeout, CONNACK refusal) once, and again
-only when the cause changes. Topics and payloads come from topics.py. Must not import onnxruntime or torch.
+only when the cause changes. Topics and payloads come from topics.py, the client (url, account, TLS) from
+mqtt.py. Must not import onnxruntime or torch.
 
 Threads: the caller's thread writes to the outbox (send, send_many); paho's network thread only queues
 PUBACKed mids; one publisher thread reads the outbox, publishes, and deletes acknowledged rows. Each thread
@@ -26,21 +27,19 @@ from collections.abc import Callable, Sequence
 from contextlib import closing
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
-from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from edgekit import topics
 from edgekit.errors import ConfigError
+from edgekit.mqtt import MqttSecurity, make_client, parse_url
 from edgekit.outbox import Outbox, OutboxRow
 
 log = logging.getLogger(__name__)
 
 SendKind = Literal["result", "review", "metrics", "trial"]
 _SEND_KINDS = ("result", "review", "metrics", "trial")
-_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 # Rows read from the outbox per query while draining: bounds the publisher's memory whatever the backlog.
 _READ_CHUNK = 5000
 # Status messages (birth, offline) ride beside the results; paho's own window must leave room for them.
@@ -58,7 +57,8 @@ _HINTS = {
     "timeout": "no answer in time: a firewall dropping packets, a wrong address or port, or a stuck broker",
     "unreachable": "check the network route to the broker",
     "reset": "the broker or something in between closed the connection (see the broker's log)",
-    "closed_before_connack": "a plain mqtt:// client on a TLS port, or the broker dropped the client (see its log)",
+    "closed_before_connack": "a plain mqtt:// client on a TLS port, a client certificate the broker requires "
+                             "(mqtt.cert_file), or the broker dropped the client (see its log)",
     "connack_refused": "check the broker account (username, password) and its ACL",
     "os_error": "see the detail",
 }
@@ -88,35 +88,19 @@ def connect_failure(exc: BaseException | None) -> tuple[str, str]:
     return "os_error", f"{type(exc).__name__}: {exc}"
 
 
-def parse_url(url: str) -> tuple[str, int, bool, str | None, str | None]:
-    """`mqtt://[user[:password]@]host[:port]` or `mqtts://...` -> (host, port, tls, user, password)."""
-    try:
-        parts = urlsplit(url)
-        port = parts.port
-    except ValueError as exc:
-        raise ConfigError(f"invalid broker url ({exc})", where=f"mqtt.url {url!r}",
-                          hint="use mqtt://HOST:PORT or mqtts://HOST:PORT") from None
-    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
-        raise ConfigError(f"broker url must be mqtt:// or mqtts:// with a host (got scheme {parts.scheme!r})",
-                          where=f"mqtt.url {url!r}", hint="use mqtt://HOST:PORT or mqtts://HOST:PORT")
-    user = unquote(parts.username) if parts.username else None
-    password = unquote(parts.password) if parts.password else None
-    return parts.hostname, port or _DEFAULT_PORTS[parts.scheme], parts.scheme == "mqtts", user, password
-
-
 class Transport:
     """Outbox-backed, at-least-once MQTT publisher. A context manager; close() says "offline" on purpose.
 
     send(), flush(), stats() and close() may be called from any thread. status_extra() is called from the
     publisher thread on every (re)connect; queued and dropped are added by the transport itself.
+    `security`: the account and TLS files (the agent passes its [mqtt] config); the url may carry the account.
     """
 
     def __init__(self, url: str | None, *, site: str, device: str, outbox: Outbox | Path,
-                 username: str | None = None, password: str | None = None, keepalive_s: int = 30,
+                 security: MqttSecurity | None = None, keepalive_s: int = 30,
                  batch_interval_s: float = 0.0, max_batch: int = 500, max_inflight: int = 200,
                  reconnect_max_s: float = 10.0, status_extra: Callable[[], dict[str, Any]] | None = None,
-                 client_id: str | None = None, tls_ca_file: Path | None = None,
-                 connect_timeout_s: float = 5.0) -> None:
+                 client_id: str | None = None, connect_timeout_s: float = 5.0) -> None:
         for name, value, low in (("keepalive_s", keepalive_s, 1), ("max_batch", max_batch, 1),
                                  ("max_inflight", max_inflight, 1)):
             if value < low:
@@ -131,7 +115,10 @@ class Transport:
             self._topics = {kind: topics.topic(site, device, kind) for kind in topics.KINDS}
         except ValueError as exc:
             raise ConfigError(str(exc), where="site/device_id") from None
-        parsed = parse_url(url) if url is not None else None
+        endpoint = parse_url(url) if url is not None else None
+        # Built before the outbox opens: a password or TLS file that will not load leaves nothing to close.
+        paho_client = (make_client(endpoint, security, client_id=client_id or f"edgekit-{site}-{device}")
+                       if endpoint is not None else None)
         self.site, self.device = site, device
         self._own_outbox = not isinstance(outbox, Outbox)
         self.outbox = Outbox(Path(outbox)) if self._own_outbox else outbox  # type: ignore[arg-type]
@@ -167,36 +154,21 @@ class Transport:
                         "rejected": 0}
         self._client: mqtt.Client | None = None
         self._thread: threading.Thread | None = None
-        if url is None:
+        if endpoint is None or paho_client is None:
             self.endpoint = None
             self.tls = False
             log.warning("transport.offline reason=no-broker queued=%d path=%s", self.outbox.backlog(),
                         self.outbox.path)
             return
-        assert parsed is not None
-        host, port, tls, url_user, url_password = parsed
-        self.endpoint = f"{host}:{port}"
-        self.tls = tls
-        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"edgekit-{site}-{device}",
-                             protocol=mqtt.MQTTv311, clean_session=True)
-        user = username if username is not None else url_user
-        if user is not None:
-            client.username_pw_set(user, password if password is not None else url_password)
-        if tls:
-            try:
-                client.tls_set(ca_certs=str(tls_ca_file) if tls_ca_file else None)  # None: the system CAs
-            except (OSError, ssl.SSLError) as exc:
-                if self._own_outbox:
-                    self.outbox.close()
-                raise ConfigError(f"cannot load the CA certificates ({exc})", where=str(tls_ca_file),
-                                  hint="a PEM file with the CA that signed the broker's certificate") from None
+        self.endpoint = str(endpoint)
+        self.tls = tls = endpoint.tls
+        client = paho_client
         self._set_will(client)
         client.on_pre_connect = self._on_pre_connect
         client.connect_timeout = connect_timeout_s  # TCP connect and TLS handshake, each
         # We bound the window ourselves; paho's must be at least as wide or it would queue in memory.
         client.max_inflight_messages_set(max_inflight + _STATUS_SLOTS)
         client.reconnect_delay_set(min_delay=min(0.5, reconnect_max_s), max_delay=reconnect_max_s)
-        client.on_socket_open = _set_nodelay
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -204,7 +176,7 @@ class Transport:
         self._client = client
         self._thread = threading.Thread(target=self._run, name=f"edgekit-publisher-{device}", daemon=True)
         self._thread.start()
-        client.connect_async(host, port, keepalive=keepalive_s)
+        client.connect_async(endpoint.host, endpoint.port, keepalive=keepalive_s)
         client.loop_start()
         log.info("transport.start endpoint=%s tls=%s queued=%d batch_interval_s=%g max_inflight=%d",
                  self.endpoint, tls, self.outbox.backlog(), batch_interval_s, max_inflight)
@@ -553,11 +525,3 @@ def _body(row: OutboxRow) -> bytes:
         return topics.mark_replayed(row.payload)
     except ValueError:  # not a JSON object (put there by someone else): send it unchanged, never stall
         return row.payload
-
-
-def _set_nodelay(client: mqtt.Client, userdata: Any, sock: Any) -> None:
-    """FIELD-NOTES: without TCP_NODELAY, QoS 0 latency tails reach 35-41 ms on loopback."""
-    try:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    except (OSError, AttributeError) as exc:  # websockets or a proxy socket: not a plain TCP socket
-        log.debug("transport.nodelay_unavailable error=%s", exc)

@@ -19,10 +19,12 @@ from edgekit.broker import Mosquitto, installed
 from edgekit.errors import DataError
 from edgekit.hub.db import HubDB
 from edgekit.hub.ingest import Ingest, IngestStats, to_batch
+from edgekit.mqtt import MqttSecurity
 from edgekit.transport import Transport
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy" / "mosquitto"
+GOODFZ = MqttSecurity(username="goodfz", password="goodpw")
 
 
 def rejections(caplog: pytest.LogCaptureFixture) -> list[str]:
@@ -231,10 +233,10 @@ def test_under_the_shipped_acl_a_device_publishes_trials_and_cannot_publish_unde
     own = [("trial", topics.encode(trial("goodfz", 1))), ("result", topics.encode(result("goodfz", 2))),
            ("metrics", topics.encode({"schema": topics.SCHEMA_METRICS, "site": "lab", "device": "goodfz",
                                       "ts": time.time(), "windows": 2}))]
-    with broker, HubDB(db_url) as db, Ingest(broker.url, db, username="hub", password="hubpw") as hub:
+    with broker, HubDB(db_url) as db, Ingest(broker.url, db, security=MqttSecurity(username="hub", password="hubpw")) as hub:
         assert hub.connected.wait(10)
-        with Transport(broker.url, site="lab", device="goodfz", outbox=tmp_path / "goodfz.db", username="goodfz",
-                       password="goodpw") as tr:
+        with Transport(broker.url, site="lab", device="goodfz", outbox=tmp_path / "goodfz.db",
+                       security=GOODFZ) as tr:
             # Its retained "online" status reaches the hub whenever it subscribed: then the hub listens.
             wait_for(lambda: any(d["device"] == "goodfz" and d["state"] == "online" for d in db.fleet()),
                      what="goodfz online at the hub")
@@ -250,15 +252,15 @@ def test_under_the_shipped_acl_a_device_publishes_trials_and_cannot_publish_unde
         # account exists): MQTT 3.1.1 acknowledges every publish, the broker delivers none of them.
         for site, device in (("elsewhere", "goodfz"), ("plant1", "pump7")):
             with Transport(broker.url, site=site, device=device, outbox=tmp_path / f"{site}.db",
-                           username="goodfz", password="goodpw", client_id=f"goodfz-as-{site}") as tr:
+                           security=GOODFZ, client_id=f"goodfz-as-{site}") as tr:
                 wait_for(lambda: tr.connected, what="the CONNACK")  # noqa: B023 - used at once
                 tr.send_many([("trial", topics.encode(trial(device, 10, site=site))),
                               ("result", topics.encode(result(device, 11, site=site)))])
                 assert tr.flush(15), tr.stats()
         # A marker on goodfz's own topic, acknowledged after those: once the hub has it, it has had whatever
         # the broker let through before it (one broker thread, one ordered session to the hub).
-        with Transport(broker.url, site="lab", device="goodfz", outbox=tmp_path / "goodfz.db", username="goodfz",
-                       password="goodpw") as tr:
+        with Transport(broker.url, site="lab", device="goodfz", outbox=tmp_path / "goodfz.db",
+                       security=GOODFZ) as tr:
             tr.send("result", topics.encode(result("goodfz", 3)))
             assert tr.flush(15), tr.stats()
             wait_for(lambda: db.case(topics.result_id("goodfz", 3)) is not None, what="goodfz's marker result")

@@ -26,8 +26,9 @@ from paho.mqtt.enums import CallbackAPIVersion
 from edgekit import topics
 from edgekit.broker import Mosquitto, free_port
 from edgekit.errors import ConfigError
+from edgekit.mqtt import MqttSecurity
 from edgekit.outbox import Outbox
-from edgekit.transport import Transport, parse_url
+from edgekit.transport import Transport
 
 SITE, DEVICE = "plant1", "pump7"
 STATUS = topics.topic(SITE, DEVICE, "status")
@@ -208,17 +209,17 @@ def test_restart_replays_what_a_dead_process_left(mosquitto: Mosquitto, tmp_path
         sub.close()
 
 
-def test_broker_urls_are_checked(tmp_path: Path) -> None:
-    assert parse_url("mqtt://10.0.0.5") == ("10.0.0.5", 1883, False, None, None)
-    assert parse_url("mqtts://edge%40x:p%3Aw@broker.example:9000") == ("broker.example", 9000, True, "edge@x", "p:w")
+def test_broker_urls_and_files_are_checked(tmp_path: Path) -> None:
+    """The url's own checks are tests/test_mqtt.py's; here: the transport raises them, before any outbox."""
     for bad in ("http://broker:1883", "mqtt://", "mqtt://broker:notaport", "broker:1883"):
         with pytest.raises(ConfigError, match="mqtt.url"):
-            parse_url(bad)
+            Transport(bad, site=SITE, device=DEVICE, outbox=tmp_path / "bad.db")
     with pytest.raises(ConfigError, match="site/device_id"):
         Transport(None, site="a/b", device=DEVICE, outbox=Path("unused.db"))
     with pytest.raises(ConfigError, match="no-such-ca.pem"):
         Transport("mqtts://127.0.0.1:1", site=SITE, device=DEVICE, outbox=tmp_path / "o.db",
-                  tls_ca_file=tmp_path / "no-such-ca.pem")
+                  security=MqttSecurity(ca_file=tmp_path / "no-such-ca.pem"))
+    assert not list(tmp_path.iterdir())  # no outbox was opened for a transport that could not be built
 
 
 def test_offline_mode_queues_and_says_so(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -238,7 +239,7 @@ WILL_CHILD = """
 import sys, time
 from pathlib import Path
 from edgekit.errors import ConfigError
-from edgekit.transport import Transport, parse_url
+from edgekit.transport import Transport
 tr = Transport(sys.argv[1], site=sys.argv[2], device=sys.argv[3], outbox=Path(sys.argv[4]), keepalive_s=2)
 deadline = time.monotonic() + 20
 while not tr.connected and time.monotonic() < deadline:
@@ -301,8 +302,8 @@ def test_refused_connack_never_reports_connected(tmp_path: Path, caplog: pytest.
     with _auth_broker(tmp_path / "auth", "edge", "s3cret") as broker:
         seen_connected = []
         with caplog.at_level(logging.WARNING, logger="edgekit.transport"):
-            with Transport(broker.url, site=SITE, device=DEVICE, outbox=tmp_path / "bad.db", username="edge",
-                           password="wrong", reconnect_max_s=0.5) as tr:
+            with Transport(broker.url, site=SITE, device=DEVICE, outbox=tmp_path / "bad.db",
+                           security=MqttSecurity(username="edge", password="wrong"), reconnect_max_s=0.5) as tr:
                 deadline = time.monotonic() + 10
                 while tr.last_refusal is None and time.monotonic() < deadline:
                     seen_connected.append(tr.connected)
@@ -316,8 +317,8 @@ def test_refused_connack_never_reports_connected(tmp_path: Path, caplog: pytest.
         refusals = [m for m in caplog.messages if m.startswith("transport.refused")]
         assert refusals and tr.last_refusal in refusals[0] and re.search(r"code=13[45]\b", refusals[0])
         # The same broker with the right password: the refusal above was about the credentials.
-        with Transport(broker.url, site=SITE, device=DEVICE, outbox=tmp_path / "good.db", username="edge",
-                       password="s3cret") as tr:
+        with Transport(broker.url, site=SITE, device=DEVICE, outbox=tmp_path / "good.db",
+                       security=MqttSecurity(username="edge", password="s3cret")) as tr:
             wait_for(lambda: tr.connected, 10, "CONNACK with the right password")
 
 
@@ -383,8 +384,9 @@ def test_production_config_authenticates_and_enforces_acl(tmp_path: Path) -> Non
     with broker:
         hub = Subscriber(broker.port, client_id="prod-hub", username="hub", password="hubpw")
         try:
-            with Transport(device_url, site=SITE, device=DEVICE, outbox=tmp_path / "dev.db", username=DEVICE,
-                           password="devpw", batch_interval_s=0.02, tls_ca_file=tls["ca"]) as tr:
+            with Transport(device_url, site=SITE, device=DEVICE, outbox=tmp_path / "dev.db",
+                           security=MqttSecurity(username=DEVICE, password="devpw", ca_file=tls["ca"]),
+                           batch_interval_s=0.02) as tr:
                 for i in range(20):
                     tr.send("result", result(i))
                 assert tr.flush(15), tr.stats()
@@ -395,7 +397,8 @@ def test_production_config_authenticates_and_enforces_acl(tmp_path: Path) -> Non
             assert closed["state"] == "offline" and closed["reason"] == "closed"
             # Another device's valid account may not write pump7's topics: mosquitto acks and drops it.
             with Transport(device_url, site=SITE, device=DEVICE, outbox=tmp_path / "impostor.db",
-                           username="pump8", password="pw8", client_id="impostor", tls_ca_file=tls["ca"]) as tr:
+                           security=MqttSecurity(username="pump8", password="pw8", ca_file=tls["ca"]),
+                           client_id="impostor") as tr:
                 wait_for(lambda: tr.connected, 10, "the impostor's CONNACK")
                 for i in range(1000, 1010):
                     tr.send("result", result(i))
@@ -406,7 +409,7 @@ def test_production_config_authenticates_and_enforces_acl(tmp_path: Path) -> Non
             # No account, or plain TCP on the hub's loopback listener without one: refused.
             for url in (device_url, broker.url):
                 with Transport(url, site=SITE, device=DEVICE, outbox=tmp_path / "anon.db", reconnect_max_s=0.5,
-                               tls_ca_file=tls["ca"]) as tr:
+                               security=MqttSecurity(ca_file=tls["ca"]) if url == device_url else None) as tr:
                     wait_for(lambda: tr.last_refusal is not None, 10, "the anonymous refusal")  # noqa: B023
                     assert not tr.connected
         finally:

@@ -20,6 +20,7 @@ import pytest
 from test_transport import _auth_broker, _tls_files, result, wait_for
 
 from edgekit.broker import Mosquitto, free_port
+from edgekit.mqtt import MqttSecurity
 from edgekit.transport import Transport
 
 SITE, DEVICE = "plant1", "pump7"
@@ -71,12 +72,12 @@ def test_tls_verify_failure_names_its_cause_once(tmp_path: Path, caplog: pytest.
         # The right CA but another host name than the certificate's: verify fails for that reason instead.
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="edgekit.transport"):
-            tr = _fail_repeatedly(f"mqtts://localhost:{broker.port}", tmp_path / "o.db", tls_ca_file=served["ca"])
+            tr = _fail_repeatedly(f"mqtts://localhost:{broker.port}", tmp_path / "o.db", security=MqttSecurity(ca_file=served["ca"]))
         [line] = _warnings(_failure_lines(caplog))
         assert "cause=tls_verify_failed" in line and "Hostname mismatch" in line, line
 
         # The right CA and the certificate's address: it connects, so the failures above were the certificate.
-        with Transport(url, site=SITE, device=DEVICE, outbox=tmp_path / "o.db", tls_ca_file=served["ca"]) as tr:
+        with Transport(url, site=SITE, device=DEVICE, outbox=tmp_path / "o.db", security=MqttSecurity(ca_file=served["ca"])) as tr:
             wait_for(lambda: tr.connected, 10, "the TLS CONNACK")
             assert tr.last_failure is None
 
@@ -122,7 +123,7 @@ def test_each_cause_in_its_own_words(tmp_path: Path, caplog: pytest.LogCaptureFi
         with _tls_broker(tmp_path / "tls", tls) as tls_broker, \
                 _auth_broker(tmp_path / "auth", "edge", "s3cret") as auth_broker:
             cases += [(f"mqtt://127.0.0.1:{tls_broker.port}", "closed_before_connack", {}, ""),
-                      (auth_broker.url, "connack_refused", {"username": "edge", "password": "wrong"},
+                      (auth_broker.url, "connack_refused", {"security": MqttSecurity(username="edge", password="wrong")},
                        "Not authorized")]
             for n, (url, cause, kw, words) in enumerate(cases):
                 caplog.clear()

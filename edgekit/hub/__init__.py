@@ -12,10 +12,14 @@ import socket
 import threading
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edgekit.errors import ConfigError, TransportError
 from edgekit.hub.auth import hash_password
 from edgekit.hub.db import HubDB
+
+if TYPE_CHECKING:
+    from edgekit.mqtt import MqttSecurity
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +57,10 @@ def listen_socket(host: str, port: int) -> socket.socket:
 
 def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
             share_group: str = "edgekit-hub", client_id: str | None = None,
-            stop: threading.Event | None = None, username: str | None = None,
-            password: str | None = None, secure_cookies: bool = False) -> None:
-    """Ingest (and, unless `http` is None, serve the review pages) until `stop` is set."""
+            stop: threading.Event | None = None, security: MqttSecurity | None = None,
+            secure_cookies: bool = False) -> None:
+    """Ingest (and, unless `http` is None, serve the review pages) until `stop` is set. `security`: the broker
+    account and TLS files (edgekit/mqtt.py)."""
     from edgekit.hub.ingest import Ingest
 
     stop = stop or threading.Event()
@@ -63,8 +68,7 @@ def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
     with HubDB(db_url) as db:
         db.create()
         server = thread = None
-        with Ingest(broker_url, db, share_group=share_group, client_id=client_id, username=username,
-                    password=password):
+        with Ingest(broker_url, db, share_group=share_group, client_id=client_id, security=security):
             if listen:
                 import uvicorn
 

@@ -19,7 +19,6 @@ import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import paho.mqtt.client as mqtt
 import sqlalchemy.exc
@@ -29,8 +28,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgekit import topics
 from edgekit.contract import messages as messages_contract
-from edgekit.errors import ConfigError, DataError, IdentityError
+from edgekit.errors import DataError, IdentityError
 from edgekit.hub.db import Batch, HubDB, result_row, review_row, trial_row
+from edgekit.mqtt import MqttSecurity, make_client, parse_url
 
 log = logging.getLogger(__name__)
 
@@ -40,26 +40,7 @@ SESSION_EXPIRY_S = 86400  # a named hub's queued messages wait a day for it at t
 RANDOM_SESSION_EXPIRY_S = 300  # an unnamed one's survives a broker restart or a short network outage
 SEEN_EVERY_S = 1.0  # last-seen writes per device at most this often: the row is a lock two hubs share
 RECONNECT_MAX_S = 2.0  # the hub sits next to its broker: retrying often is cheap, missing results is not
-
-
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    host: str
-    port: int
-    tls: bool
-
-
-def parse_broker_url(url: str) -> Endpoint:
-    """mqtt://HOST[:1883] or mqtts://HOST[:8883]."""
-    parts = urlsplit(url)
-    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-        raise ConfigError(f"broker URL must look like mqtt://HOST:PORT (got {url!r})", where="hub.broker_url")
-    tls = parts.scheme == "mqtts"
-    try:
-        port = parts.port or (8883 if tls else 1883)
-    except ValueError:
-        raise ConfigError(f"broker URL has a bad port (got {url!r})", where="hub.broker_url") from None
-    return Endpoint(parts.hostname, port, tls)
+KEY = "edgekit hub"  # errors about the broker name this command's options
 
 
 @dataclass
@@ -141,12 +122,15 @@ def _add(out: Batch, msg: messages_contract.Message, now: float, retained: bool,
 
 
 class Ingest:
-    """Subscribe, batch, write, acknowledge. A context manager; `stats` counts what happened."""
+    """Subscribe, batch, write, acknowledge. A context manager; `stats` counts what happened.
+
+    `security`: the broker account and TLS files (`edgekit hub --username --password-file --ca-file ...`);
+    the url may carry the account. A ConfigError names the `edgekit hub` option at fault."""
 
     def __init__(self, broker_url: str, db: HubDB, share_group: str | None = "edgekit-hub",
-                 client_id: str | None = None, max_batch: int = MAX_BATCH, username: str | None = None,
-                 password: str | None = None) -> None:
-        self.endpoint = parse_broker_url(broker_url)
+                 client_id: str | None = None, max_batch: int = MAX_BATCH,
+                 security: MqttSecurity | None = None) -> None:
+        self.endpoint = parse_url(broker_url, where=f"{KEY} --broker")
         self.db = db
         self.share_group = share_group or None  # "" or None: a plain subscription (one hub only)
         self.max_batch = max_batch
@@ -158,18 +142,14 @@ class Ingest:
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
         self._seen: dict[tuple[str, str], float] = {}
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                  protocol=mqtt.MQTTv5, manual_ack=True)
+        self.client = make_client(self.endpoint, security, client_id=self.client_id, version="5", manual_ack=True,
+                                  key=KEY)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
         # Back quickly after a broker restart: mosquitto 2.0.11 does not restore *shared* subscriptions
         # from persistence (measured), so results published before we re-subscribe are not queued for us.
         self.client.reconnect_delay_set(min_delay=0.25, max_delay=RECONNECT_MAX_S)
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        if self.endpoint.tls:
-            self.client.tls_set()
 
     # paho callbacks run on its network thread: keep them tiny.
     def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
