@@ -323,7 +323,8 @@ def test_refused_connack_never_reports_connected(tmp_path: Path, caplog: pytest.
 
 
 def _tls_files(workdir: Path) -> dict[str, Path]:
-    """A throwaway CA and a server certificate for 127.0.0.1 (what an operator gets from their PKI)."""
+    """A throwaway CA, a server certificate for 127.0.0.1 and a client certificate (what an operator gets from
+    their PKI): ca, cert, key (the server's), client_cert, client_key."""
     import datetime
 
     from cryptography import x509
@@ -348,14 +349,18 @@ def _tls_files(workdir: Path) -> dict[str, Path]:
         return builder.sign(signer, hashes.SHA256())
 
     ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    client_key = ec.generate_private_key(ec.SECP256R1())
     ca = cert("edgekit test CA", ca_key, "edgekit test CA", ca_key, True)
     server = cert("127.0.0.1", server_key, "edgekit test CA", ca_key, False)
-    files = {"ca": workdir / "ca.crt", "cert": workdir / "server.crt", "key": workdir / "server.key"}
+    client = cert(DEVICE, client_key, "edgekit test CA", ca_key, False)
+    files = {"ca": workdir / "ca.crt", "cert": workdir / "server.crt", "key": workdir / "server.key",
+             "client_cert": workdir / "client.crt", "client_key": workdir / "client.key"}
     files["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    files["cert"].write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    files["key"].write_bytes(server_key.private_bytes(serialization.Encoding.PEM,
-                                                      serialization.PrivateFormat.TraditionalOpenSSL,
-                                                      serialization.NoEncryption()))
+    for name, crt, key in (("cert", server, server_key), ("client_cert", client, client_key)):
+        files[name].write_bytes(crt.public_bytes(serialization.Encoding.PEM))
+        files[name.replace("cert", "key")].write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+            serialization.NoEncryption()))
     return files
 
 
