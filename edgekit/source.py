@@ -272,10 +272,14 @@ class _Layout:
 
 def _sniff(path: Path, fmt: str, encoding: str = "utf-8") -> _Layout:
     """Read the header of a recorded file and decide its layout; file-level problems raise DataError."""
-    with _open_text(path, encoding) as fh:
-        first = fh.readline(MAX_LINE_CHARS).rstrip("\n")
-        second = fh.readline(MAX_LINE_CHARS).rstrip("\n")
-        head = [fh.readline(MAX_LINE_CHARS).rstrip("\n") for _ in range(256)]
+    try:
+        with _open_text(path, encoding) as fh:
+            first = fh.readline(MAX_LINE_CHARS).rstrip("\n")
+            second = fh.readline(MAX_LINE_CHARS).rstrip("\n")
+            head = [fh.readline(MAX_LINE_CHARS).rstrip("\n") for _ in range(256)]
+    except UnicodeError as exc:  # utf-16/utf-32 without a byte-order mark refuse the file, whatever the handler
+        raise DataError(f"header not readable as {encoding} ({exc})", where=f"{path}:1",
+                        hint="name the byte order in source.encoding (e.g. utf-16-le) or check the file") from None
     for n, line in ((1, first), (2, second)):
         bad = undecodable(line, encoding)
         if bad and (n == 1 or fmt == "ipol" or first.startswith("Acquisition frequency")):
@@ -330,6 +334,15 @@ def _require_columns(path: Path, line: int, header: list[str], names: Sequence[s
     missing = [c for c in names if c not in header]
     if missing:
         raise DataError(f"missing columns {missing}; the header has {header}", where=f"{path}:{line}")
+
+
+class _Unreadable(str):
+    """Where a codec gave up on the rest of a file: quarantined with this reason, and the reading ends."""
+
+
+# Control characters other than tab: numpy's parser skips some (a cell '5\x1c' reads as 5) that float()
+# refuses, so a chunk holding any goes line by line and both paths quarantine the same lines.
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class ReplayReader(BaseReader):
@@ -392,13 +405,14 @@ class ReplayReader(BaseReader):
     def _parse_chunk(self, texts: list[str | None], linenos: list[int]) -> SampleBlock | None:
         """Vectorised parse of a clean, non-empty chunk; None when any line needs the careful per-line path."""
         lay = self.layout
-        if not texts or None in texts:
+        if not texts or any(t is None or type(t) is _Unreadable for t in texts):
             return None
         d = lay.delimiter
         want = lay.ncols - 1
         if any(s.count(d) != want for s in texts):
             return None
-        if undecodable("".join(texts), self.encoding):
+        joined = "".join(texts)
+        if undecodable(joined, self.encoding) or _CONTROL.search(joined):
             return None
         try:
             if lay.fmt == "ipol":
@@ -440,11 +454,15 @@ class ReplayReader(BaseReader):
         self._last_t = float(t[-1])
         return SampleBlock(np.ascontiguousarray(t, dtype=np.float64), values)
 
-    def _lines(self, fh: Any) -> Iterator[str | None]:
+    def _lines(self, fh: Any) -> Iterator[str | _Unreadable | None]:
         """The rest of the file line by line, without line ends; None for a line over MAX_LINE_CHARS, whose
         characters are read and dropped in pieces (never held whole)."""
         while True:
-            line = fh.readline(MAX_LINE_CHARS)
+            try:
+                line = fh.readline(MAX_LINE_CHARS)
+            except UnicodeError as exc:  # a codec that gives up on the stream (utf-16/32 byte order)
+                yield _Unreadable(f"not text: the rest of the file does not decode ({exc})")
+                return
             if not line:
                 return
             if len(line) == MAX_LINE_CHARS and not line.endswith("\n"):
@@ -515,6 +533,9 @@ class ReplayReader(BaseReader):
                 yield fast
                 continue
             for text, n in zip(sub_texts, sub_linenos):
+                if type(text) is _Unreadable:
+                    yield Quarantined(where=f"{self.path}:{n}", reason=str(text), raw="")
+                    continue
                 if text is None:
                     yield Quarantined(where=f"{self.path}:{n}", reason=f"line too long: over {MAX_LINE_CHARS} "
                                       "characters without a newline", raw="")

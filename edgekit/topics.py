@@ -104,7 +104,7 @@ def decode(data: bytes, where: str) -> dict[str, Any]:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise DataError(f"payload is not JSON ({exc})", where=where) from None
-    if not isinstance(obj, dict) or obj.get("schema") not in SCHEMAS:
+    if not isinstance(obj, dict) or not isinstance(obj.get("schema"), str) or obj["schema"] not in SCHEMAS:
         got = obj.get("schema") if isinstance(obj, dict) else type(obj).__name__
         raise DataError(f"payload schema must be one of {sorted(SCHEMAS)} (got {got!r})", where=where)
     return obj

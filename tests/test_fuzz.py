@@ -16,17 +16,7 @@ pytestmark = pytest.mark.fuzz
 
 # Crashes found in files this harness does not own, reported and not fixed yet: the test still runs (and
 # says XPASS once they are fixed; then drop the line here).
-OPEN = {
-    "replay": "edgekit/source.py: a BOM-less file read as utf-16/utf-32 raises UnicodeError from _sniff's "
-              "readline (those codecs raise it whatever the error handler); a cell '5\\x1c' is taken as 5 by "
-              "np.loadtxt in a clean chunk and refused by float() line by line",
-    "serial": "edgekit/devices/serial_line.py: after a line over MAX_LINE_BYTES is quarantined, the rest of "
-              "it is read as a line of its own ('999...9,1,2,3' -> a sample at t=9.99e99 s, then every later "
-              "line is quarantined as going back in time)",
-    "hub": "edgekit/hub/db.py: a status or metrics counter (queued, dropped) >= 2**63 raises OverflowError "
-           "in HubDB.store (SQLite INTEGER), which Ingest._write does not catch; edgekit/topics.py decode: a "
-           "list or object as schema raises TypeError (unhashable), no longer caught by to_batch",
-}
+OPEN: dict[str, str] = {}
 
 
 def fuzz_test(name: str):

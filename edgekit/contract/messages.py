@@ -25,6 +25,7 @@ from edgekit import topics
 from edgekit.errors import DataError, IdentityError
 
 Decision = Literal["accept", "defer"]
+INT_MAX = 2**63 - 1  # what the hub's INTEGER columns hold (SQLite and PostgreSQL bigint)
 TEXT_MAX = 128  # ids, labels, model versions: what the hub's columns hold
 LONG_TEXT_MAX = 2000  # reasons and errors people read
 
@@ -40,8 +41,8 @@ def _num(obj: dict[str, Any], key: str, kind: type = float, required: bool = Fal
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise DataError(f"{key} must be a number (got {value!r:.80})")
-    if kind is int and not isinstance(value, int):
-        raise DataError(f"{key} must be an integer (got {value!r:.40})")
+    if kind is int and not (isinstance(value, int) and -INT_MAX <= value <= INT_MAX):
+        raise DataError(f"{key} must be an integer within +-2**63 (got {value!r:.40})")
     return kind(value)
 
 
@@ -75,6 +76,8 @@ def _keyed(obj: dict[str, Any], site: str, device: str) -> tuple[str, int]:
         seq = topics.parse_result_id(obj.get("id"), device)
     except DataError as exc:
         raise IdentityError(exc.message) from None
+    if seq > INT_MAX:
+        raise IdentityError(f"id's sequence {seq} is past 2**63 - 1")
     got = obj.get("seq")
     if isinstance(got, bool) or not isinstance(got, int) or got != seq:
         raise IdentityError(f"seq {got!r:.40} is not the id's sequence {seq}")
@@ -322,9 +325,7 @@ class Trial:
     @classmethod
     def from_obj(cls, obj: dict[str, Any], site: str, device: str) -> Trial:
         rid, seq = _keyed(obj, site, device)
-        steps = obj.get("steps")
-        if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int)):
-            raise DataError(f"steps must be an integer (got {steps!r:.40})")
+        steps = _num(obj, "steps", int)
         span = _object(obj, "trial") or {}
         phase = _object(obj, "phase_s") or {}
         for key in phase:
@@ -390,7 +391,7 @@ class Status:
 def _lenient_int(obj: dict[str, Any], key: str) -> int | None:
     """An optional counter: kept when it is an integer, dropped (None) otherwise."""
     v = obj.get(key)
-    return v if isinstance(v, int) and not isinstance(v, bool) else None
+    return v if isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= INT_MAX else None
 
 
 @dataclass(slots=True)

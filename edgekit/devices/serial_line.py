@@ -133,12 +133,14 @@ class SerialReader(BaseReader):
         self._last_t = None
         buf = bytearray()
         lineno = 0
+        skipping = False
         while not self.stop.is_set():
             try:
                 chunk = self._serial.read(max(1, self._serial.in_waiting))
             except (serial.SerialException, OSError) as exc:
                 log.warning("source_serial_lost port=%s error=%s", self.port, exc)
                 del buf[:]  # a line cut by the loss is not a sample
+                skipping = False
                 if not self._reopen():
                     return
                 continue
@@ -149,14 +151,19 @@ class SerialReader(BaseReader):
                 end = buf.find(b"\n")
                 if end < 0:
                     if len(buf) > MAX_LINE_BYTES:
-                        lineno += 1
-                        raw = bytes(buf[:RAW_CHARS]).decode("ascii", "replace")
+                        if not skipping:
+                            lineno += 1
+                            raw = bytes(buf[:RAW_CHARS]).decode("ascii", "replace")
+                            reason = f"line too long: over {MAX_LINE_BYTES} bytes without a newline"
+                            yield Quarantined(where=f"{self.port}:{lineno}", reason=reason, raw=raw)
+                        skipping = True  # the rest of that line, up to its newline, is not a sample either
                         del buf[:]
-                        reason = f"line too long: over {MAX_LINE_BYTES} bytes without a newline"
-                        yield Quarantined(where=f"{self.port}:{lineno}", reason=reason, raw=raw)
                     break
                 line = bytes(buf[:end]).rstrip(b"\r")
                 del buf[: end + 1]
+                if skipping:  # the tail of a line already quarantined as too long
+                    skipping = False
+                    continue
                 lineno += 1
                 if not line.strip():
                     continue
