@@ -262,7 +262,11 @@ class Ingest:
                     return
                 self._stop.wait(delay)
                 delay = min(delay * 2, 10)
-            except sqlalchemy.exc.DBAPIError:
+            except (sqlalchemy.exc.DBAPIError, ValueError, TypeError, OverflowError) as exc:
+                # A value the database or its driver refuses (the contract should have): find the message,
+                # skip it, keep the rest. The writer thread must not die: nothing would be acknowledged.
+                log.warning("hub.batch_refused rows=%d error=%s (writing one by one)", len(batch),
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 self._write_one_by_one(pairs)
                 break
         self.stats.batches += 1
@@ -282,7 +286,7 @@ class Ingest:
                 self.stats.new_results += stored.new_results
                 self.stats.reviews += stored.reviews
                 self.stats.new_trials += stored.new_trials
-            except sqlalchemy.exc.DBAPIError as exc:
+            except (sqlalchemy.exc.DBAPIError, ValueError, TypeError, OverflowError) as exc:
                 log.warning("hub.bad_payload topic=%s reason=database refused: %s", name,
-                            str(exc).splitlines()[0])
+                            str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 self.stats.bad += 1
