@@ -293,7 +293,7 @@ def check_config(file: Path) -> None:
 
 @main.group()
 def device() -> None:
-    """Device profiles (edgekit/devices/profiles/*.toml)."""
+    """Device profiles (devices/profiles/*.toml)."""
 
 
 @device.command("detect")

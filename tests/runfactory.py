@@ -1,4 +1,4 @@
-"""A small run directory in the exact layout edgekit/exporters/training/train.py writes (run.json + splits.npz +
+"""A small run directory in the exact layout exporters/training/train.py writes (run.json + splits.npz +
 models), trained in seconds on synthetic signals, so export tests do not depend on the training pipeline or
 datasets.
 """

@@ -1,5 +1,5 @@
 """train(): every example recipe trains (tiny epochs) into a run directory that keeps the contract in
-edgekit/exporters/training/train.py's docstring; the saved models reproduce the recorded metrics; same seed, same metrics;
+exporters/training/train.py's docstring; the saved models reproduce the recorded metrics; same seed, same metrics;
 tug_seed's median imputation is recorded; hub labels join the training split only; split errors are clear."""
 
 from __future__ import annotations
