@@ -379,7 +379,8 @@ class Agent:
         m = self.manifest
         size, hop = int(m.input.window_size), int(m.input.window_hop)
         with open_source(self.cfg.source, stop=self.stop, mqtt_url=self.cfg.mqtt.url, mqtt_security=self.cfg.mqtt,
-                         channel_names=tuple(m.input.channels or ()), rate_hint=m.input.rate_hz) as source:
+                         channel_names=tuple(m.input.channels or ()), rate_hint=m.input.rate_hz,
+                         recording=m.input.recording) as source:
             idx = self._check_channels(tuple(source.channels))
             windower = Windower(size, hop, len(idx))
             select = None if idx == list(range(len(source.channels))) else np.asarray(idx)

@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal, TypeVar, Union, get_args
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from edgekit.errors import ConfigError
+from edgekit.manifest import Recording
 from edgekit.mqtt import FILE_FIELDS, MqttSecurity, check, label, parse_url, redact_url, security_of
 from edgekit.paths import state_dir
 
@@ -55,9 +56,10 @@ class Strict(BaseModel):
 
 class ReplaySource(Strict):
     kind: Literal["replay"] = Field("replay", description="Replay a recorded file.")
-    path: Path = Field(description="Recorded file: IPOL *_lb.txt gait trial, SKAB CSV (';'), or NAB CSV.")
-    format: Literal["auto", "ipol", "skab", "nab"] = Field(
-        "auto", description="File format; 'auto' decides from the name and header."
+    path: Path = Field(description="Recorded file: delimited text, one sample per line.")
+    layout: Recording | None = Field(
+        None, description="How the file holds samples (delimiter, header line, time column or rate, ...). "
+        "Default: the layout of the bundle's training recordings (manifest input.recording)."
     )
     speed: float = Field(
         0.0, ge=0.0, description="1 = real time, N = N times faster, 0 = as fast as possible."

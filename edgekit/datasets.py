@@ -1,8 +1,9 @@
-"""Readers for the recorded datasets in EDGEKIT_DATA_DIR (see ../shared/datasets/README.md).
+"""Readers for the recorded datasets in EDGEKIT_DATA_DIR (see ../shared/datasets/README.md), and each one's
+file layout (a manifest.Recording) that training writes into the bundle.
 
-numpy and the standard library only: the agent's replay source and the training side both read through
-here, so they see the same numbers. Never copies dataset files into the project.
-"""
+The training side's: the agent never imports this (.importlinter); it replays files by their layout, with
+the same UTC reading of timestamps. numpy and the standard library only. Never copies dataset files into the
+project."""
 
 from __future__ import annotations
 
@@ -17,14 +18,30 @@ from typing import Any
 import numpy as np
 
 from edgekit.errors import DataError
+from edgekit.manifest import Recording
 
 SKAB_CHANNELS = (
     "Accelerometer1RMS", "Accelerometer2RMS", "Current", "Pressure", "Temperature", "Thermocouple",
     "Voltage", "Volume Flow RateRMS",
 )
 IPOL_CHANNELS = ("Acc_X", "Acc_Y", "Acc_Z", "Gyr_X", "Gyr_Y", "Gyr_Z")
+# The recordings' file layouts, which training writes into the bundle so the agent replays such files
+# without knowing their dataset (edgekit/source.py reads any Recording).
+SKAB_RECORDING = Recording(delimiter=";", header_line=1, time_column="datetime", time_format="iso", rate_hz=1.0)
+IPOL_RECORDING = Recording(delimiter="\t", header_line=2, rate_pattern=r"Acquisition frequency:\s*([0-9.]+)",
+                           counter_column="PacketCounter", counter_wrap=65536)  # XSens: 16-bit counter
+NAB_RECORDING = Recording(delimiter=",", header_line=1, time_column="timestamp", time_format="iso")
 FALL_FEATURES = ("pse", "psp1", "psp2", "psp3", "pspf1", "pspf2", "pspf3", "wpsp", "cpt")
 SEED_TUG_FILE = Path(__file__).parent / "data" / "tug_gait_23.tsv"
+
+
+_EPOCH = datetime(1970, 1, 1)
+
+
+def _utc(stamp: str) -> float:
+    """A naive ISO timestamp as seconds since 1970, read as UTC, as the agent's replay reads it (local time
+    would move at daylight-saving changes)."""
+    return (datetime.fromisoformat(stamp) - _EPOCH).total_seconds()
 
 
 def data_dir() -> Path:
@@ -85,7 +102,7 @@ def read_skab(path: Path | str) -> Table:
         raise DataError(f"missing columns {missing}", where=str(path))
     if not rows:
         raise DataError("no data rows", where=str(path))
-    stamps = np.array([datetime.fromisoformat(r[0]).timestamp() for r in rows])
+    stamps = np.array([_utc(r[0]) for r in rows])
     idx = [header.index(c) for c in SKAB_CHANNELS]
     values = _floats([[r[i] for i in idx] for r in rows], path, 2, list(SKAB_CHANNELS))
     labels = {}
@@ -159,7 +176,7 @@ def read_nab(path: Path | str) -> Table:
         rows = list(reader)
     if header != ["timestamp", "value"]:
         raise DataError(f"expected header timestamp,value (got {header!r})", where=str(path))
-    stamps = np.array([datetime.fromisoformat(r[0]).timestamp() for r in rows])
+    stamps = np.array([_utc(r[0]) for r in rows])
     values = _floats([[r[1]] for r in rows], path, 2, ["value"])
     labels = {}
     windows_file = path.parents[2] / "labels" / "combined_windows.json"
@@ -167,7 +184,7 @@ def read_nab(path: Path | str) -> Table:
         windows = json.loads(windows_file.read_text()).get(f"{path.parent.name}/{path.name}", [])
         lab = np.zeros(len(rows), dtype=np.int8)
         for a, b in windows:
-            lo, hi = datetime.fromisoformat(a).timestamp(), datetime.fromisoformat(b).timestamp()
+            lo, hi = _utc(a), _utc(b)
             lab[(stamps >= lo) & (stamps <= hi)] = 1
         labels["anomaly"] = lab
     rate = 1.0 / float(np.median(np.diff(stamps))) if len(stamps) > 1 else 1.0

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -38,6 +39,40 @@ class PlausibleRange(_Strict):
     basis: str = Field(description="How the range was set, e.g. 'training range widened by 1 span each side'.")
 
 
+class Recording(_Strict):
+    """How a recorded file holds samples: the training data's layout, so the agent replays a recording in the
+    same layout without knowing which dataset it came from (edgekit/source.py ReplayReader). Data lines start
+    after `header_line`; blank lines are skipped."""
+
+    delimiter: str = Field(",", min_length=1, max_length=1, description="Cell separator, e.g. ',', ';' or a tab.")
+    header_line: int = Field(1, ge=1, description="1-based line holding the column names.")
+    time_column: str | None = Field(None, description="Column with each sample's time; null: the sample clock "
+                                    "(line number / rate) is the time.")
+    time_format: Literal["iso", "seconds"] = Field(
+        "iso", description="'iso': naive ISO 8601 timestamps, read as UTC; 'seconds': a number of seconds.")
+    rate_hz: float | None = Field(None, gt=0, description="Sample rate. Null: read with rate_pattern, or the "
+                                  "median step of the time column.")
+    rate_pattern: str | None = Field(None, description="Regular expression with one group, searched in the lines "
+                                     "above the header for the sample rate in Hz (e.g. 'frequency: ([0-9.]+) Hz').")
+    counter_column: str | None = Field(None, description="A packet counter checked never to go back (a line whose "
+                                       "counter does is quarantined); it may wrap at counter_wrap.")
+    counter_wrap: int | None = Field(None, gt=1, description="The counter's modulus (65536 for 16 bits): a drop of "
+                                     "more than half of it is a wrap, not a rewind.")
+
+    @model_validator(mode="after")
+    def _usable(self) -> Recording:
+        if self.time_column is None and self.rate_hz is None and self.rate_pattern is None:
+            raise ValueError("without a time_column, give rate_hz or rate_pattern (the sample clock)")
+        if self.rate_pattern is not None:
+            try:
+                groups = re.compile(self.rate_pattern).groups
+            except re.error as exc:
+                raise ValueError(f"rate_pattern is not a regular expression ({exc})") from None
+            if groups != 1:
+                raise ValueError(f"rate_pattern needs exactly one group (has {groups})")
+        return self
+
+
 class InputSpec(_Strict):
     kind: Literal["window", "table"] = Field(description="'window': a sliding window over a sample stream; "
                                              "'table': one row of precomputed values per case.")
@@ -50,6 +85,8 @@ class InputSpec(_Strict):
     feature_names: list[str] = Field(description="Names of the feature vector, in model input order.")
     imputation: dict[str, Any] | None = Field(
         None, description="How missing table values are filled (copied from the run), or null.")
+    recording: Recording | None = Field(
+        None, description="The training recordings' file layout: what `replay` reads by default.")
     plausible: PlausibleRange | None = Field(
         None, description="Samples outside this range never reach a model: the agent defers the window as "
         "'implausible' (edgekit/plausible.py). Null: only non-finite values are refused.")

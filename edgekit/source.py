@@ -1,4 +1,7 @@
-"""Sensor sources: replay a recorded file, simulate a signal, read a serial line or an MQTT topic.
+"""Sensor sources: replay a recorded file, read a serial line or an MQTT topic (simulation: simulate.py).
+
+Generic: a recording is read by its layout (manifest.Recording: delimiter, header line, time column or rate),
+never by the name of the dataset it came from.
 
 Each source is a context manager and an iterator of `Sample` or `Quarantined` items: a bad line or
 message never stops the stream, it comes out as `Quarantined(where, reason, raw)` and the agent counts
@@ -26,9 +29,9 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from edgekit.config import MqttSource, ReplaySource, SimulatedSource
-from edgekit.datasets import IPOL_CHANNELS, SKAB_CHANNELS
+from edgekit.config import MqttSource, ReplaySource
 from edgekit.errors import ConfigError, DataError, TransportError
+from edgekit.manifest import Recording
 from edgekit.mqtt import MqttSecurity, make_client, parse_url, redact_url
 from edgekit.values import Quarantined, Sample, SampleBlock
 
@@ -37,7 +40,7 @@ log = logging.getLogger(__name__)
 # kind -> "module:Class"; a class is imported only when its kind is selected.
 SOURCES: dict[str, str] = {
     "replay": "edgekit.source:ReplayReader",
-    "simulated": "edgekit.source:SimulatedReader",
+    "simulated": "edgekit.simulate:SimulatedReader",
     "serial": "edgekit.devices.serial_line:SerialReader",
     "mqtt": "edgekit.source:MqttReader",
 }
@@ -84,18 +87,19 @@ def resolve(kind: str) -> type:
 
 def open_source(cfg: Any, *, rate_hint: float | None = None, stop: threading.Event | None = None,
                 mqtt_url: str | None = None, mqtt_security: MqttSecurity | None = None,
-                channel_names: Sequence[str] | None = None) -> Source:
+                channel_names: Sequence[str] | None = None, recording: Recording | None = None) -> Source:
     """Build the source selected by `cfg.kind` (not started yet: use it as a context manager).
 
     rate_hint: the bundle's sample rate, reported as `rate_hz` by `mqtt` (whose config has no rate; 0.0
     when not given: its payloads carry their own time);
     stop: set it to end the iteration promptly; mqtt_url and mqtt_security: the agent's broker and its
     account and TLS files (its [mqtt] config), used by `mqtt` when `cfg.url` is unset;
-    channel_names: names for `serial`/`mqtt` channels (default ch0, ch1, ...).
+    channel_names: the channels to read: the columns `replay` reads, names for `serial`/`mqtt` channels
+    (default ch0, ch1, ...); recording: the layout `replay` reads when `cfg.layout` is unset (the bundle's).
     """
     cls = resolve(cfg.kind)
     return cls(cfg, rate_hint=rate_hint, stop=stop or threading.Event(), mqtt_url=mqtt_url,
-               mqtt_security=mqtt_security, channel_names=channel_names)
+               mqtt_security=mqtt_security, channel_names=channel_names, recording=recording)
 
 
 # --- shared line checks (replay, serial and mqtt use the same ones) ----------------------------------
@@ -247,93 +251,87 @@ def _open_text(path: Path, encoding: str) -> Any:
     return path.open(encoding=encoding, errors=ESCAPE, newline=None)
 
 
-def _parse_stamp(cell: str) -> float:
-    """A naive ISO timestamp as seconds, read as UTC so daylight-saving changes cannot reorder it."""
+def parse_stamp(cell: str) -> float:
+    """A naive ISO timestamp as seconds since 1970, read as UTC so daylight-saving changes cannot reorder it
+    (the training side reads recordings with this same function)."""
     try:
         return (datetime.fromisoformat(cell.strip()) - _EPOCH).total_seconds()
     except (TypeError, ValueError):
         raise LineRejected(f"bad timestamp: not understood (got {cell.strip()!r})") from None
 
 
-class _Layout:
-    """Where time and values sit in one recorded format's lines."""
+def _stamp_seconds(cell: str) -> float:
+    return float(to_floats([cell], ["time"])[0])
 
-    def __init__(self, fmt: str, delimiter: str, header: list[str], names: tuple[str, ...],
-                 first_line: int, rate_hz: float, time_col: int | None) -> None:
-        self.fmt = fmt
-        self.delimiter = delimiter
+
+class _Layout:
+    """Where time and values sit in a recording's lines: a Recording resolved against one file's header."""
+
+    def __init__(self, rec: Recording, header: list[str], names: tuple[str, ...], rate_hz: float) -> None:
+        self.delimiter = rec.delimiter
         self.ncols = len(header)
         self.names = names
         self.value_cols = tuple(header.index(n) for n in names)
-        self.first_line = first_line  # 1-based number of the first data line
+        self.first_line = rec.header_line + 1  # 1-based number of the first data line
         self.rate_hz = rate_hz
-        self.time_col = time_col  # ipol: PacketCounter (checked, not used as time); csv: timestamp
+        self.time_col = header.index(rec.time_column) if rec.time_column else None
+        self.stamp = parse_stamp if rec.time_format == "iso" else _stamp_seconds
+        self.counter_col = header.index(rec.counter_column) if rec.counter_column else None
+        self.counter_name = rec.counter_column or ""
+        self.counter_wrap = rec.counter_wrap
 
 
-def _sniff(path: Path, fmt: str, encoding: str = "utf-8") -> _Layout:
-    """Read the header of a recorded file and decide its layout; file-level problems raise DataError."""
+def _read_header(path: Path, rec: Recording, encoding: str) -> tuple[list[str], list[str]]:
+    """(lines above and at the header, up to 256 data lines after it), as text; DataError when the head of
+    the file does not decode."""
     try:
         with _open_text(path, encoding) as fh:
-            first = fh.readline(MAX_LINE_CHARS).rstrip("\n")
-            second = fh.readline(MAX_LINE_CHARS).rstrip("\n")
-            head = [fh.readline(MAX_LINE_CHARS).rstrip("\n") for _ in range(256)]
+            top = [fh.readline(MAX_LINE_CHARS).rstrip("\r\n") for _ in range(rec.header_line)]
+            head = [fh.readline(MAX_LINE_CHARS).rstrip("\r\n") for _ in range(256)]
     except UnicodeError as exc:  # utf-16/utf-32 without a byte-order mark refuse the file, whatever the handler
         raise DataError(f"header not readable as {encoding} ({exc})", where=f"{path}:1",
                         hint="name the byte order in source.encoding (e.g. utf-16-le) or check the file") from None
-    for n, line in ((1, first), (2, second)):
+    for n, line in enumerate(top, 1):
         bad = undecodable(line, encoding)
-        if bad and (n == 1 or fmt == "ipol" or first.startswith("Acquisition frequency")):
+        if bad:
             raise DataError(f"header {bad}", where=f"{path}:{n}",
                             hint="set source.encoding (e.g. latin-1, utf-16) or check that this is a recording")
-    if fmt == "auto":
-        if first.startswith("Acquisition frequency"):
-            fmt = "ipol"
-        elif first.split(";")[0] == "datetime":
-            fmt = "skab"
-        elif first.split(",")[:2] == ["timestamp", "value"]:
-            fmt = "nab"
-        else:
-            raise DataError(f"cannot tell the format from line 1 (got {first[:80]!r})", where=f"{path}:1",
-                            hint="set source.format to ipol, skab or nab")
-    if fmt == "ipol":
-        if not first.startswith("Acquisition frequency"):
-            raise DataError(f"expected 'Acquisition frequency: N Hz' (got {first[:80]!r})", where=f"{path}:1")
+    return top, head
+
+
+def _layout(path: Path, rec: Recording, names: tuple[str, ...], encoding: str) -> _Layout:
+    """Resolve `rec` against the file's header: columns present, the sample rate known. DataError otherwise."""
+    top, head = _read_header(path, rec, encoding)
+    where = f"{path}:{rec.header_line}"
+    header = top[-1].split(rec.delimiter)
+    wanted = [*names, *(c for c in (rec.time_column, rec.counter_column) if c)]
+    missing = [c for c in wanted if c not in header]
+    if missing:
+        raise DataError(f"missing columns {missing}; the header has {header[:20]}", where=where,
+                        hint="check source.layout (delimiter, header_line) or the bundle's channels")
+    rate = rec.rate_hz
+    if rec.rate_pattern is not None:
+        found = next((m for m in (re.search(rec.rate_pattern, line) for line in top[:-1]) if m), None)
         try:
-            rate = float(first.split(":", 1)[1].split()[0])
-        except (IndexError, ValueError):
-            raise DataError(f"sample rate not understood (got {first!r})", where=f"{path}:1") from None
-        header = second.split("\t")
-        _require_columns(path, 2, header, IPOL_CHANNELS)
-        time_col = header.index("PacketCounter") if "PacketCounter" in header else None
-        return _Layout("ipol", "\t", header, IPOL_CHANNELS, 3, rate, time_col)
-    if fmt == "skab":
-        header = first.split(";")
-        if header[0] != "datetime":
-            raise DataError(f"expected a SKAB header starting with 'datetime' (got {first[:80]!r})",
-                            where=f"{path}:1")
-        _require_columns(path, 1, header, SKAB_CHANNELS)
-        return _Layout("skab", ";", header, SKAB_CHANNELS, 2, 1.0, 0)
-    if fmt == "nab":
-        header = first.split(",")
-        if header[:2] != ["timestamp", "value"]:
-            raise DataError(f"expected header timestamp,value (got {first[:80]!r})", where=f"{path}:1")
+            rate = float(found.group(1)) if found else None
+        except ValueError:
+            rate = None
+        if rate is None or not math.isfinite(rate) or rate <= 0:
+            raise DataError(f"sample rate not found by rate_pattern {rec.rate_pattern!r} above the header",
+                            where=f"{path}:1", hint="set source.layout.rate_hz")
+    if rate is None:  # a time column and no rate: the median step of the first lines
+        col = header.index(rec.time_column or "")
         stamps = []
-        for line in [second, *head]:
+        for line in head:
+            cells = line.split(rec.delimiter)
             try:
-                stamps.append(_parse_stamp(line.split(",")[0]))
-            except LineRejected:
+                stamps.append(parse_stamp(cells[col]) if rec.time_format == "iso" else _stamp_seconds(cells[col]))
+            except (LineRejected, IndexError):
                 continue
         steps = np.diff(stamps)
         steps = steps[steps > 0]
         rate = 1.0 / float(np.median(steps)) if len(steps) else 1.0
-        return _Layout("nab", ",", header, ("value",), 2, rate, 0)
-    raise ConfigError(f"unknown replay format {fmt!r}", where="source.format", hint="auto, ipol, skab or nab")
-
-
-def _require_columns(path: Path, line: int, header: list[str], names: Sequence[str]) -> None:
-    missing = [c for c in names if c not in header]
-    if missing:
-        raise DataError(f"missing columns {missing}; the header has {header}", where=f"{path}:{line}")
+    return _Layout(rec, header, names, float(rate))
 
 
 class _Unreadable(str):
@@ -346,11 +344,12 @@ _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f]")
 
 
 class ReplayReader(BaseReader):
-    """Replays an IPOL `*_lb.txt`, SKAB or NAB file, validating every line.
+    """Replays a recorded file in a `Recording` layout (the config's source.layout, else the bundle's
+    training layout), validating every line.
 
-    Time: IPOL t = (line - first data line) / rate, the same clock `datasets.read_ipol` gives training
-    (PacketCounter has real gaps and a repeat in 11-1_lb.txt, so it is only checked not to go backwards);
-    SKAB and NAB t = timestamp - first timestamp, and a timestamp that does not advance is quarantined.
+    Time: with a time column, t = stamp - first stamp, and a stamp that does not advance is quarantined;
+    without one, t = (line - first data line) / rate, the clock training read the same files with (a packet
+    counter, when the layout names one, is only checked not to go back: real ones have gaps and repeats).
     Clean chunks are parsed with numpy in one go; a chunk with any bad line is re-read line by line.
     At speed 0, `iter_blocks()` hands each clean (sub-)chunk over as one `SampleBlock`; paced replay
     (speed > 0) always gives one `Sample` at a time, each at its time.
@@ -358,20 +357,37 @@ class ReplayReader(BaseReader):
 
     finite = True
 
-    def __init__(self, cfg: ReplaySource, *, stop: threading.Event, **_: Any) -> None:
+    def __init__(self, cfg: ReplaySource, *, stop: threading.Event, recording: Recording | None = None,
+                 channel_names: Sequence[str] | None = None, **_: Any) -> None:
         super().__init__(stop)
         self.path = Path(cfg.path)
         if not self.path.is_file():
             raise ConfigError("replay file not found", where=str(self.path), hint="check source.path")
+        rec = cfg.layout or recording
+        if rec is None:
+            raise ConfigError("the file's layout is unknown", where="source.layout",
+                              hint="set source.layout (delimiter, header_line, time_column or rate_hz), or use "
+                                   "a bundle whose manifest records its training layout (input.recording)")
+        if not channel_names:
+            raise ConfigError("no channels to read", where="source",
+                              hint="the bundle's input.channels name the columns replay reads")
         self.speed = cfg.speed
         self.encoding = cfg.encoding
-        self.layout = _sniff(self.path, cfg.format, cfg.encoding)
+        self.layout = _layout(self.path, rec, tuple(channel_names), cfg.encoding)
         self.channels = self.layout.names
         self.rate_hz = self.layout.rate_hz
-        self.format = self.layout.fmt
         self._last_t: float | None = None
         self._last_counter: float | None = None
         self._t0: float | None = None
+
+    def _check_counter(self, counter: float) -> None:
+        """LineRejected when the packet counter goes back (a drop of over half its wrap is a wrap)."""
+        lay, last = self.layout, self._last_counter
+        if last is not None and counter < last:
+            wrapped = lay.counter_wrap is not None and last - counter > lay.counter_wrap / 2
+            if not wrapped:
+                raise LineRejected(f"time went backwards: {lay.counter_name} {counter:.0f} after {last:.0f}")
+        self._last_counter = counter
 
     # one line -> Sample, or LineRejected
     def _parse_line(self, text: str, lineno: int) -> Sample:
@@ -383,22 +399,16 @@ class ReplayReader(BaseReader):
         if len(cells) != lay.ncols:
             raise LineRejected(f"wrong width: expected {lay.ncols} cells, got {len(cells)}")
         values = to_floats([cells[i] for i in lay.value_cols], lay.names)
-        if lay.fmt == "ipol":
-            if lay.time_col is not None:
-                counter = to_floats([cells[lay.time_col]], ["PacketCounter"])[0]
-                last = self._last_counter
-                # XSens counters are 16-bit: a drop from near the top to near zero is a wrap, not a rewind
-                if last is not None and counter < last and not (last > 60000 and counter < 5000):
-                    raise LineRejected(f"time went backwards: PacketCounter {counter:.0f} after {last:.0f}")
-                self._last_counter = counter
+        if lay.counter_col is not None:
+            self._check_counter(to_floats([cells[lay.counter_col]], [lay.counter_name])[0])
+        if lay.time_col is None:
             t = (lineno - lay.first_line) / lay.rate_hz
-            check_time(t, self._last_t)
         else:
-            stamp = _parse_stamp(cells[lay.time_col or 0])
+            stamp = lay.stamp(cells[lay.time_col])
             if self._t0 is None:
                 self._t0 = stamp
             t = stamp - self._t0
-            check_time(t, self._last_t)
+        check_time(t, self._last_t)
         self._last_t = t
         return Sample(t, values)
 
@@ -414,43 +424,36 @@ class ReplayReader(BaseReader):
         joined = "".join(texts)
         if undecodable(joined, self.encoding) or _CONTROL.search(joined):
             return None
+        cols = lay.value_cols if lay.counter_col is None else (lay.counter_col, *lay.value_cols)
         try:
-            if lay.fmt == "ipol":
-                cols = (lay.time_col, *lay.value_cols) if lay.time_col is not None else lay.value_cols
-                arr = np.loadtxt(texts, delimiter=d, usecols=cols, ndmin=2, dtype=np.float64, comments=None)
-            else:
-                arr = np.loadtxt(texts, delimiter=d, usecols=lay.value_cols, ndmin=2, dtype=np.float64,
-                                 comments=None)
+            arr = np.loadtxt(texts, delimiter=d, usecols=cols, ndmin=2, dtype=np.float64, comments=None)
         except ValueError:
             return None
         if not np.isfinite(arr).all():
             return None
-        if lay.fmt == "ipol":
-            if lay.time_col is not None:
-                counters = arr[:, 0]
-                prev = self._last_counter if self._last_counter is not None else counters[0]
-                if np.any(np.diff(counters, prepend=prev) < 0):
-                    return None
-                values = arr[:, 1:]
-            else:
-                values = arr
+        values = arr if lay.counter_col is None else arr[:, 1:]
+        if lay.counter_col is not None:
+            counters = arr[:, 0]
+            prev = self._last_counter if self._last_counter is not None else counters[0]
+            if np.any(np.diff(counters, prepend=prev) < 0):
+                return None  # a wrap or a rewind: the line path tells them apart
+        t0 = self._t0
+        if lay.time_col is None:
             t = (np.asarray(linenos, dtype=np.float64) - lay.first_line) / lay.rate_hz
         else:
             try:
-                stamps = np.array([_parse_stamp(s.split(d, 1)[0]) for s in texts])
+                stamps = np.array([lay.stamp(s.split(d)[lay.time_col]) for s in texts])
             except LineRejected:
                 return None
-            t0 = self._t0 if self._t0 is not None else stamps[0]
+            t0 = self._t0 if self._t0 is not None else float(stamps[0])
             t = stamps - t0
-            values = arr
             if not np.isfinite(t).all() or np.any(np.diff(t) <= 0):
                 return None
         if self._last_t is not None and t[0] <= self._last_t:
             return None
-        if lay.fmt == "ipol" and lay.time_col is not None:
+        if lay.counter_col is not None:
             self._last_counter = float(arr[-1, 0])
-        if lay.fmt != "ipol":
-            self._t0 = t0
+        self._t0 = t0
         self._last_t = float(t[-1])
         return SampleBlock(np.ascontiguousarray(t, dtype=np.float64), values)
 
@@ -545,125 +548,6 @@ class ReplayReader(BaseReader):
                 except LineRejected as exc:
                     yield Quarantined(where=f"{self.path}:{n}", reason=str(exc),
                                       raw=shown(text[:RAW_CHARS]))
-
-
-# --- simulated ------------------------------------------------------------------------------------
-
-# Lower-back IMU in the IPOL sensor frame, measured on 1-1_lb.txt while still: gravity reads
-# (8.30, 0.13, 5.77) m/s^2, i.e. the sensor is tilted ~35 deg; the U-turn's yaw rate shows on Gyr_X and
-# Gyr_Z in the same proportion. Steps: ~2 per second (README of ipol_gait: healthy adults, 10 m walks).
-_GRAVITY = np.array([8.30, 0.13, 5.77])
-_UP = _GRAVITY / np.linalg.norm(_GRAVITY)
-_SIDE = np.array([0.0, 1.0, 0.0])
-
-# SKAB anomaly-free.csv, 9,405 rows: per-channel mean and standard deviation (SKAB_CHANNELS order).
-_PUMP_MEAN = np.array([0.213, 0.268, 2.403, 0.111, 89.472, 28.474, 228.647, 125.237])
-_PUMP_STD = np.array([0.005, 0.004, 0.486, 0.253, 0.667, 0.731, 10.98, 1.605])
-# fault name -> per-channel shift in units of the channel's std (valve closures, rotor imbalance)
-_PUMP_FAULTS = {
-    "valve1": np.array([1.0, 1.0, -2.0, -1.5, 0.5, 0.0, 0.0, -25.0]),   # inlet closure: flow and pressure fall
-    "valve2": np.array([1.5, 1.5, 1.0, 3.0, 0.5, 0.0, 0.0, -20.0]),     # outlet closure: pressure rises
-    "imbalance": np.array([8.0, 10.0, 1.0, 0.0, 1.0, 0.0, 0.0, -1.0]),  # rotor imbalance: vibration
-}
-
-
-def gait_trial(rng: np.random.Generator, rate_hz: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
-    """One TUG-like trial: still, walk, 180 deg turn, walk back, still. Returns (values (T, 6), phase (T,))."""
-    still1, walk1, turn, walk2, still2 = (
-        rng.uniform(1.8, 2.4), rng.uniform(6.0, 8.5), rng.uniform(1.3, 1.8), rng.uniform(6.0, 8.5),
-        rng.uniform(1.8, 2.4),
-    )
-    bounds = np.cumsum([0.0, still1, walk1, turn, walk2, still2])
-    n = int(round(bounds[-1] * rate_hz))
-    t = np.arange(n) / rate_hz
-    phase = np.searchsorted(bounds[1:], t, side="right")  # 0 still, 1 walk, 2 turn, 3 walk, 4 still
-    moving = ((phase >= 1) & (phase <= 3)).astype(np.float64)
-    step_hz = rng.uniform(1.8, 2.2)
-    # vertical bounce at the step rate, sway at the stride rate (half of it)
-    bounce = 2.2 * np.sin(2 * np.pi * step_hz * t) * moving
-    sway = 1.2 * np.sin(np.pi * step_hz * t + rng.uniform(0, np.pi)) * moving
-    acc = _GRAVITY + bounce[:, None] * _UP + sway[:, None] * _SIDE
-    gyr = np.zeros((n, 3))
-    gyr += (0.35 * np.sin(np.pi * step_hz * t) * moving)[:, None] * np.array([0.6, 0.5, -0.6])
-    in_turn = phase == 2
-    if in_turn.any():
-        # half-sine yaw rate whose integral over the turn is pi
-        tt = (t[in_turn] - bounds[2]) / (bounds[3] - bounds[2])
-        yaw = (np.pi * np.pi / (2 * (bounds[3] - bounds[2]))) * np.sin(np.pi * tt)
-        gyr[in_turn] += -yaw[:, None] * _UP * rng.choice([-1.0, 1.0])
-    acc += rng.normal(0.0, 0.06, acc.shape)
-    gyr += rng.normal(0.0, 0.012, gyr.shape)
-    labels = np.select([phase == 2, moving > 0], [2, 1], 0).astype(np.int8)
-    return np.hstack([acc, gyr]), labels
-
-
-def pump_block(rng: np.random.Generator, n: int, fault: str | None) -> np.ndarray:
-    """`n` seconds of SKAB-like pump readings (n, 8), with `fault`'s shift ramped in and held."""
-    values = _PUMP_MEAN + rng.normal(0.0, 1.0, (n, 8)) * _PUMP_STD
-    if fault is not None:
-        ramp = np.clip(np.arange(n) / max(1.0, min(30.0, n / 3)), 0.0, 1.0)
-        values += ramp[:, None] * _PUMP_FAULTS[fault] * _PUMP_STD
-    return values
-
-
-class SimulatedReader(BaseReader):
-    """Deterministic synthetic streams per seed: 'gait' (IPOL channels, 100 Hz), 'pump' (SKAB, 1 Hz).
-
-    At speed 0, `iter_blocks()` gives each generated block as one `SampleBlock`; paced, one `Sample` each.
-    """
-
-    finite = True
-
-    def __init__(self, cfg: SimulatedSource, *, stop: threading.Event, **_: Any) -> None:
-        super().__init__(stop)
-        self.generator = cfg.generator
-        self.duration_s = cfg.duration_s
-        self.seed = cfg.seed
-        self.speed = cfg.speed
-        if cfg.generator == "gait":
-            self.channels, self.rate_hz = IPOL_CHANNELS, 100.0
-        else:
-            self.channels, self.rate_hz = SKAB_CHANNELS, 1.0
-
-    def blocks(self) -> Iterator[np.ndarray]:
-        """The stream as consecutive (rows, channels) blocks; same seed, same numbers."""
-        rng = np.random.default_rng(self.seed)
-        if self.generator == "gait":
-            while True:
-                yield gait_trial(rng, self.rate_hz)[0]
-        while True:
-            normal = int(rng.integers(300, 1200))
-            yield pump_block(rng, normal, None)
-            fault = str(rng.choice(sorted(_PUMP_FAULTS)))
-            yield pump_block(rng, int(rng.integers(60, 300)), fault)
-
-    def _items(self) -> Iterator[Item]:
-        pacer = Pacer(self.speed, self.stop)
-        total = int(round(self.duration_s * self.rate_hz))
-        k = 0
-        for block in self.blocks():
-            for row in block:
-                if k >= total:
-                    return
-                t = k / self.rate_hz
-                if not pacer.wait(t):
-                    return
-                yield Sample(t, row)
-                k += 1
-
-    def _block_items(self) -> Iterator[BlockItem]:
-        """At speed 0 each generated block is one SampleBlock (same times: k / rate_hz, exact in both)."""
-        if self.speed > 0:
-            yield from self._items()
-            return
-        total = int(round(self.duration_s * self.rate_hz))
-        k = 0
-        for block in self.blocks():
-            if k >= total or self.stop.is_set():
-                return
-            rows = block[:total - k]
-            yield SampleBlock(np.arange(k, k + len(rows)) / self.rate_hz, rows)
-            k += len(rows)
 
 
 # --- mqtt -----------------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from hypothesis import strategies as st
 
 from edgekit import topics
 from edgekit.config import AgentConfig, MqttSource, ReplaySource, SerialSource, load_config
-from edgekit.datasets import IPOL_CHANNELS, SKAB_CHANNELS
+from edgekit.datasets import IPOL_CHANNELS, IPOL_RECORDING, NAB_RECORDING, SKAB_CHANNELS, SKAB_RECORDING
 from edgekit.errors import ConfigError, DataError
 from edgekit.source import MAX_LINE_CHARS, LineRejected, decode_line, open_source
 from edgekit.values import Quarantined, Sample, SampleBlock
@@ -141,6 +141,9 @@ LAYOUTS = {  # format -> (header lines, delimiter, cells per line)
     "ipol": (IPOL_HEADER, "\t", 1 + len(IPOL_CHANNELS) + 3),
     "nab": (("timestamp,value",), ",", 2),
 }
+# The layouts replay reads them with (the training side's, one place per dataset), and the columns it reads.
+RECORDINGS = {"skab": (SKAB_RECORDING, SKAB_CHANNELS), "ipol": (IPOL_RECORDING, IPOL_CHANNELS),
+              "nab": (NAB_RECORDING, ("value",))}
 STAMP0 = np.datetime64("2020-03-09T10:34:33", "s")
 HOSTILE_STAMPS = ("", "2020-02-30 00:00:00", "9999-12-31 23:59:59", "0001-01-01 00:00:00",
                   "2020-03-09T10:34:33+05:00", "2020-03-09 10:34:33.5", "20200309", "nan", "2020-03-09 25:00:00",
@@ -255,7 +258,7 @@ def replay_cases(draw: st.DrawFn) -> ReplayCase:
         elif cut == "byte":
             at = draw(st.integers(0, len(data)))
             data = data[:at] + draw(st.binary(min_size=1, max_size=3)) + data[at:]
-    return ReplayCase(fmt=draw(st.sampled_from((fmt, "auto"))), encoding=encoding, header_ok=header_ok, data=data)
+    return ReplayCase(fmt=fmt, encoding=encoding, header_ok=header_ok, data=data)
 
 
 def _split_lines(case: ReplayCase) -> list[str]:
@@ -265,10 +268,10 @@ def _split_lines(case: ReplayCase) -> list[str]:
     return text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
 
 
-def _read(cfg: ReplaySource, blocks: bool) -> list[Sample | Quarantined]:
+def _read(cfg: ReplaySource, blocks: bool, channels: tuple[str, ...]) -> list[Sample | Quarantined]:
     """Every item of one pass, blocks flattened to samples; checks each item's type and values on the way."""
     out: list[Sample | Quarantined] = []
-    with open_source(cfg) as src:
+    with open_source(cfg, channel_names=channels) as src:
         for item in (src.iter_blocks() if blocks else src):
             if isinstance(item, SampleBlock):
                 assert blocks, "iter() yielded a SampleBlock"
@@ -294,14 +297,16 @@ def check_replay(case: ReplayCase) -> None:
     that every one is read alone, give the same samples)."""
     path = scratch() / f"recording.{'txt' if case.fmt == 'ipol' else 'csv'}"
     path.write_bytes(case.data)
-    cfg = ReplaySource(path=path, format=case.fmt, encoding=case.encoding)
+    layout, channels = RECORDINGS[case.fmt]
+    cfg = ReplaySource(path=path, layout=layout, encoding=case.encoding)
     try:
-        items = _read(cfg, blocks=False)
+        items = _read(cfg, blocks=False, channels=channels)
     except DataError as exc:
         assert not case.exact, f"a valid header was refused: {exc}"
         assert str(path) in str(exc), f"DataError does not name the file: {exc}"
         return
-    assert [_key(i) for i in _read(cfg, blocks=True)] == [_key(i) for i in items], "iter_blocks() != iter()"
+    assert [_key(i) for i in _read(cfg, blocks=True, channels=channels)] == [_key(i) for i in items], \
+        "iter_blocks() != iter()"
     samples = _samples(items)
     times = [s.t_s for s in samples]
     assert all(b > a for a, b in zip(times, times[1:])), f"time does not increase: {times[:20]}"
@@ -318,7 +323,7 @@ def check_replay(case: ReplayCase) -> None:
     spaced = path.with_name("spaced-" + path.name)
     text = "\n".join([*(_split_lines(case)[:nheader]), *(f"{line}\n{SPACER}" for line in body)])
     spaced.write_bytes(text.encode(case.encoding, "surrogateescape"))
-    alone = _samples(_read(cfg.model_copy(update={"path": spaced}), blocks=False))
+    alone = _samples(_read(cfg.model_copy(update={"path": spaced}), blocks=False, channels=channels))
     scale = 2.0 if _fmt(case, path) == "ipol" else 1.0  # ipol time is the line number: spacing doubles it
     assert [(s.t_s * scale, s.values.tolist()) for s in samples] == [(s.t_s, s.values.tolist()) for s in alone], \
         "a line's fate depends on its neighbours (chunked and line-by-line parsing disagree)"
@@ -331,10 +336,7 @@ def _key(item: Sample | Quarantined) -> tuple[Any, ...]:
 
 
 def _fmt(case: ReplayCase, path: Path) -> str:
-    if case.fmt != "auto":
-        return case.fmt
-    first = case.data.decode(case.encoding, "replace")
-    return "ipol" if first.startswith("Acquisition") else "skab" if first.startswith("datetime") else "nab"
+    return case.fmt
 
 
 # --- serial lines --------------------------------------------------------------------------------------
@@ -691,7 +693,8 @@ def config_seeds() -> tuple[dict[str, Any], ...]:
     base = tomllib.loads((ROOT / "deploy" / "systemd" / "agent.example.toml").read_text())
     sources = (
         base["source"],
-        {"kind": "replay", "path": "recording.csv", "format": "skab", "speed": 0.0, "encoding": "latin-1"},
+        {"kind": "replay", "path": "recording.csv", "speed": 0.0, "encoding": "latin-1",
+         "layout": {"delimiter": ";", "time_column": "datetime", "rate_hz": 1.0}},
         {"kind": "mqtt", "topic": "sensors/pump-1", "url": "mqtt://127.0.0.1:1883", "channels": 8},
         {"kind": "simulated", "generator": "gait", "duration_s": 60.0, "seed": 1, "speed": 1.0},
     )

@@ -44,7 +44,7 @@ def with_bad_lines(src: Path, dst: Path) -> Path:
 def per_window(agent: Agent) -> None:
     """The agent's loop as it was before blocks: one item at a time, Windower.push, Agent.process."""
     inp = agent.manifest.input
-    with open_source(agent.cfg.source) as source:
+    with open_source(agent.cfg.source, channel_names=inp.channels, recording=inp.recording) as source:
         idx = [list(source.channels).index(c) for c in inp.channels]
         windower = Windower(int(inp.window_size), int(inp.window_hop), len(idx))
         for item in source:

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from edgekit.config import ReplaySource
-from edgekit.datasets import SKAB_CHANNELS
+from edgekit.datasets import SKAB_CHANNELS, SKAB_RECORDING
 from edgekit.errors import DataError
 from edgekit.source import MAX_LINE_CHARS, open_source
 from edgekit.values import Quarantined, Sample, SampleBlock
@@ -70,7 +70,7 @@ def corrupt(lines: list[bytes], header_lines: int) -> tuple[list[bytes], dict[in
 def read_all(path: Path, blocks: bool, **kw) -> tuple[list[Sample], list[Quarantined]]:
     samples: list[Sample] = []
     quarantined: list[Quarantined] = []
-    with open_source(ReplaySource(path=path, **kw)) as src:
+    with open_source(ReplaySource(path=path, layout=SKAB_RECORDING, **kw), channel_names=SKAB_CHANNELS) as src:
         for item in (src.iter_blocks() if blocks else src):
             if isinstance(item, SampleBlock):
                 samples.extend(item.samples())
@@ -108,7 +108,7 @@ def test_other_encodings_are_an_option_not_a_crash(tmp_path: Path) -> None:
     utf16 = tmp_path / "utf16.csv"
     utf16.write_text(text, encoding="utf-16")
     with pytest.raises(DataError, match=r"utf16.csv:1: .*not valid utf-8.*source.encoding"):
-        open_source(ReplaySource(path=utf16))
+        open_source(ReplaySource(path=utf16, layout=SKAB_RECORDING), channel_names=SKAB_CHANNELS)
     samples, quarantined = read_all(utf16, True, encoding="utf-16")
     assert len(samples) == 50 and quarantined == []
     latin = tmp_path / "latin1.csv"
@@ -124,7 +124,7 @@ def test_binary_file_without_newlines_is_refused_clearly(tmp_path: Path) -> None
     path = tmp_path / "junk.bin"
     path.write_bytes(bytes(range(256)) * 4000)
     with pytest.raises(DataError, match="junk.bin:1"):
-        open_source(ReplaySource(path=path))
+        open_source(ReplaySource(path=path, layout=SKAB_RECORDING), channel_names=SKAB_CHANNELS)
     # after a good header, a binary tail is one overlong line: quarantined, not held in memory
     path.write_bytes(HEADER.encode() + b"\n" + skab_line(0).encode() + b"\n"
                      + bytes(range(14, 256)) * 2000 + b"\n" + skab_line(1).encode() + b"\n")

@@ -17,9 +17,20 @@ import paho.mqtt.client as mqtt
 import pytest
 
 from edgekit.config import MqttSource, ReplaySource, SerialSource, SimulatedSource
-from edgekit.datasets import IPOL_CHANNELS, SKAB_CHANNELS, read_ipol, read_nab, read_skab
+from edgekit.datasets import (
+    IPOL_CHANNELS,
+    IPOL_RECORDING,
+    NAB_RECORDING,
+    SKAB_CHANNELS,
+    SKAB_RECORDING,
+    read_ipol,
+    read_nab,
+    read_skab,
+)
 from edgekit.errors import ConfigError, DataError
-from edgekit.source import SOURCES, SimulatedReader, gait_trial, open_source, resolve
+from edgekit.manifest import Recording
+from edgekit.simulate import SimulatedReader, gait_trial
+from edgekit.source import SOURCES, open_source, resolve
 from edgekit.values import Quarantined, Sample
 
 SKAB_FAULT = "skab/data/valve1/1.csv"
@@ -27,8 +38,19 @@ IPOL_TRIAL = "ipol_gait/GaitData/1-1_lb.txt"
 NAB_FILE = "nab/data/realKnownCause/machine_temperature_system_failure.csv"
 
 
-def drain(cfg, **kw) -> tuple[list[Sample], list[Quarantined], object]:
-    src = open_source(cfg, **kw)
+# Replay reads a file by its layout; these are the training side's (one place per dataset).
+LAYOUTS = {"skab": (SKAB_RECORDING, SKAB_CHANNELS), "ipol": (IPOL_RECORDING, IPOL_CHANNELS),
+           "nab": (NAB_RECORDING, ("value",))}
+
+
+def replay(path: Path, kind: str, **kw) -> tuple[ReplaySource, dict]:
+    """A replay config for a file in `kind`'s layout, and the channels to read (what the bundle gives)."""
+    layout, channels = LAYOUTS[kind]
+    return ReplaySource(path=path, layout=layout, **kw), {"channel_names": channels}
+
+
+def drain(cfg, kw: dict | None = None, **more) -> tuple[list[Sample], list[Quarantined], object]:
+    src = open_source(cfg, **(kw or {}), **more)
     with src:
         items = list(src)
     return ([i for i in items if isinstance(i, Sample)], [i for i in items if isinstance(i, Quarantined)], src)
@@ -40,9 +62,9 @@ def drain(cfg, **kw) -> tuple[list[Sample], list[Quarantined], object]:
 @pytest.mark.data
 def test_replay_skab_fault_file_matches_the_training_reader(data_dir: Path) -> None:
     path = data_dir / SKAB_FAULT
-    samples, bad, src = drain(ReplaySource(path=path))
+    samples, bad, src = drain(*replay(path, "skab"))
     table = read_skab(path)
-    assert src.channels == SKAB_CHANNELS and src.rate_hz == 1.0 and src.finite and src.format == "skab"
+    assert src.channels == SKAB_CHANNELS and src.rate_hz == 1.0 and src.finite
     assert bad == []
     assert len(samples) == len(table.values) == 1145
     np.testing.assert_array_equal(np.stack([s.values for s in samples]), table.values)
@@ -52,7 +74,7 @@ def test_replay_skab_fault_file_matches_the_training_reader(data_dir: Path) -> N
 @pytest.mark.data
 def test_replay_ipol_trial_matches_the_training_reader(data_dir: Path) -> None:
     path = data_dir / IPOL_TRIAL
-    samples, bad, src = drain(ReplaySource(path=path, format="ipol"))
+    samples, bad, src = drain(*replay(path, "ipol"))
     table = read_ipol(path)
     assert src.channels == IPOL_CHANNELS and src.rate_hz == 100.0
     assert bad == []
@@ -66,7 +88,7 @@ def test_replay_ipol_trial_matches_the_training_reader(data_dir: Path) -> None:
 def test_replay_nab_quarantines_its_repeated_hour(data_dir: Path) -> None:
     """The real NAB machine-temperature file repeats 02:00-02:55 on 2014-01-07 (lines 10151-10162)."""
     path = data_dir / NAB_FILE
-    samples, bad, src = drain(ReplaySource(path=path))
+    samples, bad, src = drain(*replay(path, "nab"))
     assert src.channels == ("value",) and src.rate_hz == pytest.approx(1 / 300)
     assert [q.where for q in bad] == [f"{path}:{n}" for n in range(10151, 10163)]
     assert all(q.reason.startswith(("time went backwards", "time did not advance")) for q in bad)
@@ -87,7 +109,7 @@ def test_replay_bad_lines_are_quarantined_and_good_ones_pass(data_dir: Path, tmp
     edited = [bad.get(i, line) for i, line in enumerate(lines)]
     path = tmp_path / "9-9_lb.txt"
     path.write_text("\n".join(edited) + "\n\n")
-    samples, quarantined, _ = drain(ReplaySource(path=path))
+    samples, quarantined, _ = drain(*replay(path, "ipol"))
     assert [q.where for q in quarantined] == [f"{path}:{i + 1}" for i in sorted(bad)]
     reasons = [q.reason for q in quarantined]
     assert reasons[0] == "not a number: column 'Acc_Y' (got 'abc')"
@@ -113,7 +135,7 @@ def test_replay_skab_time_backwards_and_bad_stamp(data_dir: Path, tmp_path: Path
     edited[9] = lines[9] + ";1.0"                          # one cell too many
     path = tmp_path / "pump.csv"
     path.write_text("\n".join(edited) + "\n")
-    samples, quarantined, _ = drain(ReplaySource(path=path, format="skab"))
+    samples, quarantined, _ = drain(*replay(path, "skab"))
     assert [(q.where, q.reason.split(":")[0]) for q in quarantined] == [
         (f"{path}:6", "time went backwards"), (f"{path}:8", "bad timestamp"), (f"{path}:10", "wrong width")]
     assert len(samples) == 11 - 3
@@ -121,15 +143,21 @@ def test_replay_skab_time_backwards_and_bad_stamp(data_dir: Path, tmp_path: Path
 
 
 def test_replay_file_level_problems_raise(tmp_path: Path) -> None:
+    cfg, kw = replay(tmp_path / "missing.csv", "skab")
     with pytest.raises(ConfigError, match="replay file not found"):
-        open_source(ReplaySource(path=tmp_path / "missing.csv"))
+        open_source(cfg, **kw)
     odd = tmp_path / "odd.csv"
     odd.write_text("a|b|c\n1|2|3\n")
-    with pytest.raises(DataError, match="cannot tell the format") as err:
-        open_source(ReplaySource(path=odd))
-    assert "source.format" in (err.value.hint or "")
-    with pytest.raises(DataError, match="expected a SKAB header"):
-        open_source(ReplaySource(path=odd, format="skab"))
+    with pytest.raises(ConfigError, match="layout is unknown") as err:
+        open_source(ReplaySource(path=odd), channel_names=("a",))
+    assert "source.layout" in (err.value.hint or "")
+    cfg, kw = replay(odd, "skab")
+    with pytest.raises(DataError, match=r"odd.csv:1: missing columns \['Accelerometer1RMS'"):
+        open_source(cfg, **kw)
+    generic = ReplaySource(path=odd, layout=Recording(delimiter="|", rate_hz=10.0))
+    samples, bad, src = drain(generic, channel_names=("c", "a"))  # any layout, any columns, by name
+    assert src.channels == ("c", "a") and src.rate_hz == 10.0 and not bad
+    assert samples[0].values.tolist() == [3.0, 1.0]
 
 
 def write_ipol_like(path: Path, rows: int, rate_hz: float = 100.0) -> None:
@@ -148,7 +176,7 @@ def test_replay_large_file_with_few_bad_lines(tmp_path: Path) -> None:
     for i in (100, 2100, 2101, 4999):  # file lines 101, 2101, 2102, 5000
         lines[i] = lines[i].replace("\t", "\tx", 1)
     path.write_text("\n".join(lines) + "\n")
-    samples, bad, _ = drain(ReplaySource(path=path))
+    samples, bad, _ = drain(*replay(path, "ipol"))
     assert [q.where for q in bad] == [f"{path}:{n}" for n in (101, 2101, 2102, 5000)]
     assert all(q.reason.startswith("not a number: column 'Acc_X' (got 'x") for q in bad)
     assert len(samples) == 5000 - 4
@@ -161,10 +189,10 @@ def test_replay_speed_paces_to_the_sensor_clock(tmp_path: Path) -> None:
     path = tmp_path / "1-1_lb.txt"
     write_ipol_like(path, 51)  # 0.5 s of sensor time
     t0 = time.monotonic()
-    fast, _, _ = drain(ReplaySource(path=path, speed=0))
+    fast, _, _ = drain(*replay(path, "ipol", speed=0))
     t_fast = time.monotonic() - t0
     t0 = time.monotonic()
-    paced, _, _ = drain(ReplaySource(path=path, speed=2))  # 0.25 s of wall time
+    paced, _, _ = drain(*replay(path, "ipol", speed=2))  # 0.25 s of wall time
     t_paced = time.monotonic() - t0
     assert len(fast) == len(paced) == 51
     assert t_fast < 0.2
@@ -175,7 +203,7 @@ def test_replay_at_speed_0_reads_a_large_file_whole(tmp_path: Path) -> None:
     """50,000 lines through the chunked parser (its speed is bench/e2e.py's business, not a test's)."""
     path = tmp_path / "big_lb.txt"
     write_ipol_like(path, 50_000)
-    samples, bad, _ = drain(ReplaySource(path=path))
+    samples, bad, _ = drain(*replay(path, "ipol"))
     assert len(samples) == 50_000 and not bad
     np.testing.assert_allclose([samples[0].t_s, samples[-1].t_s], [0.0, 49_999 / 100])
 
@@ -185,7 +213,8 @@ def test_stop_event_ends_a_real_time_replay(tmp_path: Path) -> None:
     write_ipol_like(path, 6000)  # 60 s at real time
     stop = threading.Event()
     timer = threading.Timer(0.3, stop.set)
-    src = open_source(ReplaySource(path=path, speed=1), stop=stop)
+    cfg, kw = replay(path, "ipol", speed=1)
+    src = open_source(cfg, stop=stop, **kw)
     t0 = time.monotonic()
     timer.start()
     with src:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from edgekit.config import ReplaySource, SimulatedSource
+from edgekit.datasets import IPOL_CHANNELS, IPOL_RECORDING, NAB_RECORDING, SKAB_CHANNELS, SKAB_RECORDING
 from edgekit.source import open_source
 from edgekit.values import Quarantined, Sample, SampleBlock
 
@@ -31,6 +32,12 @@ def flat(items: list[Any]) -> list[tuple]:
             assert isinstance(item, Quarantined), item
             out.append(("quarantined", item.where, item.reason, item.raw))
     return out
+
+
+IPOL = {"layout": IPOL_RECORDING}
+IPOL_COLUMNS = {"channel_names": IPOL_CHANNELS}
+LAYOUTS = {SKAB_FAULT: (SKAB_RECORDING, SKAB_CHANNELS), IPOL_TRIAL: (IPOL_RECORDING, IPOL_CHANNELS),
+           NAB_FILE: (NAB_RECORDING, ("value",))}
 
 
 def both(cfg: Any, **kw: Any) -> tuple[list[Any], list[Any]]:
@@ -54,7 +61,8 @@ def write_ipol_like(path: Path, rows: int) -> list[str]:
 @pytest.mark.data
 @pytest.mark.parametrize("name", [SKAB_FAULT, IPOL_TRIAL, NAB_FILE])
 def test_blocks_carry_the_same_items_as_samples_on_recordings(data_dir: Path, name: str) -> None:
-    one, blocks = both(ReplaySource(path=data_dir / name))
+    layout, channels = LAYOUTS[name]
+    one, blocks = both(ReplaySource(path=data_dir / name, layout=layout), channel_names=channels)
     assert flat(blocks) == flat(one)
     assert any(isinstance(b, SampleBlock) and len(b) > 1 for b in blocks)
     assert len(blocks) < len(one) / 50  # clean runs came as blocks
@@ -67,7 +75,7 @@ def test_bad_lines_come_out_in_place_between_blocks(tmp_path: Path) -> None:
         lines[i] = lines[i].replace("\t", "\tx", 1)
     lines[3000] = "\t".join(["7.0", *lines[3000].split("\t")[1:]])  # PacketCounter goes back (line 3001)
     path.write_text("\n".join(lines) + "\n\n")
-    one, blocks = both(ReplaySource(path=path))
+    one, blocks = both(ReplaySource(path=path, **IPOL), **IPOL_COLUMNS)
     assert flat(blocks) == flat(one)
     bad = [b for b in blocks if isinstance(b, Quarantined)]
     assert [q.where for q in bad] == [f"{path}:{n}" for n in (101, 2101, 2102, 3001, 5000)]
@@ -84,7 +92,7 @@ def test_simulated_blocks_are_the_same_stream(generator: str, duration_s: float)
 def test_paced_sources_give_single_samples(tmp_path: Path) -> None:
     path = tmp_path / "1-1_lb.txt"
     write_ipol_like(path, 21)
-    one, blocks = both(ReplaySource(path=path, speed=50))
+    one, blocks = both(ReplaySource(path=path, speed=50, **IPOL), **IPOL_COLUMNS)
     assert all(isinstance(b, Sample) for b in blocks) and flat(blocks) == flat(one)
     one, blocks = both(SimulatedSource(generator="pump", duration_s=3, speed=100))
     assert all(isinstance(b, Sample) for b in blocks) and flat(blocks) == flat(one)
@@ -97,7 +105,7 @@ def test_stop_event_ends_block_iteration(tmp_path: Path) -> None:
         assert list(src.iter_blocks()) == []
     path = tmp_path / "big_lb.txt"
     write_ipol_like(path, 5000)
-    with open_source(ReplaySource(path=path), stop=stop) as src:
+    with open_source(ReplaySource(path=path, **IPOL), stop=stop, **IPOL_COLUMNS) as src:
         assert list(src.iter_blocks()) == []
 
 

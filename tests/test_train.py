@@ -81,7 +81,7 @@ def test_tug_seed_contract_imputation_and_reproducibility(tmp_path: Path) -> Non
     run, arrays = check_contract(a)
     assert run["input"] == {"kind": "table", "extractor": "table", "channels": None, "rate_hz": None,
                             "window_size": None, "window_hop": None, "feature_names": run["input"]["feature_names"],
-                            "channel_range": None}  # a table task has no raw channels to bound
+                            "channel_range": None, "recording": None}  # a table: no raw channels, no files to replay
     assert run["positive_label"] == "balance_risk" and run["normal_label"] == "no_risk"
     assert run["recipe"]["predictor"]["epochs"] == 5  # the override is what was trained
     assert set(run["groups_metrics"]) == {"gender", "age_band"}

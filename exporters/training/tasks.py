@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,7 @@ class TaskData:
     report_groups: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (n,) str, per-group metrics
     channels: list[str] | None = None
     rate_hz: float | None = None
+    recording: dict[str, Any] | None = None  # the files' layout (manifest.Recording), for the agent's replay
     source: str = ""  # where the rows came from, for error messages
 
     def __post_init__(self) -> None:
@@ -154,6 +156,7 @@ def load_skab(recipe: Recipe, recipe_dir: Path) -> TaskData:
         y=np.concatenate(ys).astype(np.int64), files=[*files, free],
         windows=np.concatenate(wins), split_groups=np.concatenate(groups),
         report_groups={"folder": np.concatenate(folders)}, channels=channels, rate_hz=1.0, source=str(root),
+        recording=datasets.SKAB_RECORDING.model_dump(),
     )
 
 
@@ -205,7 +208,7 @@ def load_ipol(recipe: Recipe, recipe_dir: Path) -> TaskData:
         feature_names=feature_names(recipe.features.extractor, channels),
         y=np.concatenate(ys), files=used, windows=np.concatenate(wins),
         split_groups=split[recipe.splits.group_by], report_groups=groups, channels=channels,
-        rate_hz=float(rate or 100.0), source=str(root),
+        rate_hz=float(rate or 100.0), source=str(root), recording=datasets.IPOL_RECORDING.model_dump(),
     )
 
 

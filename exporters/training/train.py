@@ -10,6 +10,8 @@ runs/NAME/
                      "input": {"kind": "window"|"table", "extractor": "machine"|"gait"|"table",
                                "channels": [str]|null, "rate_hz": float|null, "window_size": int|null,
                                "window_hop": int|null, "feature_names": [str],
+                               "recording": {manifest.Recording} | null (the recordings' file layout, which
+                                            the agent's replay reads by default),
                                "channel_range": {"min": [C], "max": [C]} | null (raw samples of the
                                                  train split's windows; export widens it into the
                                                  manifest's plausible range)},
@@ -622,6 +624,7 @@ def _train(recipe_path: Path, out: Path, *, extra_labels: Path | None, epochs: i
             "window_hop": recipe.window.hop if recipe.window else None,
             "feature_names": data.feature_names,
             "channel_range": channel_range(data.windows[split["train"]]) if data.windows is not None else None,
+            "recording": data.recording,
         },
         "normalize": {
             "features": {"mean": mean.tolist(), "std": std.tolist()},
