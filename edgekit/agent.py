@@ -178,7 +178,7 @@ class Agent:
         if m.input.kind != "window":
             raise ConfigError(f"bundle {cfg.bundle} takes table rows ({m.input.kind}), not a sensor stream",
                               where=f"{cfg.bundle}/manifest.json: input.kind",
-                              hint="use a bundle trained on windows (e.g. examples/skab.toml)")
+                              hint="use a bundle trained on windows (e.g. edgekit/recipes/skab.toml)")
         profile = (detect_mod.detect() if cfg.runtime.profile == "auto"
                    else profile_mod.load_profile(cfg.runtime.profile))
         import onnxruntime as ort
@@ -374,54 +374,60 @@ class Agent:
         when the source ends or stop is set (and whenever it reaches MAX_TRIAL_S).
         """
         from edgekit.source import open_source
-        from edgekit.window import Windower
 
         m = self.manifest
-        size, hop = int(m.input.window_size), int(m.input.window_hop)
         with open_source(self.cfg.source, stop=self.stop, mqtt_url=self.cfg.mqtt.url, mqtt_security=self.cfg.mqtt,
                          channel_names=tuple(m.input.channels or ()), rate_hint=m.input.rate_hz,
                          recording=m.input.recording) as source:
-            idx = self._check_channels(tuple(source.channels))
-            windower = Windower(size, hop, len(idx))
-            select = None if idx == list(range(len(source.channels))) else np.asarray(idx)
-            trial = self._trial_buffer(len(idx))
-            next_metrics = time.monotonic() + self.cfg.metrics_interval_s
-            log.info("agent.start device=%s site=%s bundle=%s source=%s broker=%s", self.cfg.device_id,
-                     self.cfg.site, self.cfg.bundle, self.cfg.source.kind, redact_url(self.cfg.mqtt.url or "none"))
-            if not self.cfg.mqtt.url:
-                log.warning("agent.offline reason=no-broker results stay in the outbox path=%s",
-                            self.cfg.outbox.path)
-            for item in source.iter_blocks():
-                if self.stop.is_set():
-                    break
-                if isinstance(item, Quarantined):
-                    self.counters.quarantined += 1
-                    self.counters.quarantine_reasons[item.reason.split(":")[0]] += 1
-                    log.warning("agent.quarantine where=%s reason=%s", item.where, item.reason)
-                    continue
-                if isinstance(item, SampleBlock):
-                    self.counters.samples += len(item)
-                    values = item.values if select is None else item.values[:, select]
-                    windows = windower.push_many(item.t_s, values)
-                    if trial is not None:
-                        for t_s, v in trial.push_many(item.t_s, values):
-                            self.transport.send("trial", self.trial_payload(t_s, v, FULL).encode())
-                    for a in range(0, len(windows), MAX_WINDOWS_PER_CALL):
-                        self.process_many(windows[a:a + MAX_WINDOWS_PER_CALL])
-                else:
-                    self.counters.samples += 1
-                    sample = item if select is None else type(item)(item.t_s, item.values[select])
-                    window = windower.push(sample)
-                    if window is not None:
-                        self.process(window)
-                    if trial is not None:
-                        for t_s, v in trial.push_many(np.array([sample.t_s]), sample.values[None]):
-                            self.transport.send("trial", self.trial_payload(t_s, v, FULL).encode())
-                now = time.monotonic()
-                if now >= next_metrics:
-                    self._publish_metrics()
-                    next_metrics = now + self.cfg.metrics_interval_s
-        # The trial's summary and the final metrics: one outbox transaction.
+            trial = self._read(source)
+        return self._finish(trial, drain_timeout_s)
+
+    def _read(self, source: Any) -> TrialBuffer | None:
+        """The source's items to their end or stop: quarantines counted, samples windowed and processed,
+        metrics sent every metrics_interval_s. Returns the gait trial buffer (None for other bundles)."""
+        from edgekit.window import Windower
+
+        m = self.manifest
+        idx = self._check_channels(tuple(source.channels))
+        windower = Windower(int(m.input.window_size), int(m.input.window_hop), len(idx))
+        select = None if idx == list(range(len(source.channels))) else np.asarray(idx)
+        trial = self._trial_buffer(len(idx))
+        next_metrics = time.monotonic() + self.cfg.metrics_interval_s
+        log.info("agent.start device=%s site=%s bundle=%s source=%s broker=%s", self.cfg.device_id,
+                 self.cfg.site, self.cfg.bundle, self.cfg.source.kind, redact_url(self.cfg.mqtt.url or "none"))
+        if not self.cfg.mqtt.url:
+            log.warning("agent.offline reason=no-broker results stay in the outbox path=%s", self.cfg.outbox.path)
+        for item in source.iter_blocks():
+            if self.stop.is_set():
+                break
+            if isinstance(item, Quarantined):
+                self.counters.quarantined += 1
+                self.counters.quarantine_reasons[item.reason.split(":")[0]] += 1
+                log.warning("agent.quarantine where=%s reason=%s", item.where, item.reason)
+                continue
+            if isinstance(item, SampleBlock):
+                t_s, values = item.t_s, item.values if select is None else item.values[:, select]
+                windows = windower.push_many(t_s, values)
+                for a in range(0, len(windows), MAX_WINDOWS_PER_CALL):
+                    self.process_many(windows[a:a + MAX_WINDOWS_PER_CALL])
+            else:
+                sample = item if select is None else type(item)(item.t_s, item.values[select])
+                t_s, values = np.array([sample.t_s]), sample.values[None]
+                window = windower.push(sample)
+                if window is not None:
+                    self.process(window)
+            self.counters.samples += len(t_s)
+            if trial is not None:
+                for full_t, full_v in trial.push_many(t_s, values):
+                    self.transport.send("trial", self.trial_payload(full_t, full_v, FULL).encode())
+            now = time.monotonic()
+            if now >= next_metrics:
+                self._publish_metrics()
+                next_metrics = now + self.cfg.metrics_interval_s
+        return trial
+
+    def _finish(self, trial: TrialBuffer | None, drain_timeout_s: float) -> Summary:
+        """The trial's summary and the final metrics in one outbox transaction, then the drain."""
         last: list[tuple[SendKind, bytes]] = []
         if trial is not None and len(trial):
             closed_by = "stop" if self.stop.is_set() else "end"

@@ -126,7 +126,7 @@ class MqttSource(Strict, MqttSecurity):
 
 class SimulatedSource(Strict):
     kind: Literal["simulated"] = Field("simulated", description="Synthetic signal for demos.")
-    generator: Literal["gait", "pump"] = Field(description="'gait': TUG-like lower-back IMU; 'pump': SKAB-like.")
+    generator: Literal["gait", "pump"] = Field(description="'gait': TUG-like lower-back IMU; 'pump': a water pump with valve and rotor faults.")
     duration_s: float = Field(60.0, gt=0, description="Length of the simulated stream in seconds.")
     seed: int = Field(0, description="Random seed.")
     speed: float = Field(0.0, ge=0.0, description="1 = real time, 0 = as fast as possible.")
