@@ -30,6 +30,28 @@ sys.path.insert(0, str(ROOT))
 from edgekit.exporters.training.models import load_checkpoint  # noqa: E402
 from edgekit.features import extract  # noqa: E402
 from edgekit.gate import Gate  # noqa: E402
+from edgekit.manifest import read_manifest  # noqa: E402
+from edgekit.pipeline import EdgePipeline  # noqa: E402
+from edgekit.runtime import Outputs, Preprocess  # noqa: E402
+from edgekit.values import Window  # noqa: E402
+
+
+class TorchModels:
+    """The run's torch models (and the scikit-learn second opinion) behind ModelSet's interface, so the
+    agent's own EdgePipeline drives them: only the models differ from the edge path."""
+
+    def __init__(self, tp: "TorchPath", with_second: bool) -> None:
+        self.tp = tp
+        self.with_second = with_second and tp.second is not None
+        self.input_kind = {"predictor": tp.pred_input, "gate": "features"}
+        if self.with_second:
+            self.input_kind["second_opinion"] = "features"
+
+    def infer(self, features: np.ndarray, window: np.ndarray | None) -> Outputs:
+        tp = self.tp
+        return Outputs(probs=tp.predictor_run(features, window),
+                       second_probs=tp.second_run(features) if self.with_second else None,
+                       ood_score=None if tp.ae is None else tp.ae_run(features))
 
 
 class TorchPath:
@@ -58,8 +80,11 @@ class TorchPath:
                 self.second = pickle.load(fh)  # noqa: S301 - our own training output
             if hasattr(self.second, "n_jobs"):
                 self.second.n_jobs = 1
-        th = man["thresholds"]
-        self.gate = Gate(th["ood_max_score"], th["min_confidence"], th["max_disagreement"])
+        manifest = read_manifest(bundle)
+        gate = Gate.from_thresholds(manifest.thresholds.model_dump())
+        pre = Preprocess.from_manifest(manifest)
+        self.pipelines = {second: EdgePipeline(manifest, TorchModels(self, second), pre, gate)
+                          for second in (True, False)}
 
     def inputs(self, window: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         raw = extract(self.inp["extractor"], window[None], self.rate)
@@ -82,11 +107,9 @@ class TorchPath:
         return self.second.predict_proba(feats)
 
     def path(self, window: np.ndarray, with_second: bool = True) -> object:
-        feats, win = self.inputs(window)
-        probs = self.predictor_run(feats, win)[0]
-        ood = None if self.ae is None else float(self.ae_run(feats)[0])
-        second = self.second_run(feats)[0] if (with_second and self.second is not None) else None
-        return self.gate.decide(probs, second, ood)
+        """The agent's pipeline (plausibility, features, normalisation, gate) with the torch models."""
+        w = Window(seq=0, start_s=0.0, end_s=float(len(window) - 1), data=window)
+        return self.pipelines[with_second].run([w])[0].decision
 
 
 def timed(cases: dict, rounds: int, n: int, warmup: int = 50, chunks: int = 10) -> dict[str, list[float]]:
