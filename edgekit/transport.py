@@ -88,6 +88,21 @@ def connect_failure(exc: BaseException | None) -> tuple[str, str]:
     return "os_error", f"{type(exc).__name__}: {exc}"
 
 
+def _check_settings(keepalive_s: int, max_batch: int, max_inflight: int, batch_interval_s: float,
+                    reconnect_max_s: float, connect_timeout_s: float) -> None:
+    """ConfigError naming the [mqtt] key of the first setting out of range."""
+    for name, value, low in (("keepalive_s", keepalive_s, 1), ("max_batch", max_batch, 1),
+                             ("max_inflight", max_inflight, 1)):
+        if value < low:
+            raise ConfigError(f"must be >= {low} (got {value})", where=f"mqtt.{name}")
+    if batch_interval_s < 0:
+        raise ConfigError(f"must be >= 0 (got {batch_interval_s})", where="mqtt.batch_interval_s")
+    if reconnect_max_s <= 0:
+        raise ConfigError(f"must be > 0 (got {reconnect_max_s})", where="mqtt.reconnect_max_s")
+    if connect_timeout_s <= 0:
+        raise ConfigError(f"must be > 0 (got {connect_timeout_s})", where="mqtt.connect_timeout_s")
+
+
 class Transport:
     """Outbox-backed, at-least-once MQTT publisher. A context manager; close() says "offline" on purpose.
 
@@ -101,16 +116,7 @@ class Transport:
                  batch_interval_s: float = 0.0, max_batch: int = 500, max_inflight: int = 200,
                  reconnect_max_s: float = 10.0, status_extra: Callable[[], dict[str, Any]] | None = None,
                  client_id: str | None = None, connect_timeout_s: float = 5.0) -> None:
-        for name, value, low in (("keepalive_s", keepalive_s, 1), ("max_batch", max_batch, 1),
-                                 ("max_inflight", max_inflight, 1)):
-            if value < low:
-                raise ConfigError(f"must be >= {low} (got {value})", where=f"mqtt.{name}")
-        if batch_interval_s < 0:
-            raise ConfigError(f"must be >= 0 (got {batch_interval_s})", where="mqtt.batch_interval_s")
-        if reconnect_max_s <= 0:
-            raise ConfigError(f"must be > 0 (got {reconnect_max_s})", where="mqtt.reconnect_max_s")
-        if connect_timeout_s <= 0:
-            raise ConfigError(f"must be > 0 (got {connect_timeout_s})", where="mqtt.connect_timeout_s")
+        _check_settings(keepalive_s, max_batch, max_inflight, batch_interval_s, reconnect_max_s, connect_timeout_s)
         try:
             self._topics = {kind: topics.topic(site, device, kind) for kind in topics.KINDS}
         except ValueError as exc:
@@ -161,8 +167,13 @@ class Transport:
                         self.outbox.path)
             return
         self.endpoint = str(endpoint)
-        self.tls = tls = endpoint.tls
-        client = paho_client
+        self.tls = endpoint.tls
+        self._start(paho_client, endpoint, keepalive_s, reconnect_max_s, connect_timeout_s)
+
+    def _start(self, client: mqtt.Client, endpoint: Any, keepalive_s: int, reconnect_max_s: float,
+               connect_timeout_s: float) -> None:
+        """Wire paho's callbacks, start the publisher thread and paho's network loop."""
+        max_inflight = self._max_inflight
         self._set_will(client)
         client.on_pre_connect = self._on_pre_connect
         client.connect_timeout = connect_timeout_s  # TCP connect and TLS handshake, each
@@ -174,12 +185,12 @@ class Transport:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         self._client = client
-        self._thread = threading.Thread(target=self._run, name=f"edgekit-publisher-{device}", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=f"edgekit-publisher-{self.device}", daemon=True)
         self._thread.start()
         client.connect_async(endpoint.host, endpoint.port, keepalive=keepalive_s)
         client.loop_start()
         log.info("transport.start endpoint=%s tls=%s queued=%d batch_interval_s=%g max_inflight=%d",
-                 self.endpoint, tls, self.outbox.backlog(), batch_interval_s, max_inflight)
+                 self.endpoint, self.tls, self.outbox.backlog(), self._batch_interval_s, max_inflight)
 
     # -- public API --------------------------------------------------------------------------------
     def __enter__(self) -> Transport:
