@@ -144,117 +144,135 @@ def offline_agent(bundle: Path, threads: int, workdir: Path) -> tuple[Any, Calla
     return agent, agent.process
 
 
+class _Prepared:
+    """One bundle loaded as the agent loads it, with `n` windows turned into every stage's ready inputs."""
+
+    def __init__(self, bundle: Path, windows: np.ndarray | None, threads: int) -> None:
+        from edgekit.features import extract
+        from edgekit.gate import Gate
+        from edgekit.manifest import load_bundle
+        from edgekit.pipeline import EdgePipeline
+        from edgekit.runtime import ModelSet, Preprocess
+        from edgekit.values import Window
+
+        self.bundle, self.threads = bundle, threads
+        self.manifest = manifest = load_bundle(bundle)
+        inp = self.inp = manifest.input
+        if inp.kind != "window":
+            raise ModelError(f"bundle takes table rows ({inp.kind}), edgekit bench measures window bundles",
+                             where=f"{bundle}/manifest.json: input.kind")
+        self.wins = synthetic_windows(manifest) if windows is None else np.asarray(windows, dtype=np.float64)
+        self.source = "synthetic (manifest statistics)" if windows is None else "recorded"
+        self.n = n = len(self.wins)
+        self.rate = float(inp.rate_hz or 1.0)
+        self.providers = _providers()
+        self.models = ModelSet(bundle, manifest, self.providers, threads)
+        self.pre = Preprocess.from_manifest(manifest)
+        self.gate = Gate.from_thresholds(manifest.thresholds.model_dump())
+        self.pipeline = EdgePipeline(manifest, self.models, self.pre, self.gate)
+        self.raw = extract(inp.extractor, self.wins, self.rate)
+        self.feats = self.pre.features(self.raw)
+        self.uses_window = "window" in self.models.input_kind.values()
+        self.win_in = np.stack([self.pre.window(w)[0] for w in self.wins]) if self.uses_window else None
+        self.one_feats = [self.feats[i:i + 1] for i in range(n)]
+        self.one_wins = None if self.win_in is None else [self.win_in[i:i + 1] for i in range(n)]
+        self.window_objs = [Window(seq=i, start_s=float(i), end_s=float(i + inp.window_size - 1), data=self.wins[i])
+                            for i in range(n)]
+
+    def model_input(self, role: str, i: int) -> np.ndarray:
+        if self.models.input_kind[role] == "window":
+            assert self.one_wins is not None
+            return self.one_wins[i % self.n]
+        return self.one_feats[i % self.n]
+
+
+def _model_cases(p: _Prepared) -> tuple[dict[str, Callable[[int], Any]], list[dict[str, Any]]]:
+    """Per model, fp32 and INT8: bare session runs on ready inputs, and the table's rows for them."""
+    from edgekit.runtime import open_session
+
+    outputs = getattr(p.models, "_out", ROLE_OUTPUTS)
+    cases: dict[str, Callable[[int], Any]] = {}
+    rows: list[dict[str, Any]] = []
+    for role, spec in p.manifest.models.items():
+        for quant, fname in _variants(p.bundle, spec).items():
+            sess = open_session(p.bundle / fname, p.providers, p.threads)
+            name, outs = spec.input_name, outputs.get(role)
+            cases[f"{role}/{quant}"] = (lambda i, s=sess, nm=name, o=outs, r=role:
+                                        s.run(o, {nm: p.model_input(r, i)}))
+            rows.append({"role": role, "quantization": quant, "file": fname, "used": fname == spec.file})
+    return cases, rows
+
+
+def _path_cases(p: _Prepared) -> dict[str, Callable[[int], Any]]:
+    """The stages of one window: features, normalise, the floor (exactly the session runs the agent makes,
+    on inputs bound once as ModelSet.infer binds them), the gate, and the whole edge path."""
+    from edgekit.features import extract
+
+    n = p.n
+    floors = [p.models.floor_runs(p.one_feats[i], None if p.one_wins is None else p.one_wins[i]) for i in range(n)]
+    out = p.models.infer(p.feats, p.win_in)
+    decide_args = [(out.probs[i], None if out.second_probs is None else out.second_probs[i],
+                    None if out.ood_score is None else float(out.ood_score[i])) for i in range(n)]
+
+    def normalise(i: int) -> None:
+        p.pre.features(p.raw[i % n][None])
+        if p.uses_window:
+            p.pre.window(p.window_objs[i % n].data)
+
+    return {
+        "features": lambda i: extract(p.inp.extractor, p.window_objs[i % n].data[None], p.rate),
+        "normalise": normalise,
+        "floor": lambda i: floors[i % n](),
+        "gate_decide": lambda i: p.gate.decide(*decide_args[i % n]),
+        # What Agent.process runs before it encodes the result: the same pipeline object (edgekit/pipeline.py).
+        "edge_path": lambda i: p.pipeline.run([p.window_objs[i % n]]),
+    }
+
+
 def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = None, threads: int = 1,
               agent: bool = True) -> dict[str, Any]:
     """Measure one bundle; returns a JSON-able dict (see `table`). `windows`: (n, size, C) real windows."""
-    from edgekit.features import extract
-    from edgekit.gate import Gate
-    from edgekit.manifest import load_bundle
-    from edgekit.pipeline import EdgePipeline
-    from edgekit.runtime import ModelSet, Preprocess, open_session
-    from edgekit.values import Window
-
     bundle = Path(bundle)
     if rounds < 10:
         raise ValueError(f"rounds must be >= 10 (got {rounds})")
-    manifest = load_bundle(bundle)
-    inp = manifest.input
-    if inp.kind != "window":
-        raise ModelError(f"bundle takes table rows ({inp.kind}), edgekit bench measures window bundles",
-                         where=f"{bundle}/manifest.json: input.kind")
-    wins = synthetic_windows(manifest) if windows is None else np.asarray(windows, dtype=np.float64)
-    source = "synthetic (manifest statistics)" if windows is None else "recorded"
-    n = len(wins)
-    rate = float(inp.rate_hz or 1.0)
-    providers = _providers()
-    models = ModelSet(bundle, manifest, providers, threads)
-    pre = Preprocess.from_manifest(manifest)
-    gate = Gate.from_thresholds(manifest.thresholds.model_dump())
-    pipeline = EdgePipeline(manifest, models, pre, gate)
-    raw = extract(inp.extractor, wins, rate)
-    feats = pre.features(raw)
-    uses_window = "window" in models.input_kind.values()
-    win_in = np.stack([pre.window(w)[0] for w in wins]) if uses_window else None
-    one_feats = [feats[i:i + 1] for i in range(n)]
-    one_wins = None if win_in is None else [win_in[i:i + 1] for i in range(n)]
-    outputs = getattr(models, "_out", ROLE_OUTPUTS)
-
-    def model_input(role: str, i: int) -> np.ndarray:
-        if models.input_kind[role] == "window":
-            assert one_wins is not None
-            return one_wins[i % n]
-        return one_feats[i % n]
-
-    # Per model, fp32 and INT8 (bare runs).
-    model_cases: dict[str, Callable[[int], Any]] = {}
-    model_rows: list[dict[str, Any]] = []
-    for role, spec in manifest.models.items():
-        for quant, fname in _variants(bundle, spec).items():
-            sess = open_session(bundle / fname, providers, threads)
-            name, outs = spec.input_name, outputs.get(role)
-            model_cases[f"{role}/{quant}"] = (lambda i, s=sess, nm=name, o=outs, r=role:
-                                              s.run(o, {nm: model_input(r, i)}))
-            model_rows.append({"role": role, "quantization": quant, "file": fname,
-                               "used": fname == spec.file})
-
-    # The floor: exactly the session runs the agent makes per window, on ready inputs (bound once per
-    # input, as ModelSet.infer binds its buffers: IO binding for one window, session.run otherwise).
-    run_list = list(models.sessions)
-    floors = [models.floor_runs(one_feats[i], None if one_wins is None else one_wins[i]) for i in range(n)]
-
-    def floor(i: int) -> None:
-        floors[i % n]()
-
-    window_objs = [Window(seq=i, start_s=float(i), end_s=float(i + inp.window_size - 1), data=wins[i])
-                   for i in range(n)]
-
-    def features_only(i: int) -> None:
-        extract(inp.extractor, window_objs[i % n].data[None], rate)
-
-    probs_all = models.infer(feats, win_in)
-    decide_args = [(probs_all.probs[i], None if probs_all.second_probs is None else probs_all.second_probs[i],
-                    None if probs_all.ood_score is None else float(probs_all.ood_score[i])) for i in range(n)]
-
-    def normalise(i: int) -> None:
-        r = raw[i % n][None]
-        pre.features(r)
-        if uses_window:
-            pre.window(window_objs[i % n].data)
-
-    def decide(i: int) -> None:
-        gate.decide(*decide_args[i % n])
-
-    def edge_path(i: int) -> None:
-        # What Agent.process runs before it encodes the result: the same pipeline object (edgekit/pipeline.py).
-        pipeline.run([window_objs[i % n]])
-
-    path_cases: dict[str, Callable[[int], Any]] = {"features": features_only, "normalise": normalise,
-                                                   "floor": floor, "gate_decide": decide,
-                                                   "edge_path": edge_path}
+    p = _Prepared(bundle, windows, threads)
+    model_cases, model_rows = _model_cases(p)
+    path_cases = _path_cases(p)
+    agent_error = None
     agent_obj = None
     tmp = tempfile.TemporaryDirectory(prefix="edgekit-bench-")
     try:
         if agent:
             try:
                 agent_obj, process = offline_agent(bundle, threads, Path(tmp.name))
-                path_cases["agent_process"] = lambda i: process(window_objs[i % n])
+                path_cases["agent_process"] = lambda i: process(p.window_objs[i % p.n])
             except Exception as exc:  # the table still has the rest; the error is reported in it
                 log.warning("bench.agent_unavailable error=%r", exc)
-                path_cases["agent_process"] = None  # type: ignore[assignment]
                 agent_error = repr(exc)
         model_us = timed(model_cases, rounds)
-        path_us = timed({k: v for k, v in path_cases.items() if v is not None}, rounds)
+        path_us = timed(path_cases, rounds)
     finally:
         if agent_obj is not None:
             agent_obj.__exit__(None, None, None)
         tmp.cleanup()
-
     for row in model_rows:
         row.update(summary(model_us[f"{row['role']}/{row['quantization']}"]))
+    stages = _stages(p, path_us, agent_error)
+    med = {s["stage"]: s.get("median_us") for s in stages}
+    ratios = {"edge_path_over_floor": med["edge_path"] / med["floor"]}
+    if med.get("agent_process"):
+        ratios["agent_process_over_floor"] = med["agent_process"] / med["floor"]
+    return {"schema": SCHEMA, "bundle": str(bundle), "task": p.manifest.task, "rounds": rounds,
+            "threads": threads, "providers": p.providers, "inputs": {"windows": p.n, "source": p.source,
+                                                                     "shape": list(p.wins.shape[1:])},
+            "machine": machine(), "models": model_rows, "stages": stages, "ratios": ratios}
+
+
+def _stages(p: _Prepared, path_us: dict[str, np.ndarray], agent_error: str | None) -> list[dict[str, Any]]:
     labels = {
-        "features": f"features ({inp.extractor})",
-        "normalise": "normalise (features" + (", window)" if uses_window else ")"),
-        "floor": f"floor: bare onnxruntime runs ({len(run_list)} models, io binding)",
+        "features": f"features ({p.inp.extractor})",
+        "normalise": "normalise (features" + (", window)" if p.uses_window else ")"),
+        "floor": f"floor: bare onnxruntime runs ({len(p.models.sessions)} models, io binding)",
         "gate_decide": "gate.decide",
         "edge_path": "edge path: plausibility+features+normalise+models+gate",
         "agent_process": "agent.process: + result JSON + outbox write",
@@ -263,16 +281,9 @@ def run_bench(bundle: Path, rounds: int = 2000, *, windows: np.ndarray | None = 
     for key, label in labels.items():
         if key in path_us:
             stages.append({"stage": key, "label": label, **summary(path_us[key])})
-        elif key in path_cases:
+        elif key == "agent_process" and agent_error is not None:
             stages.append({"stage": key, "label": label, "error": agent_error})
-    med = {s["stage"]: s.get("median_us") for s in stages}
-    ratios = {"edge_path_over_floor": med["edge_path"] / med["floor"]}
-    if med.get("agent_process"):
-        ratios["agent_process_over_floor"] = med["agent_process"] / med["floor"]
-    return {"schema": SCHEMA, "bundle": str(bundle), "task": manifest.task, "rounds": rounds,
-            "threads": threads, "providers": providers, "inputs": {"windows": n, "source": source,
-                                                                   "shape": list(wins.shape[1:])},
-            "machine": machine(), "models": model_rows, "stages": stages, "ratios": ratios}
+    return stages
 
 
 def table(result: dict[str, Any]) -> str:
