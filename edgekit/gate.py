@@ -38,7 +38,7 @@ def disagreement(probs: np.ndarray, second_probs: np.ndarray) -> np.ndarray:
     return 0.5 * np.abs(probs - second_probs).sum(axis=-1)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Verdicts:
     """The gate's rule applied to n rows: the scores and one boolean mask per reason (True = defer)."""
 
@@ -90,36 +90,35 @@ class Gate:
         probability or score defers as `non_finite` on its own."""
         probs = np.asarray(probs)
         conf = confidence(probs)
-        finite = np.isfinite(probs).all(axis=-1)
-        masks = {r: np.zeros(len(conf), dtype=bool) for r in REASONS}
+        n = len(conf)
+        none = np.zeros(n, dtype=bool)  # shared by the reasons that cannot apply (never written to)
         ood = dis = None
+        finite = np.isfinite(probs).all(axis=-1)
+        m_ood = m_dis = none
         if ood_score is not None:
-            ood = np.asarray(ood_score).reshape(len(conf))
-            masks["ood"] = ~(ood <= self.ood_max_score)
+            ood = np.asarray(ood_score).reshape(n)
+            m_ood = ~(ood <= self.ood_max_score)
             finite &= np.isfinite(ood)
         if second_probs is not None:
             second_probs = np.asarray(second_probs)
             dis = disagreement(probs, second_probs)
-            masks["disagreement"] = ~(dis <= self.max_disagreement)
+            m_dis = ~(dis <= self.max_disagreement)
             finite &= np.isfinite(second_probs).all(axis=-1)
-        masks["low_confidence"] = ~(conf >= self.min_confidence) | self.defer_all
-        masks["non_finite"] = ~finite
+        m_low = np.ones(n, dtype=bool) if self.defer_all else ~(conf >= self.min_confidence)
+        masks = {"implausible": none, "ood": m_ood, "disagreement": m_dis, "low_confidence": m_low,
+                 "non_finite": ~finite}
         if not self.enabled:
-            masks = {r: (m if r in ALWAYS else np.zeros_like(m)) for r, m in masks.items()}
+            masks = {r: (m if r in ALWAYS else none) for r, m in masks.items()}
         return Verdicts(conf, ood, dis, masks)
 
     def decide_many(self, probs: np.ndarray, second_probs: np.ndarray | None,
                     ood_score: np.ndarray | None) -> list[GateDecision]:
         """`verdicts` as one GateDecision per row (scores as Python floats)."""
         v = self.verdicts(probs, second_probs, ood_score)
+        flags = [(r, m.tolist()) for r, m in v.masks.items()]
         conf = v.confidence.tolist()
         ood = None if v.ood is None else v.ood.tolist()
         dis = None if v.disagreement is None else v.disagreement.tolist()
-        rows = {r: np.flatnonzero(m) for r, m in v.masks.items() if m.any()}
-        reasons: list[list[str]] = [[] for _ in conf]
-        for r, idx in rows.items():
-            for i in idx.tolist():
-                reasons[i].append(r)
         th = self.thresholds
         out = []
         for i, c in enumerate(conf):
@@ -128,7 +127,8 @@ class Gate:
                 scores["ood"] = ood[i]
             if dis is not None:
                 scores["disagreement"] = dis[i]
-            out.append(GateDecision("defer" if reasons[i] else "accept", tuple(reasons[i]), scores, th))
+            reasons = tuple(r for r, m in flags if m[i])
+            out.append(GateDecision("defer" if reasons else "accept", reasons, scores, th))
         return out
 
     def decide(self, probs: np.ndarray, second_probs: np.ndarray | None, ood_score: float | None) -> GateDecision:
