@@ -139,6 +139,8 @@ def segment(values: np.ndarray, rate_hz: float) -> Segmentation:
     3. steps = peaks of the 0.5-3 Hz vertical acceleration inside the walk, >= 0.3 s apart and rising
        STEP_PROMINENCE std above their valleys (one trunk-acceleration peak per heel strike).
     """
+    # One function on purpose: the three numbered steps read top to bottom against the docstring and share
+    # the signals of step 1 (vertical axis, activity, walk bounds); split, they would pass eight arrays around.
     values = np.asarray(values, dtype=np.float64)
     if values.ndim != 2 or values.shape[1] != 6:
         raise ValueError(f"values must have shape (T, 6) acc xyz + gyr xyz (got {values.shape})")
