@@ -27,6 +27,8 @@ SCHEMA = "edgekit.manifest/1"
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 Role = Literal["predictor", "gate", "second_opinion"]
+InputKind = Literal["window", "table"]
+Extractor = Literal["machine", "gait", "table"]
 
 
 class _Strict(BaseModel):
@@ -74,9 +76,9 @@ class Recording(_Strict):
 
 
 class InputSpec(_Strict):
-    kind: Literal["window", "table"] = Field(description="'window': a sliding window over a sample stream; "
+    kind: InputKind = Field(description="'window': a sliding window over a sample stream; "
                                              "'table': one row of precomputed values per case.")
-    extractor: Literal["machine", "gait", "table"] = Field(
+    extractor: Extractor = Field(
         description="Feature extractor the agent runs on each window (or 'table' for table rows).")
     channels: list[str] | None = Field(None, description="Sensor channels in the order the window holds them.")
     rate_hz: float | None = Field(None, gt=0, description="Sample rate the model was trained at.")

@@ -1,15 +1,26 @@
-"""A small run directory in the exact layout exporters/training/train.py writes (run.json + splits.npz +
-models), trained in seconds on synthetic signals, so export tests do not depend on the training pipeline or
-datasets.
+"""A small run directory in the layout exporters/training/train.py writes (edgekit/contract/run.py; run.json
+built with RunMeta), trained in seconds on synthetic signals, so export tests do not depend on the training
+pipeline or datasets.
 """
 
 from __future__ import annotations
 
-import json
 import pickle
 from pathlib import Path
 
 import numpy as np
+
+from edgekit.contract.run import (
+    AutoencoderModel,
+    GateTarget,
+    PredictorModel,
+    RunInput,
+    RunMeta,
+    RunModels,
+    SecondOpinionModel,
+    write_run,
+)
+from edgekit.manifest import Normalize, Stats
 
 
 def _signals(rng: np.random.Generator, n: int, n_classes: int, channels: int, width: int):
@@ -103,21 +114,18 @@ def make_run(root: Path, *, arch: str = "mlp", n_classes: int = 2, second: str =
     np.savez_compressed(run / "splits.npz", **splits)
     labels = ["normal"] + [f"fault_{i}" for i in range(1, n_classes)]
     names = [f"{stat}_{c}" for stat in ("std", "mad", "range") for c in ("ax", "ay", "az")]
-    meta = {
-        "schema": "edgekit.run/1", "task": f"synthetic-{arch}", "recipe": {"name": "synthetic"}, "seed": seed,
-        "device": "cpu", "labels": labels, "normal_label": "normal",
-        "positive_label": "fault_1" if n_classes == 2 else None,
-        "input": {"kind": "window", "extractor": "machine", "channels": ["ax", "ay", "az"], "rate_hz": 32.0,
-                  "window_size": width, "window_hop": width // 2, "feature_names": names},
-        "normalize": {"features": {"mean": f_mean.tolist(), "std": f_std.tolist()},
-                      "window": {"mean": w_mean.tolist(), "std": w_std.tolist()} if arch == "cnn1d" else None},
-        "imputation": None, "data_fingerprint": "0" * 64,
-        "models": {"predictor": {"file": "predictor.pt", "arch": arch,
-                                 "input": "features" if arch == "mlp" else "window"},
-                   "autoencoder": {"file": "autoencoder.pt", "arch": "dense_ae", "input": "features"},
-                   "second_opinion": {"file": "second_opinion.pkl", "kind": second, "input": "features"}},
-        "gate": {"target_error": 0.05, "delta": 0.1}, "metrics": {},
-        "created_at": "2026-01-01T00:00:00+00:00", "code_version": "test",
-    }
-    (run / "run.json").write_text(json.dumps(meta, indent=2))
+    write_run(run, RunMeta(
+        task=f"synthetic-{arch}", recipe={"name": "synthetic"}, seed=seed, device="cpu", labels=labels,
+        normal_label="normal", positive_label="fault_1" if n_classes == 2 else None,
+        input=RunInput(kind="window", extractor="machine", channels=["ax", "ay", "az"], rate_hz=32.0,
+                       window_size=width, window_hop=width // 2, feature_names=names),
+        normalize=Normalize(features=Stats(mean=f_mean.tolist(), std=f_std.tolist()),
+                            window=Stats(mean=w_mean.tolist(), std=w_std.tolist()) if arch == "cnn1d" else None),
+        data_fingerprint="0" * 64,
+        models=RunModels(
+            predictor=PredictorModel(file="predictor.pt", arch=arch, input="features" if arch == "mlp" else "window"),
+            autoencoder=AutoencoderModel(file="autoencoder.pt", arch="dense_ae", input="features"),
+            second_opinion=SecondOpinionModel(file="second_opinion.pkl", kind=second, input="features")),
+        gate=GateTarget(target_error=0.05, delta=0.1),
+        created_at="2026-01-01T00:00:00+00:00", code_version="test"))
     return run

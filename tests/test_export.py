@@ -251,10 +251,15 @@ def test_bad_inputs_raise_export_error(mlp_bundle: tuple[Path, Path, dict], tmp_
     (bad / "run.json").write_text(json.dumps(meta))
     with pytest.raises(ExportError, match="normal_label"):
         export(bad, tmp_path / "o3", progress=False)
-    del meta["models"]
+    meta["normal_label"] = "normal"
+    del meta["models"]["predictor"]["file"]
     (bad / "run.json").write_text(json.dumps(meta))
     with pytest.raises(ExportError, match="missing key 'models.predictor.file'"):
         export(bad, tmp_path / "o4", progress=False)
+    del meta["models"]
+    (bad / "run.json").write_text(json.dumps(meta))
+    with pytest.raises(ExportError, match=r"run.json:models: missing key 'models'"):
+        export(bad, tmp_path / "o5", progress=False)
 
 
 ROOT = Path(__file__).resolve().parent.parent

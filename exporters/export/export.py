@@ -16,7 +16,7 @@ import logging
 import pickle
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 
 import edgekit
+from edgekit.contract.run import SPLITS, RunMeta, read_run
 from edgekit.errors import ExportError
 from edgekit.exporters.metrics import decision_metric
 from edgekit.manifest import Manifest, bundle_files, sign_bundle, write_manifest
@@ -34,9 +35,7 @@ from .quantize import calibration_sample, quantize_model
 
 log = logging.getLogger(__name__)
 
-RUN_SCHEMA = "edgekit.run/1"
 OPSET = 17
-SPLITS = ("train", "cal", "test")
 # role in the bundle -> (key in run.json "models", ONNX output names, file stem)
 ROLES: dict[str, dict[str, Any]] = {
     "predictor": {"run_key": "predictor", "outputs": ["probs"], "stem": "predictor"},
@@ -58,68 +57,48 @@ class Run:
     """A loaded run directory: run.json, the splits, and what each role's model takes as input."""
 
     path: Path
-    meta: dict[str, Any]
+    meta: RunMeta
     splits: dict[str, np.ndarray]
-    labels: list[str] = field(default_factory=list)
-    normal_index: int = 0
-    positive_index: int | None = None
+
+    @property
+    def labels(self) -> list[str]:
+        return self.meta.labels
+
+    @property
+    def normal_index(self) -> int:
+        return self.meta.normal_index
+
+    @property
+    def positive_index(self) -> int | None:
+        return self.meta.positive_index
+
+    def spec(self, role: str) -> Any:
+        """run.json's entry in "models" for a bundle role (its file and input)."""
+        return getattr(self.meta.models, ROLES[role]["run_key"])
 
     def x(self, role: str, split: str) -> np.ndarray:
-        kind = self.meta["models"][ROLES[role]["run_key"]]["input"]
-        return self.splits[f"{split}_{kind}"]
+        return self.splits[f"{split}_{self.spec(role).input}"]
 
     def y(self, split: str) -> np.ndarray:
         return self.splits[f"{split}_y"]
 
 
-def _require(meta: dict[str, Any], key: str, where: str) -> Any:
-    node: Any = meta
-    for part in key.split("."):
-        if not isinstance(node, dict) or part not in node:
-            raise ExportError(f"missing key {key!r}", where=f"{where}:{key}",
-                              hint="was this run written by `edgekit train` of this version?")
-        node = node[part]
-    return node
-
-
 def load_run(run_dir: Path) -> Run:
-    """Read and check run.json and splits.npz."""
+    """Read and check run.json (edgekit/contract/run.py) and splits.npz."""
     run_dir = Path(run_dir)
-    run_json = run_dir / "run.json"
-    if not run_json.is_file():
-        raise ExportError("run.json not found", where=str(run_json), hint="pass a directory written by `edgekit train`")
-    try:
-        meta = json.loads(run_json.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise ExportError(f"not valid JSON: {exc}", where=str(run_json)) from None
-    if meta.get("schema") != RUN_SCHEMA:
-        raise ExportError(f"schema must be {RUN_SCHEMA!r} (got {meta.get('schema')!r})", where=f"{run_json}:schema")
-    for key in ("task", "labels", "normal_label", "input.kind", "input.extractor", "input.feature_names",
-                "normalize.features.mean", "normalize.features.std", "models.predictor.file",
-                "models.predictor.input", "models.autoencoder.file", "models.second_opinion.file",
-                "gate.target_error", "gate.delta"):
-        _require(meta, key, str(run_json))
-    labels = list(meta["labels"])
-    if meta["normal_label"] not in labels:
-        raise ExportError(f"normal_label {meta['normal_label']!r} is not one of labels {labels}",
-                          where=f"{run_json}:normal_label")
-    positive = meta.get("positive_label")
-    if positive is not None and positive not in labels:
-        raise ExportError(f"positive_label {positive!r} is not one of labels {labels}",
-                          where=f"{run_json}:positive_label")
+    meta = read_run(run_dir)
     npz = run_dir / "splits.npz"
     if not npz.is_file():
         raise ExportError("splits.npz not found", where=str(npz), hint="re-run `edgekit train`")
     with np.load(npz) as data:
         splits = {k: data[k] for k in data.files}
     needed = {f"{s}_{k}" for s in SPLITS for k in ("features", "y")}
-    if meta["models"]["predictor"]["input"] == "window":
+    if meta.models.predictor.input == "window":
         needed |= {f"{s}_window" for s in SPLITS}
     missing = sorted(needed - set(splits))
     if missing:
         raise ExportError(f"arrays missing: {missing}", where=str(npz), hint="re-run `edgekit train`")
-    return Run(run_dir, meta, splits, labels, labels.index(meta["normal_label"]),
-               labels.index(positive) if positive is not None else None)
+    return Run(run_dir, meta, splits)
 
 
 def _metadata(run: Run, role: str, quantization: str) -> dict[str, str]:
@@ -127,15 +106,15 @@ def _metadata(run: Run, role: str, quantization: str) -> dict[str, str]:
     return {
         "edgekit.schema": "edgekit.model/1",
         "edgekit.version": edgekit.__version__,
-        "edgekit.task": str(meta["task"]),
+        "edgekit.task": meta.task,
         "edgekit.role": role,
         "edgekit.labels": json.dumps(run.labels),
-        "edgekit.normal_label": str(meta["normal_label"]),
-        "edgekit.feature_names": json.dumps(list(meta["input"]["feature_names"])),
-        "edgekit.input_kind": str(meta["input"]["kind"]),
-        "edgekit.model_input": str(meta["models"][ROLES[role]["run_key"]]["input"]),
+        "edgekit.normal_label": meta.normal_label,
+        "edgekit.feature_names": json.dumps(meta.input.feature_names),
+        "edgekit.input_kind": meta.input.kind,
+        "edgekit.model_input": run.spec(role).input,
         "edgekit.quantization": quantization,
-        "edgekit.data_fingerprint": str(meta.get("data_fingerprint", "")),
+        "edgekit.data_fingerprint": meta.data_fingerprint,
     }
 
 
@@ -186,8 +165,7 @@ def export_onnx(run: Run, out: Path) -> dict[str, Any]:
     torch.set_num_threads(1)  # never a multi-threaded torch beside onnxruntime (FIELD-NOTES)
     try:
         for role in TORCH_ROLES:
-            spec = run.meta["models"][ROLES[role]["run_key"]]
-            ckpt_path = run.path / spec["file"]
+            ckpt_path = run.path / run.spec(role).file
             if not ckpt_path.is_file():
                 raise ExportError("model checkpoint not found", where=str(ckpt_path), hint="re-run `edgekit train`")
             model, _ = load_checkpoint(ckpt_path)
@@ -202,8 +180,7 @@ def export_onnx(run: Run, out: Path) -> dict[str, Any]:
     finally:
         torch.set_num_threads(threads)
 
-    spec = run.meta["models"]["second_opinion"]
-    pkl = run.path / spec["file"]
+    pkl = run.path / run.spec("second_opinion").file
     try:
         with open(pkl, "rb") as fh:
             clf = pickle.load(fh)  # noqa: S301 - our own training output
@@ -358,7 +335,7 @@ def recalibrate(run: Run, outputs: dict[str, dict[str, np.ndarray]], target_erro
 
 def ood_reference(run: Run) -> str:
     """Which cal cases set the OOD threshold: those the autoencoder was fitted on (run.json fit_on)."""
-    return str(run.meta["models"]["autoencoder"].get("fit_on", "normal"))
+    return run.meta.models.autoencoder.fit_on
 
 
 # --- step 5: bundle -------------------------------------------------------------------------------
@@ -408,26 +385,27 @@ def write_bundle(run: Run, out: Path, parity: dict[str, Any], calibration: dict[
         fp32_file = parity["models"][role]["fp32"]["file"]
         x = run.x(role, "test")
         models[role] = {"file": use["file"], "fp32_file": fp32_file,
-                        "input": meta["models"][ROLES[role]["run_key"]]["input"], "input_name": "x",
+                        "input": run.spec(role).input, "input_name": "x",
                         "input_shape": [None, *x.shape[1:]], "dtype": "float32",
                         "outputs": ROLES[role]["outputs"], "quantization": use["quantization"],
                         "quantization_reason": use["reason"]}
-    inp = meta["input"]
+    inp = meta.input
     cal_report = {**calibration["calibration"], "models": {r: models[r]["file"] for r in models}}
     manifest = Manifest.model_validate({
         "schema": "edgekit.manifest/1",
-        "task": meta["task"],
+        "task": meta.task,
         "created_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "code_version": str(meta.get("code_version", "")),
+        "code_version": meta.code_version,
         "edgekit_version": edgekit.__version__,
-        "data_fingerprint": str(meta.get("data_fingerprint", "")),
-        "labels": run.labels, "normal_label": meta["normal_label"], "positive_label": meta.get("positive_label"),
-        "input": {"kind": inp["kind"], "extractor": inp["extractor"], "channels": inp.get("channels"),
-                  "rate_hz": inp.get("rate_hz"), "window_size": inp.get("window_size"),
-                  "window_hop": inp.get("window_hop"), "feature_names": inp["feature_names"],
-                  "imputation": meta.get("imputation"), "plausible": plausible_range(inp.get("channel_range")),
-                  "recording": inp.get("recording")},
-        "normalize": {"features": meta["normalize"]["features"], "window": meta["normalize"].get("window")},
+        "data_fingerprint": meta.data_fingerprint,
+        "labels": run.labels, "normal_label": meta.normal_label, "positive_label": meta.positive_label,
+        "input": {"kind": inp.kind, "extractor": inp.extractor, "channels": inp.channels,
+                  "rate_hz": inp.rate_hz, "window_size": inp.window_size, "window_hop": inp.window_hop,
+                  "feature_names": inp.feature_names,
+                  "imputation": meta.imputation.model_dump() if meta.imputation is not None else None,
+                  "plausible": plausible_range(inp.channel_range.model_dump() if inp.channel_range else None),
+                  "recording": inp.recording},
+        "normalize": meta.normalize,
         "models": models,
         "thresholds": calibration["thresholds"],
         "gate_calibration": cal_report,
@@ -455,8 +433,8 @@ def export(run_dir: Path, out: Path, *, int8: bool = True, sign_key: Path | None
                           hint="choose a new --out or remove the old bundle")
     if sign_key is not None and not Path(sign_key).is_file():
         raise ExportError("signing key not found", where=str(sign_key), hint="create one with `edgekit keygen`")
-    target = float(target_error if target_error is not None else run.meta["gate"]["target_error"])
-    delta = float(run.meta["gate"]["delta"])
+    target = float(target_error if target_error is not None else run.meta.gate.target_error)
+    delta = float(run.meta.gate.delta)
     if not 0 < target < 1 or not 0 < delta < 1:
         raise ExportError(f"target_error and delta must be in (0, 1) (got {target}, {delta})",
                           where=f"{run_dir / 'run.json'}:gate")

@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_curve  # noqa: E402
 
+from edgekit.contract.run import RunMeta  # noqa: E402
+
 log = logging.getLogger(__name__)
 
 
@@ -93,72 +95,80 @@ def _plot_ae(y: np.ndarray, score: np.ndarray, normal: int, normal_label: str, p
     plt.close(fig)
 
 
-def write_report(run_dir: Path, run: dict[str, Any], test: dict[str, np.ndarray]) -> Path:
-    """Write run_dir/report/index.html (+ PNGs) from run.json's dict and the test split's outputs
-    (`y`, `probs` (n, K), `ae_score` (n,)). Returns the HTML path."""
+METRIC_KEYS = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auc", "sensitivity", "specificity", "log_loss")
+GROUP_KEYS = ("n", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")
+
+
+def write_report(run_dir: Path, run: RunMeta, y: np.ndarray, probs: np.ndarray, ae_score: np.ndarray) -> Path:
+    """Write run_dir/report/index.html (+ PNGs) from run.json (as written) and the test split's labels `y`,
+    predictor probabilities `probs` (n, K) and autoencoder scores `ae_score` (n,). Returns the HTML path."""
     rep = Path(run_dir) / "report"
     rep.mkdir(parents=True, exist_ok=True)
-    labels = run["labels"]
-    normal = labels.index(run["normal_label"])
-    y, probs = test["y"], test["probs"]
-    _plot_losses(run["history"], rep / "loss.png")
-    _plot_confusion(np.asarray(run["metrics"]["test"]["confusion"]), labels, rep / "confusion.png")
-    _plot_roc(y, probs, labels, run["positive_label"], rep / "roc.png")
-    _plot_ae(y, test["ae_score"], normal, run["normal_label"], rep / "ae_hist.png")
-
-    keys = ("n", "accuracy", "balanced_accuracy", "macro_f1", "auc", "sensitivity", "specificity", "log_loss")
-    rows = []
-    for split, m in run["metrics"].items():
-        cells = "".join(f"<td>{_fmt(m.get(k))}</td>" for k in keys)
-        so, ae = m["second_opinion"], m["autoencoder"]
-        rows.append(f"<tr><th>{split}</th>{cells}<td>{_fmt(so['accuracy'])}</td><td>{_fmt(m['agreement'])}</td>"
-                    f"<td>{_fmt(ae['auc_other_vs_normal'])}</td></tr>")
-    head = "".join(f"<th>{k}</th>" for k in keys)
-    metrics_table = (f"<table><tr><th>split</th>{head}<th>second opinion acc.</th><th>agreement</th>"
-                     f"<th>AE AUC other vs normal</th></tr>{''.join(rows)}</table>")
-
-    group_html = ""
-    for name, values in run.get("groups_metrics", {}).items():
-        gkeys = ("n", "accuracy", "balanced_accuracy", "auc", "sensitivity", "specificity")
-        grow = "".join(
-            f"<tr><th>{html.escape(v)}</th>{''.join(f'<td>{_fmt(m.get(k))}</td>' for k in gkeys)}</tr>"
-            for v, m in values.items())
-        group_html += (f"<h3>by {html.escape(name)} (test split)</h3><table><tr><th>{html.escape(name)}</th>"
-                       f"{''.join(f'<th>{k}</th>' for k in gkeys)}</tr>{grow}</table>")
-    if not group_html:
-        group_html = "<p>This dataset has no group columns.</p>"
-
-    imp = run.get("imputation")
-    imp_html = ""
-    if imp:
-        missing = imp.get("missing") or {}
-        filled = ", ".join(f"{html.escape(k)} ({n} cells) = {imp['values'][k]:.4g}" for k, n in missing.items())
-        imp_html = (f"<p>Empty cells filled with the training split's median: {filled or 'none were empty'}.</p>")
-    sk = run.get("extra_labels_skipped") or {}
-    n_skipped = sum((sk.get("unknown_label") or {}).values()) + int(sk.get("unreadable_features") or 0)
-    skipped_html = (f" (skipped {n_skipped}: labels not in this task "
-                    f"{html.escape(str(sk.get('unknown_label') or {}))}, unreadable features "
-                    f"{sk.get('unreadable_features', 0)})") if n_skipped else ""
-    sizes = ", ".join(f"{k} {v}" for k, v in run["split_sizes"].items())
+    labels = run.labels
+    _plot_losses(run.history, rep / "loss.png")
+    _plot_confusion(np.asarray(run.metrics["test"]["confusion"]), labels, rep / "confusion.png")
+    _plot_roc(y, probs, labels, run.positive_label, rep / "roc.png")
+    _plot_ae(y, ae_score, run.normal_index, run.normal_label, rep / "ae_hist.png")
+    sizes = ", ".join(f"{k} {v}" for k, v in run.split_sizes.items())
     page = f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>edgekit run: {html.escape(run['task'])}</title>
+<html lang="en"><head><meta charset="utf-8"><title>edgekit run: {html.escape(run.task)}</title>
 <style>body{{font-family:sans-serif;max-width:1000px;margin:2em auto}} table{{border-collapse:collapse;margin:.5em 0}}
 td,th{{border:1px solid #ccc;padding:.2em .5em;text-align:right}} img{{max-width:100%}}</style></head><body>
-<h1>{html.escape(run['task'])}</h1>
-<p>labels {html.escape(', '.join(labels))}; normal {html.escape(run['normal_label'])}; device {run['device']};
-seed {run['seed']}; rows {sizes}; extra labels added to train: {run['extra_labels_added']}{skipped_html};
-predictor {run['models']['predictor']['arch']} on {run['models']['predictor']['input']};
-second opinion {run['models']['second_opinion']['kind']}; created {run['created_at']}.</p>
-{imp_html}
-<h2>Metrics</h2>{metrics_table}
+<h1>{html.escape(run.task)}</h1>
+<p>labels {html.escape(', '.join(labels))}; normal {html.escape(run.normal_label)}; device {run.device};
+seed {run.seed}; rows {sizes}; extra labels added to train: {run.extra_labels_added}{_skipped_html(run)};
+predictor {run.models.predictor.arch} on {run.models.predictor.input};
+second opinion {run.models.second_opinion.kind}; created {run.created_at}.</p>
+{_imputation_html(run)}
+<h2>Metrics</h2>{_metrics_table(run)}
 <h2>Loss curves</h2><img src="loss.png" alt="loss curves">
 <h2>Test split</h2><img src="confusion.png" alt="confusion matrix"> <img src="roc.png" alt="ROC">
 <img src="ae_hist.png" alt="autoencoder score histogram">
-<h2>Per group</h2>{group_html}
-<p>data fingerprint <code>{run['data_fingerprint']}</code>, edgekit {run['code_version']}</p>
+<h2>Per group</h2>{_groups_html(run)}
+<p>data fingerprint <code>{run.data_fingerprint}</code>, edgekit {run.code_version}</p>
 </body></html>
 """
     path = rep / "index.html"
     path.write_text(page)
     log.info("report_written path=%s", path)
     return path
+
+
+def _metrics_table(run: RunMeta) -> str:
+    rows = []
+    for split, m in run.metrics.items():
+        cells = "".join(f"<td>{_fmt(m.get(k))}</td>" for k in METRIC_KEYS)
+        so, ae = m["second_opinion"], m["autoencoder"]
+        rows.append(f"<tr><th>{split}</th>{cells}<td>{_fmt(so['accuracy'])}</td><td>{_fmt(m['agreement'])}</td>"
+                    f"<td>{_fmt(ae['auc_other_vs_normal'])}</td></tr>")
+    head = "".join(f"<th>{k}</th>" for k in METRIC_KEYS)
+    return (f"<table><tr><th>split</th>{head}<th>second opinion acc.</th><th>agreement</th>"
+            f"<th>AE AUC other vs normal</th></tr>{''.join(rows)}</table>")
+
+
+def _groups_html(run: RunMeta) -> str:
+    out = ""
+    for name, values in run.groups_metrics.items():
+        grow = "".join(
+            f"<tr><th>{html.escape(v)}</th>{''.join(f'<td>{_fmt(m.get(k))}</td>' for k in GROUP_KEYS)}</tr>"
+            for v, m in values.items())
+        out += (f"<h3>by {html.escape(name)} (test split)</h3><table><tr><th>{html.escape(name)}</th>"
+                f"{''.join(f'<th>{k}</th>' for k in GROUP_KEYS)}</tr>{grow}</table>")
+    return out or "<p>This dataset has no group columns.</p>"
+
+
+def _imputation_html(run: RunMeta) -> str:
+    imp = run.imputation
+    if imp is None:
+        return ""
+    filled = ", ".join(f"{html.escape(k)} ({n} cells) = {imp.values[k]:.4g}" for k, n in imp.missing.items())
+    return f"<p>Empty cells filled with the training split's median: {filled or 'none were empty'}.</p>"
+
+
+def _skipped_html(run: RunMeta) -> str:
+    sk = run.extra_labels_skipped
+    n_skipped = sum((sk.get("unknown_label") or {}).values()) + int(sk.get("unreadable_features") or 0)
+    if not n_skipped:
+        return ""
+    return (f" (skipped {n_skipped}: labels not in this task {html.escape(str(sk.get('unknown_label') or {}))}, "
+            f"unreadable features {sk.get('unreadable_features', 0)})")

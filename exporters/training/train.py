@@ -1,50 +1,9 @@
 """Train a recipe: predictor (torch), dense autoencoder (torch, normal rows), second opinion (scikit-learn).
 
-`train(recipe_path, out)` writes a run directory that the exporter (export/export.py) reads. Its
-contract, binding for both sides (additive keys allowed, nothing renamed):
-
-runs/NAME/
-  run.json          {"schema": "edgekit.run/1", "task": str, "recipe": {validated recipe as a dict},
-                     "seed": int, "device": "cpu"|"cuda", "labels": [str], "normal_label": str,
-                     "positive_label": str|null (binary tasks: the label that is not normal),
-                     "input": {"kind": "window"|"table", "extractor": "machine"|"gait"|"table",
-                               "channels": [str]|null, "rate_hz": float|null, "window_size": int|null,
-                               "window_hop": int|null, "feature_names": [str],
-                               "recording": {manifest.Recording} | null (the recordings' file layout, which
-                                            the agent's replay reads by default),
-                               "channel_range": {"min": [C], "max": [C]} | null (raw samples of the
-                                                 train split's windows; export widens it into the
-                                                 manifest's plausible range)},
-                     "normalize": {"features": {"mean": [F], "std": [F]},
-                                   "window": {"mean": [C], "std": [C]} | null (cnn1d only)},
-                     "imputation": {"method": "median", "values": {column: train median},
-                                    "missing": {column: empty cells over all rows}} | null,
-                     "data_fingerprint": sha256 hex over the raw data files' bytes (sorted by path), then the
-                                         extra-labels file's bytes,
-                     "models": {"predictor": {"file": "predictor.pt", "arch": "mlp"|"cnn1d",
-                                              "input": "features"|"window"},
-                                "autoencoder": {"file": "autoencoder.pt", "arch": "dense_ae",
-                                                "input": "features", "fit_on": "normal"|"all"},
-                                "second_opinion": {"file": "second_opinion.pkl",
-                                                   "kind": "random_forest"|"svm", "input": "features"}},
-                     "gate": {"target_error": float, "delta": float},
-                     "metrics": {"train"|"cal"|"test": {...}}, "groups_metrics": {group: {value: {...}}},
-                     "split_sizes": {split: n}, "extra_labels_added": int,
-                     "predictor_best_epoch": int (0-based epoch whose weights predictor.pt holds: the lowest
-                                             cal loss, or the last epoch when cal has < 200 rows),
-                     "extra_labels_skipped": {"unknown_label": {label: rows}, "unreadable_features": rows}
-                                             ({} without extra labels), "created_at": ISO 8601 UTC,
-                     "code_version": edgekit.__version__}
-  splits.npz        for split in train, cal, test:
-                      {split}_features      float32 (n, F) NORMALISED ((raw - mean) / std)
-                      {split}_features_raw  float32 (n, F) before normalisation (after imputation)
-                      {split}_window        float32 (n, C, W) NORMALISED per channel (cnn1d tasks only)
-                      {split}_y             int64 (n,) index into labels
-                      {split}_group         str (n,) the split group (file/subject), when group_by is set
-  predictor.pt, autoencoder.pt   models.save_checkpoint (load with load_checkpoint)
-  second_opinion.pkl             pickled scikit-learn estimator, fitted on NORMALISED features; its class
-                                 is the argmax of predict_proba (for SVC that can differ from predict())
-  report/index.html              plots and tables (report.py)
+`train(recipe_path, out)` writes a run directory that the exporter (export/export.py) reads: its layout and
+run.json (`RunMeta`) are the contract in edgekit/contract/run.py, binding for both sides. `_train` runs named
+steps over one typed `Split` per split: load -> split -> impute (-> extra labels) -> normalise -> fit predictor
+-> fit autoencoder -> fit second opinion -> score -> write.
 
 Normalisation: mean/std of the TRAIN split (std floored at 1e-6); test is never used for fitting or
 calibration. Windows (cnn1d): raw (W, C) windows as edgekit.window cuts them, (w - mean[c]) / std[c] with
@@ -59,6 +18,7 @@ median. Extra labels (train(extra_labels=...)) join the train split only, after 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import difflib
 import hashlib
 import json
@@ -68,6 +28,7 @@ import pickle
 import random
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -81,16 +42,26 @@ from torch import nn
 from tqdm import tqdm
 
 import edgekit
+from edgekit.contract.run import (
+    AutoencoderModel,
+    GateTarget,
+    Imputation,
+    PredictorModel,
+    RunInput,
+    RunMeta,
+    RunModels,
+    SecondOpinionModel,
+    write_run,
+)
 from edgekit.errors import ConfigError, DataError
 from edgekit.exporters.metrics import auc, classification_metrics
 from edgekit.exporters.training.models import build, save_checkpoint
-from edgekit.exporters.training.tasks import load_task
+from edgekit.exporters.training.tasks import TaskData, load_task
+from edgekit.manifest import Normalize, Stats
 from edgekit.recipe import PredictorSection, Recipe, load_recipe
 
 log = logging.getLogger(__name__)
 
-SCHEMA = "edgekit.run/1"
-SPLITS = ("train", "cal", "test")
 STD_FLOOR = 1e-6
 SECOND_OPINIONS: dict[str, tuple[type, dict[str, Any]]] = {
     # class_weight balanced: the minority class (faults, fallers) must not be ignored.
@@ -462,7 +433,7 @@ def group_metrics(groups: dict[str, np.ndarray], y: np.ndarray, probs: np.ndarra
     return out
 
 
-# --- the whole run -------------------------------------------------------------------------------
+# --- the run's steps, over one typed value per split ------------------------------------------------
 
 
 def fingerprint(files: list[Path], extra: Path | None) -> str:
@@ -474,9 +445,241 @@ def fingerprint(files: list[Path], extra: Path | None) -> str:
     return h.hexdigest()
 
 
+
+@dataclass(frozen=True)
+class Split:
+    """One split's rows on their way through training. `raw`: (n, F) float64 features after imputation; `y`:
+    (n,) int64 label indices; `window`: (n, W, C) raw windows (cnn1d tasks only); `group`: (n,) split group
+    (group_by) or None; `report`: report group name -> (n,) values; `x` / `w`: the normalised float32 model
+    inputs, features (n, F) and windows (n, C, W), set by `_normalise`."""
+
+    raw: np.ndarray
+    y: np.ndarray
+    window: np.ndarray | None = None
+    group: np.ndarray | None = None
+    report: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    x: np.ndarray | None = None
+    w: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.y)
+        arrays = {"raw": self.raw, "window": self.window, "group": self.group, "x": self.x, "w": self.w,
+                  **{f"report.{k}": v for k, v in self.report.items()}}
+        for name, a in arrays.items():
+            if a is not None and len(a) != n:
+                raise ValueError(f"Split.{name} has {len(a)} rows, y has {n}")
+
+    def model_input(self, kind: str) -> np.ndarray:
+        """The normalised input of a model that takes `kind` ("features" or "window")."""
+        a = self.w if kind == "window" else self.x
+        if a is None:
+            raise ValueError(f"split has no normalised {kind} (run _normalise first)")
+        return a
+
+
+@dataclass
+class Fitted:
+    """A trained torch model, what rebuilds it (arch and kwargs for save_checkpoint) and its loss per epoch."""
+
+    model: nn.Module
+    arch: str
+    kwargs: dict[str, Any]
+    history: dict[str, list[float]]
+    best_epoch: int | None = None
+
+
+@dataclass(frozen=True)
+class Scores:
+    """Every model's output on one split: predictor and second-opinion probabilities (n, K) and the
+    autoencoder's score (n,), as float64."""
+
+    y: np.ndarray
+    probs: np.ndarray
+    ae_score: np.ndarray
+    second: np.ndarray
+
+
+def _predictor_input(recipe: Recipe) -> str:
+    """What the predictor takes: "window" for a cnn1d, else "features"."""
+    return "window" if recipe.predictor.arch == "cnn1d" else "features"
+
+
+def _load_recipe(recipe_path: Path, epochs: int | None) -> tuple[Recipe, torch.device]:
+    """Step 1: the recipe (with the epochs override), seeds set, the device picked."""
+    overrides = {"predictor.epochs": epochs, "autoencoder.epochs": epochs} if epochs is not None else None
+    recipe = load_recipe(recipe_path, overrides)
+    seed_everything(recipe.seed)
+    device = pick_device()
+    log.info("train_start task=%s device=%s seed=%d recipe=%s", recipe.task, device.type, recipe.seed,
+             recipe_path)
+    return recipe, device
+
+
+def channel_range(windows: np.ndarray) -> dict[str, list[float]]:
+    """Per-channel min and max of raw (n, W, C) training windows."""
+    return {"min": windows.min(axis=(0, 1)).tolist(), "max": windows.max(axis=(0, 1)).tolist()}
+
+
+def _describe_input(recipe: Recipe, data: TaskData, train_rows: np.ndarray) -> RunInput:
+    """run.json's input: what the models' inputs are built from (channel_range: the train split's windows)."""
+    return RunInput(
+        kind=data.kind, extractor=data.extractor, channels=data.channels, rate_hz=data.rate_hz,
+        window_size=recipe.window.size if recipe.window else None,
+        window_hop=recipe.window.hop if recipe.window else None,
+        feature_names=data.feature_names,
+        channel_range=channel_range(data.windows[train_rows]) if data.windows is not None else None,
+        recording=data.recording)
+
+
+def _impute(recipe: Recipe, data: TaskData, rows: dict[str, np.ndarray]
+            ) -> tuple[Imputation | None, dict[str, Split]]:
+    """Step 3: empty cells get the train split's median (recipe data.imputation); one Split per split."""
+    values = fit_imputation(data.features[rows["train"]], data.feature_names, recipe.data.imputation,
+                            where=data.source)
+    imputation = None
+    if values is not None:
+        log.info("imputation method=median columns=%d missing_cells=%d", len(values),
+                 int(np.isnan(data.features).sum()))
+        missing = np.isnan(data.features).sum(axis=0)
+        imputation = Imputation(method="median", values=values,
+                                missing={n: int(c) for n, c in zip(data.feature_names, missing) if c})
+    raw = apply_imputation(data.features, data.feature_names, values)
+    use_window = _predictor_input(recipe) == "window"
+    splits = {
+        name: Split(raw=raw[r], y=data.y[r],
+                    window=data.windows[r] if use_window and data.windows is not None else None,
+                    group=data.split_groups[r] if data.split_groups is not None else None,
+                    report={k: v[r] for k, v in data.report_groups.items()})
+        for name, r in rows.items()}
+    return imputation, splits
+
+
+def _join_extra_labels(train: Split, path: Path, recipe: Recipe, data: TaskData
+                       ) -> tuple[Split, int, dict[str, Any]]:
+    """Step 3b: the hub's reviewed labels appended to the train split (group and report groups
+    "extra_labels"). Returns the new train split, the rows added and the skipped counts."""
+    ex_x, ex_y, ex_w, skipped = read_extra_labels(path, recipe.labels, data.feature_names,
+                                                  _predictor_input(recipe) == "window", data.channels,
+                                                  recipe.window.size if recipe.window else None)
+    added = len(ex_y)
+    joined = dataclasses.replace(
+        train, raw=np.concatenate([train.raw, ex_x]), y=np.concatenate([train.y, ex_y]),
+        window=np.concatenate([train.window, ex_w]) if train.window is not None and ex_w is not None else train.window,
+        group=np.concatenate([train.group, np.full(added, "extra_labels")]) if train.group is not None else None,
+        report={k: np.concatenate([v, np.full(added, "extra_labels")]) for k, v in train.report.items()})
+    log.info("extra_labels added=%d file=%s", added, path)
+    return joined, added, skipped
+
+
+def _normalise(splits: dict[str, Split]) -> tuple[dict[str, Split], Normalize]:
+    """Step 4: features (and windows, per channel) standardised with the train split's mean and std."""
+    train = splits["train"]
+    mean, std = fit_normalizer(train.raw)
+    w_stats = fit_normalizer(train.window, axis=(0, 1)) if train.window is not None else None
+    out = {}
+    for name, s in splits.items():
+        w = None
+        if s.window is not None and w_stats is not None:
+            w = np.ascontiguousarray(((s.window - w_stats[0]) / w_stats[1]).transpose(0, 2, 1)).astype(np.float32)
+        out[name] = dataclasses.replace(s, x=((s.raw - mean) / std).astype(np.float32), w=w)
+    window = Stats(mean=w_stats[0].tolist(), std=w_stats[1].tolist()) if w_stats is not None else None
+    return out, Normalize(features=Stats(mean=mean.tolist(), std=std.tolist()), window=window)
+
+
+def _fit_predictor(recipe: Recipe, data: TaskData, splits: dict[str, Split], device: torch.device,
+                   progress: bool) -> Fitted:
+    """Step 5: the predictor, early-stopped on the cal split's loss (fit_predictor)."""
+    pcfg = recipe.predictor
+    k = len(recipe.labels)
+    kwargs: dict[str, Any]
+    if _predictor_input(recipe) == "window":
+        kwargs = {"n_channels": len(data.channels or []), "n_classes": k,
+                  "window": int(recipe.window.size if recipe.window else 0),
+                  "width": pcfg.hidden[0], "dropout": pcfg.dropout}
+    else:
+        kwargs = {"n_features": len(data.feature_names), "n_classes": k, "hidden": tuple(pcfg.hidden),
+                  "dropout": pcfg.dropout}
+    train, cal, kind = splits["train"], splits["cal"], _predictor_input(recipe)
+    model = new_predictor(pcfg, kwargs, train.model_input("features"), recipe.seed)
+    history, best = fit_predictor(model, train.model_input(kind), train.y, cal.model_input(kind), cal.y, k, pcfg,
+                                  device, recipe.seed, progress)
+    return Fitted(model, pcfg.arch, kwargs, history, best)
+
+
+def _fit_autoencoder(recipe: Recipe, data: TaskData, splits: dict[str, Split], device: torch.device,
+                     progress: bool) -> Fitted:
+    """Step 6: the dense autoencoder on the train rows of normal_label (or all of them: fit_on = "all")."""
+    acfg = recipe.autoencoder
+    normal = recipe.labels.index(recipe.normal_label)
+    rows = {s: (np.ones(len(splits[s].y), bool) if acfg.fit_on == "all" else splits[s].y == normal)
+            for s in ("train", "cal")}
+    if not rows["train"].any():
+        raise DataError(f"no training rows of the normal label {recipe.normal_label!r} for the autoencoder",
+                        where=data.source)
+    kwargs = {"n_features": len(data.feature_names), "hidden": tuple(acfg.hidden)}
+    torch.manual_seed(recipe.seed)
+    model = build("dense_ae", **kwargs)
+    history = fit_autoencoder(model, splits["train"].model_input("features")[rows["train"]],
+                              splits["cal"].model_input("features")[rows["cal"]], acfg, device, recipe.seed,
+                              progress)
+    return Fitted(model, "dense_ae", kwargs, history)
+
+
+def _score(recipe: Recipe, splits: dict[str, Split], predictor: Fitted, autoencoder: Fitted, second: Any,
+           device: torch.device) -> dict[str, Scores]:
+    """Step 8: every model's output on every split."""
+    kind = _predictor_input(recipe)
+    return {name: Scores(y=s.y, probs=_predict(predictor.model, s.model_input(kind), device),
+                         ae_score=_predict(autoencoder.model, s.model_input("features"), device),
+                         second=second.predict_proba(s.model_input("features")).astype(np.float64))
+            for name, s in splits.items()}
+
+
+def _write_models(out: Path, predictor: Fitted, autoencoder: Fitted, second: Any) -> None:
+    """Step 9a: predictor.pt, autoencoder.pt (on the CPU) and second_opinion.pkl."""
+    for fitted, name in ((predictor, "predictor.pt"), (autoencoder, "autoencoder.pt")):
+        save_checkpoint(out / name, fitted.model.cpu(), fitted.arch, fitted.kwargs)
+    with (out / "second_opinion.pkl").open("wb") as fh:
+        pickle.dump(second, fh)
+
+
+def _write_splits(out: Path, splits: dict[str, Split]) -> None:
+    """Step 9b: splits.npz (layout in edgekit/contract/run.py)."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, s in splits.items():
+        arrays[f"{name}_features"] = s.model_input("features")
+        arrays[f"{name}_features_raw"] = s.raw.astype(np.float32)
+        arrays[f"{name}_y"] = s.y.astype(np.int64)
+        if s.w is not None:
+            arrays[f"{name}_window"] = s.w
+        if s.group is not None:
+            arrays[f"{name}_group"] = s.group.astype(str)
+    np.savez_compressed(out / "splits.npz", **arrays)
+
+
+def _model_files(recipe: Recipe) -> RunModels:
+    """run.json's models: the files step 9a writes and what each model takes."""
+    return RunModels(
+        predictor=PredictorModel(file="predictor.pt", arch=recipe.predictor.arch, input=_predictor_input(recipe)),
+        autoencoder=AutoencoderModel(file="autoencoder.pt", arch="dense_ae", input="features",
+                                     fit_on=recipe.autoencoder.fit_on),
+        second_opinion=SecondOpinionModel(file="second_opinion.pkl", kind=recipe.second_opinion.kind,
+                                          input="features"))
+
+
+def _metrics(recipe: Recipe, splits: dict[str, Split], scores: dict[str, Scores]
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """run.json's metrics per split and the test split's metrics per report group."""
+    labels, normal = recipe.labels, recipe.labels.index(recipe.normal_label)
+    metrics = {name: split_metrics(s.y, s.probs, s.second, s.ae_score, labels, normal)
+               for name, s in scores.items()}
+    test = scores["test"]
+    return metrics, group_metrics(splits["test"].report, test.y, test.probs, labels, normal)
+
+
 def train(recipe_path: Path, out: Path, *, extra_labels: Path | None = None, epochs: int | None = None,
           progress: bool = True) -> Path:
-    """Train everything a recipe asks for and write the run directory `out` (see the module docstring).
+    """Train everything a recipe asks for and write the run directory `out` (edgekit/contract/run.py).
 
     `extra_labels`: a labels CSV from the hub, appended to the train split only. `epochs` overrides both
     predictor.epochs and autoencoder.epochs (validated like the recipe). `progress`: tqdm bars per model.
@@ -496,189 +699,46 @@ def train(recipe_path: Path, out: Path, *, extra_labels: Path | None = None, epo
 
 def _train(recipe_path: Path, out: Path, *, extra_labels: Path | None, epochs: int | None,
            progress: bool) -> Path:
+    """The steps in order; the seeds and the order of random draws are part of the result."""
     started = time.perf_counter()
     recipe_path, out = Path(recipe_path), Path(out)
-    overrides = {"predictor.epochs": epochs, "autoencoder.epochs": epochs} if epochs is not None else None
-    recipe = load_recipe(recipe_path, overrides)
-    where = str(recipe_path)
-    seed_everything(recipe.seed)
-    device = pick_device()
-    log.info("train_start task=%s device=%s seed=%d recipe=%s", recipe.task, device.type, recipe.seed, where)
-
+    recipe, device = _load_recipe(recipe_path, epochs)
     data = load_task(recipe, recipe_path.parent)
-    labels = recipe.labels
-    normal = labels.index(recipe.normal_label)
-    split = split_indices(data.y, data.split_groups, recipe.splits.cal, recipe.splits.test, recipe.seed,
-                          labels, where=f"{data.source} (splits)")
-
-    imputation = fit_imputation(data.features[split["train"]], data.feature_names, recipe.data.imputation,
-                                where=data.source)
-    if imputation is not None:
-        log.info("imputation method=median columns=%d missing_cells=%d", len(imputation),
-                 int(np.isnan(data.features).sum()))
-    raw = apply_imputation(data.features, data.feature_names, imputation)
-    use_window = recipe.predictor.arch == "cnn1d"
-
-    parts: dict[str, dict[str, Any]] = {}
-    for name, rows in split.items():
-        parts[name] = {
-            "raw": raw[rows], "y": data.y[rows],
-            "window": data.windows[rows] if use_window and data.windows is not None else None,
-            "group": data.split_groups[rows] if data.split_groups is not None else None,
-            "report": {k: v[rows] for k, v in data.report_groups.items()},
-        }
-
-    added = 0
-    skipped: dict[str, Any] = {}
-    if extra_labels is not None:
-        ex_x, ex_y, ex_w, skipped = read_extra_labels(Path(extra_labels), labels, data.feature_names, use_window,
-                                             data.channels, recipe.window.size if recipe.window else None)
-        added = len(ex_y)
-        tr = parts["train"]
-        tr["raw"] = np.concatenate([tr["raw"], ex_x])
-        tr["y"] = np.concatenate([tr["y"], ex_y])
-        if use_window and ex_w is not None:
-            tr["window"] = np.concatenate([tr["window"], ex_w])
-        if tr["group"] is not None:
-            tr["group"] = np.concatenate([tr["group"], np.full(added, "extra_labels")])
-        log.info("extra_labels added=%d file=%s", added, extra_labels)
-
-    mean, std = fit_normalizer(parts["train"]["raw"])
-    w_mean = w_std = None
-    if use_window:
-        w_mean, w_std = fit_normalizer(parts["train"]["window"], axis=(0, 1))
-    for p in parts.values():
-        p["x"] = ((p["raw"] - mean) / std).astype(np.float32)
-        if use_window:
-            p["w"] = np.ascontiguousarray(((p["window"] - w_mean) / w_std).transpose(0, 2, 1)).astype(np.float32)
-
-    k, n_feat = len(labels), len(data.feature_names)
-    pcfg = recipe.predictor
-    if use_window:
-        p_kwargs: dict[str, Any] = {"n_channels": len(data.channels or []), "n_classes": k,
-                                    "window": int(recipe.window.size if recipe.window else 0),
-                                    "width": pcfg.hidden[0], "dropout": pcfg.dropout}
-    else:
-        p_kwargs = {"n_features": n_feat, "n_classes": k, "hidden": tuple(pcfg.hidden), "dropout": pcfg.dropout}
-    in_key = "w" if use_window else "x"
-
-    predictor = new_predictor(pcfg, p_kwargs, parts["train"]["x"], recipe.seed)
-    p_hist, p_best = fit_predictor(predictor, parts["train"][in_key], parts["train"]["y"], parts["cal"][in_key],
-                           parts["cal"]["y"], k, pcfg, device, recipe.seed, progress)
-
-    acfg = recipe.autoencoder
-    fit_all = acfg.fit_on == "all"
-    ae_rows = {s: (np.ones(len(p["y"]), bool) if fit_all else p["y"] == normal) for s, p in parts.items()}
-    if not ae_rows["train"].any():
-        raise DataError(f"no training rows of the normal label {recipe.normal_label!r} for the autoencoder",
-                        where=data.source)
-    a_kwargs = {"n_features": n_feat, "hidden": tuple(acfg.hidden)}
-    torch.manual_seed(recipe.seed)
-    autoencoder = build("dense_ae", **a_kwargs)
-    a_hist = fit_autoencoder(autoencoder, parts["train"]["x"][ae_rows["train"]],
-                             parts["cal"]["x"][ae_rows["cal"]], acfg, device, recipe.seed, progress)
-
-    second = fit_second_opinion(recipe, parts["train"]["x"], parts["train"]["y"], where)
-
-    metrics, outputs = {}, {}
-    for s, p in parts.items():
-        probs = _predict(predictor, p[in_key], device)
-        ae_score = _predict(autoencoder, p["x"], device)
-        sec = second.predict_proba(p["x"]).astype(np.float64)
-        outputs[s] = {"y": p["y"], "probs": probs, "ae_score": ae_score, "second": sec}
-        metrics[s] = split_metrics(p["y"], probs, sec, ae_score, labels, normal)
-    test_report = {kk: v for kk, v in parts["test"]["report"].items()}
-    groups_m = group_metrics(test_report, outputs["test"]["y"], outputs["test"]["probs"], labels, normal)
+    rows = split_indices(data.y, data.split_groups, recipe.splits.cal, recipe.splits.test, recipe.seed,
+                         recipe.labels, where=f"{data.source} (splits)")
+    imputation, splits = _impute(recipe, data, rows)
+    added, skipped, extra = 0, {}, Path(extra_labels) if extra_labels is not None else None
+    if extra is not None:
+        splits["train"], added, skipped = _join_extra_labels(splits["train"], extra, recipe, data)
+    splits, normalize = _normalise(splits)
+    predictor = _fit_predictor(recipe, data, splits, device, progress)
+    autoencoder = _fit_autoencoder(recipe, data, splits, device, progress)
+    second = fit_second_opinion(recipe, splits["train"].model_input("features"), splits["train"].y, str(recipe_path))
+    scores = _score(recipe, splits, predictor, autoencoder, second, device)
+    metrics, groups_metrics = _metrics(recipe, splits, scores)
 
     out.mkdir(parents=True, exist_ok=True)
-    predictor.cpu()
-    autoencoder.cpu()
-    save_checkpoint(out / "predictor.pt", predictor, pcfg.arch, p_kwargs)
-    save_checkpoint(out / "autoencoder.pt", autoencoder, "dense_ae", a_kwargs)
-    with (out / "second_opinion.pkl").open("wb") as fh:
-        pickle.dump(second, fh)
-    arrays: dict[str, np.ndarray] = {}
-    for s, p in parts.items():
-        arrays[f"{s}_features"] = p["x"]
-        arrays[f"{s}_features_raw"] = p["raw"].astype(np.float32)
-        arrays[f"{s}_y"] = p["y"].astype(np.int64)
-        if use_window:
-            arrays[f"{s}_window"] = p["w"]
-        if p["group"] is not None:
-            arrays[f"{s}_group"] = p["group"].astype(str)
-    np.savez_compressed(out / "splits.npz", **arrays)
-
-    run = {
-        "schema": SCHEMA,
-        "task": recipe.task,
-        "recipe": recipe.model_dump(mode="json"),
-        "seed": recipe.seed,
-        "device": device.type,
-        "labels": labels,
-        "normal_label": recipe.normal_label,
-        "positive_label": recipe.positive_label,
-        "input": {
-            "kind": data.kind, "extractor": data.extractor, "channels": data.channels,
-            "rate_hz": data.rate_hz,
-            "window_size": recipe.window.size if recipe.window else None,
-            "window_hop": recipe.window.hop if recipe.window else None,
-            "feature_names": data.feature_names,
-            "channel_range": channel_range(data.windows[split["train"]]) if data.windows is not None else None,
-            "recording": data.recording,
-        },
-        "normalize": {
-            "features": {"mean": mean.tolist(), "std": std.tolist()},
-            "window": {"mean": w_mean.tolist(), "std": w_std.tolist()} if use_window else None,
-        },
-        "imputation": {
-            "method": "median", "values": imputation,
-            "missing": {n: int(c) for n, c in zip(data.feature_names, np.isnan(data.features).sum(axis=0)) if c},
-        } if imputation is not None else None,
-        "data_fingerprint": fingerprint(data.files, Path(extra_labels) if extra_labels else None),
-        "models": {
-            "predictor": {"file": "predictor.pt", "arch": pcfg.arch, "input": "window" if use_window else "features"},
-            "autoencoder": {"file": "autoencoder.pt", "arch": "dense_ae", "input": "features",
-                            "fit_on": acfg.fit_on},
-            "second_opinion": {"file": "second_opinion.pkl", "kind": recipe.second_opinion.kind,
-                               "input": "features"},
-        },
-        "gate": {"target_error": recipe.gate.target_error, "delta": recipe.gate.delta},
-        "metrics": metrics,
-        "groups_metrics": groups_m,
-        "split_sizes": {s: int(len(p["y"])) for s, p in parts.items()},
-        "extra_labels_added": added,
-        "extra_labels_skipped": skipped,
-        "history": {"predictor": p_hist, "autoencoder": a_hist},
-        "predictor_best_epoch": p_best,
-        "train_seconds": round(time.perf_counter() - started, 2),
-        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "code_version": edgekit.__version__,
-    }
-    run = _finite(run)
-    (out / "run.json").write_text(json.dumps(run, indent=2, allow_nan=False))
+    _write_models(out, predictor, autoencoder, second)
+    _write_splits(out, splits)
+    meta = RunMeta(
+        task=recipe.task, recipe=recipe.model_dump(mode="json"), seed=recipe.seed, device=device.type,
+        labels=recipe.labels, normal_label=recipe.normal_label, positive_label=recipe.positive_label,
+        input=_describe_input(recipe, data, rows["train"]), normalize=normalize, imputation=imputation,
+        data_fingerprint=fingerprint(data.files, extra),
+        models=_model_files(recipe), gate=GateTarget(target_error=recipe.gate.target_error, delta=recipe.gate.delta),
+        metrics=metrics, groups_metrics=groups_metrics,
+        split_sizes={name: int(len(s.y)) for name, s in splits.items()},
+        extra_labels_added=added, extra_labels_skipped=skipped,
+        history={"predictor": predictor.history, "autoencoder": autoencoder.history},
+        predictor_best_epoch=predictor.best_epoch, train_seconds=round(time.perf_counter() - started, 2),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), code_version=edgekit.__version__)
+    written = write_run(out, meta)
 
     from edgekit.exporters.training.report import write_report  # matplotlib only when a report is written
 
-    write_report(out, run, outputs["test"])
+    test = scores["test"]
+    write_report(out, written, test.y, test.probs, test.ae_score)
     t = metrics["test"]
     log.info("train_done task=%s out=%s seconds=%.1f test_accuracy=%.3f test_balanced_accuracy=%s test_auc=%s",
              recipe.task, out, time.perf_counter() - started, t["accuracy"], t["balanced_accuracy"], t["auc"])
     return out
-
-
-def channel_range(windows: np.ndarray) -> dict[str, list[float]]:
-    """Per-channel min and max of raw (n, W, C) training windows."""
-    return {"min": windows.min(axis=(0, 1)).tolist(), "max": windows.max(axis=(0, 1)).tolist()}
-
-
-def _finite(o: Any) -> Any:
-    """JSON-safe copy: numpy scalars become Python numbers, NaN/inf become null."""
-    if isinstance(o, dict):
-        return {k: _finite(v) for k, v in o.items()}
-    if isinstance(o, (list, tuple)):
-        return [_finite(v) for v in o]
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (float, np.floating)):
-        return float(o) if np.isfinite(o) else None
-    return o
