@@ -173,6 +173,38 @@ def read_extra_labels(path: Path, labels: list[str], names: list[str], need_wind
     never guessed. A file with rows but none usable is a DataError (probably another task's file).
     Returns raw features (n, F), y (n,), windows (n, W, C) or None, and the skipped counts.
     """
+    rows, per_column = _read_labels_csv(path, names, need_window)
+    shape = (window_size, len(channels or [])) if need_window else None
+    xs, ys, ws = [], [], []
+    unknown: dict[str, int] = {}
+    unreadable: list[int] = []
+    for i, row in enumerate(rows, start=2):
+        if row["label"] not in labels:
+            unknown[row["label"]] = unknown.get(row["label"], 0) + 1
+            continue
+        try:
+            vec, win = _labelled_row(row, names, per_column, shape)
+        except (ValueError, KeyError, TypeError):
+            unreadable.append(i)
+            continue
+        xs.append(vec)
+        ys.append(labels.index(row["label"]))
+        if win is not None:
+            ws.append(win)
+    _log_skipped(path, labels, unknown, unreadable)
+    if rows and not xs:
+        raise DataError(f"none of {len(rows)} rows is usable (labels not in {labels}: {unknown}; "
+                        f"unreadable features: {len(unreadable)})", where=str(path))
+    x = np.asarray(xs, dtype=np.float64).reshape(len(xs), len(names))
+    w = None
+    if need_window:
+        w = np.stack(ws) if ws else np.empty((0, window_size or 0, len(channels or [])))
+    return x, np.asarray(ys, dtype=np.int64), w, {"unknown_label": unknown, "unreadable_features": len(unreadable)}
+
+
+def _read_labels_csv(path: Path, names: list[str], need_window: bool) -> tuple[list[dict[str, str]], bool]:
+    """The labels file's rows, once its header has what the task needs; and whether the features come one
+    column per name (else as a `features` JSON column)."""
     if not path.is_file():
         raise DataError("not found", where=str(path), hint="the CSV of reviewed labels from `edgekit labels export`")
     with path.open(newline="") as fh:
@@ -190,35 +222,29 @@ def read_extra_labels(path: Path, labels: list[str], names: list[str], need_wind
     if need_window and "window" not in header:
         raise DataError("cnn1d tasks need a 'window' column (JSON list of rows of channel values)",
                         where=str(path), hint="the hub's export carries features only: use an mlp recipe for it")
-    xs, ys, ws = [], [], []
-    unknown: dict[str, int] = {}
-    unreadable: list[int] = []
-    for i, row in enumerate(rows, start=2):
-        if row["label"] not in labels:
-            unknown[row["label"]] = unknown.get(row["label"], 0) + 1
-            continue
-        try:
-            if per_column:
-                vec = [float(row[n]) for n in names]
-            else:
-                raw = json.loads(row["features"])
-                vec = [float(raw[n]) for n in names] if isinstance(raw, dict) else [float(v) for v in raw]
-            win = None
-            if need_window:
-                win = np.asarray(json.loads(row["window"]), dtype=np.float64)
-                if win.shape != (window_size, len(channels or [])):
-                    raise ValueError(f"window shape {win.shape}")
-        except (ValueError, KeyError, TypeError):
-            unreadable.append(i)
-            continue
-        if len(vec) != len(names) or not np.all(np.isfinite(vec)):
-            unreadable.append(i)
-            continue
-        xs.append(vec)
-        ys.append(labels.index(row["label"]))
-        if win is not None:
-            ws.append(win)
-    skipped = {"unknown_label": unknown, "unreadable_features": len(unreadable)}
+    return rows, per_column
+
+
+def _labelled_row(row: dict[str, str], names: list[str], per_column: bool, window_shape: tuple[Any, int] | None
+                  ) -> tuple[list[float], np.ndarray | None]:
+    """One row's raw features (and window, when `window_shape` is given); ValueError, KeyError or TypeError
+    when they are missing, unreadable, of another length or not finite."""
+    if per_column:
+        vec = [float(row[n]) for n in names]
+    else:
+        raw = json.loads(row["features"])
+        vec = [float(raw[n]) for n in names] if isinstance(raw, dict) else [float(v) for v in raw]
+    win = None
+    if window_shape is not None:
+        win = np.asarray(json.loads(row["window"]), dtype=np.float64)
+        if win.shape != window_shape:
+            raise ValueError(f"window shape {win.shape}")
+    if len(vec) != len(names) or not np.all(np.isfinite(vec)):
+        raise ValueError("features of another length, or not finite")
+    return vec, win
+
+
+def _log_skipped(path: Path, labels: list[str], unknown: dict[str, int], unreadable: list[int]) -> None:
     for lab, n in unknown.items():
         close = difflib.get_close_matches(lab, labels, n=1)
         log.warning("extra_labels_skipped reason=unknown_label label=%r rows=%d file=%s%s", lab, n, path,
@@ -226,14 +252,6 @@ def read_extra_labels(path: Path, labels: list[str], names: list[str], need_wind
     if unreadable:
         log.warning("extra_labels_skipped reason=unreadable_features rows=%d first_line=%d file=%s",
                     len(unreadable), unreadable[0], path)
-    if rows and not xs:
-        raise DataError(f"none of {len(rows)} rows is usable (labels not in {labels}: {unknown}; "
-                        f"unreadable features: {len(unreadable)})", where=str(path))
-    x = np.asarray(xs, dtype=np.float64).reshape(len(xs), len(names))
-    w = None
-    if need_window:
-        w = np.stack(ws) if ws else np.empty((0, window_size or 0, len(channels or [])))
-    return x, np.asarray(ys, dtype=np.int64), w, skipped
 
 
 # --- torch fitting -------------------------------------------------------------------------------
