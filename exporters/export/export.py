@@ -237,77 +237,87 @@ def check_parity(run: Run, out: Path, exported: dict[str, Any], quantized: dict[
                  criteria: dict[str, float] | None = None) -> dict[str, Any]:
     """The parity report; `models[role]['use']` names the file each role will run."""
     crit = {**parity_mod.CRITERIA, **(criteria or {})}
-    y_test = run.y("test")
-    models: dict[str, Any] = {}
-    ae_threshold = None
-    for role in TORCH_ROLES:
-        fp32_file = exported[role]["fp32_file"]
-        x_test = run.x(role, "test")
-        out_name = ROLES[role]["outputs"][0]
-        fp32_test = parity_mod.run_model(out / fp32_file, x_test)[out_name]
-        fp32_cal = parity_mod.run_model(out / fp32_file, run.x(role, "cal"))[out_name]
-        report: dict[str, Any] = {
-            "fp32": {"file": fp32_file,
-                     "torch_vs_onnx": parity_mod.closeness(exported[role]["reference"]["test"], fp32_test,
-                                                           crit["fp32_atol"], crit["fp32_rtol"])},
-        }
-        report["fp32"]["pass"] = report["fp32"]["torch_vs_onnx"]["pass"]
-        if role == "gate":
-            ref = fp32_cal[run.y("cal") == run.normal_index] if ood_reference(run) == "normal" else fp32_cal
-            ae_threshold = float(np.quantile(ref if ref.size else fp32_cal, OOD_QUANTILE))
-        q = quantized.get(role)
-        latency: dict[str, float | None] = {"fp32": parity_mod.latency_us(out / fp32_file, x_test[0]), "int8": None}
-        int8_report = None
-        if q is not None and q.get("int8_file"):
-            int8_test = parity_mod.run_model(out / q["int8_file"], x_test)[out_name]
-            int8_report = parity_mod.compare_int8(
-                "probs" if role == "predictor" else "score", fp32_test, int8_test, y_test,
-                n_classes=len(run.labels), positive_index=run.positive_index, normal_index=run.normal_index,
-                ae_threshold=ae_threshold if role == "gate" else None, criteria=crit)
-            int8_report = {"file": q["int8_file"], "qdq_nodes": q["qdq_nodes"], **int8_report}
-            latency["int8"] = parity_mod.latency_us(out / q["int8_file"], x_test[0])
-        elif q is not None:
-            int8_report = {"file": None, "pass": False, "error": q.get("error"), "fail_reasons": [q.get("error")]}
-        if role == "predictor" and int8_report is None:
-            metric, value = decision_metric(y_test, fp32_test.argmax(-1), len(run.labels),
-                                                             run.positive_index)
-            report["heldout"] = {"metric": metric, "fp32": value}
-        report["int8"] = int8_report
-        report["latency_us"] = latency
-        if q is None:
-            choice = {"file": fp32_file, "quantization": "fp32", "reason": "int8 not requested"}
-        elif not q.get("int8_file"):
-            choice = {"file": fp32_file, "quantization": "fp32",
-                      "reason": f"int8 quantization failed ({q.get('error')}); fp32 kept"}
-        else:
-            choice = parity_mod.choose(role, fp32_file, q["int8_file"], int8_report, latency)
-        report["use"] = choice
-        report["pass"] = report["fp32"]["pass"]  # the used file passes: fp32 by closeness, int8 by its report
-        models[role] = report
-
-    # second opinion: ONNX vs scikit-learn
-    so = exported["second_opinion"]
-    onnx_out = parity_mod.run_model(out / so["fp32_file"], run.x("second_opinion", "test"))
-    agreement = float(np.mean(onnx_out["label"] == so["reference_label"]["test"]))
-    max_abs = float(np.abs(onnx_out["probabilities"] - so["reference"]["test"]).max(initial=0.0))
-    so_pass = agreement >= crit["sklearn_min_agreement"] and max_abs <= crit["sklearn_max_abs"]
-    metric, value = decision_metric(y_test, onnx_out["probabilities"].argmax(-1),
-                                                     len(run.labels), run.positive_index)
-    models["second_opinion"] = {
-        "fp32": {"file": so["fp32_file"], "label_agreement_vs_sklearn": agreement,
-                 "max_abs_vs_sklearn": max_abs, "pass": so_pass},
-        "heldout": {"metric": metric, "onnx": value},
-        "latency_us": {"fp32": parity_mod.latency_us(out / so["fp32_file"], run.x("second_opinion", "test")[0])},
-        "use": {"file": so["fp32_file"], "quantization": "fp32",
-                "reason": "scikit-learn model: not quantized"},
-        "pass": so_pass,
-    }
+    models = {role: _torch_parity(run, out, role, exported[role], quantized.get(role), crit)
+              for role in TORCH_ROLES}
+    models["second_opinion"] = _second_opinion_parity(run, out, exported["second_opinion"], crit)
     passed = all(m["pass"] for m in models.values())
     report = {"schema": "edgekit.parity/1", "passed": passed, "criteria": crit,
-              "n_test": int(len(y_test)), "models": models}
+              "n_test": int(len(run.y("test"))), "models": models}
     for role, m in models.items():
         log.info("parity role=%s pass=%s use=%s reason=%r", role, m["pass"], m["use"]["file"], m["use"]["reason"])
     return report
+
+
+def _torch_parity(run: Run, out: Path, role: str, exported: dict[str, Any], quantized: dict[str, Any] | None,
+                  crit: dict[str, float]) -> dict[str, Any]:
+    """One torch role: torch vs fp32 ONNX, fp32 vs INT8 on the test split (when quantized), latency, and the
+    file the role will use. It passes by its fp32 closeness; INT8 is used only when its own report passes."""
+    fp32_file = exported["fp32_file"]
+    x_test, y_test = run.x(role, "test"), run.y("test")
+    out_name = ROLES[role]["outputs"][0]
+    fp32_test = parity_mod.run_model(out / fp32_file, x_test)[out_name]
+    closeness = parity_mod.closeness(exported["reference"]["test"], fp32_test, crit["fp32_atol"], crit["fp32_rtol"])
+    report: dict[str, Any] = {"fp32": {"file": fp32_file, "torch_vs_onnx": closeness, "pass": closeness["pass"]}}
+    latency: dict[str, float | None] = {"fp32": parity_mod.latency_us(out / fp32_file, x_test[0]), "int8": None}
+    int8_report = None
+    if quantized is not None and quantized.get("int8_file"):
+        int8_file = quantized["int8_file"]
+        int8_test = parity_mod.run_model(out / int8_file, x_test)[out_name]
+        int8_report = parity_mod.compare_int8(
+            "probs" if role == "predictor" else "score", fp32_test, int8_test, y_test,
+            n_classes=len(run.labels), positive_index=run.positive_index, normal_index=run.normal_index,
+            ae_threshold=_ood_threshold(run, out / fp32_file) if role == "gate" else None, criteria=crit)
+        int8_report = {"file": int8_file, "qdq_nodes": quantized["qdq_nodes"], **int8_report}
+        latency["int8"] = parity_mod.latency_us(out / int8_file, x_test[0])
+    elif quantized is not None:
+        error = quantized.get("error")
+        int8_report = {"file": None, "pass": False, "error": error, "fail_reasons": [error]}
+    if role == "predictor" and int8_report is None:
+        metric, value = decision_metric(y_test, fp32_test.argmax(-1), len(run.labels), run.positive_index)
+        report["heldout"] = {"metric": metric, "fp32": value}
+    report["int8"] = int8_report
+    report["latency_us"] = latency
+    report["use"] = _choose_file(role, fp32_file, quantized, int8_report, latency)
+    report["pass"] = report["fp32"]["pass"]  # the used file passes: fp32 by closeness, int8 by its report
+    return report
+
+
+def _ood_threshold(run: Run, fp32_gate: Path) -> float:
+    """The OOD threshold the fp32 autoencoder gives on the cal split (its reference cases, OOD_QUANTILE):
+    the decisions INT8 must agree with."""
+    cal = parity_mod.run_model(fp32_gate, run.x("gate", "cal"))[ROLES["gate"]["outputs"][0]]
+    ref = cal[run.y("cal") == run.normal_index] if ood_reference(run) == "normal" else cal
+    return float(np.quantile(ref if ref.size else cal, OOD_QUANTILE))
+
+
+def _choose_file(role: str, fp32_file: str, quantized: dict[str, Any] | None, int8_report: dict[str, Any] | None,
+                 latency: dict[str, float | None]) -> dict[str, Any]:
+    if quantized is None:
+        return {"file": fp32_file, "quantization": "fp32", "reason": "int8 not requested"}
+    if not quantized.get("int8_file"):
+        return {"file": fp32_file, "quantization": "fp32",
+                "reason": f"int8 quantization failed ({quantized.get('error')}); fp32 kept"}
+    return parity_mod.choose(role, fp32_file, quantized["int8_file"], int8_report, latency)
+
+
+def _second_opinion_parity(run: Run, out: Path, exported: dict[str, Any], crit: dict[str, float]) -> dict[str, Any]:
+    """The second opinion's ONNX file vs scikit-learn on the test split (never quantized)."""
+    fp32_file = exported["fp32_file"]
+    x_test, y_test = run.x("second_opinion", "test"), run.y("test")
+    onnx_out = parity_mod.run_model(out / fp32_file, x_test)
+    agreement = float(np.mean(onnx_out["label"] == exported["reference_label"]["test"]))
+    max_abs = float(np.abs(onnx_out["probabilities"] - exported["reference"]["test"]).max(initial=0.0))
+    so_pass = agreement >= crit["sklearn_min_agreement"] and max_abs <= crit["sklearn_max_abs"]
+    metric, value = decision_metric(y_test, onnx_out["probabilities"].argmax(-1), len(run.labels),
+                                    run.positive_index)
+    return {
+        "fp32": {"file": fp32_file, "label_agreement_vs_sklearn": agreement, "max_abs_vs_sklearn": max_abs,
+                 "pass": so_pass},
+        "heldout": {"metric": metric, "onnx": value},
+        "latency_us": {"fp32": parity_mod.latency_us(out / fp32_file, x_test[0])},
+        "use": {"file": fp32_file, "quantization": "fp32", "reason": "scikit-learn model: not quantized"},
+        "pass": so_pass,
+    }
 
 
 # --- step 4: recalibrate --------------------------------------------------------------------------
