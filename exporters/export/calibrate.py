@@ -68,17 +68,8 @@ def ltt_threshold(scores: np.ndarray, errors: np.ndarray, target_error: float, d
     k_err = cum_errors[n_acc]
     p_values = np.where(n_acc > 0, binom.cdf(k_err, np.maximum(n_acc, 1), target_error), 1.0)
 
-    best: int | None = None
-    tested = 0
     n_min = START_FACTOR * min_accepted(target_error, delta)
-    for i in range(grid.size):
-        if n_acc[i] < n_min:
-            continue  # cannot reject here whatever the errors: not a test
-        tested += 1
-        if p_values[i] <= delta:
-            best = i
-        else:
-            break
+    best, tested = _fixed_sequence(n_acc, p_values, n_min, delta)
     if best is None:
         out = {"lambda": math.inf, "n_accepted": 0, "n_errors": 0, "error": None, "coverage": 0.0,
                "p_value": float(p_values[n_acc >= n_min][0]) if (n_acc >= n_min).any() else 1.0,
@@ -90,6 +81,22 @@ def ltt_threshold(scores: np.ndarray, errors: np.ndarray, target_error: float, d
                "n_tested": tested, "n": n}
     log.debug("ltt_threshold lambda=%s valid=%s coverage=%.3f", out["lambda"], out["valid"], out["coverage"])
     return out
+
+
+def _fixed_sequence(n_acc: np.ndarray, p_values: np.ndarray, n_min: int, delta: float) -> tuple[int | None, int]:
+    """Walk the grid (strict -> lax) rejecting while p <= delta; stop at the first failure. Points accepting
+    fewer than `n_min` cases are not tests. Returns the last rejected index (None: none) and the tests run."""
+    best: int | None = None
+    tested = 0
+    for i in range(len(n_acc)):
+        if n_acc[i] < n_min:
+            continue  # cannot reject here whatever the errors: not a test
+        tested += 1
+        if p_values[i] <= delta:
+            best = i
+        else:
+            break
+    return best, tested
 
 
 def tv_distance(p: np.ndarray, q: np.ndarray) -> np.ndarray:
