@@ -33,9 +33,11 @@ import numpy as np
 import orjson
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
+from messagefactory import result, review, trial
 
 from edgekit import topics
 from edgekit.config import AgentConfig, MqttSource, ReplaySource, SerialSource, load_config
+from edgekit.contract import messages as m
 from edgekit.datasets import IPOL_CHANNELS, IPOL_RECORDING, NAB_RECORDING, SKAB_CHANNELS, SKAB_RECORDING
 from edgekit.errors import ConfigError, DataError
 from edgekit.source import MAX_LINE_CHARS, LineRejected, decode_line, open_source
@@ -521,26 +523,24 @@ def _metrics(site: str, device: str) -> dict[str, Any]:
         transport=SimpleNamespace(stats=lambda: {"acked": 10, "replayed": 1}),
         outbox=SimpleNamespace(backlog=lambda: 2, dropped=0))
     agent.counters.quarantine_reasons["wrong width"] += 2
-    metrics = Agent.metrics(agent)  # type: ignore[arg-type]
-    return metrics.to_obj() if hasattr(metrics, "to_obj") else metrics  # a typed message, or its dict
+    return Agent.metrics(agent).to_obj()  # type: ignore[arg-type]
 
 
 def seed_payloads(site: str, device: str, seq: int) -> dict[str, list[Any]]:
-    """Valid payloads of every kind, built as the agent and the hub's own tests build them, by topic kind.
-    A result-batch is a dict too (decoded from topics.batch) so that mutations reach inside it."""
-    from test_hub_ingest import result, review, trial
-
+    """Valid payloads of every kind, by topic kind, built with the contract (tests/messagefactory.py, the
+    agent's own metrics) and given as dicts (`to_obj()`) for mutations to work on. A result-batch is a dict
+    too (its encoding decoded) so that mutations reach inside it."""
     res = result(device, seq, site=site, defer=True)
     return {
-        "result": [res, result(device, seq, site=site, defer=False),
-                   orjson.loads(topics.batch(site, device, [topics.encode(result(device, seq + k, site=site))
-                                                             for k in range(3)]))],
-        "review": [review(res, n=16)],
-        "status": [orjson.loads(topics.status(site, device, "online", 1_700_000_000.0, model_version="m@1",
-                                              queued=4, dropped=0)),
-                   orjson.loads(topics.status(site, device, "offline", 1_700_000_000.0))],
+        "result": [res.to_obj(), result(device, seq, site=site, defer=False).to_obj(),
+                   orjson.loads(m.ResultBatch(site, device, [result(device, seq + k, site=site)
+                                                             for k in range(3)]).encode())],
+        "review": [review(res, n=16).to_obj()],
+        "status": [m.Status(site, device, "online", 1_700_000_000.0, model_version="m@1", queued=4,
+                            dropped=0).to_obj(),
+                   m.Status(site, device, "offline", 1_700_000_000.0).to_obj()],
         "metrics": [_metrics(site, device)],
-        "trial": [trial(device, seq, site=site), trial(device, seq, site=site, walk=False)],
+        "trial": [trial(device, seq, site=site).to_obj(), trial(device, seq, site=site, walk=False).to_obj()],
     }
 
 
@@ -801,7 +801,7 @@ def _skab_with(line: str, at: int = 50, n: int = 100) -> bytes:
 
 
 def _status(**fields: Any) -> bytes:
-    return orjson.dumps({**orjson.loads(topics.status("lab", "edge-1", "online", 1_700_000_000.0)), **fields})
+    return orjson.dumps({**m.Status("lab", "edge-1", "online", 1_700_000_000.0).to_obj(), **fields})
 
 
 FOUND: dict[str, list[Any]] = {
@@ -820,7 +820,8 @@ FOUND: dict[str, list[Any]] = {
         [(topics.topic("lab", "edge-1", "status"), _status(queued=2**63), True)],  # SQLite INTEGER overflow
         [(topics.topic("lab", "edge-1", "metrics"),
           orjson.dumps({**_metrics("lab", "edge-1"), "dropped": 2**64 - 1}), False)],
-        [(topics.topic("lab", "edge-1", "review"), orjson.dumps({"schema": [], "id": "edge-1:000000000000"}), False)],
+        [(topics.topic("lab", "edge-1", "review"),  # a schema that is not a string: unhashable in a set lookup
+          orjson.dumps({**review(result("edge-1", 0)).to_obj(), "schema": []}), False)],
     ],
     "recipe": [b"\x80", f"a = {'[' * 1000}{']' * 1000}".encode(), b"task = 'x'\nseed = inf\n"],
     "config": [

@@ -9,10 +9,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from test_hub_ingest import hub_listening, publish_all, publisher, result, review, wait_for
+from messagefactory import result, review
+from test_hub_ingest import hub_listening, publish_all, publisher, wait_for
 
 from edgekit import topics
 from edgekit.broker import free_port
+from edgekit.contract import messages as m
 from edgekit.hub import add_user, export_labels, run_hub
 from edgekit.hub.db import HubDB
 
@@ -38,10 +40,11 @@ def test_reviewer_labels_a_case_in_the_browser(mosquitto, tmp_path):
         hub_listening(db_url, mosquitto.port)
         pub = publisher(mosquitto.port)
         res = [result("edge-7", s, site="clinic") for s in range(1, 21)]
-        msgs = [(topics.topic("clinic", "edge-7", "result"), topics.batch("clinic", "edge-7", [topics.encode(r) for r in res]))]
-        msgs += [(topics.topic("clinic", "edge-7", "review"), topics.encode(review(r))) for r in res if r["decision"] == "defer"]
+        msgs = [(topics.topic("clinic", "edge-7", "result"), m.ResultBatch("clinic", "edge-7", res).encode())]
+        msgs += [(topics.topic("clinic", "edge-7", "review"), review(r).encode()) for r in res if r.decision == "defer"]
         msgs.append((topics.topic("clinic", "edge-7", "status"),
-                     topics.status("clinic", "edge-7", "online", res[-1]["ts"], model_version="gait-cnn@3", queued=0, dropped=0)))
+                     m.Status("clinic", "edge-7", "online", res[-1].ts, model_version="gait-cnn@3", queued=0,
+                              dropped=0).encode()))
         publish_all(pub, msgs)
         pub.disconnect()
         pub.loop_stop()

@@ -4,6 +4,7 @@ its own site and device while letting it publish every kind the agent sends, tri
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import subprocess
@@ -12,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_hub_ingest import hub_listening, publish_all, publisher, result, review, trial, wait_for
+from messagefactory import result, review, trial
+from test_hub_ingest import hub_listening, publish_all, publisher, wait_for
 
 from edgekit import topics
 from edgekit.broker import Mosquitto, installed
+from edgekit.contract import messages as m
 from edgekit.errors import DataError
 from edgekit.hub.db import HubDB
 from edgekit.hub.ingest import Ingest, IngestStats, to_batch
@@ -57,7 +60,8 @@ def _without(obj: dict[str, Any], key: str) -> dict[str, Any]:
     return {k: v for k, v in obj.items() if k != key}
 
 
-BASE = {"result": result("dev", 7), "review": review(result("dev", 7, defer=True)), "trial": trial("dev", 7)}
+BASE = {"result": result("dev", 7).to_obj(), "review": review(result("dev", 7, defer=True)).to_obj(),
+        "trial": trial("dev", 7).to_obj()}
 MALFORMED = {  # each applied to a result, a review and a trial of device "dev", sequence 7, site "lab"
     "no colon": lambda o: {**o, "id": "no-colon"},
     "negative sequence": lambda o: {**o, "id": "dev:-1", "seq": -1},
@@ -93,12 +97,13 @@ def test_a_result_review_or_trial_not_of_the_topics_device_is_rejected_counted_a
 
 def test_one_foreign_result_rejects_its_whole_batch_message(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="edgekit.hub")
-    own = [topics.encode(result("dev", s)) for s in (1, 2, 3)]
+    own = [result("dev", s) for s in (1, 2, 3)]
+    foreign = topics.encode({**result("dev", 4).to_obj(), "id": "other:4"})
     stats = IngestStats()
-    msgs = [(TOPIC, topics.batch("lab", "dev", [*own, topics.encode({**result("dev", 4), "id": "other:4"})])),
-            (TOPIC, topics.batch("lab", "other", own)),  # the envelope names another device
-            (TOPIC, topics.batch("elsewhere", "dev", own)),  # ... or another site
-            (TOPIC, topics.batch("lab", "dev", own))]  # all its own: stored
+    msgs = [(TOPIC, m.ResultBatch.encoded("lab", "dev", [r.encode() for r in own] + [foreign])),
+            (TOPIC, m.ResultBatch("lab", "other", own).encode()),  # the envelope names another device
+            (TOPIC, m.ResultBatch("elsewhere", "dev", own).encode()),  # ... or another site
+            (TOPIC, m.ResultBatch("lab", "dev", own).encode())]  # all its own: stored
     batch = to_batch(msgs, 1.0, stats)
     assert [r["id"] for r in batch.results] == [topics.result_id("dev", s) for s in (1, 2, 3)]
     assert (stats.rejected, stats.bad, stats.results) == (3, 0, 3)
@@ -109,12 +114,12 @@ def test_one_foreign_result_rejects_its_whole_batch_message(caplog: pytest.LogCa
 def test_status_and_metrics_naming_another_site_or_device_are_rejected(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="edgekit.hub")
     st, mt = topics.topic("lab", "dev", "status"), topics.topic("lab", "dev", "metrics")
-    metrics = {"schema": topics.SCHEMA_METRICS, "site": "lab", "device": "dev", "ts": 5.0, "windows": 3}
+    metrics = m.Metrics("lab", "dev", 5.0, counters={"windows": 3}).to_obj()
     stats = IngestStats()
-    batch = to_batch([(st, topics.status("lab", "other", "offline", 1.0)),
-                      (st, topics.status("elsewhere", "dev", "offline", 1.0)),
+    batch = to_batch([(st, m.Status("lab", "other", "offline", 1.0).encode()),
+                      (st, m.Status("elsewhere", "dev", "offline", 1.0).encode()),
                       (mt, topics.encode({**metrics, "device": "other"})),
-                      (st, topics.status("lab", "dev", "online", 2.0)),
+                      (st, m.Status("lab", "dev", "online", 2.0).encode()),
                       (mt, topics.encode(_without(_without(metrics, "site"), "device")))], 3.0, stats)
     assert (stats.rejected, stats.bad) == (3, 0)
     assert batch.status[("lab", "dev")]["state"] == "online" and batch.metrics[("lab", "dev")]["windows"] == 3
@@ -135,27 +140,27 @@ def test_a_device_carrying_anothers_next_id_is_rejected_and_the_real_result_kept
     SPOOF_TS = 4_000_000_000.0  # noqa: N806 - a marker: the spoofed status's ts
     real = result("goodfz", 2, defer=True)
     evil_features = {"acc_rms": 99.0, "gyro_rms": 99.0, "cadence_hz": 99.0}
-    as_evil = {**real, "device": "evil", "label": "sit", "ts": real["ts"] + 1000}
+    as_evil = dataclasses.replace(real, device="evil", label="sit", ts=real.ts + 1000)
     spoofs: list[tuple[str, bytes]] = [
-        (topics.topic("lab", "evil", "result"), topics.encode(real)),  # goodfz's payload, evil's topic
-        (topics.topic("lab", "evil", "result"), topics.encode(as_evil)),  # evil's, with goodfz's id
+        (topics.topic("lab", "evil", "result"), real.encode()),  # goodfz's payload, evil's topic
+        (topics.topic("lab", "evil", "result"), as_evil.encode()),  # evil's, with goodfz's id
         (topics.topic("lab", "evil", "result"),
-         topics.batch("lab", "evil", [topics.encode(result("evil", 1)), topics.encode(as_evil)])),
-        (topics.topic("lab", "evil", "review"), topics.encode({**review(as_evil), "features": evil_features})),
-        (topics.topic("lab", "evil", "trial"), topics.encode({**trial("goodfz", 2), "device": "evil"})),
-        (topics.topic("lab", "evil", "status"), topics.status("lab", "goodfz", "offline", SPOOF_TS)),
+         m.ResultBatch("lab", "evil", [result("evil", 1), as_evil]).encode()),
+        (topics.topic("lab", "evil", "review"), review(as_evil, features=evil_features).encode()),
+        (topics.topic("lab", "evil", "trial"), dataclasses.replace(trial("goodfz", 2), device="evil").encode()),
+        (topics.topic("lab", "evil", "status"), m.Status("lab", "goodfz", "offline", SPOOF_TS).encode()),
     ]
     with HubDB(db_url) as db, Ingest(mosquitto.url, db, share_group=None) as hub:
         hub_listening(db_url, mosquitto.port)
         with Transport(mosquitto.url, site="lab", device="goodfz", outbox=tmp_path / "goodfz.db") as good:
-            good.send("result", topics.encode(result("goodfz", 1)))
+            good.send("result", result("goodfz", 1).encode())
             assert good.flush(15), good.stats()
             wait_for(lambda: db.case(topics.result_id("goodfz", 1)) is not None, what="goodfz's first result")
 
             evil = publisher(mosquitto.port, "evil")
             try:
                 publish_all(evil, spoofs)
-                publish_all(evil, [(topics.topic("lab", "evil", "result"), topics.encode(result("evil", 2)))])
+                publish_all(evil, [(topics.topic("lab", "evil", "result"), result("evil", 2).encode())])
             finally:
                 evil.disconnect()
                 evil.loop_stop()
@@ -163,14 +168,14 @@ def test_a_device_carrying_anothers_next_id_is_rejected_and_the_real_result_kept
             assert hub.stats.rejected == len(spoofs)
 
             # goodfz's real next result and its review come after the spoofs: stored, not dropped as duplicates.
-            good.send_many([("result", topics.encode(real)), ("review", topics.encode(review(real)))])
+            good.send_many([("result", real.encode()), ("review", review(real).encode())])
             assert good.flush(15), good.stats()
-            wait_for(lambda: (db.case(real["id"]) or {}).get("features") is not None, what="goodfz's review")
+            wait_for(lambda: (db.case(real.id) or {}).get("features") is not None, what="goodfz's review")
 
-        case = db.case(real["id"])
+        case = db.case(real.id)
         assert case is not None
-        assert (case["site"], case["device"], case["label"], case["ts"]) == ("lab", "goodfz", "walk", real["ts"])
-        assert case["features"] == review(real)["features"] and case["features"] != evil_features
+        assert (case["site"], case["device"], case["label"], case["ts"]) == ("lab", "goodfz", "walk", real.ts)
+        assert case["features"] == review(real).features and case["features"] != evil_features
         assert db.count() == 3  # goodfz:1, goodfz:2 and evil's one result of its own (evil:2)
         assert db.count_trials() == 0
         assert hub.stats.bad == 0 and hub.stats.rejected == len(spoofs)
@@ -230,9 +235,8 @@ def test_under_the_shipped_acl_a_device_publishes_trials_and_cannot_publish_unde
     broker.conf.write_text(f"listener {broker.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
                            f"acl_file {acl}\nuser root\nlog_dest stderr\nlog_type error\nlog_type warning\n")
     db_url = f"sqlite:///{tmp_path / 'hub.db'}"
-    own = [("trial", topics.encode(trial("goodfz", 1))), ("result", topics.encode(result("goodfz", 2))),
-           ("metrics", topics.encode({"schema": topics.SCHEMA_METRICS, "site": "lab", "device": "goodfz",
-                                      "ts": time.time(), "windows": 2}))]
+    own = [("trial", trial("goodfz", 1).encode()), ("result", result("goodfz", 2).encode()),
+           ("metrics", m.Metrics("lab", "goodfz", time.time(), counters={"windows": 2}).encode())]
     with broker, HubDB(db_url) as db, Ingest(broker.url, db, security=MqttSecurity(username="hub", password="hubpw")) as hub:
         assert hub.connected.wait(10)
         with Transport(broker.url, site="lab", device="goodfz", outbox=tmp_path / "goodfz.db",
@@ -254,14 +258,14 @@ def test_under_the_shipped_acl_a_device_publishes_trials_and_cannot_publish_unde
             with Transport(broker.url, site=site, device=device, outbox=tmp_path / f"{site}.db",
                            security=GOODFZ, client_id=f"goodfz-as-{site}") as tr:
                 wait_for(lambda: tr.connected, what="the CONNACK")  # noqa: B023 - used at once
-                tr.send_many([("trial", topics.encode(trial(device, 10, site=site))),
-                              ("result", topics.encode(result(device, 11, site=site)))])
+                tr.send_many([("trial", trial(device, 10, site=site).encode()),
+                              ("result", result(device, 11, site=site).encode())])
                 assert tr.flush(15), tr.stats()
         # A marker on goodfz's own topic, acknowledged after those: once the hub has it, it has had whatever
         # the broker let through before it (one broker thread, one ordered session to the hub).
         with Transport(broker.url, site="lab", device="goodfz", outbox=tmp_path / "goodfz.db",
                        security=GOODFZ) as tr:
-            tr.send("result", topics.encode(result("goodfz", 3)))
+            tr.send("result", result("goodfz", 3).encode())
             assert tr.flush(15), tr.stats()
             wait_for(lambda: db.case(topics.result_id("goodfz", 3)) is not None, what="goodfz's marker result")
         assert db.count() == 2
@@ -273,14 +277,14 @@ def test_under_the_shipped_acl_a_device_publishes_trials_and_cannot_publish_unde
         # The last will is a status publish too: the shipped ACL lets it through on the device's own topic.
         if shutil.which("mosquitto_pub") is None:
             return
-        will = topics.status("lab", "goodfz", "offline", time.time(), reason="lost")
+        will = m.Status("lab", "goodfz", "offline", time.time(), reason="lost").encode()
         pub = subprocess.Popen(["mosquitto_pub", "-p", str(broker.port), "-u", "goodfz", "-P", "goodpw",
                                 "-i", "goodfz-will", "-q", "1", "-l", "-t", topics.topic("lab", "goodfz", "result"),
                                 "--will-topic", topics.topic("lab", "goodfz", "status"), "--will-qos", "1",
                                 "--will-retain", "--will-payload", will.decode()], stdin=subprocess.PIPE)
         try:
             assert pub.stdin is not None
-            pub.stdin.write(topics.encode(result("goodfz", 4)) + b"\n")  # one line, one publish
+            pub.stdin.write(result("goodfz", 4).encode() + b"\n")  # one line, one publish
             pub.stdin.flush()
             wait_for(lambda: db.case(topics.result_id("goodfz", 4)) is not None,
                      what="the will client's result")  # it is connected, its will registered

@@ -16,65 +16,15 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import sqlalchemy as sa
+from messagefactory import result, review, trial
 
 from edgekit import topics
+from edgekit.contract import messages as m
 from edgekit.hub import run_hub
 from edgekit.hub.db import HubDB, results
 from edgekit.hub.ingest import to_batch
 
 ROOT = Path(__file__).resolve().parent.parent
-LABELS = ("walk", "turn", "sit")
-FEATURES = ("acc_rms", "gyro_rms", "cadence_hz")
-
-
-def result(device: str, seq: int, *, site: str = "lab", defer: bool | None = None) -> dict[str, Any]:
-    """A result payload as the agent publishes it; every 5th one deferred unless `defer` says."""
-    defer = seq % 5 == 0 if defer is None else defer
-    p = 0.45 if defer else 0.9
-    return {
-        "schema": topics.SCHEMA_RESULT, "id": topics.result_id(device, seq), "seq": seq, "site": site,
-        "device": device, "ts": 1_700_000_000.0 + seq, "window": {"start_s": seq * 2.0, "end_s": seq * 2.0 + 2},
-        "model_version": "gait-cnn@3", "task": "classify", "label": "walk", "confidence": p,
-        "probs": {"walk": p, "turn": (1 - p) * 0.7, "sit": (1 - p) * 0.3},
-        "second_opinion": {"label": "turn" if defer else "walk",
-                           "probs": {"walk": 0.3, "turn": 0.6, "sit": 0.1} if defer else
-                           {"walk": 0.85, "turn": 0.1, "sit": 0.05}},
-        "decision": "defer" if defer else "accept",
-        "reasons": ["low_confidence", "disagreement"] if defer else [],
-        "scores": {"ood": 0.8, "confidence": p, "disagreement": 0.5 if defer else 0.05},
-        "thresholds": {"ood_max_score": 1.5, "min_confidence": 0.6, "max_disagreement": 0.3},
-    }
-
-
-def review(res: dict[str, Any], n: int = 128) -> dict[str, Any]:
-    """The review message the agent sends for a deferred result: same id, plus features and signal."""
-    import math
-
-    seq = res["seq"]
-    return {**res, "schema": topics.SCHEMA_REVIEW,
-            "features": {"acc_rms": 1.0 + seq / 100, "gyro_rms": 0.5, "cadence_hz": 1.8},
-            "signal": {"channels": ["acc_x", "acc_y", "gyro_z"], "rate_hz": 64.0, "start_s": res["window"]["start_s"],
-                       "points": [[round(math.sin(i / 8 + c) * (c + 1), 4) for i in range(n)] for c in range(3)]}}
-
-
-def trial(device: str, seq: int, *, site: str = "lab", walk: bool = True) -> dict[str, Any]:
-    """A trial summary as the agent sends it (agent.trial_payload): a segmented TUG, or one with no walk."""
-    payload: dict[str, Any] = {
-        "schema": topics.SCHEMA_TRIAL, "id": topics.result_id(device, seq), "seq": seq, "site": site,
-        "device": device, "ts": 1_700_000_000.0 + seq, "model_version": "gait-cnn@3", "task": "classify",
-        "trial": {"start_s": 0.0, "end_s": 24.0, "samples": 2401, "rate_hz": 100.0, "closed_by": "end"},
-        "walk_start_s": 2.5, "walk_end_s": 19.25, "turn_start_s": 9.0, "turn_end_s": 11.5, "steps": 18,
-        "cadence_spm": 96.4,
-        "phase_s": {"still_before": 2.5, "walk_out": 6.5, "turn": 2.5, "walk_back": 7.75, "still_after": 4.75},
-        "step_times_s": [3.1, 3.7, 4.3],
-    }
-    if not walk:
-        payload.update({"walk_start_s": None, "walk_end_s": None, "turn_start_s": None, "turn_end_s": None,
-                        "steps": 0, "cadence_spm": None, "phase_s": {}, "step_times_s": [],
-                        "reason": "no walk: activity never rose above still standing"})
-    return payload
-
-
 def publisher(url_port: int, client_id: str = "test-pub") -> mqtt.Client:
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, protocol=mqtt.MQTTv5)
     c.connect("127.0.0.1", url_port)
@@ -130,7 +80,8 @@ def hub_listening(db_url: str, port: int, timeout_s: float = 20.0) -> None:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 ts = time.time()
-                publish_all(pub, [(topics.topic("probe", "probe", "status"), topics.status("probe", "probe", "online", ts))])
+                probe = m.Status("probe", "probe", "online", ts).encode()
+                publish_all(pub, [(topics.topic("probe", "probe", "status"), probe)])
                 t_end = time.monotonic() + 0.5
                 while time.monotonic() < t_end:
                     try:
@@ -154,11 +105,11 @@ def rows_by_id(db: HubDB) -> dict[str, dict[str, Any]]:
 def test_each_result_stored_once_across_duplicates_batches_and_replayed_resends(mosquitto, tmp_path):
     db_url = f"sqlite:///{tmp_path / 'hub.db'}"
     res = [result("edge-1", s) for s in range(1, 61)]
-    deferred = [r for r in res if r["decision"] == "defer"]
-    singles = [(topics.topic("lab", "edge-1", "result"), topics.encode(r)) for r in res[:30]]
+    deferred = [r for r in res if r.decision == "defer"]
+    singles = [(topics.topic("lab", "edge-1", "result"), r.encode()) for r in res[:30]]
     batched = [(topics.topic("lab", "edge-1", "result"),
-                topics.batch("lab", "edge-1", [topics.encode(r) for r in res[30 + i:40 + i]])) for i in (0, 10, 20)]
-    reviews = [(topics.topic("lab", "edge-1", "review"), topics.encode(review(r))) for r in deferred]
+                m.ResultBatch("lab", "edge-1", res[30 + i:40 + i]).encode()) for i in (0, 10, 20)]
+    reviews = [(topics.topic("lab", "edge-1", "review"), review(r).encode()) for r in deferred]
     with HubThread(mosquitto.url, db_url, client_id="hub-a"), HubDB(db_url) as db:
         hub_listening(db_url, mosquitto.port)
         pub = publisher(mosquitto.port)
@@ -180,9 +131,9 @@ def test_each_result_stored_once_across_duplicates_batches_and_replayed_resends(
         resend = [(t, topics.mark_replayed(p)) for t, p in singles[20:] + batched + reviews]
         new = [result("edge-1", s) for s in range(61, 71)]
         resend.append((topics.topic("lab", "edge-1", "result"),
-                       topics.mark_replayed(topics.batch("lab", "edge-1", [topics.encode(r) for r in new]))))
-        resend += [(topics.topic("lab", "edge-1", "review"), topics.mark_replayed(topics.encode(review(r))))
-                   for r in new if r["decision"] == "defer"]
+                       m.ResultBatch("lab", "edge-1", new, replayed=True).encode()))
+        resend += [(topics.topic("lab", "edge-1", "review"), topics.mark_replayed(review(r).encode()))
+                   for r in new if r.decision == "defer"]
         publish_all(pub, resend)
         settled(db, 70, timeout_s=40)
         pub.disconnect()
@@ -211,13 +162,14 @@ def test_each_result_stored_once_across_duplicates_batches_and_replayed_resends(
 def test_bad_payloads_are_logged_and_ingest_goes_on(mosquitto, tmp_path, caplog):
     db_url = f"sqlite:///{tmp_path / 'hub.db'}"
     good = result("edge-2", 1, defer=False)
-    no_id = {k: v for k, v in result("edge-2", 2).items() if k != "id"}
-    bad_batch = {"schema": topics.SCHEMA_RESULT_BATCH, "site": "lab", "device": "edge-2", "results": "nope"}
+    no_id = {k: v for k, v in result("edge-2", 2).to_obj().items() if k != "id"}
+    bad_batch = {**topics.decode(m.ResultBatch("lab", "edge-2", [good]).encode(), "test"), "results": "nope"}
     t = topics.topic("lab", "edge-2", "result")
-    msgs = [(t, b"not json"), (t, b'{"schema": "edgekit.nothing/9"}'), (t, topics.encode(no_id)),
-            (t, topics.encode(bad_batch)), (t, topics.encode({**good, "ts": "yesterday"})),
-            (topics.topic("lab", "edge-2", "review"), topics.encode(good)),  # a review without features
-            ("edgekit/v1/lab/edge-2/result/extra", topics.encode(good)), (t, topics.encode(good))]
+    msgs = [(t, b"not json"), (t, topics.encode({**good.to_obj(), "schema": "edgekit.nothing/9"})),
+            (t, topics.encode(no_id)), (t, topics.encode(bad_batch)),
+            (t, topics.encode({**good.to_obj(), "ts": "yesterday"})),
+            (topics.topic("lab", "edge-2", "review"), good.encode()),  # a result (no features) as a review
+            ("edgekit/v1/lab/edge-2/result/extra", good.encode()), (t, good.encode())]
     caplog.set_level(logging.WARNING, logger="edgekit.hub")
     with HubThread(mosquitto.url, db_url), HubDB(db_url) as db:
         hub_listening(db_url, mosquitto.port)
@@ -226,7 +178,7 @@ def test_bad_payloads_are_logged_and_ingest_goes_on(mosquitto, tmp_path, caplog)
         settled(db, 1)
         pub.disconnect()
         pub.loop_stop()
-        assert list(rows_by_id(db)) == [good["id"]]
+        assert list(rows_by_id(db)) == [good.id]
     bad = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hub.bad_payload")]
     assert len(bad) == 5, bad
     assert all("topic=edgekit/v1/lab/edge-2/re" in b and "reason=" in b for b in bad)
@@ -241,11 +193,8 @@ def test_each_trial_stored_once_across_duplicates_and_replayed_resends(mosquitto
     db_url = f"sqlite:///{tmp_path / 'hub.db'}"
     t = topics.topic("lab", "edge-1", "trial")
     walked, still = trial("edge-1", 41), trial("edge-1", 83, walk=False)
-    refused = {**trial("edge-1", 90), "error": "a trial needs at least 4 s of samples (got 1.2 s)"}
-    for key in ("walk_start_s", "walk_end_s", "turn_start_s", "turn_end_s", "steps", "cadence_spm", "phase_s",
-                "step_times_s"):
-        refused.pop(key)
-    msgs = [(t, topics.encode(p)) for p in (walked, still, refused)]
+    refused = trial("edge-1", 90, error="a trial needs at least 4 s of samples (got 1.2 s)")
+    msgs = [(t, p.encode()) for p in (walked, still, refused)]
     with HubThread(mosquitto.url, db_url, client_id="hub-t"), HubDB(db_url) as db:
         hub_listening(db_url, mosquitto.port)
         pub = publisher(mosquitto.port)
@@ -258,14 +207,14 @@ def test_each_trial_stored_once_across_duplicates_and_replayed_resends(mosquitto
         pub.loop_stop()
         assert db.count_trials() == 3 and db.count() == 0  # trials are not results
         rows = db.trials()
-        assert [r["id"] for r in rows] == [refused["id"], still["id"], walked["id"]]  # newest first
+        assert [r["id"] for r in rows] == [refused.id, still.id, walked.id]  # newest first
         by_id = {r["id"]: r for r in rows}
         assert {(r["site"], r["device"]) for r in rows} == {("lab", "edge-1")}
-        assert by_id[walked["id"]]["ts"] == walked["ts"]
-        assert by_id[walked["id"]]["summary"]["phase_s"] == walked["phase_s"]
-        assert by_id[walked["id"]]["summary"]["steps"] == 18
-        assert by_id[still["id"]]["summary"]["reason"].startswith("no walk")
-        assert by_id[refused["id"]]["summary"]["error"].startswith("a trial needs")
+        assert by_id[walked.id]["ts"] == walked.ts
+        assert by_id[walked.id]["summary"]["phase_s"] == walked.phase_s
+        assert by_id[walked.id]["summary"]["steps"] == 18
+        assert by_id[still.id]["summary"]["reason"].startswith("no walk")
+        assert by_id[refused.id]["summary"]["error"].startswith("a trial needs")
         assert "edge-1" in {d["device"] for d in db.fleet()}  # a trial counts as hearing from the device
 
 
@@ -273,7 +222,7 @@ def test_a_redelivered_trial_stores_nothing_new_and_a_bad_one_is_refused(tmp_pat
     from edgekit.hub.ingest import IngestStats
 
     t = topics.topic("lab", "edge-5", "trial")
-    payload = topics.encode(trial("edge-5", 7))
+    payload = trial("edge-5", 7).encode()
     with HubDB(f"sqlite:///{tmp_path / 'hub.db'}") as db:
         db.create()
         assert db.store(to_batch([(t, payload), (t, payload)], 1.0)).new_trials == 1
@@ -282,8 +231,8 @@ def test_a_redelivered_trial_stores_nothing_new_and_a_bad_one_is_refused(tmp_pat
         assert row["received_at"] == 1.0 and not row["summary"].get("replayed")  # the first copy is kept
         stats = IngestStats()
         caplog.set_level(logging.WARNING, logger="edgekit.hub")
-        bad = [{**trial("edge-5", 8), "steps": "many"}, {**trial("edge-5", 9), "ts": None},
-               {k: v for k, v in trial("edge-5", 10).items() if k != "id"}]
+        bad = [{**trial("edge-5", 8).to_obj(), "steps": "many"}, {**trial("edge-5", 9).to_obj(), "ts": None},
+               {k: v for k, v in trial("edge-5", 10).to_obj().items() if k != "id"}]
         batch = to_batch([(t, topics.encode(p)) for p in bad], 3.0, stats)
         assert not batch.trials and stats.bad == 2 and stats.rejected == 1 and stats.trials == 0
         assert db.count_trials() == 1
@@ -293,13 +242,12 @@ def test_status_in_arrival_order_and_metrics_update_the_fleet(tmp_path):
     with HubDB(f"sqlite:///{tmp_path / 'hub.db'}") as db:
         db.create()
         st = topics.topic("lab", "edge-3", "status")
-        online = topics.status("lab", "edge-3", "online", 100.0, model_version="m@1", queued=4, dropped=0)
+        online = m.Status("lab", "edge-3", "online", 100.0, model_version="m@1", queued=4, dropped=0).encode()
         # The last will was registered at connect (ts 90), before "online" (ts 100), and arrives later.
-        will = topics.status("lab", "edge-3", "offline", 90.0, model_version="m@1")
-        metrics = topics.encode({"schema": topics.SCHEMA_METRICS, "site": "lab", "device": "edge-3", "ts": 120.0,
-                                 "windows": 10, "accepted": 8, "deferred": 2, "quarantined": 0,
-                                 "quarantine_reasons": {}, "published": 10, "queued": 7, "dropped": 3,
-                                 "replayed": 0})
+        will = m.Status("lab", "edge-3", "offline", 90.0, model_version="m@1").encode()
+        metrics = m.Metrics("lab", "edge-3", 120.0, queued=7, dropped=3, counters={
+            "windows": 10, "accepted": 8, "deferred": 2, "quarantined": 0, "quarantine_reasons": {},
+            "published": 10, "replayed_results": 0}).encode()
         db.store(to_batch([(st, will), (st, online)], 1.0))
         assert db.fleet()[0]["state"] == "online"
         db.store(to_batch([(st, online), (st, will)], 2.0))
@@ -310,11 +258,11 @@ def test_status_in_arrival_order_and_metrics_update_the_fleet(tmp_path):
         # Last seen: when the hub last heard from it (3.0), not the device's clock.
         assert (dev["state"], dev["model_version"], dev["last_seen"]) == ("online", "m@1", 3.0)
         assert (dev["queued"], dev["dropped"], dev["metrics"]["windows"]) == (7, 3, 10)
-        db.store(to_batch([(st, topics.status("lab", "edge-3", "offline", 130.0))], 4.0))
+        db.store(to_batch([(st, m.Status("lab", "edge-3", "offline", 130.0).encode())], 4.0))
         assert db.fleet()[0]["state"] == "offline"
         # A retained status (the broker's old copy, delivered on subscribe) counts from its own ts.
-        db.store(to_batch([(topics.topic("lab", "edge-4", "status"), topics.status("lab", "edge-4", "offline", 50.0),
-                            True)], 5.0))
+        retained = m.Status("lab", "edge-4", "offline", 50.0).encode()
+        db.store(to_batch([(topics.topic("lab", "edge-4", "status"), retained, True)], 5.0))
         assert {d["device"]: d["last_seen"] for d in db.fleet()} == {"edge-3": 4.0, "edge-4": 50.0}
 
 
@@ -347,8 +295,8 @@ def test_two_hub_processes_on_one_shared_subscription_store_every_result_once(mo
             res = [result(dev, s) for s in range(1, 501)]
             for i in range(0, 500, 25):
                 msgs.append((topics.topic("lab", dev, "result"),
-                             topics.batch("lab", dev, [topics.encode(r) for r in res[i:i + 25]])))
-            msgs += [(topics.topic("lab", dev, "result"), topics.encode(r)) for r in res[:50]]  # duplicates
+                             m.ResultBatch("lab", dev, res[i:i + 25]).encode()))
+            msgs += [(topics.topic("lab", dev, "result"), r.encode()) for r in res[:50]]  # duplicates
         publish_all(pub, msgs)
         pub.disconnect()
         pub.loop_stop()
@@ -382,7 +330,7 @@ def test_a_single_hub_without_share_group_keeps_its_subscription_over_a_broker_r
         mosquitto.stop()
         mosquitto.start()
         pub = publisher(mosquitto.port)  # at once, before the hub reconnects
-        publish_all(pub, [(topics.topic("lab", "edge-5", "result"), topics.mark_replayed(topics.encode(result("edge-5", s))))
+        publish_all(pub, [(topics.topic("lab", "edge-5", "result"), result("edge-5", s, replayed=True).encode())
                           for s in range(1, 21)])
         pub.disconnect()
         pub.loop_stop()
@@ -401,7 +349,7 @@ def test_a_named_session_queues_results_while_away_and_end_session_drops_it(mosq
             time.sleep(0.3)  # SUBACK
             ing.stop(end_session=end)
     pub = publisher(mosquitto.port)
-    publish_all(pub, [(topics.topic("lab", "edge-6", "result"), topics.encode(result("edge-6", s))) for s in range(1, 101)])
+    publish_all(pub, [(topics.topic("lab", "edge-6", "result"), result("edge-6", s).encode()) for s in range(1, 101)])
     pub.disconnect()
     pub.loop_stop()
     for end, db in dbs.items():
@@ -449,7 +397,7 @@ def test_hub_cli_authenticates_and_its_named_session_keeps_results_while_it_is_d
     pw = tmp_path / "hub.pw"
     pw.write_text("s3cret\n")
     db_url = f"sqlite:///{tmp_path / 'hub.db'}"
-    sent = [(topics.topic("lab", "edge-1", "result"), topics.encode(result("edge-1", s))) for s in range(1, 31)]
+    sent = [(topics.topic("lab", "edge-1", "result"), result("edge-1", s).encode()) for s in range(1, 31)]
     with broker:
         pub = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pub", protocol=mqtt.MQTTv5)
         pub.username_pw_set("hub", "s3cret")

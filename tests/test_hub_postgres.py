@@ -10,9 +10,11 @@ import time
 import uuid
 
 import pytest
-from test_hub_ingest import hub_listening, publish_all, publisher, result, review, settled, trial
+from messagefactory import result, review, trial
+from test_hub_ingest import hub_listening, publish_all, publisher, settled
 
 from edgekit import topics
+from edgekit.contract import messages as m
 from edgekit.hub import add_user, export_labels, run_hub
 from edgekit.hub.db import HubDB
 from edgekit.hub.ingest import to_batch
@@ -59,19 +61,19 @@ def test_store_is_idempotent_and_merges_reviews_on_postgres(pg_url):
         db.create()
         t, rv = topics.topic("lab", "edge-1", "result"), topics.topic("lab", "edge-1", "review")
         res = [result("edge-1", s) for s in range(1, 11)]
-        first = to_batch([(rv, topics.encode(review(res[4])))]
-                         + [(t, topics.encode(r)) for r in res] + [(t, topics.encode(res[0]))], time.time())
+        first = to_batch([(rv, review(res[4]).encode())]
+                         + [(t, r.encode()) for r in res] + [(t, res[0].encode())], time.time())
         stored = db.store(first)
         assert stored.new_results == 10
-        again = to_batch([(t, topics.mark_replayed(topics.batch("lab", "edge-1", [topics.encode(r) for r in res])))]
-                         + [(rv, topics.encode(review(res[9]))), (rv, topics.encode(review(res[4])))], time.time())
+        again = to_batch([(t, m.ResultBatch("lab", "edge-1", res, replayed=True).encode())]
+                         + [(rv, review(res[9]).encode()), (rv, review(res[4]).encode())], time.time())
         assert db.store(again).new_results == 0
         assert db.count() == 10 and db.count("defer") == 2
         assert db.case(topics.result_id("edge-1", 10))["features"]["cadence_hz"] == 1.8
         assert not db.case(topics.result_id("edge-1", 1))["replayed"]
         # Trial summaries: the same idempotent path (a redelivery in the batch and a replayed one later).
         tt = topics.topic("lab", "edge-1", "trial")
-        summary = topics.encode(trial("edge-1", 11))
+        summary = trial("edge-1", 11).encode()
         assert db.store(to_batch([(tt, summary), (tt, summary)], time.time())).new_trials == 1
         assert db.store(to_batch([(tt, topics.mark_replayed(summary))], time.time())).new_trials == 0
         [row] = db.trials()
@@ -95,8 +97,8 @@ def test_ingest_web_and_export_on_postgres(pg_url, mosquitto, tmp_path):
         pub = publisher(mosquitto.port)
         res = [result("edge-9", s, site="ward") for s in range(1, 101)]
         t, rv = topics.topic("ward", "edge-9", "result"), topics.topic("ward", "edge-9", "review")
-        msgs = [(t, topics.batch("ward", "edge-9", [topics.encode(r) for r in res[i:i + 20]])) for i in range(0, 100, 20)]
-        msgs += [(rv, topics.encode(review(r))) for r in res if r["decision"] == "defer"]
+        msgs = [(t, m.ResultBatch("ward", "edge-9", res[i:i + 20]).encode()) for i in range(0, 100, 20)]
+        msgs += [(rv, review(r).encode()) for r in res if r.decision == "defer"]
         msgs += [(t, topics.mark_replayed(p)) for _, p in msgs[:3]]  # a resend
         publish_all(pub, msgs)
         pub.disconnect()

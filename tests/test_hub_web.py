@@ -10,10 +10,11 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
+from messagefactory import result, review, trial
 from starlette.routing import Route
-from test_hub_ingest import result, review, trial
 
 from edgekit import topics
+from edgekit.contract import messages as m
 from edgekit.hub import add_user, export_labels
 from edgekit.hub.auth import hash_password, verify_password
 from edgekit.hub.db import HubDB
@@ -32,17 +33,16 @@ def hub(tmp_path):
         for dev, site in (("edge-1", "lab"), ("edge-2", "ward")):
             for s in range(1, 21):
                 r = result(dev, s, site=site)
-                msgs.append((topics.topic(site, dev, "result"), topics.encode(r)))
-                if r["decision"] == "defer":
-                    msgs.append((topics.topic(site, dev, "review"), topics.encode(review(r))))
+                msgs.append((topics.topic(site, dev, "result"), r.encode()))
+                if r.decision == "defer":
+                    msgs.append((topics.topic(site, dev, "review"), review(r).encode()))
         msgs.append((topics.topic("lab", "edge-1", "status"),
-                     topics.status("lab", "edge-1", "online", time.time(), model_version="gait-cnn@3", queued=12,
-                                   dropped=1)))
+                     m.Status("lab", "edge-1", "online", time.time(), model_version="gait-cnn@3", queued=12,
+                              dropped=1).encode()))
         msgs.append((topics.topic("ward", "edge-2", "status"),
-                     topics.status("ward", "edge-2", "offline", time.time() - 600, model_version="gait-cnn@2")))
-        msgs.append((topics.topic("lab", "edge-1", "trial"), topics.encode(trial("edge-1", 21))))
-        msgs.append((topics.topic("ward", "edge-2", "trial"), topics.encode(trial("edge-2", 22, site="ward",
-                                                                                     walk=False))))
+                     m.Status("ward", "edge-2", "offline", time.time() - 600, model_version="gait-cnn@2").encode()))
+        msgs.append((topics.topic("lab", "edge-1", "trial"), trial("edge-1", 21).encode()))
+        msgs.append((topics.topic("ward", "edge-2", "trial"), trial("edge-2", 22, site="ward", walk=False).encode()))
         db.store(to_batch(msgs, time.time()))
         yield url, db, TestClient(create_app(db), base_url="http://127.0.0.1")
 

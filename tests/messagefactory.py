@@ -1,0 +1,63 @@
+"""Valid MQTT messages for tests, built with the contract (edgekit/contract/messages.py), so no test keeps its
+own copy of a payload (STYLE.md 13): a gait agent's result, its review and its trial summary. Status and
+Metrics need no factory (every field is the test's own): tests call m.Status(...) and m.Metrics(...).
+
+A malformed payload starts from a valid one's `to_obj()`, and the test writes only what it breaks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from edgekit import topics
+from edgekit.contract import messages as m
+
+CHANNELS = ["acc_x", "acc_y", "gyro_z"]
+
+
+def result(device: str, seq: int, *, site: str = "lab", defer: bool | None = None, **fields: Any) -> m.Result:
+    """A gait classifier's result for window `seq`; every 5th one deferred (low confidence, and the second
+    opinion disagrees) unless `defer` says. `fields` replace any other field."""
+    defer = seq % 5 == 0 if defer is None else defer
+    p = 0.45 if defer else 0.9
+    res = m.Result(
+        id=topics.result_id(device, seq), seq=seq, site=site, device=device, ts=1_700_000_000.0 + seq,
+        start_s=seq * 2.0, end_s=seq * 2.0 + 2, model_version="gait-cnn@3", task="classify", label="walk",
+        confidence=p, probs={"walk": p, "turn": (1 - p) * 0.7, "sit": (1 - p) * 0.3},
+        decision="defer" if defer else "accept", reasons=["low_confidence", "disagreement"] if defer else [],
+        scores={"ood": 0.8, "confidence": p, "disagreement": 0.5 if defer else 0.05},
+        thresholds={"ood_max_score": 1.5, "min_confidence": 0.6, "max_disagreement": 0.3},
+        second_opinion=m.SecondOpinion("turn", {"walk": 0.3, "turn": 0.6, "sit": 0.1}) if defer else
+        m.SecondOpinion("walk", {"walk": 0.85, "turn": 0.1, "sit": 0.05}))
+    return dataclasses.replace(res, **fields)
+
+
+def review(res: m.Result, n: int = 128, **fields: Any) -> m.Review:
+    """The review the agent sends with a deferred result: its features and `n` points of three channels."""
+    points = [[round(math.sin(i / 8 + c) * (c + 1), 4) for i in range(n)] for c in range(len(CHANNELS))]
+    rev = m.Review(res, {"acc_rms": 1.0 + res.seq / 100, "gyro_rms": 0.5, "cadence_hz": 1.8},
+                   m.Signal(list(CHANNELS), 64.0, res.start_s, points))
+    return dataclasses.replace(rev, **fields)
+
+
+def trial(device: str, seq: int, *, site: str = "lab", walk: bool = True, error: str | None = None,
+          **fields: Any) -> m.Trial:
+    """A 24 s TUG trial's summary: segmented (walk out, turn, walk back), with no walk found (`walk=False`:
+    a reason, 0 steps), or refused by segmentation (`error`: no segment fields). `fields` replace any
+    other field."""
+    span = m.TrialSpan(0.0, 24.0, 2401, 100.0, "end")
+    base = m.Trial(id=topics.result_id(device, seq), seq=seq, site=site, device=device,
+                   ts=1_700_000_000.0 + seq, model_version="gait-cnn@3", task="classify", trial=span)
+    if error is not None:
+        out = dataclasses.replace(base, error=error)
+    elif not walk:
+        out = dataclasses.replace(base, steps=0, reason="no walk: activity never rose above still standing")
+    else:
+        out = dataclasses.replace(
+            base, walk_start_s=2.5, walk_end_s=19.25, turn_start_s=9.0, turn_end_s=11.5, steps=18,
+            cadence_spm=96.4, step_times_s=[3.1, 3.7, 4.3],
+            phase_s={"still_before": 2.5, "walk_out": 6.5, "turn": 2.5, "walk_back": 7.75,
+                     "still_after": 4.75})
+    return dataclasses.replace(out, **fields)
