@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from messagefactory import trial
 from subscriber import Subscriber
 from test_agent import IPOL_TRIAL, agent, outbox_ids
 
@@ -100,9 +101,7 @@ def test_trial_buffer_hands_out_each_full_trial_and_keeps_the_rest():
 
 
 def test_hub_acknowledges_a_trial_without_counting_it_bad():
-    payload = topics.encode({"schema": topics.SCHEMA_TRIAL, "id": "edge-1:000000000007", "seq": 7, "site": "lab",
-                             "device": "edge-1", "ts": 1.0, "steps": 12, "walk_start_s": 2.0,
-                             "walk_end_s": 14.0})
+    payload = trial("edge-1", 7).encode()
     stats = IngestStats()
     batch = to_batch([(topics.topic("lab", "edge-1", "trial"), payload)], 5.0, stats)
     assert stats.bad == 0 and stats.trials == 1
