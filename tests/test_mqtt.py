@@ -14,11 +14,11 @@ from pathlib import Path
 import orjson
 import paho.mqtt.client as mqtt
 import pytest
+from messagefactory import result
 from test_hub_identity import _password_file
-from test_hub_ingest import HubCli, result, wait_for
+from test_hub_ingest import HubCli, wait_for
 from test_transport import _tls_files
 
-from edgekit import topics
 from edgekit.broker import Mosquitto, installed
 from edgekit.config import AgentConfig, load_config
 from edgekit.errors import ConfigError
@@ -253,7 +253,7 @@ def test_the_hub_ingests_over_tls_with_a_ca_file_and_an_account(tmp_path: Path) 
             time.sleep(0.3)  # its SUBACK
             device = MqttSecurity(username="edge-1", password_file=tmp_path / "edge.pw", ca_file=tls["ca"])
             with Transport(url, site="lab", device="edge-1", outbox=tmp_path / "o.db", security=device) as tr:
-                tr.send_many([("result", topics.encode(result("edge-1", seq))) for seq in range(1, 6)])
+                tr.send_many([("result", result("edge-1", seq).encode()) for seq in range(1, 6)])
                 assert tr.flush(15), tr.stats()
             with HubDB(db_url) as db:
                 wait_for(lambda: db.count() == 5, 20, "the five results at the hub")
@@ -271,7 +271,7 @@ def test_the_transport_presents_a_client_certificate(tmp_path: Path) -> None:
         url = f"mqtts://127.0.0.1:{broker.port}"
         device = MqttSecurity(ca_file=tls["ca"], cert_file=tls["client_cert"], key_file=tls["client_key"])
         with Transport(url, site="lab", device="edge-1", outbox=tmp_path / "o.db", security=device) as tr:
-            tr.send("result", topics.encode(result("edge-1", 1)))
+            tr.send("result", result("edge-1", 1).encode())
             assert tr.flush(15), tr.stats()
         anonymous = MqttSecurity(ca_file=tls["ca"])
         with Transport(url, site="lab", device="edge-1", outbox=tmp_path / "anon.db", security=anonymous,
