@@ -19,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import messagefactory
 import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
@@ -43,8 +44,8 @@ def wait_for(pred: Callable[[], bool], timeout_s: float, what: str) -> None:
 
 
 def result(i: int) -> bytes:
-    return topics.encode({"schema": topics.SCHEMA_RESULT, "id": topics.result_id(DEVICE, i), "i": i,
-                          "score": 0.25})
+    """This device's result with sequence number `i`, encoded by the contract."""
+    return messagefactory.result(DEVICE, i, site=SITE).encode()
 
 
 class Subscriber:
@@ -80,7 +81,7 @@ class Subscriber:
 
     def ids(self) -> Counter[int]:
         with self.lock:
-            return Counter(r["i"] for r in self.results)
+            return Counter(r["seq"] for r in self.results)
 
     def close(self) -> None:
         self.client.disconnect()
@@ -121,7 +122,8 @@ def test_online_results_arrive_exactly_once(mosquitto: Mosquitto, tmp_path: Path
             assert sock is not None and sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
             for i in range(n):
                 tr.send("result", result(i))
-            tr.send("review", topics.encode({"schema": topics.SCHEMA_REVIEW, "i": -1}))
+            deferred = messagefactory.result(DEVICE, n, site=SITE, defer=True)
+            tr.send("review", messagefactory.review(deferred).encode())
             assert tr.flush(30), tr.stats()
             wait_for(lambda: sum(sub.ids().values()) >= n, 30, f"{n} results at the subscriber")
             time.sleep(0.2)  # a duplicate would arrive right behind
@@ -178,7 +180,7 @@ def test_ten_second_outage_loses_nothing(mosquitto: Mosquitto, tmp_path: Path) -
             wait_for(lambda: set(sub.ids()) >= set(range(i)), 30, "every result at the subscriber")
             by_id: dict[int, bool] = {}
             for r in sub.results:
-                by_id[r["i"]] = by_id.get(r["i"], False) or bool(r.get("replayed"))
+                by_id[r["seq"]] = by_id.get(r["seq"], False) or bool(r.get("replayed"))
             assert set(by_id) == set(range(i)), "missing results"
             assert all(by_id[k] for k in sent_during), "results queued during the outage must say replayed"
             assert tr.stats()["reconnects"] == 1

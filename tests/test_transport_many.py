@@ -9,12 +9,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import messagefactory
 import pytest
 from subscriber import Subscriber
 from test_transport import wait_for
 
-from edgekit import topics
 from edgekit.broker import Mosquitto
+from edgekit.contract import messages as m
 from edgekit.outbox import Outbox
 from edgekit.transport import Transport
 
@@ -22,11 +23,13 @@ SITE, DEVICE = "plant1", "pump8"
 
 
 def result(i: int) -> bytes:
-    return topics.encode({"schema": topics.SCHEMA_RESULT, "id": topics.result_id(DEVICE, i), "i": i})
+    """This device's result with sequence number `i`, encoded by the contract."""
+    return messagefactory.result(DEVICE, i, site=SITE).encode()
 
 
 def review(i: int) -> bytes:
-    return topics.encode({"schema": topics.SCHEMA_REVIEW, "id": topics.result_id(DEVICE, i), "i": i})
+    """The review of this device's deferred result `i`, a short signal (the transport just carries it)."""
+    return messagefactory.review(messagefactory.result(DEVICE, i, site=SITE, defer=True), n=16).encode()
 
 
 def count_calls(obj: Any, name: str) -> list[str]:
@@ -45,16 +48,18 @@ def count_calls(obj: Any, name: str) -> list[str]:
 def test_send_many_offline_is_one_transaction_in_order(tmp_path: Path) -> None:
     with Outbox(tmp_path / "o.db") as ob, Transport(None, site=SITE, device=DEVICE, outbox=ob) as tr:
         puts = count_calls(ob, "put_many")
-        items = [("result", result(0)), ("result", result(1)), ("review", review(0)), ("metrics", b"{}")]
+        metrics = m.Metrics(SITE, DEVICE, 1.0, counters={"windows": 2}).encode()
+        items = [("result", result(0)), ("result", result(1)), ("review", review(0)), ("metrics", metrics)]
         tr.send_many(items)  # type: ignore[arg-type]
         assert len(puts) == 1
         rows = ob.pending(10)
         assert [(r.topic.rsplit("/", 1)[1], r.payload, r.batchable) for r in rows] == [
             ("result", result(0), True), ("result", result(1), True), ("review", review(0), False),
-            ("metrics", b"{}", False)]
+            ("metrics", metrics, False)]
         assert all(r.replayed for r in rows)  # queued with no broker: replays when one comes
+        status = m.Status(SITE, DEVICE, "online", 1.0).encode()
         with pytest.raises(ValueError, match="send kind must be one of"):
-            tr.send_many([("result", result(2)), ("status", b"{}")])  # type: ignore[list-item]
+            tr.send_many([("result", result(2)), ("status", status)])  # type: ignore[list-item]
         assert ob.backlog() == 4  # nothing of the refused call was written
         tr.send_many([])
         assert len(puts) == 1
@@ -82,9 +87,9 @@ def test_send_many_delivers_everything_once_and_wakes_once_per_call(mosquitto: M
             assert tr.flush(30), tr.stats()
             wait_for(lambda: len(sub.results()) >= n and len(sub.of("review")) >= n // 5, 20, "every message")
             time.sleep(0.2)  # a duplicate would arrive right behind
-            ids = [r["i"] for r in sub.results()]
+            ids = [r["seq"] for r in sub.results()]
             assert ids == list(range(n))  # once each, oldest first
-            assert [r["i"] for r in sub.of("review")] == list(range(0, n, 5))
+            assert [r["seq"] for r in sub.of("review")] == list(range(0, n, 5))
             if batch_interval_s > 0:
                 assert len(sub.of("result")) < n / 10
             assert ob.backlog() == 0 and tr.stats()["acked"] == n + n // 5
