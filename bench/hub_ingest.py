@@ -32,23 +32,23 @@ import common  # noqa: E402
 
 from edgekit import topics  # noqa: E402
 from edgekit.broker import Mosquitto  # noqa: E402
+from edgekit.contract import messages as m  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 PG_DSN = {"host": "127.0.0.1", "port": 5432, "dbname": "test"}
 
 
 def result_payload(device: str, seq: int) -> bytes:
+    """A SKAB agent's result, encoded by the contract the agent uses; every 5th one deferred."""
     defer = seq % 5 == 0
     p = 0.45 if defer else 0.92
-    return topics.encode({
-        "schema": topics.SCHEMA_RESULT, "id": topics.result_id(device, seq), "seq": seq, "site": "bench",
-        "device": device, "ts": 1_700_000_000.0 + seq, "window": {"start_s": seq * 4.0, "end_s": seq * 4.0 + 31},
-        "model_version": "skab@bench", "task": "skab", "label": "normal", "confidence": p,
-        "probs": {"normal": p, "anomaly": 1 - p}, "decision": "defer" if defer else "accept",
-        "reasons": ["low_confidence"] if defer else [],
-        "scores": {"confidence": p, "ood": 0.3, "disagreement": 0.05},
-        "thresholds": {"ood_max_score": 0.73, "min_confidence": 0.76, "max_disagreement": 0.24},
-        "second_opinion": {"label": "normal", "probs": {"normal": 0.9, "anomaly": 0.1}}})
+    return m.Result(
+        id=topics.result_id(device, seq), seq=seq, site="bench", device=device, ts=1_700_000_000.0 + seq,
+        start_s=seq * 4.0, end_s=seq * 4.0 + 31, model_version="skab@bench", task="skab", label="normal",
+        confidence=p, probs={"normal": p, "anomaly": 1 - p}, decision="defer" if defer else "accept",
+        reasons=["low_confidence"] if defer else [], scores={"confidence": p, "ood": 0.3, "disagreement": 0.05},
+        thresholds={"ood_max_score": 0.73, "min_confidence": 0.76, "max_disagreement": 0.24},
+        second_opinion=m.SecondOpinion("normal", {"normal": 0.9, "anomaly": 0.1})).encode()
 
 
 def messages(n_results: int, per_message: int, devices: int = 4) -> list[tuple[str, bytes]]:
@@ -58,7 +58,7 @@ def messages(n_results: int, per_message: int, devices: int = 4) -> list[tuple[s
         dev = f"dev{(seq // per_message) % devices}"
         k = min(per_message, n_results - seq)
         body = [result_payload(dev, s) for s in range(seq, seq + k)]
-        payload = body[0] if per_message == 1 else topics.batch("bench", dev, body)
+        payload = body[0] if per_message == 1 else m.ResultBatch.encoded("bench", dev, body)
         out.append((topics.topic("bench", dev, "result"), payload))
         seq += k
     return out
