@@ -154,11 +154,48 @@ def gate_confidence(prob: np.ndarray, thr: np.ndarray, agree: np.ndarray) -> np.
     return np.abs(prob - thr) - np.where(agree, 0.0, 1.0)
 
 
+def _cross_fit(x: np.ndarray, y: np.ndarray, recipe: Recipe, where: str, design: FallDesign, seed: int
+               ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """One repeat of the outer stratified CV: each model's out-of-fold P(faller) for every participant, and
+    the decision threshold of each (Youden's J on inner-CV out-of-fold probabilities of the outer training
+    folds only). "combined" is the mean of the MLP's and the second opinion's probabilities."""
+    from sklearn.model_selection import StratifiedKFold
+
+    prob = {m: np.zeros(len(y)) for m in BASE_MODELS}
+    thr = {m: np.zeros(len(y)) for m in MODELS}
+    outer = StratifiedKFold(design.folds, shuffle=True, random_state=seed)
+    for k, (tr, te) in enumerate(outer.split(x, y)):
+        inner = StratifiedKFold(design.inner_folds, shuffle=True, random_state=seed + k + 1)
+        inner_prob = {m: np.zeros(len(tr)) for m in prob}
+        for itr, ite in inner.split(x[tr], y[tr]):
+            for m in prob:
+                inner_prob[m][ite] = _fit_predict(m, x[tr][itr], y[tr][itr], x[tr][ite], recipe, seed + k, where)
+        inner_prob["combined"] = (inner_prob["mlp"] + inner_prob["second"]) / 2
+        for m in thr:
+            thr[m][te] = youden_threshold(y[tr], inner_prob[m])
+        for m in prob:
+            prob[m][te] = _fit_predict(m, x[tr], y[tr], x[te], recipe, seed + k, where)
+    prob["combined"] = (prob["mlp"] + prob["second"]) / 2
+    return prob, thr
+
+
+def _deferral(y: np.ndarray, prob: dict[str, np.ndarray], thr: dict[str, np.ndarray]
+              ) -> tuple[np.ndarray, dict[str, Any]]:
+    """One repeat's coverage-risk curve of the combined decision deferred by gate confidence, and its
+    out-of-fold rows (y, decision, confidence, errors, how often the two models agree)."""
+    decision = prob["combined"] >= thr["combined"]
+    agree = (prob["mlp"] >= thr["mlp"]) == (prob["second"] >= thr["second"])
+    conf = gate_confidence(prob["combined"], thr["combined"], agree)
+    errors = decision != y.astype(bool)
+    curve = risk_at_coverage(coverage_risk_curve(conf, errors), COVERAGE_GRID)
+    return curve, {"y": y.copy(), "decision": decision, "confidence": conf, "errors": errors,
+                   "agree_rate": float(agree.mean())}
+
+
 def evaluate_fall(design: FallDesign | None = None, progress: bool = True) -> dict[str, Any]:
     """Repeated stratified CV. Returns per-model mean/sd of the metrics, the coverage-risk curve and
     `oof` (per repeat: y, combined decision, gate confidence) for the deferral evaluation."""
     import torch
-    from sklearn.model_selection import StratifiedKFold
 
     design = design or FallDesign()
     t0 = time.perf_counter()
@@ -173,34 +210,14 @@ def evaluate_fall(design: FallDesign | None = None, progress: bool = True) -> di
 
         reps = tqdm(reps, desc="fall CV repeats", leave=False)
     for r in reps:
-        seed = design.seed + 1000 * r
-        prob = {m: np.zeros(len(y)) for m in BASE_MODELS}
-        thr = {m: np.zeros(len(y)) for m in MODELS}
-        outer = StratifiedKFold(design.folds, shuffle=True, random_state=seed)
-        for k, (tr, te) in enumerate(outer.split(x, y)):
-            inner = StratifiedKFold(design.inner_folds, shuffle=True, random_state=seed + k + 1)
-            inner_prob = {m: np.zeros(len(tr)) for m in prob}
-            for itr, ite in inner.split(x[tr], y[tr]):
-                for m in prob:
-                    inner_prob[m][ite] = _fit_predict(m, x[tr][itr], y[tr][itr], x[tr][ite], recipe, seed + k,
-                                                      str(path))
-            inner_prob["combined"] = (inner_prob["mlp"] + inner_prob["second"]) / 2
-            for m in thr:
-                thr[m][te] = youden_threshold(y[tr], inner_prob[m])
-            for m in prob:
-                prob[m][te] = _fit_predict(m, x[tr], y[tr], x[te], recipe, seed + k, str(path))
-        prob["combined"] = (prob["mlp"] + prob["second"]) / 2
+        prob, thr = _cross_fit(x, y, recipe, str(path), design, design.seed + 1000 * r)
         for m in MODELS:
             met = binary_metrics(y, prob[m] >= thr[m])
             met["auc"] = auc(y, prob[m])
             per_repeat[m].append(met)
-        decision = prob["combined"] >= thr["combined"]
-        agree = (prob["mlp"] >= thr["mlp"]) == (prob["second"] >= thr["second"])
-        conf = gate_confidence(prob["combined"], thr["combined"], agree)
-        errors = decision != y.astype(bool)
-        curves.append(risk_at_coverage(coverage_risk_curve(conf, errors), COVERAGE_GRID))
-        oof.append({"y": y.copy(), "decision": decision, "confidence": conf, "errors": errors,
-                    "agree_rate": float(agree.mean())})
+        curve, repeat_oof = _deferral(y, prob, thr)
+        curves.append(curve)
+        oof.append(repeat_oof)
     # what choosing the feature and its cut on all 73 people gives (no held-out data): an optimistic bound
     p_in = _fit_predict("single", x, y, x, recipe, design.seed)
     in_sample = binary_metrics(y, p_in >= youden_threshold(y, p_in))

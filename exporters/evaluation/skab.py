@@ -279,16 +279,41 @@ def evaluate_skab(design: SkabDesign | None = None, progress: bool = True) -> di
     """
     import torch
 
-    from edgekit.exporters.export.parity import run_model
-
     design = design or SkabDesign()
     t0 = time.perf_counter()
     torch.set_num_threads(1)  # 2 threads spin on this CPU (shared FIELD-NOTES)
     files = datasets.skab_files()
     if design.files:
         files = [p for p in files if f"{p.parent.name}/{p.name}" in design.files]
-    n_base = _baseline_count(design)
+    per_file, shifts, chunks = _read_files(files, design, progress)
+    x_train, floor = _gate_training_rows(per_file, chunks, design)
+    model = _train_ae(x_train, design)
+    log.info("skab_ae_trained rows=%d features=%d", len(x_train), x_train.shape[1])
 
+    out: dict[str, Any] = {"design": asdict(design), "note": DESIGN_NOTE}
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32_path, int8_path = _export(model, x_train, Path(tmp))
+        probs, out["predictor"] = _predictor_probs(files, design, Path(tmp))
+        for name, onnx_path in (("fp32", fp32_path), ("int8", int8_path)):
+            gate = _gate_rows(onnx_path, per_file, floor, design)
+            y_all, p_all, prob_all = gate["y"], gate["pred"], np.concatenate(probs[name])  # rows 400..T-1
+            out[name] = binary_metrics(y_all, p_all)
+            out[f"predictor_{name}"] = binary_metrics(y_all, prob_all >= 0.5)
+            out[f"combined_{name}"] = binary_metrics(y_all, p_all & (prob_all >= design.combined_min_prob))
+            if name == "int8":
+                out.update(_int8_breakdown(gate, prob_all, per_file, shifts, design))
+    out["n_files"] = len(per_file)
+    out["n_test_rows"] = int(len(out["rows"]["y"]))
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    log.info("eval_skab f1=%.3f far=%.3f mar=%.3f seconds=%.1f", out["int8"]["f1"], out["int8"]["far"],
+             out["int8"]["mar"], out["seconds"])
+    return out
+
+
+def _read_files(files: list[Path], design: SkabDesign, progress: bool
+                ) -> tuple[list[tuple[Path, np.ndarray, np.ndarray]], list[tuple[Any, Any]], list[np.ndarray]]:
+    """Each fault file's (path, row features, anomaly labels) and level shifts, and the row features of the
+    anomaly-free recording's chunks (each with its own 400-row baseline)."""
     per_file, shifts = [], []
     gate_channels = [datasets.SKAB_CHANNELS.index(c) for c in design.channels]
     for path in _progress(files, progress, "skab features"):
@@ -299,61 +324,67 @@ def evaluate_skab(design: SkabDesign | None = None, progress: bool = True) -> di
     free = datasets.read_skab(datasets.require("skab/data/anomaly-free/anomaly-free.csv")).values
     starts = [k for k in range(0, len(free) - FIT_ROWS, design.chunk_step)
               if len(free[k:k + design.chunk_rows]) >= FIT_ROWS + design.window]
-    chunks = [row_features(free[k:k + design.chunk_rows], design) for k in starts]
+    return per_file, shifts, [row_features(free[k:k + design.chunk_rows], design) for k in starts]
 
+
+def _gate_training_rows(per_file: list[tuple[Path, np.ndarray, np.ndarray]], chunks: list[np.ndarray],
+                        design: SkabDesign) -> tuple[np.ndarray, np.ndarray]:
+    """The autoencoder's training rows (every chunk and each file's baseline windows, each standardised by
+    its own baseline) and the std floor that standardisation uses."""
+    n_base = _baseline_count(design)
     raw_train = np.vstack([*chunks, *(f[:n_base] for _, f, _ in per_file)])
     floor = design.std_floor * (raw_train.std(axis=0) + 1e-6)
     x_train = np.vstack([*(_standardise(c, n_base, floor) for c in chunks),
                          *(_standardise(f, n_base, floor)[:n_base] for _, f, _ in per_file)])
-    model = _train_ae(x_train, design)
-    log.info("skab_ae_trained rows=%d features=%d", len(x_train), x_train.shape[1])
+    return x_train, floor
 
-    out: dict[str, Any] = {"design": asdict(design), "note": DESIGN_NOTE}
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32_path, int8_path = _export(model, x_train, Path(tmp))
-        probs, out["predictor"] = _predictor_probs(files, design, Path(tmp))
-        for name, onnx_path in (("fp32", fp32_path), ("int8", int8_path)):
-            ys, preds, scores, thresholds, names, pprob = [], [], [], [], [], []
-            for j, (path, feats, y) in enumerate(per_file):
-                x = _standardise(feats, n_base, floor).astype(np.float32)
-                score = run_model(onnx_path, x)["score"].astype(np.float64)
-                thr = design.threshold_multiple * float(score[:n_base].max())
-                test = score[FIT_ROWS - design.window + 1:]  # windows ending at rows 400..T-1
-                ys.append(y[FIT_ROWS:])
-                preds.append(test > thr)
-                scores.append(test)
-                thresholds.append(np.full(len(test), thr))
-                names.append(np.full(len(test), f"{path.parent.name}/{path.name}"))
-                pprob.append(probs[name][j])  # already rows 400..T-1
-            y_all, p_all, prob_all = np.concatenate(ys), np.concatenate(preds), np.concatenate(pprob)
-            out[name] = binary_metrics(y_all, p_all)
-            out[f"predictor_{name}"] = binary_metrics(y_all, prob_all >= 0.5)
-            out[f"combined_{name}"] = binary_metrics(y_all, p_all & (prob_all >= design.combined_min_prob))
-            if name == "int8":
-                folder = np.concatenate(names)
-                group = np.array([f.split("/")[0] for f in folder])
-                out["by_folder"] = {g: binary_metrics(y_all[group == g], p_all[group == g])
-                                    for g in ("valve1", "valve2", "other")}
-                position = {f"{p.parent.name}/{p.name}": i for i, (p, _, _) in enumerate(per_file)}
-                odd = np.array([position[f] % 2 == 1 for f in folder])
-                comb = p_all & (prob_all >= design.combined_min_prob)
-                out["error_sources"] = error_sources(y_all, p_all, folder, design.window)
-                before = [b for b, _ in shifts if b is not None]
-                after = [a for _, a in shifts if a is not None]
-                out["level_shift"] = {"before_fault_median": float(np.median(before)), "files_before": len(before),
-                                      "after_fault_median": float(np.median(after)), "files_after": len(after),
-                                      "after_over_3sd": int(np.sum(np.array(after) > 3)),
-                                      "before_over_3sd": int(np.sum(np.array(before) > 3))}
-                out["held_out"] = {"gate": binary_metrics(y_all[odd], p_all[odd]),
-                                   "combined": binary_metrics(y_all[odd], comb[odd]), "n_files": len(set(folder[odd]))}
-                out["rows"] = {"y": y_all, "score": np.concatenate(scores), "prob": prob_all,
-                               "threshold": np.concatenate(thresholds), "file": folder}
-    out["n_files"] = len(per_file)
-    out["n_test_rows"] = int(len(out["rows"]["y"]))
-    out["seconds"] = round(time.perf_counter() - t0, 1)
-    log.info("eval_skab f1=%.3f far=%.3f mar=%.3f seconds=%.1f", out["int8"]["f1"], out["int8"]["far"],
-             out["int8"]["mar"], out["seconds"])
-    return out
+
+def _gate_rows(onnx_path: Path, per_file: list[tuple[Path, np.ndarray, np.ndarray]], floor: np.ndarray,
+               design: SkabDesign) -> dict[str, np.ndarray]:
+    """One autoencoder file's alarms on every file's test rows (400..T-1): the threshold is
+    threshold_multiple x the largest score on that file's own baseline windows."""
+    from edgekit.exporters.export.parity import run_model
+
+    n_base = _baseline_count(design)
+    ys, preds, scores, thresholds, names = [], [], [], [], []
+    for path, feats, y in per_file:
+        x = _standardise(feats, n_base, floor).astype(np.float32)
+        score = run_model(onnx_path, x)["score"].astype(np.float64)
+        thr = design.threshold_multiple * float(score[:n_base].max())
+        test = score[FIT_ROWS - design.window + 1:]  # windows ending at rows 400..T-1
+        ys.append(y[FIT_ROWS:])
+        preds.append(test > thr)
+        scores.append(test)
+        thresholds.append(np.full(len(test), thr))
+        names.append(np.full(len(test), f"{path.parent.name}/{path.name}"))
+    return {"y": np.concatenate(ys), "pred": np.concatenate(preds), "score": np.concatenate(scores),
+            "threshold": np.concatenate(thresholds), "file": np.concatenate(names)}
+
+
+def _int8_breakdown(gate: dict[str, np.ndarray], prob_all: np.ndarray,
+                    per_file: list[tuple[Path, np.ndarray, np.ndarray]], shifts: list[tuple[Any, Any]],
+                    design: SkabDesign) -> dict[str, Any]:
+    """The INT8 gate's results by folder, where its errors sit, the files' level shifts, the files no
+    predictor fold trained on (odd positions), and its per-row arrays."""
+    y_all, p_all, folder = gate["y"], gate["pred"], gate["file"]
+    group = np.array([f.split("/")[0] for f in folder])
+    position = {f"{p.parent.name}/{p.name}": i for i, (p, _, _) in enumerate(per_file)}
+    odd = np.array([position[f] % 2 == 1 for f in folder])
+    comb = p_all & (prob_all >= design.combined_min_prob)
+    before = [b for b, _ in shifts if b is not None]
+    after = [a for _, a in shifts if a is not None]
+    return {
+        "by_folder": {g: binary_metrics(y_all[group == g], p_all[group == g]) for g in ("valve1", "valve2", "other")},
+        "error_sources": error_sources(y_all, p_all, folder, design.window),
+        "level_shift": {"before_fault_median": float(np.median(before)), "files_before": len(before),
+                        "after_fault_median": float(np.median(after)), "files_after": len(after),
+                        "after_over_3sd": int(np.sum(np.array(after) > 3)),
+                        "before_over_3sd": int(np.sum(np.array(before) > 3))},
+        "held_out": {"gate": binary_metrics(y_all[odd], p_all[odd]), "combined": binary_metrics(y_all[odd], comb[odd]),
+                     "n_files": len(set(folder[odd]))},
+        "rows": {"y": y_all, "score": gate["score"], "prob": prob_all, "threshold": gate["threshold"],
+                 "file": folder},
+    }
 
 
 def table(result: dict[str, Any]) -> str:
