@@ -178,7 +178,7 @@ class Agent:
         if m.input.kind != "window":
             raise ConfigError(f"bundle {cfg.bundle} takes table rows ({m.input.kind}), not a sensor stream",
                               where=f"{cfg.bundle}/manifest.json: input.kind",
-                              hint="use a bundle trained on windows (e.g. edgekit/recipes/skab.toml)")
+                              hint="use a bundle whose recipe cuts windows (a [window] section)")
         profile = (detect_mod.detect() if cfg.runtime.profile == "auto"
                    else profile_mod.load_profile(cfg.runtime.profile))
         import onnxruntime as ort

@@ -62,10 +62,11 @@ def _object(obj: dict[str, Any], key: str) -> dict[str, Any] | None:
     return value
 
 
-def _owner(obj: dict[str, Any], site: str, device: str) -> None:
-    """IdentityError unless the object names the topic's site and device."""
+def _owner(obj: dict[str, Any], site: str, device: str, named_only: bool = False) -> None:
+    """IdentityError unless the object names the topic's site and device (with `named_only`, unless each
+    one it names is the topic's: status and metrics may leave them out)."""
     for key, want in (("site", site), ("device", device)):
-        if obj.get(key) != want:
+        if (key in obj or not named_only) and obj.get(key) != want:
             raise IdentityError(f"{key} {obj.get(key)!r:.60} is not the topic's {want!r}")
 
 
@@ -375,9 +376,7 @@ class Status:
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any], site: str, device: str) -> Status:
-        for key, want in (("site", site), ("device", device)):
-            if key in obj and obj[key] != want:
-                raise IdentityError(f"{key} {obj.get(key)!r:.60} is not the topic's {want!r}")
+        _owner(obj, site, device, named_only=True)
         state = obj.get("state")
         if state not in ("online", "offline"):
             raise DataError(f"state must be online or offline (got {state!r:.40})")
@@ -422,9 +421,7 @@ class Metrics:
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any], site: str, device: str) -> Metrics:
-        for key, want in (("site", site), ("device", device)):
-            if key in obj and obj[key] != want:
-                raise IdentityError(f"{key} {obj.get(key)!r:.60} is not the topic's {want!r}")
+        _owner(obj, site, device, named_only=True)
         reserved = {"schema", "site", "device", "ts", "queued", "dropped"}
         counters = {k: v for k, v in obj.items() if k not in reserved}
         if obj.get("schema") == topics.SCHEMA_METRICS_V1 and "replayed" in counters:
