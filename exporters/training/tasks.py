@@ -94,6 +94,22 @@ def _window_rows(values: np.ndarray, recipe: Recipe, rate_hz: float) -> tuple[np
     return win, feats
 
 
+def _skab_files(recipe: Recipe, root: Path) -> tuple[list[Path], Path]:
+    """The fault files of `data.skab_groups` (in SKAB's numeric order) and anomaly-free.csv."""
+    files: list[Path] = []
+    for g in recipe.data.skab_groups:
+        folder = root / g
+        if not folder.is_dir():
+            raise DataError("not found", where=str(folder), hint="data.path must point at SKAB's data/ folder")
+        files.extend(sorted(folder.glob("*.csv"), key=lambda p: (len(p.stem), p.stem)))
+    if recipe.data.max_files:
+        files = files[: recipe.data.max_files]
+    free = root / "anomaly-free" / "anomaly-free.csv"
+    if not free.is_file():
+        raise DataError("not found", where=str(free), hint="SKAB's normal recording is needed for normal data")
+    return files, free
+
+
 def load_skab(recipe: Recipe, recipe_dir: Path) -> TaskData:
     """SKAB fault files plus anomaly-free.csv. A window's label is the `anomaly` flag of its LAST row.
 
@@ -106,57 +122,34 @@ def load_skab(recipe: Recipe, recipe_dir: Path) -> TaskData:
     if len(recipe.labels) != 2:
         raise DataError(f"skab has two classes (normal, anomaly) (got labels {recipe.labels})", where="labels")
     normal_idx = recipe.labels.index(recipe.normal_label)
-    anomaly_idx = 1 - normal_idx
-    files: list[Path] = []
-    for g in recipe.data.skab_groups:
-        folder = root / g
-        if not folder.is_dir():
-            raise DataError("not found", where=str(folder), hint="data.path must point at SKAB's data/ folder")
-        files.extend(sorted(folder.glob("*.csv"), key=lambda p: (len(p.stem), p.stem)))
-    if recipe.data.max_files:
-        files = files[: recipe.data.max_files]
-    free = root / "anomaly-free" / "anomaly-free.csv"
-    if not free.is_file():
-        raise DataError("not found", where=str(free), hint="SKAB's normal recording is needed for normal data")
-
-    feats, wins, ys, groups, folders = [], [], [], [], []
+    files, free = _skab_files(recipe, root)
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, str, str]] = []  # windows, features, y, group, folder
     for path in files:
         table = datasets.read_skab(path)
         if "anomaly" not in table.labels:
             raise DataError("missing column 'anomaly'", where=str(path))
         win, f = _window_rows(table.values, recipe, table.rate_hz)
-        if not len(win):
-            continue
-        last = np.arange(len(win)) * hop + size - 1
-        flag = table.labels["anomaly"][last].astype(bool)
-        ys.append(np.where(flag, anomaly_idx, normal_idx))
-        feats.append(f)
-        wins.append(win)
-        name = f"{path.parent.name}/{path.name}"
-        groups.append(np.full(len(win), name))
-        folders.append(np.full(len(win), path.parent.name))
+        flag = table.labels["anomaly"][np.arange(len(win)) * hop + size - 1].astype(bool)
+        parts.append((win, f, np.where(flag, 1 - normal_idx, normal_idx),
+                      f"{path.parent.name}/{path.name}", path.parent.name))
     table = datasets.read_skab(free)
     chunk = recipe.data.normal_chunk_rows
     for k, start in enumerate(range(0, len(table.values), chunk)):
         win, f = _window_rows(table.values[start:start + chunk], recipe, table.rate_hz)
-        if not len(win):
-            continue
-        ys.append(np.full(len(win), normal_idx))
-        feats.append(f)
-        wins.append(win)
-        groups.append(np.full(len(win), f"anomaly-free/anomaly-free.csv#{k}"))
-        folders.append(np.full(len(win), "anomaly-free"))
-    if not feats:
+        parts.append((win, f, np.full(len(win), normal_idx), f"anomaly-free/anomaly-free.csv#{k}", "anomaly-free"))
+    parts = [p for p in parts if len(p[0])]
+    if not parts:
         raise DataError(f"no full windows of {size} rows", where=str(root), hint="lower window.size")
     channels = list(datasets.SKAB_CHANNELS)
     return TaskData(
         kind="window", extractor=recipe.features.extractor,
-        features=np.concatenate(feats).astype(np.float64),
+        features=np.concatenate([p[1] for p in parts]).astype(np.float64),
         feature_names=feature_names(recipe.features.extractor, channels),
-        y=np.concatenate(ys).astype(np.int64), files=[*files, free],
-        windows=np.concatenate(wins), split_groups=np.concatenate(groups),
-        report_groups={"folder": np.concatenate(folders)}, channels=channels, rate_hz=1.0, source=str(root),
-        recording=datasets.SKAB_RECORDING.model_dump(),
+        y=np.concatenate([p[2] for p in parts]).astype(np.int64), files=[*files, free],
+        windows=np.concatenate([p[0] for p in parts]),
+        split_groups=np.concatenate([np.full(len(p[0]), p[3]) for p in parts]),
+        report_groups={"folder": np.concatenate([np.full(len(p[0]), p[4]) for p in parts])},
+        channels=channels, rate_hz=1.0, source=str(root), recording=datasets.SKAB_RECORDING.model_dump(),
     )
 
 
