@@ -72,8 +72,7 @@ class EdgePipeline:
             if w is not None:
                 why[keep[j]] = w
         ok = [j for j, i in enumerate(keep) if why[i] is None]  # rows of raw/feats the models see
-        refused = self.gate.refuse("implausible")
-        decisions: list[GateDecision] = [refused] * len(windows)
+        decisions: list[GateDecision | None] = [None] * len(windows)  # None: refused below
         probs: list[np.ndarray | None] = [None] * len(windows)
         second: list[np.ndarray | None] = [None] * len(windows)
         if ok:
@@ -90,6 +89,9 @@ class EdgePipeline:
                 decisions[i] = d
                 probs[i] = out.probs[k]
                 second[i] = None if out.second_probs is None else out.second_probs[k]
+        if len(ok) < len(windows):
+            refused = self.gate.refuse("implausible")
+            decisions = [refused if d is None else d for d in decisions]
         features = dict(zip(keep, raw))
-        return [Judged(w, features.get(i), probs[i], second[i], decisions[i], why[i])
+        return [Judged(w, features.get(i), probs[i], second[i], decisions[i], why[i])  # type: ignore[arg-type]
                 for i, w in enumerate(windows)]
