@@ -6,50 +6,93 @@ read (exporters/training/tasks.py raises DataError naming file and column). Must
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
 from edgekit.config import Strict, load_config
+from edgekit.manifest import Recording
 
-WINDOW_LOADERS = ("skab", "ipol")
+WINDOW_LOADERS = ("recordings",)
 TABLE_LOADERS = ("fall_screening", "table")
-# The extractor each loader's data needs: window loaders feed edgekit.features, tables are features already.
-EXTRACTOR_FOR_LOADER = {"skab": "machine", "ipol": "gait", "fall_screening": "table", "table": "table"}
-DEFAULT_PATHS = {
-    "skab": "skab/data",
-    "ipol": "ipol_gait/GaitData",
-    "fall_screening": "fall_screening/tug_accel_features.csv",
-}
+DEFAULT_PATHS = {"fall_screening": "fall_screening/tug_accel_features.csv"}
+
+
+class FileSet(Strict):
+    """Some of the recordings under `data.path`, and what holds for all of them."""
+
+    glob: str | list[str] = Field(description="Glob(s) relative to data.path, e.g. 'valve1/*.csv' or "
+                                  "['a/*.csv', 'b/*.csv']; each glob's files in natural order (2 before 10).")
+    label: str | None = Field(None, description="Every sample of these files has this label (overrides "
+                              "[data.label]), e.g. a folder of normal recordings.")
+    chunk_rows: int | None = Field(
+        None, ge=2, description="Cut each of these files into chunks of this many rows, each its own split "
+        "group, so one long recording reaches train, cal and test without a window straddling two splits.")
+
+
+class LabelSpec(Strict):
+    """Where a sample's label comes from, and which sample labels a window."""
+
+    source: Literal["column", "folder", "pattern", "intervals", "sidecar", "files"] = Field(
+        "column", description="'column': a column of the recording; 'folder': the file's folder name; "
+        "'pattern': the group 'label' of data.name_pattern; 'intervals': a CSV (file, start, end, label); "
+        "'sidecar': [start, end] pairs under keys of each recording's JSON sidecar (data.sidecar); 'files': "
+        "only the labels of [[data.files]] sets.")
+    column: str | None = Field(None, description="source 'column': the column holding the label.")
+    map: dict[str, str] = Field(
+        default_factory=dict, description="Cell value -> label name, e.g. {'0' = 'normal', '1' = 'anomaly'} "
+        "(numbers compare as numbers: '1.0' matches '1'). Without it a cell is a label name or a class index.")
+    intervals: str | None = Field(
+        None, description="source 'intervals': CSV with columns file, start, end, label (file relative to "
+        "data.path; start/end in `unit` from the recording's first sample; end exclusive).")
+    keys: dict[str, str] = Field(
+        default_factory=dict, description="source 'sidecar': label -> the sidecar's key holding [start, end] "
+        "(or a list of them), applied in this order (a later label wins where two overlap).")
+    unit: Literal["seconds", "samples"] = Field("seconds", description="Unit of interval starts and ends.")
+    default: str | None = Field(None, description="intervals/sidecar: the label outside every interval.")
+    at: Literal["last", "centre"] = Field(
+        "last", description="The sample whose label the window gets: 'last' (the agent answers when a window "
+        "completes: 'is it faulty now') or 'centre'.")
 
 
 class DataSection(Strict):
-    """Where the rows come from and, for tables, which columns are features, target and groups."""
+    """Where the rows come from: recordings (windows over sample streams) or one table of feature rows."""
 
-    loader: Literal["skab", "ipol", "fall_screening", "table"] = Field(
-        description="skab: SKAB pump CSVs (windows, label anomaly); ipol: IPOL gait trials (windows, label "
-        "phase still/walk/turn); fall_screening: TUG accelerometer features with 12-month falls; "
-        "table: any CSV/TSV with one row per example."
+    loader: Literal["recordings", "fall_screening", "table"] = Field(
+        description="recordings: CSV/TSV sample streams in files (windows); table: any CSV/TSV with one row "
+        "per example; fall_screening: a table with defaults for the TUG features file."
     )
     path: str | None = Field(
         None,
         description="File or folder. Relative to EDGEKIT_DATA_DIR (relative_to='data_dir') or to the recipe "
-        "file (relative_to='recipe'). Default for skab: skab/data, ipol: ipol_gait/GaitData, "
-        "fall_screening: fall_screening/tug_accel_features.csv; table needs it.",
+        "file (relative_to='recipe'). recordings and table need it.",
     )
     relative_to: Literal["data_dir", "recipe"] = Field(
         "data_dir", description="What a relative `path` is relative to: EDGEKIT_DATA_DIR or the recipe's folder."
     )
-    skab_groups: list[Literal["valve1", "valve2", "other"]] = Field(
-        default_factory=lambda: ["valve1", "valve2", "other"],
-        description="skab: fault folders to use (anomaly-free/anomaly-free.csv is always added as normal data).",
-    )
-    normal_chunk_rows: int = Field(
-        1000, ge=64,
-        description="skab: anomaly-free.csv is one long recording; it is cut into chunks of this many rows, "
-        "each its own split group, so normal data reaches train, cal and test without windows straddling.",
-    )
+    files: list[FileSet] = Field(
+        default_factory=lambda: [FileSet(glob="**/*.csv")],
+        description="recordings: which files, in sets read in this order (default: every *.csv below path).")
+    channels: list[str] | None = Field(None, description="recordings: the columns that are sensor channels, in "
+                                       "the order the model gets them.")
+    units: dict[str, str] = Field(default_factory=dict, description="recordings: channel -> unit, e.g. "
+                                  "{Accel_X = 'm/s^2'}; recorded in the bundle.")
+    layout: Recording | None = Field(
+        None, description="recordings: how a file holds samples (delimiter, header_line, time_column + "
+        "time_format or rate_hz / rate_pattern); becomes the bundle's input.recording, what replay reads.")
+    label: LabelSpec | None = Field(None, description="recordings: where labels come from.")
+    name_pattern: str | None = Field(
+        None, description="recordings: regular expression searched in each file's path relative to data.path; "
+        "its named groups (e.g. (?P<subject>\\d+)) are the file's fields for splits.group_by, "
+        "group_columns and data.sidecar.")
+    sidecar: str | None = Field(
+        None, description="recordings: a JSON file beside each recording, named with {stem}, {name} or "
+        "name_pattern fields, e.g. '{subject}-{trial}.json'; its scalar values are the file's fields too.")
+    max_gap_s: float | None = Field(
+        None, gt=0, description="recordings with a time column: a step longer than this (or time going "
+        "back) splits the recording; no window spans it. Default: 3 sample periods.")
     max_files: int | None = Field(
         None, ge=1, description="Use only the first N recordings (in the readers' stable order); for quick runs."
     )
@@ -65,12 +108,12 @@ class DataSection(Strict):
     )
     group_columns: list[str] = Field(
         default_factory=list,
-        description="table: categorical columns reported per group in the report (e.g. gender). ipol always "
-        "reports Gender; skab reports the fault folder.",
+        description="Categorical values reported per group in the training report: table columns, or for "
+        "recordings the files' fields ('folder', name_pattern groups, sidecar values, e.g. Gender).",
     )
     age_column: str | None = Field(
-        None, description="Numeric age column (table) whose bands become a report group 'age_band'; ipol uses "
-        "its JSON 'Age' when `age_bands` is set.",
+        None, description="Numeric age column (table) or file field (recordings, e.g. a sidecar's Age) whose "
+        "bands become a report group 'age_band'.",
     )
     age_bands: list[float] = Field(
         default_factory=list, description="Band edges for age_band, ascending, e.g. [75, 85] -> <75, 75-85, >=85."
@@ -97,6 +140,16 @@ class DataSection(Strict):
             dup = sorted({c for c in v if v.count(c) > 1})
             if dup:
                 raise ValueError(f"columns named twice: {dup}")
+        return v
+
+    @field_validator("name_pattern")
+    @classmethod
+    def _pattern(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"not a regular expression ({exc})") from None
         return v
 
     def resolved_path(self) -> str:
@@ -169,8 +222,9 @@ class SecondOpinionSection(Strict):
 class SplitsSection(Strict):
     cal: float = Field(0.2, gt=0, lt=1, description="Fraction for calibration (gate thresholds); never trained on.")
     test: float = Field(0.2, gt=0, lt=1, description="Fraction held out for the final metrics; never fitted on.")
-    group_by: Literal["file", "subject"] | None = Field(
-        None, description="Keep all windows of one recording ('file') or person ('subject') in one split."
+    group_by: str | None = Field(
+        None, description="recordings: keep all windows of one recording ('file') or of one value of a file "
+        "field (e.g. 'subject' from data.name_pattern) in one split."
     )
 
     @field_validator("test")
@@ -197,7 +251,7 @@ class Recipe(Strict):
     labels: list[str] = Field(description="Class names in index order; the first is 'normal' unless set.")
     data: DataSection = Field(description="Where the rows come from.")
     window: WindowSection | None = Field(
-        None, validate_default=True, description="Window size and hop (skab and ipol only)."
+        None, validate_default=True, description="Window size and hop in samples (recordings only)."
     )
     features: FeaturesSection = Field(description="Feature extractor.")
     predictor: PredictorSection = Field(default_factory=PredictorSection, description="The classifier.")
@@ -229,11 +283,13 @@ class Recipe(Strict):
 
     @field_validator("data")
     @classmethod
-    def _table_columns(cls, v: DataSection) -> DataSection:
-        if v.loader == "table":
-            missing = [k for k in ("path", "features", "target") if getattr(v, k) is None]
-            if missing:
-                raise ValueError(f"loader 'table' needs {', '.join(missing)}")
+    def _loader_keys(cls, v: DataSection, info: ValidationInfo) -> DataSection:
+        need = {"table": ("path", "features", "target"), "recordings": ("path", "channels", "layout", "label")}
+        missing = [k for k in need.get(v.loader, ()) if getattr(v, k) is None]
+        if missing:
+            raise ValueError(f"loader {v.loader!r} needs {', '.join(missing)}")
+        if v.loader == "recordings":
+            _check_recordings(v, info.data.get("labels") or [])
         return v
 
     @field_validator("window")
@@ -254,11 +310,9 @@ class Recipe(Strict):
     @classmethod
     def _extractor_for_loader(cls, v: FeaturesSection, info: ValidationInfo) -> FeaturesSection:
         data = info.data.get("data")
-        if data is not None and EXTRACTOR_FOR_LOADER[data.loader] != v.extractor:
-            raise ValueError(
-                f"extractor {v.extractor!r} does not fit loader {data.loader!r}; "
-                f"use {EXTRACTOR_FOR_LOADER[data.loader]!r}"
-            )
+        if data is not None and (data.loader in TABLE_LOADERS) != (v.extractor == "table"):
+            use = "'table'" if data.loader in TABLE_LOADERS else "a window extractor (e.g. 'machine', 'gait')"
+            raise ValueError(f"extractor {v.extractor!r} does not fit loader {data.loader!r}; use {use}")
         return v
 
     @field_validator("predictor")
@@ -284,10 +338,8 @@ class Recipe(Strict):
     @classmethod
     def _group_for_loader(cls, v: SplitsSection, info: ValidationInfo) -> SplitsSection:
         data = info.data.get("data")
-        if data is not None and v.group_by == "subject" and data.loader != "ipol":
-            raise ValueError(f"group_by 'subject' needs subject ids; loader {data.loader!r} has none (use 'file' or none)")
-        if data is not None and v.group_by == "file" and data.loader in TABLE_LOADERS:
-            raise ValueError(f"group_by 'file' needs recordings; loader {data.loader!r} is one table")
+        if data is not None and v.group_by is not None and data.loader in TABLE_LOADERS:
+            raise ValueError(f"group_by {v.group_by!r} needs recordings; loader {data.loader!r} is one table")
         return v
 
     @property
@@ -300,6 +352,29 @@ class Recipe(Strict):
         if len(self.labels) != 2:
             return None
         return next(lab for lab in self.labels if lab != self.normal_label)
+
+
+def _check_recordings(v: DataSection, labels: list[str]) -> None:
+    """A recordings section's labels name classes of `labels`, and each label source has its keys."""
+    spec = v.label
+    assert spec is not None
+    named = [fs.label for fs in v.files if fs.label is not None] + list(spec.map.values()) + list(spec.keys)
+    named += [spec.default] if spec.default is not None else []
+    unknown = sorted({n for n in named if n not in labels})
+    if labels and unknown:
+        raise ValueError(f"labels {unknown} are not in labels {labels}")
+    need = {"column": "column", "intervals": "intervals", "sidecar": "keys"}.get(spec.source)
+    if need and not getattr(spec, need):
+        raise ValueError(f"label.source {spec.source!r} needs label.{need}")
+    if spec.source == "sidecar" and v.sidecar is None:
+        raise ValueError("label.source 'sidecar' needs data.sidecar (the JSON file beside each recording)")
+    if spec.source == "pattern" and "(?P<label>" not in (v.name_pattern or ""):
+        raise ValueError("label.source 'pattern' needs a group (?P<label>...) in data.name_pattern")
+    if spec.source == "files" and any(fs.label is None for fs in v.files):
+        raise ValueError("label.source 'files' needs a label on every [[data.files]] set")
+    units = sorted(set(v.units) - set(v.channels or []))
+    if units:
+        raise ValueError(f"units name {units}, which are not channels")
 
 
 def load_recipe(path: Path | str, overrides: dict[str, object] | None = None) -> Recipe:

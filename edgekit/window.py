@@ -49,8 +49,13 @@ class Windower:
     twice (at i and i+size) so the latest `size` samples are always one contiguous slice.
     """
 
-    def __init__(self, size: int, hop: int, channels: int) -> None:
+    def __init__(self, size: int, hop: int, channels: int, max_gap_s: float | None = None) -> None:
+        """`max_gap_s`: a step in time longer than this starts the windows afresh after it, so no window
+        spans the gap (training splits recordings at the same gaps: manifest input.max_gap_s)."""
         _check_size_hop(size, hop)
+        if max_gap_s is not None and not max_gap_s > 0:
+            raise ValueError(f"max_gap_s must be > 0 or None (got {max_gap_s!r})")
+        self.max_gap_s = max_gap_s
         if isinstance(channels, bool) or not isinstance(channels, (int, np.integer)) or channels < 1:
             raise ValueError(f"channels must be an integer >= 1 (got {channels!r})")
         self.size = int(size)
@@ -61,6 +66,7 @@ class Windower:
         self._count = 0  # samples pushed so far
         self._seq = 0  # windows emitted so far
         self._last_t = -np.inf
+        self.gaps = 0  # gaps longer than max_gap_s seen so far
 
     @property
     def count(self) -> int:
@@ -73,6 +79,15 @@ class Windower:
         self._seq = 0
         self._last_t = -np.inf
 
+    def _gap(self, t: float) -> bool:
+        """True (and the samples before forgotten, seq kept) when `t` follows the last sample by more than
+        max_gap_s."""
+        if self.max_gap_s is None or self._count == 0 or not t - self._last_t > self.max_gap_s:
+            return False
+        self._count = 0
+        self.gaps += 1
+        return True
+
     def _completes(self, count: int) -> bool:
         return count >= self.size and (count - self.size) % self.hop == 0
 
@@ -83,6 +98,7 @@ class Windower:
             raise ValueError(f"sample has shape {values.shape}, windower expects ({self.channels},)")
         if sample.t_s < self._last_t:
             raise ValueError(f"sample time {sample.t_s} goes back before {self._last_t}")
+        self._gap(sample.t_s)
         i = self._count % self.size
         self._buf[i] = values
         self._buf[i + self.size] = values
@@ -117,6 +133,12 @@ class Windower:
         if np.any(steps < 0):
             bad = int(np.flatnonzero(steps < 0)[0])
             raise ValueError(f"sample time {t[bad]} goes back before {self._last_t if bad == 0 else t[bad - 1]}")
+        if self.max_gap_s is not None:
+            cuts = np.flatnonzero(steps[1:] > self.max_gap_s) + 1  # gaps inside the block
+            if len(cuts):
+                bounds = [0, *cuts.tolist(), m]
+                return [w for a, b in zip(bounds, bounds[1:]) for w in self.push_many(t[a:b], values[a:b])]
+            self._gap(float(t[0]))
 
         # Retained history (latest min(count, size) samples, oldest first) followed by the new samples.
         kept = min(self._count, self.size)

@@ -75,12 +75,39 @@ def test_imputation_choice_is_checked(tmp_path: Path) -> None:
         load_recipe(path)
 
 
+RECORDINGS = """\
+task = "s"
+labels = ["normal", "anomaly"]
+[data]
+loader = "recordings"
+path = "rec"
+channels = ["a", "b"]
+[data.layout]
+rate_hz = 10.0
+[data.label]
+column = "y"
+"""
+
+
 def test_window_loader_needs_window_and_matching_extractor(tmp_path: Path) -> None:
-    base = 'task = "s"\nlabels = ["normal", "anomaly"]\n[data]\nloader = "skab"\n'
-    with pytest.raises(ConfigError, match=r"r\.toml: window: .*\[window\] is required for loader 'skab'"):
-        load_recipe(write(tmp_path, base + '[features]\nextractor = "machine"\n'))
-    with pytest.raises(ConfigError, match=r"features: .*extractor 'gait' does not fit loader 'skab'"):
-        load_recipe(write(tmp_path, base + '[window]\nsize = 8\nhop = 4\n[features]\nextractor = "gait"\n'))
+    with pytest.raises(ConfigError, match=r"r\.toml: window: .*\[window\] is required for loader 'recordings'"):
+        load_recipe(write(tmp_path, RECORDINGS + '[features]\nextractor = "machine"\n'))
+    with pytest.raises(ConfigError, match=r"features: .*extractor 'table' does not fit loader 'recordings'"):
+        load_recipe(write(tmp_path, RECORDINGS + '[window]\nsize = 8\nhop = 4\n[features]\nextractor = "table"\n'))
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (("channels = [\"a\", \"b\"]\n", ""), "loader 'recordings' needs channels"),
+    (('column = "y"', 'source = "intervals"'), "label.source 'intervals' needs label.intervals"),
+    (('column = "y"', 'source = "sidecar"\nkeys = { anomaly = "Fault" }'), "needs data.sidecar"),
+    (('column = "y"', 'column = "y"\nmap = { "1" = "fault" }'), r"labels \['fault'\] are not in labels"),
+    (('[data.layout]', 'units = { c = "V" }\n[data.layout]'), r"units name \['c'\], which are not channels"),
+    (('[data.layout]', 'name_pattern = "(?P<x"\n[data.layout]'), "name_pattern: .*not a regular expression"),
+])
+def test_recordings_section_is_checked(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
+    text = RECORDINGS.replace(*edit) + '[window]\nsize = 8\nhop = 4\n[features]\nextractor = "machine"\n'
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(write(tmp_path, text))
 
 
 def test_cnn_on_a_table_is_refused(tmp_path: Path) -> None:
@@ -168,7 +195,8 @@ def test_shipped_tug_table_loads_with_its_holes() -> None:
 @pytest.mark.data
 def test_skab_window_labels_follow_the_last_row(data_dir: Path, tmp_path: Path) -> None:
     text = (ROOT / "edgekit" / "recipes" / "skab.toml").read_text().replace(
-        'skab_groups = ["valve1", "valve2", "other"]', 'skab_groups = ["valve2"]\nmax_files = 1')
+        'glob = ["valve1/*.csv", "valve2/*.csv", "other/*.csv"]', 'glob = "valve2/*.csv"').replace(
+        'max_gap_s = 300', 'max_gap_s = 300\nmax_files = 1')
     recipe = load_recipe(write(tmp_path, text))
     data = load_task(recipe, tmp_path)
     from edgekit.datasets import read_skab

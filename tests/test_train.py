@@ -193,6 +193,6 @@ def test_ipol_cnn_trains_grouped_by_subject_and_reproduces(data_dir: Path, tmp_p
     assert run["positive_label"] is None and run["labels"] == ["still", "walk", "turn"]
     subjects = {s: set(arrays[f"{s}_group"].tolist()) for s in ("train", "cal", "test")}
     assert not (subjects["train"] & subjects["test"]) and not (subjects["cal"] & subjects["test"])
-    assert "gender" in run["groups_metrics"]
+    assert "Gender" in run["groups_metrics"]  # the sidecar field the recipe names in group_columns
     b = train(EXAMPLES / "ipol_gait.toml", tmp_path / "b", epochs=1, progress=False)
     assert json.loads((b / "run.json").read_text())["metrics"] == run["metrics"]

@@ -99,3 +99,22 @@ def test_streaming_equals_batch_on_ipol(data_dir) -> None:
     assert len(ref) > 40
     assert np.array_equal(np.stack([w.data for w in one]), ref)
     assert np.array_equal(np.stack([w.data for w in chunks]), ref)
+
+
+@pytest.mark.parametrize("chunks", [[250], [7, 93, 55, 95], [1] * 250, [100, 100, 50]])
+def test_a_gap_starts_the_windows_afresh(chunks: list[int]) -> None:
+    """A step over max_gap_s: no window spans it, and the windows are sliding_windows over each segment (what
+    training cuts, exporters/training/tasks.py); seq keeps counting, so result numbers never repeat."""
+    rng = np.random.default_rng(0)
+    t = np.concatenate([np.arange(100) * 0.01, 5 + np.arange(100) * 0.01, 9 + np.arange(50) * 0.01])
+    v = rng.normal(size=(250, 3))
+    win = Windower(16, 8, 3, max_gap_s=0.05)
+    out, i = [], 0
+    for c in chunks:
+        out += win.push_many(t[i:i + c], v[i:i + c]) if c > 1 else [w for w in [win.push(Sample(t[i], v[i]))] if w]
+        i += c
+    expected = np.concatenate([sliding_windows(v[a:b], 16, 8) for a, b in ((0, 100), (100, 200), (200, 250))])
+    assert np.array_equal(np.stack([w.data for w in out]), expected)
+    assert [w.seq for w in out] == list(range(len(expected)))
+    assert all(w.end_s - w.start_s < 0.2 for w in out)
+    assert win.gaps == 2

@@ -110,8 +110,8 @@ def predictor_recipe(design: SkabDesign) -> tuple[Path, Recipe]:
     path = path if path.is_absolute() else shipped("recipes", str(path))
     recipe = load_recipe(path)
     where = f"{path}: "
-    if recipe.data.loader != "skab" or recipe.predictor.arch != "mlp" or recipe.window is None:
-        raise ConfigError(f"needs loader 'skab' and arch 'mlp' (got {recipe.data.loader!r}, "
+    if recipe.data.loader != "recordings" or recipe.predictor.arch != "mlp" or recipe.window is None:
+        raise ConfigError(f"needs loader 'recordings' and arch 'mlp' (got {recipe.data.loader!r}, "
                           f"{recipe.predictor.arch!r})", where=where + "predictor",
                           hint="the SKAB evaluation scores a feature MLP on every row")
     if recipe.window.size > FIT_ROWS + 1:
@@ -126,7 +126,7 @@ def _predictor_probs(files: list[Path], design: SkabDesign, folder: Path
     fold model that never saw it; and what was fitted.
 
     Each fold model is the recipe's: trained on the recipe's windows (size, hop, extractor, labels as
-    training/tasks.py load_skab cuts them) of the other fold's files plus the anomaly-free chunks, normalised
+    training/tasks.py load_recordings cuts them with the SKAB recipe) of the other fold's files plus the anomaly-free chunks, normalised
     by those rows' mean/std, built by train.new_predictor and fitted by train.fit_predictor with early
     stopping on a file-grouped cal part of the same rows (the recipe's splits.cal share of train + cal).
     Scoring slides the recipe's window with hop 1, so every test row gets the window ending at it.

@@ -17,6 +17,7 @@ import numpy as np
 
 from edgekit import datasets
 from edgekit.errors import ConfigError, DataError
+from edgekit.exporters.training import recordings
 from edgekit.features import extract, feature_names
 from edgekit.recipe import Recipe
 from edgekit.window import sliding_windows
@@ -44,6 +45,7 @@ class TaskData:
     rate_hz: float | None = None
     recording: dict[str, Any] | None = None  # the files' layout (manifest.Recording), for the agent's replay
     source: str = ""  # where the rows came from, for error messages
+    problems: list[str] = field(default_factory=list)  # lines dropped and files skipped while reading
 
     def __post_init__(self) -> None:
         n = len(self.y)
@@ -94,120 +96,83 @@ def _window_rows(values: np.ndarray, recipe: Recipe, rate_hz: float) -> tuple[np
     return win, feats
 
 
-def _skab_files(recipe: Recipe, root: Path) -> tuple[list[Path], Path]:
-    """The fault files of `data.skab_groups` (in SKAB's numeric order) and anomaly-free.csv."""
+def load_recordings(recipe: Recipe, recipe_dir: Path) -> TaskData:
+    """Windows over the recipe's recordings (exporters/training/recordings.py reads them). A window's label
+    is that of its last (or centre) sample, as [data.label] says; its split group the file (or chunk) or a
+    file field; windows never span a gap, a dropped line or a chunk boundary."""
+    d = recipe.data
+    assert d.channels is not None and d.label is not None
+    root = _resolve(recipe, recipe_dir)
+    ctx = recordings.Context(recipe, root)
+    size, hop = _size_hop(recipe)
+    offset = size - 1 if d.label.at == "last" else size // 2
+    parts: list[tuple[recordings.Part, str, np.ndarray, np.ndarray, np.ndarray]] = []
     files: list[Path] = []
-    for g in recipe.data.skab_groups:
-        folder = root / g
-        if not folder.is_dir():
-            raise DataError("not found", where=str(folder), hint="data.path must point at SKAB's data/ folder")
-        files.extend(sorted(folder.glob("*.csv"), key=lambda p: (len(p.stem), p.stem)))
-    if recipe.data.max_files:
-        files = files[: recipe.data.max_files]
-    free = root / "anomaly-free" / "anomaly-free.csv"
-    if not free.is_file():
-        raise DataError("not found", where=str(free), hint="SKAB's normal recording is needed for normal data")
-    return files, free
-
-
-def load_skab(recipe: Recipe, recipe_dir: Path) -> TaskData:
-    """SKAB fault files plus anomaly-free.csv. A window's label is the `anomaly` flag of its LAST row.
-
-    Why the last row: the agent decides when a window completes, so the label says "is the pump faulty
-    now", the per-row question of SKAB's own scoring. anomaly-free.csv is cut into chunks of
-    `data.normal_chunk_rows` rows, each its own split group (one 9,405-row group would land in one split).
-    """
-    root = _resolve(recipe, recipe_dir)
-    size, hop = _size_hop(recipe)
-    if len(recipe.labels) != 2:
-        raise DataError(f"skab has two classes (normal, anomaly) (got labels {recipe.labels})", where="labels")
-    normal_idx = recipe.labels.index(recipe.normal_label)
-    files, free = _skab_files(recipe, root)
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray, str, str]] = []  # windows, features, y, group, folder
-    for path in files:
-        table = datasets.read_skab(path)
-        if "anomaly" not in table.labels:
-            raise DataError("missing column 'anomaly'", where=str(path))
-        win, f = _window_rows(table.values, recipe, table.rate_hz)
-        flag = table.labels["anomaly"][np.arange(len(win)) * hop + size - 1].astype(bool)
-        parts.append((win, f, np.where(flag, 1 - normal_idx, normal_idx),
-                      f"{path.parent.name}/{path.name}", path.parent.name))
-    table = datasets.read_skab(free)
-    chunk = recipe.data.normal_chunk_rows
-    for k, start in enumerate(range(0, len(table.values), chunk)):
-        win, f = _window_rows(table.values[start:start + chunk], recipe, table.rate_hz)
-        parts.append((win, f, np.full(len(win), normal_idx), f"anomaly-free/anomaly-free.csv#{k}", "anomaly-free"))
-    parts = [p for p in parts if len(p[0])]
+    for fs in d.files:
+        for path in recordings.list_files(root, fs, d.max_files):
+            part = recordings.read_part(ctx, path, fs.label)
+            files.append(path)
+            if part is None:
+                continue
+            for group, a, b in _pieces(part, fs.chunk_rows):
+                win, f = _window_rows(part.values[a:b], recipe, ctx.rate_hz or 1.0)
+                y = part.labels[a:b][np.arange(len(win), dtype=np.int64) * hop + offset]
+                parts.append((part, group, win[y >= 0], f[y >= 0], y[y >= 0]))
+    for line in ctx.problems:
+        log.warning("recordings %s", line)
+    parts = [p for p in parts if len(p[2])]
     if not parts:
-        raise DataError(f"no full windows of {size} rows", where=str(root), hint="lower window.size")
-    channels = list(datasets.SKAB_CHANNELS)
+        raise DataError(f"no full windows of {size} samples with a label", where=str(root),
+                        hint="check data.files, data.layout and data.label, or lower window.size"
+                        + (f"; {len(ctx.problems)} problems logged, first: {ctx.problems[0]}" if ctx.problems else ""))
     return TaskData(
         kind="window", extractor=recipe.features.extractor,
-        features=np.concatenate([p[1] for p in parts]).astype(np.float64),
-        feature_names=feature_names(recipe.features.extractor, channels),
-        y=np.concatenate([p[2] for p in parts]).astype(np.int64), files=[*files, free],
-        windows=np.concatenate([p[0] for p in parts]),
-        split_groups=np.concatenate([np.full(len(p[0]), p[3]) for p in parts]),
-        report_groups={"folder": np.concatenate([np.full(len(p[0]), p[4]) for p in parts])},
-        channels=channels, rate_hz=1.0, source=str(root), recording=datasets.SKAB_RECORDING.model_dump(),
+        features=np.concatenate([p[3] for p in parts]).astype(np.float64),
+        feature_names=feature_names(recipe.features.extractor, list(d.channels)),
+        y=np.concatenate([p[4] for p in parts]).astype(np.int64), files=files,
+        windows=np.concatenate([p[2] for p in parts]),
+        split_groups=_split_groups(recipe, parts), report_groups=_report_groups(recipe, parts),
+        channels=list(d.channels), rate_hz=float(ctx.rate_hz or 1.0), source=str(root),
+        recording=d.layout.model_dump() if d.layout else None, problems=ctx.problems,
     )
 
 
-def load_ipol(recipe: Recipe, recipe_dir: Path) -> TaskData:
-    """IPOL lower-back IMU trials. A window's label is the phase (still/walk/turn) of its CENTRE sample."""
-    root = _resolve(recipe, recipe_dir)
-    size, hop = _size_hop(recipe)
-    if len(recipe.labels) != 3:
-        raise DataError(f"ipol phases are still, walk, turn (got labels {recipe.labels})", where="labels")
-    files = sorted(root.glob("*_lb.txt"), key=_ipol_key)
-    if recipe.data.max_files:
-        files = files[: recipe.data.max_files]
-    if not files:
-        raise DataError("no *_lb.txt trials", where=str(root))
-    feats, wins, ys, subjects, trials, genders, ages = [], [], [], [], [], [], []
-    rate = None
-    used: list[Path] = []
-    for path in files:
-        table = datasets.read_ipol(path)
-        if "phase" not in table.labels:
-            raise DataError("no annotation JSON beside the trial (phase labels)", where=str(path))
-        if rate is None:
-            rate = table.rate_hz
-        elif table.rate_hz != rate:
-            raise DataError(f"rate {table.rate_hz} Hz differs from the first trial's {rate} Hz", where=str(path))
-        win, f = _window_rows(table.values, recipe, table.rate_hz)
-        used += [path, path.with_name(path.name.replace("_lb.txt", ".json"))]
-        if not len(win):
-            continue
-        centre = np.arange(len(win)) * hop + size // 2
-        ys.append(table.labels["phase"][centre].astype(np.int64))
-        feats.append(f)
-        wins.append(win)
-        n = len(win)
-        subjects.append(np.full(n, f"subject-{table.meta['Subject']}"))
-        trials.append(np.full(n, path.name))
-        genders.append(np.full(n, str(table.meta.get("Gender", "unknown"))))
-        ages.append(np.full(n, float(table.meta.get("Age", np.nan))))
-    if not feats:
-        raise DataError(f"no full windows of {size} samples", where=str(root), hint="lower window.size")
-    channels = list(datasets.IPOL_CHANNELS)
-    groups = {"gender": np.concatenate(genders)}
-    if recipe.data.age_bands:
-        groups["age_band"] = _age_band(np.concatenate(ages), recipe.data.age_bands)
-    split = {"subject": np.concatenate(subjects), "file": np.concatenate(trials), None: None}
-    return TaskData(
-        kind="window", extractor=recipe.features.extractor,
-        features=np.concatenate(feats).astype(np.float64),
-        feature_names=feature_names(recipe.features.extractor, channels),
-        y=np.concatenate(ys), files=used, windows=np.concatenate(wins),
-        split_groups=split[recipe.splits.group_by], report_groups=groups, channels=channels,
-        rate_hz=float(rate or 100.0), source=str(root), recording=datasets.IPOL_RECORDING.model_dump(),
-    )
+def _pieces(part: recordings.Part, chunk_rows: int | None) -> list[tuple[str, int, int]]:
+    """(split group, start, end) of the part's segments, cut again every `chunk_rows` rows ('file#k')."""
+    n = len(part.values)
+    chunks = [(part.rel, 0, n)] if chunk_rows is None else [
+        (f"{part.rel}#{k}", a, min(a + chunk_rows, n)) for k, a in enumerate(range(0, n, chunk_rows))]
+    bounds = part.starts
+    return [(g, max(a, s), min(b, e)) for g, a, b in chunks for s, e in zip(bounds, bounds[1:])
+            if min(b, e) > max(a, s)]
 
 
-def _ipol_key(p: Path) -> tuple[int, int]:
-    subject, trial = p.name.replace("_lb.txt", "").split("-")
-    return int(subject), int(trial)
+def _split_groups(recipe: Recipe, parts: list[Any]) -> np.ndarray | None:
+    key = recipe.splits.group_by
+    if key is None:
+        return None
+    if key == "file":
+        return np.concatenate([np.full(len(p[2]), p[1]) for p in parts])
+    missing = next((p[0].path for p in parts if key not in p[0].fields), None)
+    if missing is not None:
+        raise DataError(f"no field {key!r} for splits.group_by (fields: {sorted(parts[0][0].fields)})",
+                        where=str(missing), hint="name it in data.name_pattern or the sidecar")
+    return np.concatenate([np.full(len(p[2]), f"{key}-{p[0].fields[key]}") for p in parts])
+
+
+def _report_groups(recipe: Recipe, parts: list[Any]) -> dict[str, np.ndarray]:
+    d = recipe.data
+    groups = {c: np.concatenate([np.full(len(p[2]), p[0].fields.get(c, "unknown")) for p in parts]).astype(str)
+              for c in d.group_columns}
+    if d.age_column and d.age_bands:
+        def age(p: Any) -> float:
+            try:
+                return float(p[0].fields.get(d.age_column, "nan"))
+            except ValueError:
+                return float("nan")
+
+        groups["age_band"] = _age_band(np.concatenate([np.full(len(p[2]), age(p)) for p in parts]), d.age_bands)
+    return groups
 
 
 # --- table tasks ---------------------------------------------------------------------------------
@@ -268,7 +233,7 @@ def load_table(recipe: Recipe, recipe_dir: Path) -> TaskData:
     )
 
 
-LOADERS = {"skab": load_skab, "ipol": load_ipol, "fall_screening": load_table, "table": load_table}
+LOADERS = {"recordings": load_recordings, "fall_screening": load_table, "table": load_table}
 
 
 def load_task(recipe: Recipe, recipe_dir: Path) -> TaskData:
