@@ -16,8 +16,7 @@ from edgekit.config import Strict, load_config
 from edgekit.manifest import Recording
 
 WINDOW_LOADERS = ("recordings",)
-TABLE_LOADERS = ("fall_screening", "table")
-DEFAULT_PATHS = {"fall_screening": "fall_screening/tug_accel_features.csv"}
+TABLE_LOADERS = ("table",)
 
 
 class FileSet(Strict):
@@ -60,9 +59,9 @@ class LabelSpec(Strict):
 class DataSection(Strict):
     """Where the rows come from: recordings (windows over sample streams) or one table of feature rows."""
 
-    loader: Literal["recordings", "fall_screening", "table"] = Field(
+    loader: Literal["recordings", "table"] = Field(
         description="recordings: CSV/TSV sample streams in files (windows); table: any CSV/TSV with one row "
-        "per example; fall_screening: a table with defaults for the TUG features file."
+        "per example (features computed already)."
     )
     path: str | None = Field(
         None,
@@ -97,14 +96,13 @@ class DataSection(Strict):
         None, ge=1, description="Use only the first N recordings (in the readers' stable order); for quick runs."
     )
     features: list[str] | None = Field(
-        None, description="table: feature columns, in order (fall_screening defaults to its nine features)."
+        None, description="table: feature columns, in order."
     )
     target: str | None = Field(
-        None, description="table: target column holding class indices 0..K-1 in the order of `labels` "
-        "(fall_screening defaults to faller_12m)."
+        None, description="table: target column holding class indices 0..K-1 in the order of `labels`."
     )
     exclude_column: str | None = Field(
-        None, description="table: rows where this column is 1 are dropped (fall_screening defaults to 'excluded')."
+        None, description="table: rows where this column is 1 are dropped."
     )
     group_columns: list[str] = Field(
         default_factory=list,
@@ -153,7 +151,7 @@ class DataSection(Strict):
         return v
 
     def resolved_path(self) -> str:
-        return self.path if self.path is not None else DEFAULT_PATHS.get(self.loader, "")
+        return self.path or ""
 
 
 class WindowSection(Strict):

@@ -24,8 +24,6 @@ from edgekit.window import sliding_windows
 
 log = logging.getLogger(__name__)
 
-FALL_TARGET = "faller_12m"
-FALL_EXCLUDE = "excluded"
 
 
 @dataclass
@@ -67,7 +65,7 @@ def _resolve(recipe: Recipe, recipe_dir: Path) -> Path:
     else:
         path = datasets.data_dir() / p
     if not path.exists():
-        hint = ("set EDGEKIT_DATA_DIR to the folder holding skab/, ipol_gait/, fall_screening/"
+        hint = ("set EDGEKIT_DATA_DIR to the folder the recipe's data.path is relative to"
                 if recipe.data.relative_to == "data_dir" else "the path is relative to the recipe file")
         raise DataError("not found", where=f"{path} (data.path)", hint=hint)
     return path
@@ -182,10 +180,7 @@ def load_table(recipe: Recipe, recipe_dir: Path) -> TaskData:
     """One row per example. Target: class indices 0..K-1 in the order of `labels`. Empty cells -> NaN."""
     path = _resolve(recipe, recipe_dir)
     d = recipe.data
-    fall = d.loader == "fall_screening"
-    columns = list(d.features) if d.features else (list(datasets.FALL_FEATURES) if fall else [])
-    target = d.target or (FALL_TARGET if fall else None)
-    exclude = d.exclude_column or (FALL_EXCLUDE if fall else None)
+    columns, target, exclude = list(d.features or []), d.target, d.exclude_column
     if target is None or not columns:
         raise DataError("needs feature columns and a target", where=f"{path} (data.features, data.target)")
     header, rows = datasets.read_table(path)
@@ -233,7 +228,7 @@ def load_table(recipe: Recipe, recipe_dir: Path) -> TaskData:
     )
 
 
-LOADERS = {"recordings": load_recordings, "fall_screening": load_table, "table": load_table}
+LOADERS = {"recordings": load_recordings, "table": load_table}
 
 
 def load_task(recipe: Recipe, recipe_dir: Path) -> TaskData:
