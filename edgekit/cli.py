@@ -179,6 +179,26 @@ def verify(bundle: Path, pub: Path) -> None:
     click.echo(f"ok: {bundle} ({m.task}, {len(m.files)} files, signature valid)")
 
 
+@main.command("inspect")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--public-key", type=click.Path(path_type=Path), default=None,
+              help="Verify the signature with this Ed25519 public key (PEM); a missing or bad one is an error.")
+@click.option("--features", "list_features", is_flag=True, help="List every feature name, in model input order.")
+@click.option("--json", "as_json", is_flag=True, help="Print the full report as JSON instead.")
+@handle_errors
+def inspect_cmd(bundle: Path, public_key: Path | None, list_features: bool, as_json: bool) -> None:
+    """What a bundle expects and promises: input contract (channels, units, rate, window, features, replay
+    layout, plausible range), labels, gate thresholds and expected deferral, parity, hashes and signature.
+    Checks every file's sha256 (and the signature with --public-key) first; exit 2 naming the file if one fails.
+    Needs only the agent install."""
+    import json
+
+    from edgekit.inspection import inspect_bundle, text
+
+    report = inspect_bundle(bundle, public_key=public_key)
+    click.echo(json.dumps(report, indent=2) if as_json else text(report, list_features=list_features))
+
+
 # --- edge side -----------------------------------------------------------------------------------
 
 
