@@ -133,6 +133,27 @@ def train(recipe: str, out: Path, extra_labels: Path | None, epochs: int | None,
     click.echo(f"run written to {run_dir} (report: {run_dir / 'report'})")
 
 
+@main.command("init")
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--out", default=Path("recipe.toml"), type=click.Path(path_type=Path), show_default=True,
+              help="Recipe file to write.")
+@click.option("--task", default=None, help="Task name (default: the folder's name).")
+@click.option("--force", is_flag=True, help="Overwrite --out if it exists.")
+@handle_errors
+def init(data_dir: Path, out: Path, task: str | None, force: bool) -> None:
+    """Write a training recipe for the recordings in DATA_DIR (CSV/TSV files, one sample per line).
+
+    It finds the delimiter, header, time column and sample rate, the channels, and the labels (a label column,
+    or the folder names); each guess is marked GUESS in a comment. Check them, then `edgekit train` the file."""
+    from edgekit.errors import ConfigError
+    from edgekit.exporters.training.scaffold import write_recipe
+
+    if out.exists() and not force:
+        raise ConfigError("exists; pass --force to overwrite it", where=str(out))
+    path = write_recipe(data_dir, out, task)
+    click.echo(f"recipe written to {path}: check the lines marked GUESS, then `edgekit train {path} --out run`")
+
+
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")

@@ -22,6 +22,18 @@ def _check_size_hop(size: int, hop: int) -> None:
         raise ValueError(f"window hop must be an integer >= 1 (got {hop!r})")
 
 
+def sample_rate(t: np.ndarray) -> float | None:
+    """Samples per second of time stamps `t` (seconds): 1 / the mean of the steps within half of the median
+    step, so gaps and a missed sample do not count and stamps rounded to the microsecond (a float64 epoch
+    holds ~0.2 us) still give 1000 Hz, not 1000.07. None without two increasing stamps."""
+    steps = np.diff(np.asarray(t, dtype=np.float64))
+    steps = steps[steps > 0]
+    if not len(steps):
+        return None
+    med = float(np.median(steps))
+    return 1.0 / float(steps[(steps > 0.5 * med) & (steps < 1.5 * med)].mean())
+
+
 def sliding_windows(values: np.ndarray, size: int, hop: int) -> np.ndarray:
     """Windows starting at samples 0, hop, 2*hop, ... (full windows only), shape (n, size, C) float64.
 

@@ -31,6 +31,7 @@ from edgekit.config import ReplaySource
 from edgekit.errors import DataError
 from edgekit.recipe import FileSet, Recipe
 from edgekit.source import LineRejected, ReplayReader
+from edgekit.window import sample_rate
 
 log = logging.getLogger(__name__)
 
@@ -177,10 +178,6 @@ def read_part(ctx: Context, path: Path, label: str | None = None) -> Part | None
     except DataError as exc:
         problems.append(f"{exc} (file skipped)")
         return None
-    if rate_hz is not None and abs(lay.rate_hz - rate_hz) > RATE_TOLERANCE * rate_hz:
-        problems.append(f"{path}: rate {lay.rate_hz:g} Hz, the first file's is {rate_hz:g} Hz (file skipped; "
-                        "one bundle takes one rate)")
-        return None
     header = _header(path, recipe)
     column = d.label.column if d.label.source == "column" and label is None else None
     if column is not None and column not in header:
@@ -191,14 +188,21 @@ def read_part(ctx: Context, path: Path, label: str | None = None) -> Part | None
     if not len(values):
         problems.append(f"{path}: no samples (file skipped)")
         return None
+    rate = lay.rate_hz
+    if d.layout.time_column and d.layout.rate_hz is None:  # the whole file's steps, not the head's median
+        rate = float(f"{sample_rate(t) or rate:.6g}")  # stamps resolve ~1e-6: more digits are noise
+    if rate_hz is not None and abs(rate - rate_hz) > RATE_TOLERANCE * rate_hz:
+        problems.append(f"{path}: rate {rate:.6g} Hz, the first file's is {rate_hz:.6g} Hz (file skipped; "
+                        "one bundle takes one rate)")
+        return None
     fields = file_fields(path, ctx.root, recipe)
     side = read_sidecar(path, fields, d.sidecar) if d.sidecar else None
     if side is not None:
         fields.update({k: str(v) for k, v in side.items() if isinstance(v, (str, int, float, bool))})
     labels = (np.full(len(t), recipe.labels.index(label), dtype=np.int64) if label is not None else
               sample_labels(ctx, path, fields, side, [rows[i] for i in keep], [linenos[i] for i in keep], header, t))
-    max_gap = d.max_gap_s if d.max_gap_s is not None else GAP_PERIODS / lay.rate_hz
-    ctx.rate_hz = lay.rate_hz if rate_hz is None else rate_hz
+    max_gap = d.max_gap_s if d.max_gap_s is not None else GAP_PERIODS / rate
+    ctx.rate_hz = rate if rate_hz is None else rate_hz
     return Part(path, fields["file"], values, labels, _segments(t, keep, max_gap), fields)
 
 
@@ -220,7 +224,7 @@ def sample_labels(ctx: Context, path: Path, fields: dict[str, str], side: dict[s
         return np.full(n, -1, dtype=np.int64)  # set by the file set's label
     default = _index(spec.default, labels, "data.label.default") if spec.default is not None else -1
     out = np.full(n, default, dtype=np.int64)
-    pos = t if spec.unit == "seconds" else np.arange(n, dtype=np.float64)
+    pos = t - t[0] if spec.unit == "seconds" else np.arange(n, dtype=np.float64)
     for label, start, end in _intervals(ctx, fields, side):
         out[(pos >= start) & (pos < end)] = _index(label, labels, f"{path} (interval label)")
     return out
