@@ -17,7 +17,17 @@ import re
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from edgekit.errors import ModelError
 
@@ -28,7 +38,13 @@ MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 Role = Literal["predictor", "gate", "second_opinion"]
 InputKind = Literal["window", "table"]
-Extractor = Literal["machine", "gait", "table"]
+Extractor = Literal["machine", "gait", "spectral", "table"]
+# The extractors that take FeatureParams (edgekit/features.py); the others take none.
+PARAM_EXTRACTORS = ("spectral",)
+TimeStat = Literal["mean", "std", "rms", "peak", "ptp", "crest", "kurtosis", "skewness"]
+SpectralStat = Literal["centroid_hz", "spread_hz", "entropy", "dominant_hz"]
+TIME_STATS: tuple[TimeStat, ...] = ("mean", "std", "rms", "peak", "ptp", "crest", "kurtosis", "skewness")
+SPECTRAL_STATS: tuple[SpectralStat, ...] = ("centroid_hz", "spread_hz", "entropy", "dominant_hz")
 
 
 class _Strict(BaseModel):
@@ -75,6 +91,144 @@ class Recording(_Strict):
         return self
 
 
+Band = tuple[float, float]
+
+
+def band_label(band: Band) -> str:
+    """A band's part of a feature name: (100, 500) -> '100_500Hz', (12.5, 25) -> '12.5_25Hz'."""
+    return f"{band[0]:g}_{band[1]:g}Hz"
+
+
+def band_bins(band: Band, rate_hz: float, size: int) -> tuple[int, int]:
+    """The rFFT bins [k0, k1) of a window of `size` samples at `rate_hz` that the band [lo, hi) Hz holds:
+    bin k (frequency k * rate_hz / size) with lo <= f < hi, never DC (k >= 1); a band that ends at Nyquist
+    holds the Nyquist bin. Half-open, so adjacent bands [a, b], [b, c] share no bin."""
+    lo, hi = band
+    last = size // 2  # the Nyquist bin for an even size, the top bin for an odd one
+    k0 = max(1, math.ceil(lo * size / rate_hz))
+    k1 = last + 1 if hi >= rate_hz / 2 else min(last + 1, math.ceil(hi * size / rate_hz))
+    return k0, max(k0, k1)
+
+
+def _show(band: Band) -> str:
+    return f"[{band[0]:g}, {band[1]:g}]"
+
+
+def _check_band(band: Band) -> Band:
+    lo, hi = band
+    if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo < hi):
+        raise ValueError(f"a band is [lo, hi] Hz with 0 <= lo < hi, both finite (got {_show(band)})")
+    return band
+
+
+def _check_names(bands: tuple[Band, ...]) -> tuple[Band, ...]:
+    seen: dict[str, Band] = {}
+    for b in bands:
+        _check_band(b)
+        label = band_label(b)
+        if label in seen:
+            raise ValueError(f"bands {_show(seen[label])} and {_show(b)} Hz would both be named {label!r}")
+        seen[label] = b
+    return bands
+
+
+class Envelope(_Strict):
+    """Envelope (demodulation) analysis for rolling-element bearings (Randall & Antoni 2011, "Rolling element
+    bearing diagnostics - a tutorial", MSSP 25(2)): band-pass around a resonance the impacts excite, take the
+    magnitude of the analytic signal, and read the envelope spectrum's power at the fault frequencies."""
+
+    carrier_hz: Band = Field(description="[lo, hi] Hz: the band-pass around the excited resonance (FFT bins "
+                             "lo <= f < hi), the carrier the fault impacts modulate.")
+    bands_hz: tuple[Band, ...] = Field(min_length=1, description="[lo, hi] Hz bands of the envelope spectrum, e.g. "
+                                       "around a bearing's BPFO/BPFI/BSF/FTF; each below the carrier's width.")
+
+    @field_validator("carrier_hz")
+    @classmethod
+    def _carrier(cls, v: Band) -> Band:
+        return _check_band(v)
+
+    @field_validator("bands_hz")
+    @classmethod
+    def _bands(cls, v: tuple[Band, ...]) -> tuple[Band, ...]:
+        return _check_names(v)
+
+
+class FeatureParams(_Strict):
+    """The parameters of the 'spectral' extractor (edgekit/features.py SpectralFeatures), all in the units of
+    the field: frequencies in Hz, powers in the channel's unit squared. Per channel, in this order: the
+    `time` statistics, one value per `bands_hz` band, the `spectral` statistics, one value per envelope band.
+    Spectra are of the mean-removed window with a periodic Hann taper, one-sided and scaled so that the
+    powers of all bins but DC add up to the tapered window's mean square (Parseval)."""
+
+    time: tuple[TimeStat, ...] = Field(
+        TIME_STATS, description="Per-channel statistics of the window, named '<channel>.<stat>': mean, std, rms "
+        "(of the raw samples, offset included), peak (max |x - mean|), ptp, crest (peak / std), kurtosis "
+        "(excess, Fisher) and skewness (both biased, as scipy.stats). A flat channel's std, crest, kurtosis, "
+        "skewness are 0.")
+    bands_hz: tuple[Band, ...] = Field(
+        (), description="[lo, hi] Hz bands of the spectrum, named '<channel>.band_<lo>_<hi>Hz'; each holds the FFT "
+        "bins lo <= f < hi (a band ending at Nyquist holds it) and must lie at or below Nyquist.")
+    band_value: Literal["power", "rms", "share"] = Field(
+        "power", description="What a band's (and an envelope band's) value is: 'power' (unit^2, the band's part "
+        "of the mean square), 'rms' (unit, its square root) or 'share' (power / all AC power, 0..1).")
+    spectral: tuple[SpectralStat, ...] = Field(
+        SPECTRAL_STATS, description="Statistics of the AC power spectrum, named '<channel>.<stat>': centroid_hz "
+        "(power-weighted mean frequency), spread_hz (power-weighted std around it), entropy (Shannon entropy of "
+        "the normalised spectrum over log(bins), 0..1), dominant_hz (the strongest bin). 0 for a flat channel.")
+    envelope: Envelope | None = Field(
+        None, description="Envelope spectrum bands, named '<channel>.env_band_<lo>_<hi>Hz'; null: none.")
+
+    @field_validator("time", "spectral")
+    @classmethod
+    def _unique(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        dup = sorted({s for s in v if v.count(s) > 1})
+        if dup:
+            raise ValueError(f"statistics named twice: {dup}")
+        return v
+
+    @field_validator("bands_hz")
+    @classmethod
+    def _bands(cls, v: tuple[Band, ...]) -> tuple[Band, ...]:
+        return _check_names(v)
+
+    @model_validator(mode="after")
+    def _something(self) -> FeatureParams:
+        if not (self.time or self.bands_hz or self.spectral or self.envelope):
+            raise ValueError("asks for no features: give time, bands_hz, spectral or envelope")
+        env = self.envelope
+        if env is not None:
+            width = env.carrier_hz[1] - env.carrier_hz[0]
+            for i, b in enumerate(env.bands_hz):
+                if b[1] > width:
+                    raise ValueError(f"envelope.bands_hz[{i}] {_show(b)} Hz reaches above the carrier band's width "
+                                     f"({width:g} Hz of {_show(env.carrier_hz)}): the envelope holds no "
+                                     "modulation faster than that")
+        return self
+
+    def per_channel(self) -> list[str]:
+        """The feature names after '<channel>.', in column order."""
+        env = self.envelope.bands_hz if self.envelope is not None else ()
+        return ([*self.time] + [f"band_{band_label(b)}" for b in self.bands_hz] + [*self.spectral]
+                + [f"env_band_{band_label(b)}" for b in env])
+
+    def check(self, rate_hz: float, window_size: int) -> None:
+        """ValueError naming the band when a band reaches above Nyquist or holds no FFT bin of these windows."""
+        nyq = rate_hz / 2
+        named = [(f"bands_hz[{i}]", b) for i, b in enumerate(self.bands_hz)]
+        if self.envelope is not None:
+            named.append(("envelope.carrier_hz", self.envelope.carrier_hz))
+            named += [(f"envelope.bands_hz[{i}]", b) for i, b in enumerate(self.envelope.bands_hz)]
+        for key, band in named:
+            if band[1] > nyq:
+                raise ValueError(f"{key}: band {_show(band)} Hz reaches above Nyquist ({nyq:g} Hz at rate_hz "
+                                 f"{rate_hz:g}); lower the band or record faster")
+            k0, k1 = band_bins(band, rate_hz, window_size)
+            if k1 <= k0:
+                raise ValueError(f"{key}: band {_show(band)} Hz holds no FFT bin of a {window_size}-sample window at "
+                                 f"{rate_hz:g} Hz (bins every {rate_hz / window_size:g} Hz); widen the band or the "
+                                 "window")
+
+
 class InputSpec(_Strict):
     kind: InputKind = Field(description="'window': a sliding window over a sample stream; "
                                              "'table': one row of precomputed values per case.")
@@ -85,6 +239,9 @@ class InputSpec(_Strict):
     window_size: int | None = Field(None, gt=0, description="Samples per window.")
     window_hop: int | None = Field(None, gt=0, description="Samples between consecutive window starts.")
     feature_names: list[str] = Field(description="Names of the feature vector, in model input order.")
+    feature_params: FeatureParams | None = Field(
+        None, description="The extractor's parameters (bands in Hz, statistics), as training used them; absent "
+        "for extractors that take none (a bundle written before they existed reads the same).")
     imputation: dict[str, Any] | None = Field(
         None, description="How missing table values are filled (copied from the run), or null.")
     recording: Recording | None = Field(
@@ -92,6 +249,29 @@ class InputSpec(_Strict):
     plausible: PlausibleRange | None = Field(
         None, description="Samples outside this range never reach a model: the agent defers the window as "
         "'implausible' (edgekit/plausible.py). Null: only non-finite values are refused.")
+
+    @model_serializer(mode="wrap")
+    def _omit_no_params(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        # Left out rather than written as null: a bundle of an extractor without parameters stays byte for
+        # byte what it was, and an agent older than feature_params still reads it.
+        data = handler(self)
+        if self.feature_params is None:
+            data.pop("feature_params", None)
+        return data
+
+    @model_validator(mode="after")
+    def _params_fit_extractor(self) -> InputSpec:
+        if self.feature_params is not None:
+            if self.extractor not in PARAM_EXTRACTORS:
+                raise ValueError(f"feature_params: extractor {self.extractor!r} takes none (only "
+                                 f"{', '.join(PARAM_EXTRACTORS)} do)")
+            if self.rate_hz is not None and self.window_size is not None:
+                self.feature_params.check(self.rate_hz, self.window_size)
+            want = [f"{ch}.{f}" for ch in self.channels or [] for f in self.feature_params.per_channel()]
+            if self.feature_names != want:
+                raise ValueError(f"feature_names do not follow feature_params over the channels (expected "
+                                 f"{len(want)} names starting {want[:3]}, got {len(self.feature_names)})")
+        return self
 
     @model_validator(mode="after")
     def _plausible_fits_channels(self) -> InputSpec:

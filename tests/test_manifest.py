@@ -203,3 +203,49 @@ def test_every_byte_of_the_signature_file_matters(bundle: Path, keys: tuple[Path
                 verify_bundle(bundle, public)
     sig.write_bytes(original)
     verify_bundle(bundle, public)
+
+
+SPECTRAL_INPUT = {"kind": "window", "extractor": "spectral", "channels": ["Accel_X", "Accel_Y"], "rate_hz": 1000.0,
+                  "window_size": 500, "window_hop": 250,
+                  "feature_params": {"time": ["rms"], "bands_hz": [[10, 100], [100, 500]], "spectral": [],
+                                     "envelope": {"carrier_hz": [200, 400], "bands_hz": [[5, 15]]}},
+                  "feature_names": [f"{ch}.{f}" for ch in ("Accel_X", "Accel_Y")
+                                    for f in ("rms", "band_10_100Hz", "band_100_500Hz", "env_band_5_15Hz")]}
+
+
+def _with_input(tmp_path: Path, inp: dict) -> Path:
+    out = tmp_path / "spectral"
+    out.mkdir()
+    data = _manifest_dict({})
+    data["input"] = inp
+    data["normalize"]["features"] = {"mean": [0.0] * len(inp["feature_names"]),
+                                     "std": [1.0] * len(inp["feature_names"])}
+    (out / "manifest.json").write_text(json.dumps(data))
+    return out
+
+
+def test_feature_params_round_trip_and_stay_out_of_bundles_without_them(bundle: Path, tmp_path: Path) -> None:
+    """An extractor's parameters travel in input.feature_params; a bundle without them (every bundle written
+    before they existed) has no such key and reads as before."""
+    assert "feature_params" not in json.loads((bundle / "manifest.json").read_text())["input"]
+    assert read_manifest(bundle).input.feature_params is None
+    m = read_manifest(_with_input(tmp_path, SPECTRAL_INPUT))
+    params = m.input.feature_params
+    assert params is not None and params.bands_hz == ((10.0, 100.0), (100.0, 500.0))
+    assert params.envelope is not None and params.envelope.carrier_hz == (200.0, 400.0)
+    again = tmp_path / "again"
+    again.mkdir()
+    write_manifest(again, m)
+    assert read_manifest(again) == m
+    assert json.loads((again / "manifest.json").read_text())["input"]["feature_params"]["bands_hz"][1] == [100.0, 500.0]
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"extractor": "machine"}, "feature_params: extractor 'machine' takes none"),
+    ({"rate_hz": 800.0}, r"bands_hz\[1\]: band \[100, 500\] Hz reaches above Nyquist \(400 Hz at rate_hz 800\)"),
+    ({"window_size": 50}, r"envelope.bands_hz\[0\]: band \[5, 15\] Hz holds no FFT bin"),
+    ({"channels": ["Accel_X"]}, "feature_names do not follow feature_params"),
+])
+def test_feature_params_that_do_not_fit_the_input_are_refused(tmp_path: Path, change: dict, message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        read_manifest(_with_input(tmp_path, {**SPECTRAL_INPUT, **change}))
