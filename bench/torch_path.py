@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from edgekit.exporters.training.models import load_checkpoint  # noqa: E402
-from edgekit.features import extract  # noqa: E402
+from edgekit.features import extractor  # noqa: E402
 from edgekit.gate import Gate  # noqa: E402
 from edgekit.manifest import read_manifest  # noqa: E402
 from edgekit.pipeline import EdgePipeline  # noqa: E402
@@ -61,6 +61,8 @@ class TorchPath:
         man = json.loads((bundle / "manifest.json").read_text())
         run = json.loads((run_dir / "run.json").read_text())
         self.inp = man["input"]
+        manifest = read_manifest(bundle)
+        self.extract = extractor(manifest.input.extractor, manifest.input.feature_params)
         self.rate = float(self.inp.get("rate_hz") or 1.0)
         norm = man["normalize"]
         self.f_mean = np.asarray(norm["features"]["mean"], np.float32)
@@ -80,14 +82,13 @@ class TorchPath:
                 self.second = pickle.load(fh)  # noqa: S301 - our own training output
             if hasattr(self.second, "n_jobs"):
                 self.second.n_jobs = 1
-        manifest = read_manifest(bundle)
         gate = Gate.from_thresholds(manifest.thresholds.model_dump())
         pre = Preprocess.from_manifest(manifest)
         self.pipelines = {second: EdgePipeline(manifest, TorchModels(self, second), pre, gate)
                           for second in (True, False)}
 
     def inputs(self, window: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        raw = extract(self.inp["extractor"], window[None], self.rate)
+        raw = self.extract(window[None], self.rate)
         feats = ((raw - self.f_mean) / self.f_std).astype(np.float32, copy=False)
         win = None
         if self.w_mean is not None:

@@ -148,7 +148,7 @@ class _Prepared:
     """One bundle loaded as the agent loads it, with `n` windows turned into every stage's ready inputs."""
 
     def __init__(self, bundle: Path, windows: np.ndarray | None, threads: int) -> None:
-        from edgekit.features import extract
+        from edgekit.features import extractor
         from edgekit.gate import Gate
         from edgekit.manifest import load_bundle
         from edgekit.pipeline import EdgePipeline
@@ -170,7 +170,8 @@ class _Prepared:
         self.pre = Preprocess.from_manifest(manifest)
         self.gate = Gate.from_thresholds(manifest.thresholds.model_dump())
         self.pipeline = EdgePipeline(manifest, self.models, self.pre, self.gate)
-        self.raw = extract(inp.extractor, self.wins, self.rate)
+        self.extract = extractor(inp.extractor, inp.feature_params)
+        self.raw = self.extract(self.wins, self.rate)
         self.feats = self.pre.features(self.raw)
         self.uses_window = "window" in self.models.input_kind.values()
         self.win_in = np.stack([self.pre.window(w)[0] for w in self.wins]) if self.uses_window else None
@@ -206,8 +207,6 @@ def _model_cases(p: _Prepared) -> tuple[dict[str, Callable[[int], Any]], list[di
 def _path_cases(p: _Prepared) -> dict[str, Callable[[int], Any]]:
     """The stages of one window: features, normalise, the floor (exactly the session runs the agent makes,
     on inputs bound once as ModelSet.infer binds them), the gate, and the whole edge path."""
-    from edgekit.features import extract
-
     n = p.n
     floors = [p.models.floor_runs(p.one_feats[i], None if p.one_wins is None else p.one_wins[i]) for i in range(n)]
     out = p.models.infer(p.feats, p.win_in)
@@ -220,7 +219,7 @@ def _path_cases(p: _Prepared) -> dict[str, Callable[[int], Any]]:
             p.pre.window(p.window_objs[i % n].data)
 
     return {
-        "features": lambda i: extract(p.inp.extractor, p.window_objs[i % n].data[None], p.rate),
+        "features": lambda i: p.extract(p.window_objs[i % n].data[None], p.rate),
         "normalise": normalise,
         "floor": lambda i: floors[i % n](),
         "gate_decide": lambda i: p.gate.decide(*decide_args[i % n]),

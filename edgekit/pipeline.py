@@ -13,7 +13,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from edgekit.features import extract
+from edgekit.features import extractor
 from edgekit.gate import Gate
 from edgekit.plausible import Plausibility
 from edgekit.values import GateDecision, Window
@@ -45,7 +45,8 @@ class EdgePipeline:
     """Built once per bundle; `run(windows)` judges a batch (one extract, one model run per role)."""
 
     def __init__(self, manifest: Any, models: Models, pre: Any, gate: Gate) -> None:
-        self.extractor = manifest.input.extractor
+        # The bundle's extractor with its parameters, as training ran it (resolved once, not per window).
+        self.extract = extractor(manifest.input.extractor, manifest.input.feature_params)
         self.rate_hz = float(manifest.input.rate_hz or 1.0)
         self.feature_names = list(manifest.input.feature_names)
         self.models = models
@@ -65,7 +66,7 @@ class EdgePipeline:
         keep = [i for i, w in enumerate(why) if w is None]
         if len(keep) < len(windows):
             data = data[keep]
-        raw = (extract(self.extractor, data, self.rate_hz) if keep
+        raw = (self.extract(data, self.rate_hz) if keep
                else np.empty((0, len(self.feature_names))))
         feats = self.pre.features(raw)
         for j, w in enumerate(Plausibility.features(feats, raw, self.feature_names)):

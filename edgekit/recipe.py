@@ -10,10 +10,10 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from edgekit.config import Strict, load_config
-from edgekit.manifest import Recording
+from edgekit.manifest import PARAM_EXTRACTORS, FeatureParams, Recording
 
 WINDOW_LOADERS = ("recordings",)
 TABLE_LOADERS = ("table",)
@@ -160,10 +160,21 @@ class WindowSection(Strict):
 
 
 class FeaturesSection(Strict):
-    extractor: Literal["machine", "gait", "table"] = Field(
-        description="edgekit.features extractor for windows ('machine' for skab, 'gait' for ipol), or 'table' "
-        "when the rows are features already."
+    extractor: Literal["machine", "gait", "spectral", "table"] = Field(
+        description="edgekit.features extractor for windows ('machine' for skab, 'gait' for ipol, 'spectral' for "
+        "any sensor, configured by `params`), or 'table' when the rows are features already."
     )
+    params: FeatureParams | None = Field(
+        None, description="'spectral' only: statistics, bands in Hz and the envelope option (edgekit/manifest.py "
+        "FeatureParams); null: its defaults (time and spectral statistics, no bands)."
+    )
+
+    @model_validator(mode="after")
+    def _params_for_extractor(self) -> FeaturesSection:
+        if self.params is not None and self.extractor not in PARAM_EXTRACTORS:
+            raise ValueError(f"extractor {self.extractor!r} takes no params (only {', '.join(PARAM_EXTRACTORS)} "
+                             "does); remove [features.params]")
+        return self
 
 
 class PredictorSection(Strict):

@@ -1,6 +1,8 @@
 """A small run directory in the layout exporters/training/train.py writes (edgekit/contract/run.py; run.json
 built with RunMeta), trained in seconds on synthetic signals, so export tests do not depend on the training
-pipeline or datasets.
+pipeline or datasets. With `params`, the features are edgekit.features' 'spectral' ones of the windows (and
+the raw windows are kept in the run directory, see `raw_windows`), so a bundle's agent can be checked
+against them.
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ from edgekit.contract.run import (
     SecondOpinionModel,
     write_run,
 )
-from edgekit.manifest import Normalize, Stats
+from edgekit.manifest import FeatureParams, Normalize, Stats
+
+RATE_HZ = 32.0
+RAW_WINDOWS = "factory_windows.npz"  # not part of the run contract: for tests that replay the windows
 
 
 def _signals(rng: np.random.Generator, n: int, n_classes: int, channels: int, width: int):
@@ -40,9 +45,18 @@ def _features(windows: np.ndarray) -> np.ndarray:
                           axis=1).astype(np.float32)
 
 
+def raw_windows(run: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The raw windows (n, width, channels) float64 of a run made with `params`, and each split's rows."""
+    with np.load(run / RAW_WINDOWS) as data:
+        return data["windows"], {s: data[f"{s}_rows"] for s in ("train", "cal", "test")}
+
+
 def make_run(root: Path, *, arch: str = "mlp", n_classes: int = 2, second: str = "random_forest",
-             n: int = 1500, seed: int = 0, epochs: int = 60) -> Path:
-    """Train tiny models and write a run directory under `root`; returns its path."""
+             n: int = 1500, seed: int = 0, epochs: int = 60, channels: int = 3, width: int = 32,
+             params: FeatureParams | None = None) -> Path:
+    """Train tiny models and write a run directory under `root`; returns its path. `channels` and `width`
+    shape the windows (names ax, ay, az for 3 channels, else c0, c1, ...); `params`: the features are the
+    'spectral' extractor's with these parameters instead of the factory's own nine."""
     import torch
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.svm import SVC
@@ -51,9 +65,17 @@ def make_run(root: Path, *, arch: str = "mlp", n_classes: int = 2, second: str =
 
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    channels, width = 3, 32
     windows, y = _signals(rng, n, n_classes, channels, width)
-    raw = _features(windows)
+    chans = ["ax", "ay", "az"] if channels == 3 else [f"c{i}" for i in range(channels)]
+    if params is None:
+        raw = _features(windows)
+        names = [f"{stat}_{c}" for stat in ("std", "mad", "range") for c in chans]
+    else:
+        from edgekit.features import extract, feature_names
+
+        as_recorded = windows.transpose(0, 2, 1).astype(np.float64)  # (n, width, channels), as the agent cuts
+        raw = extract("spectral", as_recorded, RATE_HZ, params)
+        names = feature_names("spectral", chans, params)
     idx = rng.permutation(n)
     parts = {"train": idx[: n // 2], "cal": idx[n // 2: 3 * n // 4], "test": idx[3 * n // 4:]}
     f_mean, f_std = raw[parts["train"]].mean(0), raw[parts["train"]].std(0) + 1e-6
@@ -71,6 +93,8 @@ def make_run(root: Path, *, arch: str = "mlp", n_classes: int = 2, second: str =
 
     run = root / f"run-{arch}-{n_classes}"
     run.mkdir(parents=True)
+    if params is not None:
+        np.savez_compressed(run / RAW_WINDOWS, windows=as_recorded, **{f"{s}_rows": ix for s, ix in parts.items()})
     n_features = feats.shape[1]
     if arch == "mlp":
         kwargs = {"n_features": n_features, "n_classes": n_classes, "hidden": (32, 16)}
@@ -113,12 +137,12 @@ def make_run(root: Path, *, arch: str = "mlp", n_classes: int = 2, second: str =
 
     np.savez_compressed(run / "splits.npz", **splits)
     labels = ["normal"] + [f"fault_{i}" for i in range(1, n_classes)]
-    names = [f"{stat}_{c}" for stat in ("std", "mad", "range") for c in ("ax", "ay", "az")]
     write_run(run, RunMeta(
         task=f"synthetic-{arch}", recipe={"name": "synthetic"}, seed=seed, device="cpu", labels=labels,
         normal_label="normal", positive_label="fault_1" if n_classes == 2 else None,
-        input=RunInput(kind="window", extractor="machine", channels=["ax", "ay", "az"], rate_hz=32.0,
-                       window_size=width, window_hop=width // 2, feature_names=names),
+        input=RunInput(kind="window", extractor="machine" if params is None else "spectral", channels=chans,
+                       rate_hz=RATE_HZ, window_size=width, window_hop=width // 2, feature_names=names,
+                       feature_params=params),
         normalize=Normalize(features=Stats(mean=f_mean.tolist(), std=f_std.tolist()),
                             window=Stats(mean=w_mean.tolist(), std=w_std.tolist()) if arch == "cnn1d" else None),
         data_fingerprint="0" * 64,

@@ -20,7 +20,7 @@ from edgekit.errors import ExportError, ModelError  # noqa: E402
 from edgekit.manifest import keygen, load_bundle, sha256_file, verify_bundle  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from runfactory import make_run  # noqa: E402
+from runfactory import make_run, raw_windows  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -50,6 +50,28 @@ def cnn_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, di
     out = root / "bundle"
     report = export(run, out, int8=True, progress=False)
     return run, out, report
+
+
+# The 'spectral' extractor's parameters for the factory's signals (32 Hz, 2-8 cycles a window): bands in Hz,
+# an envelope over 4-16 Hz (issue 12).
+SPECTRAL = {"time": ["mean", "std", "rms", "kurtosis"], "bands_hz": [[0, 2], [2, 4], [4, 8], [8, 16]],
+            "envelope": {"carrier_hz": [4, 16], "bands_hz": [[0.9, 3]]}}
+
+
+@pytest.fixture(scope="module", params=[(3, 37), (8, 64)], ids=["3ch-37", "8ch-64"])
+def spectral_cnn_bundle(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+                        ) -> tuple[Path, Path, dict]:
+    """A cnn1d on raw windows of 3 or 8 channels (an odd and an even width), its autoencoder and second
+    opinion on 'spectral' features; INT8."""
+    from edgekit.exporters.export.export import export
+    from edgekit.manifest import FeatureParams
+
+    channels, width = request.param
+    root = tmp_path_factory.mktemp(f"spectral{channels}")
+    run = make_run(root, arch="cnn1d", n_classes=3, n=600, epochs=25, channels=channels, width=width,
+                   params=FeatureParams.model_validate(SPECTRAL))
+    out = root / "bundle"
+    return run, out, export(run, out, int8=True, progress=False)
 
 
 def _files(bundle: Path) -> list[str]:
@@ -293,3 +315,43 @@ def test_train_then_export_fall_screening(tmp_path: Path, data_dir: Path) -> Non
     assert m.models["predictor"].input_shape == [None, 9]
     with np.load(out / "heldout.npz") as held:
         assert held["x_features"].shape == (m.gate_calibration.n_test, 9)
+
+
+def test_spectral_cnn_bundle_runs_in_the_agent_pipeline(spectral_cnn_bundle: tuple[Path, Path, dict]) -> None:
+    """issue 12: the raw-window CNN for any channel count, and the agent computes exactly the features training
+    did: the bundle carries the extractor's params, the agent's EdgePipeline (onnxruntime, the used INT8/fp32
+    files) turns the raw test windows into the run's very features (bit for bit) and the held-out outputs."""
+    from edgekit.gate import Gate
+    from edgekit.pipeline import EdgePipeline
+    from edgekit.runtime import ModelSet, Preprocess
+    from edgekit.values import Window
+
+    run, out, report = spectral_cnn_bundle
+    assert report["passed"] is True
+    m = load_bundle(out)
+    channels, width = len(m.input.channels or []), m.input.window_size
+    assert m.input.extractor == "spectral" and m.input.feature_params is not None
+    assert m.input.feature_params.model_dump(mode="json", exclude_defaults=True) == SPECTRAL
+    assert m.input.feature_names[:4] == [f"{m.input.channels[0]}.{s}" for s in ("mean", "std", "rms", "kurtosis")]
+    # per channel: 4 time statistics, 4 bands, 4 spectral statistics (the default), 1 envelope band
+    assert m.input.feature_names[5] == ("c0.band_2_4Hz" if channels == 8 else "ax.band_2_4Hz")
+    assert m.input.feature_names[12].endswith(".env_band_0.9_3Hz")
+    assert m.models["predictor"].input_shape == [None, channels, width]
+    assert m.models["gate"].input_shape == [None, channels * 13]
+    windows, rows = raw_windows(run)
+    test = windows[rows["test"]]
+    models = ModelSet(out, m, ["CPUExecutionProvider"], 1)
+    pipeline = EdgePipeline(m, models, Preprocess.from_manifest(m), Gate.from_thresholds(m.thresholds.model_dump()))
+    batch = pipeline.run([Window(seq=i, start_s=float(i), end_s=float(i + 1), data=w) for i, w in enumerate(test)])
+    one = [pipeline.run([Window(seq=i, start_s=0.0, end_s=1.0, data=w)])[0] for i, w in enumerate(test[:20])]
+    with np.load(run / "splits.npz") as splits, np.load(out / "heldout.npz") as held:
+        trained = splits["test_features_raw"]
+        assert np.array_equal(np.stack([j.features for j in batch]), trained)  # the same bits as training
+        assert np.array_equal(np.stack([j.features for j in one]), trained[:20])
+        probs = np.stack([j.probs for j in batch])
+        # The pipeline normalises in float32, training in float64: an INT8 step may differ on a few rows.
+        if m.models["predictor"].quantization == "fp32":
+            assert np.allclose(probs, held["probs"], atol=1e-5)
+        else:
+            assert (probs.argmax(1) == held["probs"].argmax(1)).mean() > 0.97
+    assert [j.decision.action for j in one] == [j.decision.action for j in batch[:20]]

@@ -209,3 +209,44 @@ def test_skab_window_labels_follow_the_last_row(data_dir: Path, tmp_path: Path) 
     assert data.y[rows].tolist() == table.labels["anomaly"][last].astype(int).tolist()
     assert data.features.shape[1] == 8 * 13
     assert any(g.startswith("anomaly-free/anomaly-free.csv#") for g in set(data.split_groups))
+
+
+SPECTRAL_FEATURES = """\
+extractor = "spectral"
+
+[params]
+time = ["rms", "kurtosis", "crest"]
+bands_hz = [[10, 100], [100, 1000], [1000, 5000]]
+band_value = "rms"
+
+[params.envelope]
+carrier_hz = [2000, 4000]
+bands_hz = [[84, 90], [171, 177]]
+"""
+
+
+def test_features_params_are_typed_from_toml(tmp_path: Path) -> None:
+    """[features.params] (issue 12) is edgekit.manifest.FeatureParams: the contract's one model, checked when
+    the recipe is read, with the recipe's error format."""
+    from edgekit.config import load_config
+    from edgekit.manifest import FeatureParams
+    from edgekit.recipe import FeaturesSection
+
+    section = load_config(write(tmp_path, SPECTRAL_FEATURES), FeaturesSection)
+    assert isinstance(section.params, FeatureParams)
+    assert section.params.bands_hz[2] == (1000.0, 5000.0) and section.params.band_value == "rms"
+    assert section.params.envelope is not None and section.params.envelope.bands_hz[1] == (171.0, 177.0)
+    assert load_config(write(tmp_path, 'extractor = "spectral"\n', "plain.toml"), FeaturesSection).params is None
+    path = write(tmp_path, SPECTRAL_FEATURES.replace("band_value", "band_valu"), "typo.toml")
+    with pytest.raises(ConfigError, match=r"typo.toml: params.band_valu: unknown key, did you mean 'band_value'"):
+        load_config(path, FeaturesSection)
+    path = write(tmp_path, SPECTRAL_FEATURES.replace("[84, 90]", "[84, 2500]"), "wide.toml")
+    with pytest.raises(ConfigError, match=r"params: .*envelope.bands_hz\[0\] \[84, 2500\] Hz reaches above the "
+                                          r"carrier band's width"):
+        load_config(path, FeaturesSection)
+
+
+def test_params_for_an_extractor_that_takes_none(tmp_path: Path) -> None:
+    path = write(tmp_path, TABLE.format(imputation="none") + "\n[features.params]\ntime = ['rms']\n")
+    with pytest.raises(ConfigError, match=r"features: .*extractor 'table' takes no params \(only spectral does\)"):
+        load_recipe(path)

@@ -26,10 +26,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from edgekit.errors import ExportError
-from edgekit.manifest import Extractor, InputKind, Normalize, Recording
+from edgekit.manifest import Extractor, FeatureParams, InputKind, Normalize, Recording
 
 SCHEMA = "edgekit.run/1"
 RUN_FILE = "run.json"
@@ -55,11 +64,22 @@ class RunInput(_Part):
     window_size: int | None = Field(None, description="Samples per window; null for a table.")
     window_hop: int | None = Field(None, description="Samples between window starts; null for a table.")
     feature_names: list[str] = Field(description="The feature vector's names, in model input order.")
+    feature_params: FeatureParams | None = Field(
+        None, description="The recipe's [features] params (bands in Hz, statistics); absent when the extractor "
+        "takes none. Export copies it into the manifest's input.")
     channel_range: ChannelRange | None = Field(
         None, description="Raw samples of the train split's windows; export widens it into the manifest's "
         "plausible range. Null for a table.")
     recording: Recording | None = Field(
         None, description="The recordings' file layout, which the agent's replay reads by default.")
+
+    @model_serializer(mode="wrap")
+    def _omit_no_params(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        # Left out rather than null: run.json of an extractor without parameters stays what it was.
+        data = handler(self)
+        if self.feature_params is None:
+            data.pop("feature_params", None)
+        return data
 
 
 class Imputation(_Part):

@@ -174,7 +174,8 @@ def _predictor_probs(files: list[Path], design: SkabDesign, folder: Path
         quantize_model(fp32, int8, calibration_sample(xs[tr]))
         for i in range(fold, len(files), 2):
             table = datasets.read_skab(files[i])
-            feats = extract(recipe.features.extractor, sliding_windows(table.values, size, 1), table.rate_hz)
+            feats = extract(recipe.features.extractor, sliding_windows(table.values, size, 1), table.rate_hz,
+                            recipe.features.params)
             xi = ((feats.astype(np.float64)[FIT_ROWS - size + 1:] - mean) / std).astype(np.float32)
             out["fp32"][i] = run_model(fp32, xi)["probs"][:, positive].astype(np.float64)
             out["int8"][i] = run_model(int8, xi)["probs"][:, positive].astype(np.float64)

@@ -411,7 +411,7 @@ def write_bundle(run: Run, out: Path, parity: dict[str, Any], calibration: dict[
         "labels": run.labels, "normal_label": meta.normal_label, "positive_label": meta.positive_label,
         "input": {"kind": inp.kind, "extractor": inp.extractor, "channels": inp.channels,
                   "rate_hz": inp.rate_hz, "window_size": inp.window_size, "window_hop": inp.window_hop,
-                  "feature_names": inp.feature_names,
+                  "feature_names": inp.feature_names, "feature_params": inp.feature_params,
                   "imputation": meta.imputation.model_dump() if meta.imputation is not None else None,
                   "plausible": plausible_range(inp.channel_range.model_dump() if inp.channel_range else None),
                   "recording": inp.recording},

@@ -544,7 +544,7 @@ def _describe_input(recipe: Recipe, data: TaskData, train_rows: np.ndarray) -> R
         kind=data.kind, extractor=data.extractor, channels=data.channels, rate_hz=data.rate_hz,
         window_size=recipe.window.size if recipe.window else None,
         window_hop=recipe.window.hop if recipe.window else None,
-        feature_names=data.feature_names,
+        feature_names=data.feature_names, feature_params=recipe.features.params,
         channel_range=channel_range(data.windows[train_rows]) if data.windows is not None else None,
         recording=data.recording)
 
