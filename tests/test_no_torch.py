@@ -8,7 +8,7 @@ from importlib.metadata import requires
 
 AGENT_MODULES = [
     "edgekit.cli", "edgekit.agent", "edgekit.runtime", "edgekit.gate", "edgekit.topics", "edgekit.config",
-    "edgekit.values", "edgekit.datasets",
+    "edgekit.values", "edgekit.datasets", "edgekit.inspection", "edgekit.pipeline", "edgekit.source",
 ]
 
 

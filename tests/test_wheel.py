@@ -125,4 +125,6 @@ def test_agent_only_install_runs_the_agent(agent_venv, skab_bundle, data_dir) ->
                     "--broker", ""], env, work))
     assert "windows=" in out and "queued=" in out, out
     assert (work.parent / "state" / "outbox.db").is_file(), "the outbox did not default to EDGEKIT_STATE_DIR"
+    shown = _ok(_run(["edgekit", "inspect", str(skab_bundle)], env, work))
+    assert "Accelerometer1RMS" in shown and "every sha256 matches" in shown, shown
     assert not list(work.iterdir()), "the agent wrote into the current directory"
