@@ -333,6 +333,9 @@ class Recipe(Strict):
                 raise ValueError(f"arch 'cnn1d' needs windows; loader {data.loader!r} gives a table (use 'mlp')")
             if len(v.hidden) != 1:
                 raise ValueError(f"cnn1d takes one conv width in hidden (got {v.hidden})")
+            window = info.data.get("window")
+            if window is not None and window.size < 4:  # training/models.py CNN1D: two 2x poolings
+                raise ValueError(f"cnn1d needs windows of at least 4 samples (window.size is {window.size})")
         return v
 
     @field_validator("autoencoder")

@@ -250,3 +250,14 @@ def test_params_for_an_extractor_that_takes_none(tmp_path: Path) -> None:
     path = write(tmp_path, TABLE.format(imputation="none") + "\n[features.params]\ntime = ['rms']\n")
     with pytest.raises(ConfigError, match=r"features: .*extractor 'table' takes no params \(only spectral does\)"):
         load_recipe(path)
+
+
+def test_cnn1d_takes_any_channels_but_needs_a_window_its_poolings_survive(tmp_path: Path) -> None:
+    from recordingfactory import RECIPE
+
+    cnn = RECIPE.format(task="t", path="rec", epochs=1).replace('arch = "mlp"\nhidden = [32]',
+                                                               'arch = "cnn1d"\nhidden = [8]')
+    assert load_recipe(write(tmp_path, cnn)).predictor.arch == "cnn1d"
+    tiny = cnn.replace("size = 200\nhop = 100", "size = 3\nhop = 1")
+    with pytest.raises(ConfigError, match=r"predictor: .*cnn1d needs windows of at least 4 samples \(window.size is 3\)"):
+        load_recipe(write(tmp_path, tiny, "tiny.toml"))

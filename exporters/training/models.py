@@ -33,9 +33,17 @@ class MLP(nn.Module):
 
 
 class CNN1D(nn.Module):
+    """Any channel count and window length: the convolutions slide over time and the global average pool
+    makes the head's width independent of `window`, which must only survive the two 2x poolings."""
+
+    MIN_WINDOW = 4
+
     def __init__(self, n_channels: int, n_classes: int, window: int, width: int = 32,
                  dropout: float = 0.1) -> None:
         super().__init__()
+        if window < self.MIN_WINDOW or n_channels < 1:
+            raise ValueError(f"cnn1d needs >= 1 channel and windows of >= {self.MIN_WINDOW} samples (got "
+                             f"{n_channels} channels, window {window})")
         self.window = window
         self.features = nn.Sequential(
             nn.Conv1d(n_channels, width, kernel_size=7, padding=3), nn.ReLU(), nn.MaxPool1d(2),
