@@ -405,7 +405,7 @@ class SpectralFeatures:
         self._plans: dict[tuple[int, float], _SpectralPlan] = {}
 
     def names(self, channels: Sequence[str]) -> list[str]:
-        return [f"{ch}.{f}" for ch in channels for f in self.per_channel]
+        return self.params.names(list(channels))
 
     def plan(self, size: int, rate_hz: float) -> _SpectralPlan:
         """The plan for this size and rate (ConfigError naming the band when one does not fit); cached for

@@ -211,6 +211,11 @@ class FeatureParams(_Strict):
         return ([*self.time] + [f"band_{band_label(b)}" for b in self.bands_hz] + [*self.spectral]
                 + [f"env_band_{band_label(b)}" for b in env])
 
+    def names(self, channels: list[str] | tuple[str, ...]) -> list[str]:
+        """The feature names over these channels, channel-major: what the extractor's columns are."""
+        per = self.per_channel()
+        return [f"{ch}.{f}" for ch in channels for f in per]
+
     def check(self, rate_hz: float, window_size: int) -> None:
         """ValueError naming the band when a band reaches above Nyquist or holds no FFT bin of these windows."""
         nyq = rate_hz / 2
@@ -267,7 +272,7 @@ class InputSpec(_Strict):
                                  f"{', '.join(PARAM_EXTRACTORS)} do)")
             if self.rate_hz is not None and self.window_size is not None:
                 self.feature_params.check(self.rate_hz, self.window_size)
-            want = [f"{ch}.{f}" for ch in self.channels or [] for f in self.feature_params.per_channel()]
+            want = self.feature_params.names(self.channels or [])
             if self.feature_names != want:
                 raise ValueError(f"feature_names do not follow feature_params over the channels (expected "
                                  f"{len(want)} names starting {want[:3]}, got {len(self.feature_names)})")

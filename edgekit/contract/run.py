@@ -35,6 +35,7 @@ from pydantic import (
     ValidationError,
     field_validator,
     model_serializer,
+    model_validator,
 )
 
 from edgekit.errors import ExportError
@@ -72,6 +73,15 @@ class RunInput(_Part):
         "plausible range. Null for a table.")
     recording: Recording | None = Field(
         None, description="The recordings' file layout, which the agent's replay reads by default.")
+
+    @model_validator(mode="after")
+    def _names_follow_params(self) -> RunInput:
+        # A loader that computed features without the recipe's params must not write a run that says it used
+        # them: the agent would compute other features than the models were trained on.
+        if self.feature_params is not None and self.feature_names != self.feature_params.names(self.channels or []):
+            raise ValueError(f"feature_names ({len(self.feature_names)}, starting {self.feature_names[:2]}) are not "
+                             f"the ones feature_params give over channels {self.channels}")
+        return self
 
     @model_serializer(mode="wrap")
     def _omit_no_params(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
