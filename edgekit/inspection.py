@@ -47,16 +47,11 @@ def inspect_bundle(bundle: Path, *, public_key: Path | None = None) -> dict[str,
 
 
 def channel_units(inp: InputSpec) -> list[str | None] | None:
-    """One unit per channel when the manifest records units (a list in channel order or a channel -> unit
-    mapping, in `input.units`), else None: bundles exported before units were recorded have none."""
-    units = getattr(inp, "units", None)
-    channels = inp.channels or []
-    if not units:
+    """One unit per channel when the manifest records them (`input.units`, channel -> unit), else None:
+    bundles exported before units were recorded, or from a recipe without data.units, have none."""
+    if not inp.units:
         return None
-    if isinstance(units, dict):
-        return [units.get(name) for name in channels]
-    units = list(units)
-    return units if len(units) == len(channels) else None
+    return [inp.units.get(name) for name in inp.channels or []]
 
 
 def input_contract(inp: InputSpec) -> dict[str, Any]:
@@ -66,7 +61,7 @@ def input_contract(inp: InputSpec) -> dict[str, Any]:
     rng = inp.plausible
     # an extractor's parameters (bands in Hz, statistics), in manifests that record them; their names say
     # the same in the text (e.g. 'band_100_500Hz'), the JSON carries them whole
-    params = getattr(inp, "feature_params", None)
+    params = inp.feature_params
     rows = [{"name": name,
              "unit": units[i] if units else None,
              "plausible_low": rng.low[i] if rng else None,
@@ -82,7 +77,7 @@ def input_contract(inp: InputSpec) -> dict[str, Any]:
         "features": {"count": len(inp.feature_names), "names": list(inp.feature_names),
                      "params": params.model_dump(mode="json") if params is not None else None},
         "recording": inp.recording.model_dump(mode="json") if inp.recording else None,
-        "imputation": inp.imputation,
+        "imputation": inp.imputation, "max_gap_s": inp.max_gap_s,
     }
 
 
@@ -146,7 +141,9 @@ def text(report: dict[str, Any], *, list_features: bool = False) -> str:
     section("input", *_input_lines(inp))
     section("features", *_feature_lines(inp, list_features))
     if inp["kind"] == "window":
-        section("replay", *_recording_lines(inp["recording"], len(inp["channels"])))
+        section("replay", *_recording_lines(inp["recording"], len(inp["channels"])),
+                *([f"a step over {_num(inp['max_gap_s'])} s splits the stream: no window spans it"]
+                  if inp["max_gap_s"] else []))
     labels = report["labels"]
     section("labels", ", ".join(name + (" (normal)" if name == labels["normal"] else "")
                                 + (" (positive)" if name == labels["positive"] else "")

@@ -251,17 +251,23 @@ class InputSpec(_Strict):
         None, description="How missing table values are filled (copied from the run), or null.")
     recording: Recording | None = Field(
         None, description="The training recordings' file layout: what `replay` reads by default.")
+    units: dict[str, str] | None = Field(
+        None, description="Unit of each channel, as the recipe gave them (e.g. 'm/s^2'); absent when none were.")
+    max_gap_s: float | None = Field(
+        None, gt=0, description="A step in sample time longer than this splits the stream: training cut its "
+        "recordings there and the agent's windower starts afresh after one (no window spans a gap).")
     plausible: PlausibleRange | None = Field(
         None, description="Samples outside this range never reach a model: the agent defers the window as "
         "'implausible' (edgekit/plausible.py). Null: only non-finite values are refused.")
 
     @model_serializer(mode="wrap")
     def _omit_no_params(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
-        # Left out rather than written as null: a bundle of an extractor without parameters stays byte for
-        # byte what it was, and an agent older than feature_params still reads it.
+        # Left out rather than written as null: a bundle of an extractor without parameters (or of a table,
+        # without units and gaps) stays byte for byte what it was, and an older agent still reads it.
         data = handler(self)
-        if self.feature_params is None:
-            data.pop("feature_params", None)
+        for key in ("feature_params", "units", "max_gap_s"):
+            if getattr(self, key) is None:
+                data.pop(key, None)
         return data
 
     @model_validator(mode="after")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydantic import ValidationError
 
 pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
@@ -372,8 +371,6 @@ bands_hz = [[25, 37], [37, 60]]
 """
 
 
-@pytest.mark.xfail(strict=True, raises=ValidationError,  # RunInput: the names do not follow the params
-                   reason="until exporters/training/tasks.py passes recipe.features.params to extract/feature_names")
 def test_a_spectral_recipe_trains_exports_and_the_agent_computes_its_features(tmp_path: Path) -> None:
     """issue 12: a recipe with the spectral extractor's params (bands at 1 kHz, an envelope around the
     generated fault's 31 Hz impacts) on generated recordings trains, exports, and the agent's pipeline turns

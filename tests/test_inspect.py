@@ -122,7 +122,9 @@ def test_text_states_the_manifests_facts(skab_bundle: Path) -> None:
         row = next(line for line in head.splitlines() if line.strip().startswith(name + "  "))
         assert f"{low:g} .. {high:g}" in row, row
     assert inp["plausible"]["basis"] in head
-    assert "units: not recorded in this bundle" in head  # this manifest has no units
+    for name, unit in inp["units"].items():  # the SKAB recipe's data.units
+        row = next(line for line in head.splitlines() if line.strip().startswith(name + "  "))
+        assert f" {unit} " in row, row
 
     features = section(out, "features")
     names = inp["feature_names"]
@@ -210,22 +212,18 @@ def test_a_table_bundle_has_no_stream_to_describe(table_bundle: Path) -> None:
 
 
 def test_units_are_shown_when_the_manifest_records_them(signed_bundle: Path) -> None:
-    """The manifest's input may carry units (issue 12); until then inspect reads them when present."""
-
-    class WithUnits(InputSpec):
-        units: list[str | None] | dict[str, str] | None = None
-
+    """input.units (issue 12) beside each channel; a bundle without them says so."""
     inp = read_manifest(signed_bundle).input
     channels = inp.channels or []
+    assert inp.units is None and "units: not recorded in this bundle" in text(inspect_bundle(signed_bundle))
     units = [f"unit{i}" for i in range(len(channels))]
-    for given in (units, dict(zip(channels, units))):
-        report = inspect_bundle(signed_bundle)
-        report["input"] = input_contract(WithUnits.model_validate({**inp.model_dump(), "units": given}))
-        assert [c["unit"] for c in report["input"]["channels"]] == units
-        out = text(report)
-        for name, unit in zip(channels, units):
-            assert next(line for line in out.splitlines() if line.split()[0:1] == [name]).split()[1] == unit
-        assert "units: not recorded" not in out
+    report = inspect_bundle(signed_bundle)
+    report["input"] = input_contract(InputSpec.model_validate({**inp.model_dump(), "units": dict(zip(channels, units))}))
+    assert [c["unit"] for c in report["input"]["channels"]] == units
+    out = text(report)
+    for name, unit in zip(channels, units):
+        assert next(line for line in out.splitlines() if line.split()[0:1] == [name]).split()[1] == unit
+    assert "units: not recorded" not in out
 
 
 def test_feature_summary_groups_channel_stats() -> None:

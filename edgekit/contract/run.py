@@ -73,6 +73,9 @@ class RunInput(_Part):
         "plausible range. Null for a table.")
     recording: Recording | None = Field(
         None, description="The recordings' file layout, which the agent's replay reads by default.")
+    units: dict[str, str] | None = Field(None, description="Unit of each channel, from the recipe's data.units.")
+    max_gap_s: float | None = Field(None, description="The longest step in time inside one segment of the "
+                                    "recordings (longer ones split them); null for a table.")
 
     @model_validator(mode="after")
     def _names_follow_params(self) -> RunInput:
@@ -85,10 +88,11 @@ class RunInput(_Part):
 
     @model_serializer(mode="wrap")
     def _omit_no_params(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
-        # Left out rather than null: run.json of an extractor without parameters stays what it was.
+        # Left out rather than null: run.json of an extractor without parameters (a table) stays what it was.
         data = handler(self)
-        if self.feature_params is None:
-            data.pop("feature_params", None)
+        for key in ("feature_params", "units", "max_gap_s"):
+            if getattr(self, key) is None:
+                data.pop(key, None)
         return data
 
 

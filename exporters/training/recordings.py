@@ -47,6 +47,7 @@ class Context:
     recipe: Recipe
     root: Path
     rate_hz: float | None = None
+    max_gap_s: float | None = None  # data.max_gap_s, or GAP_PERIODS periods of the first file's rate
     problems: list[str] = field(default_factory=list)
     intervals: dict[str, list[tuple[str, float, float]]] | None = None
 
@@ -201,8 +202,8 @@ def read_part(ctx: Context, path: Path, label: str | None = None) -> Part | None
         fields.update({k: str(v) for k, v in side.items() if isinstance(v, (str, int, float, bool))})
     labels = (np.full(len(t), recipe.labels.index(label), dtype=np.int64) if label is not None else
               sample_labels(ctx, path, fields, side, [rows[i] for i in keep], [linenos[i] for i in keep], header, t))
-    max_gap = d.max_gap_s if d.max_gap_s is not None else GAP_PERIODS / rate
     ctx.rate_hz = rate if rate_hz is None else rate_hz
+    ctx.max_gap_s = max_gap = d.max_gap_s if d.max_gap_s is not None else GAP_PERIODS / ctx.rate_hz
     return Part(path, fields["file"], values, labels, _segments(t, keep, max_gap), fields)
 
 

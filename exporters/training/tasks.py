@@ -42,6 +42,8 @@ class TaskData:
     channels: list[str] | None = None
     rate_hz: float | None = None
     recording: dict[str, Any] | None = None  # the files' layout (manifest.Recording), for the agent's replay
+    units: dict[str, str] | None = None  # channel -> unit, as the recipe gives them
+    max_gap_s: float | None = None  # the step in time that split the recordings
     source: str = ""  # where the rows came from, for error messages
     problems: list[str] = field(default_factory=list)  # lines dropped and files skipped while reading
 
@@ -90,7 +92,8 @@ def _size_hop(recipe: Recipe) -> tuple[int, int]:
 def _window_rows(values: np.ndarray, recipe: Recipe, rate_hz: float) -> tuple[np.ndarray, np.ndarray]:
     size, hop = _size_hop(recipe)
     win = sliding_windows(values, size, hop)
-    feats = extract(recipe.features.extractor, win, rate_hz) if len(win) else np.empty((0, 0), np.float32)
+    params = recipe.features.params
+    feats = extract(recipe.features.extractor, win, rate_hz, params) if len(win) else np.empty((0, 0), np.float32)
     return win, feats
 
 
@@ -126,12 +129,13 @@ def load_recordings(recipe: Recipe, recipe_dir: Path) -> TaskData:
     return TaskData(
         kind="window", extractor=recipe.features.extractor,
         features=np.concatenate([p[3] for p in parts]).astype(np.float64),
-        feature_names=feature_names(recipe.features.extractor, list(d.channels)),
+        feature_names=feature_names(recipe.features.extractor, list(d.channels), recipe.features.params),
         y=np.concatenate([p[4] for p in parts]).astype(np.int64), files=files,
         windows=np.concatenate([p[2] for p in parts]),
         split_groups=_split_groups(recipe, parts), report_groups=_report_groups(recipe, parts),
         channels=list(d.channels), rate_hz=float(ctx.rate_hz or 1.0), source=str(root),
         recording=d.layout.model_dump() if d.layout else None, problems=ctx.problems,
+        units=dict(d.units) or None, max_gap_s=ctx.max_gap_s,
     )
 
 

@@ -546,7 +546,7 @@ def _describe_input(recipe: Recipe, data: TaskData, train_rows: np.ndarray) -> R
         window_hop=recipe.window.hop if recipe.window else None,
         feature_names=data.feature_names, feature_params=recipe.features.params,
         channel_range=channel_range(data.windows[train_rows]) if data.windows is not None else None,
-        recording=data.recording)
+        recording=data.recording, units=data.units, max_gap_s=data.max_gap_s)
 
 
 def _impute(recipe: Recipe, data: TaskData, rows: dict[str, np.ndarray]
