@@ -161,8 +161,9 @@ class WindowSection(Strict):
 
 class FeaturesSection(Strict):
     extractor: Literal["machine", "gait", "spectral", "table"] = Field(
-        description="edgekit.features extractor for windows ('machine' for skab, 'gait' for ipol, 'spectral' for "
-        "any sensor, configured by `params`), or 'table' when the rows are features already."
+        description="edgekit.features extractor for windows ('machine': statistics and thirds of the spectrum per "
+        "channel; 'gait': a lower-back IMU's; 'spectral': statistics and bands in Hz, configured by `params`), "
+        "or 'table' when the rows are features already."
     )
     params: FeatureParams | None = Field(
         None, description="'spectral' only: statistics, bands in Hz and the envelope option (edgekit/manifest.py "

@@ -263,7 +263,7 @@ def recipe_text(root: Path, path_value: str, relative_to: str, task: str) -> str
     size = int(min(4096, max(32, 2 ** round(np.log2(max(g.rate_hz, 1.0))))))
     rest = ["", "# GUESS: about a second of samples (at least 32) per window, half a window apart.", "[window]",
             f"size = {size}", f"hop = {size // 2}", "", "[features]",
-            'extractor = "machine"  # time and spectral statistics per channel', "",
+            'extractor = "machine"  # statistics per channel; "spectral" takes bands in Hz ([features.params])', "",
             "[splits]", 'group_by = "file"  # no recording is in two of train, cal and test'
             if len(g.files) >= 6 else "# group_by = \"file\" needs at least 6 files"]
     return "\n".join(out + data + layout + label_lines + files + rest) + "\n"
