@@ -127,17 +127,15 @@ class Windower:
         self._seq += 1
         return window
 
-    def push_many(self, t: np.ndarray, values: np.ndarray) -> list[Window]:
-        """Add many samples at once (bulk replay): same windows as pushing them one by one."""
+    def _checked(self, t: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(t, values) as float64 and the time steps from the last sample; ValueError naming the sample when
+        shapes disagree, a value is not finite or time goes back."""
         t = np.asarray(t, dtype=np.float64)
         values = np.asarray(values, dtype=np.float64)
         if values.ndim != 2 or values.shape[1] != self.channels:
             raise ValueError(f"values has shape {values.shape}, windower expects (T, {self.channels})")
         if t.shape != (values.shape[0],):
             raise ValueError(f"t has shape {t.shape}, expected ({values.shape[0]},) to match values")
-        m = values.shape[0]
-        if m == 0:
-            return []
         if not (np.all(np.isfinite(t)) and np.all(np.isfinite(values))):
             bad = int(np.flatnonzero(~(np.isfinite(t) & np.all(np.isfinite(values), axis=1)))[0])
             raise ValueError(f"sample {bad} is not finite (t={t[bad]!r}, values={values[bad].tolist()!r})")
@@ -145,6 +143,14 @@ class Windower:
         if np.any(steps < 0):
             bad = int(np.flatnonzero(steps < 0)[0])
             raise ValueError(f"sample time {t[bad]} goes back before {self._last_t if bad == 0 else t[bad - 1]}")
+        return t, values, steps
+
+    def push_many(self, t: np.ndarray, values: np.ndarray) -> list[Window]:
+        """Add many samples at once (bulk replay): same windows as pushing them one by one."""
+        t, values, steps = self._checked(t, values)
+        m = values.shape[0]
+        if m == 0:
+            return []
         if self.max_gap_s is not None:
             cuts = np.flatnonzero(steps[1:] > self.max_gap_s) + 1  # gaps inside the block
             if len(cuts):
