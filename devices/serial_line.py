@@ -2,8 +2,14 @@
 
 Line format, text in source.encoding (default UTF-8), ended by "\\n" ("\\r\\n" accepted), values separated by commas:
 
-    v1,v2,...,vN          N = source.channels; t = previous t + 1/rate_hz (0 for the first sample)
+    v1,v2,...,vN          N values as source.channels declares them (a count in the bundle's order, or names
+                          in the device's order, mapped to the bundle's); t = previous t + 1/rate_hz (0 first)
     t,v1,v2,...,vN        N + 1 values: the first is the sensor's time in seconds
+
+rate_hz is source.rate_hz, else the bundle's; a configured one more than source.RATE_TOLERANCE off the
+bundle's refuses to open. While reading, `rate_watch` measures the rate: from the lines' times when the
+first line carries one (that first measurement is a start check: off -> DataError), else from when lines
+arrive (wall clock; drift only); later measurements off by more than the tolerance count as drift.
 
 Every line is validated like a replayed file: wrong value count, a non-numeric or non-finite value,
 time going backwards (or repeating) or undecodable bytes give a Quarantined item naming `port:line`.
@@ -16,18 +22,22 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 import serial  # pyserial; a missing package is reported by edgekit.source.resolve with the extra's name
 
 from edgekit.config import SerialSource
-from edgekit.errors import ConfigError, DeviceError
+from edgekit.errors import ConfigError, DataError, DeviceError
 from edgekit.source import (
     RAW_CHARS,
     BaseReader,
+    ChannelMap,
     Item,
     LineRejected,
+    RateWatch,
+    check_rate,
     check_time,
     decode_line,
     shown,
@@ -48,18 +58,26 @@ class SerialReader(BaseReader):
     finite = False
 
     def __init__(self, cfg: SerialSource, *, stop: threading.Event, channel_names: Sequence[str] | None = None,
-                 **_: Any) -> None:
+                 rate_hint: float | None = None, **_: Any) -> None:
         super().__init__(stop)
         self.port = cfg.port
         self.baudrate = cfg.baudrate
-        self.rate_hz = float(cfg.rate_hz)
+        if cfg.rate_hz is None and not rate_hint:
+            raise ConfigError("no sample rate", where="source.rate_hz",
+                              hint="set source.rate_hz (the bundle records none)")
+        check_rate(float(cfg.rate_hz or 0), rate_hint if cfg.rate_hz else None, what="source.rate_hz",
+                   where="source.rate_hz", hint="leave source.rate_hz out to use the bundle's, or use a bundle "
+                   "trained at the sensor's rate")
+        self.rate_hz = float(cfg.rate_hz or rate_hint or 0)
+        self.expected_hz = float(rate_hint) if rate_hint else None  # the bundle's: the start check's reference
         self.encoding = cfg.encoding
-        self.channels = tuple(channel_names) if channel_names else tuple(f"ch{i}" for i in range(cfg.channels))
-        if len(self.channels) != cfg.channels:
-            raise ConfigError(f"{len(self.channels)} channel names for {cfg.channels} channels",
-                              where="source.channels")
+        self.map = ChannelMap.of(cfg.channels, channel_names)
+        self.map.log_ignored(self.port)
+        self.channels = self.map.channels
         self._serial: Any = None
         self._last_t: float | None = None
+        self._timed = False  # whether the last parsed line carried its own time
+        self.started = False  # True once the first rate measurement passed (timed lines with a bundle rate)
         self.reconnects = 0
 
     @property
@@ -97,6 +115,8 @@ class SerialReader(BaseReader):
         """After a lost device (unplugged, reset): reopen with backoff until it is back or stop is set."""
         self._close_port()
         self.reconnects += 1
+        if self.rate_watch is not None:
+            self.rate_watch.restart()  # the time unplugged is not drift
         delay = 0.1
         while not self.stop.wait(delay):
             try:
@@ -112,19 +132,36 @@ class SerialReader(BaseReader):
     def parse(self, text: str) -> Sample:
         """One decoded line to a Sample (LineRejected with the reason otherwise)."""
         cells = text.split(",")
-        n = len(self.channels)
+        n = len(self.map.sent)
         if len(cells) == n + 1:
             t = float(to_floats(cells[:1], ["t"])[0])
-            values = to_floats(cells[1:], self.channels)
+            values = to_floats(cells[1:], self.map.sent)
         elif len(cells) == n:
-            values = to_floats(cells, self.channels)
+            values = to_floats(cells, self.map.sent)
             t = 0.0 if self._last_t is None else self._last_t + 1.0 / self.rate_hz
         else:
             raise LineRejected(f"wrong width: expected {n} values (or {n + 1} with a leading time), "
                                f"got {len(cells)}")
         check_time(t, self._last_t)
         self._last_t = t
-        return Sample(t, values)
+        self._timed = len(cells) == n + 1
+        return Sample(t, self.map.apply(values))
+
+    def _watch(self, t_s: float) -> None:
+        """Feed the rate watch, made at the first sample: on the lines' times when that one carries a time,
+        else on the wall clock of their arrival. The first measurement of times is the start check."""
+        watch = self.rate_watch
+        if watch is None:
+            clock = "sample times" if self._timed else "arrival"
+            watch = self.rate_watch = RateWatch(self.rate_hz, where=self.port, clock=clock)
+            self.started = clock == "arrival" or self.expected_hz is None
+        now = t_s if watch.clock == "sample times" else time.monotonic()
+        rate = watch.add(now, now, 1)
+        if rate is not None and not self.started:
+            check_rate(rate, self.expected_hz, what=f"the lines' rate (their times over {watch.last_span_s:.3g} s)",
+                       where=self.port, error=DataError, hint="check the device's sample rate and the times it "
+                       "sends, or use a bundle trained at its rate")
+            self.started = True
 
     def _items(self) -> Iterator[Item]:
         if self._serial is None:
@@ -174,6 +211,9 @@ class SerialReader(BaseReader):
                     yield Quarantined(where=where, reason=f"{bad} (wrong baud rate?)", raw=shown(text[:RAW_CHARS]))
                     continue
                 try:
-                    yield self.parse(text)
+                    sample = self.parse(text)
                 except LineRejected as exc:
                     yield Quarantined(where=where, reason=str(exc), raw=shown(text[:RAW_CHARS]))
+                    continue
+                self._watch(sample.t_s)
+                yield sample

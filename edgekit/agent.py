@@ -61,6 +61,8 @@ class Counters:
     quarantined: int = 0
     implausible: int = 0  # windows deferred before the models (edgekit/plausible.py)
     samples: int = 0
+    rate_drift: int = 0  # measurements of a live source's rate off the bundle's (source.RateWatch)
+    source_rate_hz: float | None = None  # a live source's last measured rate
     quarantine_reasons: Counter = field(default_factory=Counter)
     started_s: float = field(default_factory=time.monotonic)
 
@@ -152,6 +154,7 @@ class Agent:
         self._seq_end = 0
         self._stack = contextlib.ExitStack()
         self._implausible_seen: set[str] = set()
+        self.source: Any = None  # the source while run() reads it (its rate_watch, an mqtt source's subscribed)
 
     # --- setup -------------------------------------------------------------------------------------
 
@@ -358,7 +361,9 @@ class Agent:
                     "quarantined": c.quarantined, "implausible": c.implausible,
                     "quarantine_reasons": dict(c.quarantine_reasons), "samples": c.samples,
                     "published": stats.get("acked", 0), "replayed_results": stats.get("replayed", 0),
-                    "uptime_s": time.monotonic() - c.started_s}
+                    "uptime_s": time.monotonic() - c.started_s, "rate_drift": c.rate_drift}
+        if c.source_rate_hz is not None:
+            counters["source_rate_hz"] = c.source_rate_hz
         return messages.Metrics(self.cfg.site, self.cfg.device_id, time.time(), self.outbox.backlog(),
                                 self.outbox.dropped, counters)
 
@@ -379,6 +384,7 @@ class Agent:
         with open_source(self.cfg.source, stop=self.stop, mqtt_url=self.cfg.mqtt.url, mqtt_security=self.cfg.mqtt,
                          channel_names=tuple(m.input.channels or ()), rate_hint=m.input.rate_hz,
                          recording=m.input.recording) as source:
+            self.source = source
             trial = self._read(source)
         return self._finish(trial, drain_timeout_s)
 
@@ -417,6 +423,9 @@ class Agent:
                 if window is not None:
                     self.process(window)
             self.counters.samples += len(t_s)
+            watch = getattr(source, "rate_watch", None)
+            if watch is not None:
+                self.counters.rate_drift, self.counters.source_rate_hz = watch.drift, watch.measured_hz
             if trial is not None:
                 for full_t, full_v in trial.push_many(t_s, values):
                     self.transport.send("trial", self.trial_payload(full_t, full_v, FULL).encode())

@@ -232,8 +232,8 @@ def _source_from_flag(value: str, speed: float | None) -> dict[str, Any]:
     elif kind == "simulated" and arg:
         out = {"kind": "simulated", "generator": arg}
     elif kind == "serial" and arg:
-        port, _, channels = arg.partition("@")
-        out = {"kind": "serial", "port": port, "channels": int(channels or 0) or 6, "rate_hz": 100.0}
+        port, _, channels = arg.partition("@")  # no @CHANNELS: the bundle's; the rate is the bundle's
+        out = {"kind": "serial", "port": port, **({"channels": int(channels)} if channels else {})}
     else:
         raise ConfigError(f"expected replay:PATH, simulated:gait|pump or serial:PORT@CHANNELS (got {value!r})",
                           where="--source")

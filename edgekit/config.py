@@ -75,12 +75,36 @@ class ReplaySource(Strict):
         return known_encoding(value)
 
 
+def declared_channels(value: Any) -> Any:
+    """A source's `channels`: None, a count > 0 or a list of distinct non-empty names (pure; ValueError
+    says which rule is broken). Checked before pydantic's coercion, which would read true or "3" as a count."""
+    if value is None:
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 1:
+            raise ValueError(f"a count of channels must be >= 1 (got {value})")
+        return value
+    if isinstance(value, list) and value and all(isinstance(c, str) and c for c in value):
+        dup = sorted({c for c in value if value.count(c) > 1})
+        if dup:
+            raise ValueError(f"channel names must be distinct ({dup} given twice)")
+        return value
+    raise ValueError(f"must be a count of channels or a list of channel names (got {value!r})")
+
+
+CHANNELS_HELP = ("What each sample carries, in the order the device sends it: a count (the bundle's channels, in "
+                 "the bundle's order) or a list of names (mapped to the bundle's channels by name; extra ones are "
+                 "read and ignored). Default: the bundle's channels, in its order.")
+
+
 class SerialSource(Strict):
     kind: Literal["serial"] = Field("serial", description="Read samples from a serial port.")
     port: str = Field(description="Serial device, e.g. /dev/ttyUSB0.")
     baudrate: int = Field(115200, gt=0, description="Line speed in baud.")
-    channels: int = Field(gt=0, description="Comma-separated values expected per line.")
-    rate_hz: float = Field(gt=0, description="Sample rate of the sensor, used to time-stamp samples.")
+    channels: int | list[str] | None = Field(None, description=CHANNELS_HELP)
+    rate_hz: float | None = Field(None, gt=0, description="Sample rate of the sensor, used to time-stamp lines "
+                                  "without a time. Default: the bundle's (input.rate_hz); one that differs from "
+                                  "the bundle's by more than edgekit.source.RATE_TOLERANCE stops the agent at start.")
     encoding: str = Field("utf-8", description="Text encoding of the lines (any Python codec name); a line "
                           "that does not decode is quarantined.")
 
@@ -88,6 +112,11 @@ class SerialSource(Strict):
     @classmethod
     def _known_encoding(cls, value: str) -> str:
         return known_encoding(value)
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels(cls, value: Any) -> Any:
+        return declared_channels(value)
 
 
 def broker_url(value: str | None, info: ValidationInfo, key: str) -> str | None:
@@ -110,10 +139,18 @@ class MqttSource(Strict, MqttSecurity):
     """Its own broker (url, account, TLS files), or without a url the agent's [mqtt] broker and account."""
 
     kind: Literal["mqtt"] = Field("mqtt", description="Samples published by a sensor gateway.")
-    topic: str = Field(description="Topic to subscribe to; payload: JSON {'t': seconds, 'values': [...]}.")
+    topic: str = Field(description="Topic to subscribe to; payloads: one sample JSON {'t': seconds, 'values': "
+                       "[...]}, a JSON block {'t0', 'rate_hz', 'channels', 'values': [[...], ...]} or a binary "
+                       "block (edgekit/contract/samples.py; README 'Sensor payloads').")
     url: str | None = Field(None, validate_default=True, description="Broker as mqtt://[USER@]HOST[:PORT] or "
                             "mqtts://...; default: the agent's own broker (mqtt.url) with its account and TLS files.")
-    channels: int = Field(gt=0, description="Values expected per sample.")
+    channels: int | list[str] | None = Field(None, description=CHANNELS_HELP + " A JSON block that names its "
+                                             "channels is mapped by its own names.")
+
+    @field_validator("channels", mode="before")
+    @classmethod
+    def _channels(cls, value: Any) -> Any:
+        return declared_channels(value)
 
     @field_validator("url")
     @classmethod

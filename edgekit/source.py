@@ -6,9 +6,14 @@ never by the name of the dataset it came from.
 Each source is a context manager and an iterator of `Sample` or `Quarantined` items: a bad line or
 message never stops the stream, it comes out as `Quarantined(where, reason, raw)` and the agent counts
 it. `iter_blocks()` gives the same items with runs of samples as one `SampleBlock` where a source has many
-at once (replay and simulation at speed 0); the agent uses it. Drivers are import strings in `SOURCES`,
-resolved only when selected. Must not import torch, and
+at once (replay, simulation at speed 0, block payloads on MQTT); the agent uses it. Drivers are import
+strings in `SOURCES`, resolved only when selected. Must not import torch, and
 must not import paho or pyserial at module level (they are imported by the driver that needs them).
+
+The bundle's input contract (issue 12) is held here, at open: `ChannelMap` maps a live source's declared
+channels (a count, or names in the device's order) onto the bundle's, `check_rate` refuses a configured
+or file rate off by more than RATE_TOLERANCE, and `RateWatch` measures a live stream's rate from its sample
+times (the first measurement is the start check, later ones count drift).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import re
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
@@ -30,7 +36,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from edgekit.config import MqttSource, ReplaySource
-from edgekit.errors import ConfigError, DataError, TransportError
+from edgekit.contract import samples as payloads
+from edgekit.errors import ConfigError, DataError, EdgekitError, TransportError
 from edgekit.manifest import Recording
 from edgekit.mqtt import MqttSecurity, make_client, parse_url, redact_url
 from edgekit.values import Quarantined, Sample, SampleBlock
@@ -58,6 +65,7 @@ class Source(Protocol):
     channels: tuple[str, ...]
     rate_hz: float
     finite: bool
+    rate_watch: RateWatch | None
 
     def __enter__(self) -> Source: ...
 
@@ -90,16 +98,162 @@ def open_source(cfg: Any, *, rate_hint: float | None = None, stop: threading.Eve
                 channel_names: Sequence[str] | None = None, recording: Recording | None = None) -> Source:
     """Build the source selected by `cfg.kind` (not started yet: use it as a context manager).
 
-    rate_hint: the bundle's sample rate, reported as `rate_hz` by `mqtt` (whose config has no rate; 0.0
-    when not given: its payloads carry their own time);
+    rate_hint: the bundle's sample rate, the rate the source is held to: `replay` refuses a file whose rate
+    differs, `serial` takes it when source.rate_hz is unset and refuses a source.rate_hz that differs,
+    `mqtt` reports it as `rate_hz`, times blocks without a rate_hz with it and measures the stream against it
+    (None: no check; mqtt then reports 0.0, its payloads carry their own time);
     stop: set it to end the iteration promptly; mqtt_url and mqtt_security: the agent's broker and its
     account and TLS files (its [mqtt] config), used by `mqtt` when `cfg.url` is unset;
-    channel_names: the channels to read: the columns `replay` reads, names for `serial`/`mqtt` channels
-    (default ch0, ch1, ...); recording: the layout `replay` reads when `cfg.layout` is unset (the bundle's).
+    channel_names: the bundle's channels, the ones a source yields in this order: the columns `replay`
+    reads, what `serial`/`mqtt` map their declared channels onto (None: a live source yields its declared
+    channels, named ch0, ch1, ... when given as a count); recording: the layout `replay` reads when
+    `cfg.layout` is unset (the bundle's).
     """
     cls = resolve(cfg.kind)
     return cls(cfg, rate_hint=rate_hint, stop=stop or threading.Event(), mqtt_url=mqtt_url,
                mqtt_security=mqtt_security, channel_names=channel_names, recording=recording)
+
+
+# --- the bundle's input contract: channels and rate ------------------------------------------------
+
+# How far a source's rate may be from the bundle's (relative): a configured rate, a replayed file's rate or
+# a live stream's measured rate further off stops the agent at start; a live stream drifting further off
+# while running is a warning and the metric rate_drift. 2 % keeps a window within 2 % of the duration the
+# model was trained on (a 100 ms window stays 98-102 ms) and is wider than any crystal's error (< 0.01 %).
+RATE_TOLERANCE = 0.02
+RATE_PERIOD_S = 1.0  # a measurement of a live stream's rate covers at least this much of its time...
+RATE_PERIOD_INTERVALS = 16  # ...this many sample intervals and two payloads (or lines)
+RATE_WARN_EVERY_S = 60.0  # at most one rate-drift warning per this many seconds (each one is counted)
+
+
+def rate_differs(found_hz: float, expected_hz: float) -> bool:
+    """True when `found_hz` is further than RATE_TOLERANCE (relative) from `expected_hz`."""
+    return not abs(found_hz - expected_hz) <= RATE_TOLERANCE * expected_hz
+
+
+def check_rate(found_hz: float, expected_hz: float | None, *, what: str, where: str, hint: str,
+               error: type[EdgekitError] = ConfigError) -> None:
+    """Raise `error` ("bundle expects 1000 Hz, source.rate_hz is 800 Hz ...") when the rates differ by more
+    than RATE_TOLERANCE; nothing when the bundle gives no rate."""
+    if expected_hz and rate_differs(found_hz, expected_hz):
+        off = abs(found_hz / expected_hz - 1) * 100
+        raise error(f"bundle expects {expected_hz:.6g} Hz, {what} is {found_hz:.6g} Hz ({off:.3g} % off, more than "
+                    f"the {RATE_TOLERANCE:.0%} tolerance)", where=where, hint=hint)
+
+
+@dataclass(frozen=True)
+class ChannelMap:
+    """How a live source's samples become the bundle's channels: `sent` names the values as the device sends
+    them, `channels` those the source yields (the bundle's, in its order), `pick` the indices into `sent`
+    (None: yielded as sent), `ignored` the sent channels the bundle does not read."""
+
+    sent: tuple[str, ...]
+    channels: tuple[str, ...]
+    pick: np.ndarray | None
+    ignored: tuple[str, ...]
+
+    @classmethod
+    def of(cls, declared: int | Sequence[str] | None, wanted: Sequence[str] | None, *,
+           key: str = "source.channels") -> ChannelMap:
+        """Map `declared` (config: a count in the bundle's order, names in the device's, None: the bundle's)
+        onto `wanted` (the bundle's channels; None: no bundle). ConfigError in one line, saying what the
+        bundle expects and what `key` gives, when a channel the bundle needs is not there."""
+        wanted = tuple(wanted or ())
+        if not wanted:
+            if declared is None:
+                raise ConfigError("no channels declared", where=key, hint="set source.channels (a count or names)")
+            sent = tuple(f"ch{i}" for i in range(declared)) if isinstance(declared, int) else tuple(declared)
+            return cls(sent, sent, None, ())
+        if declared is None:
+            return cls(wanted, wanted, None, ())
+        if isinstance(declared, int):
+            if declared != len(wanted):
+                raise ConfigError(f"bundle expects {len(wanted)} channels {list(wanted)}; {key} is {declared}",
+                                  where=key, hint="a count means the bundle's channels in its order; to map by "
+                                  "name, list the names the device sends, in its order (extra ones are ignored)")
+            return cls(wanted, wanted, None, ())
+        return cls.by_name(tuple(declared), wanted, what=f"{key} has", where=key)
+
+    @classmethod
+    def by_name(cls, sent: tuple[str, ...], wanted: tuple[str, ...], *, what: str, where: str,
+                error: type[EdgekitError] = ConfigError) -> ChannelMap:
+        missing = [c for c in wanted if c not in sent]
+        if missing:
+            raise error(f"bundle expects channels {list(wanted)}; {what} {list(sent)}: missing {missing}",
+                        where=where, hint="name the channels the device sends, in its order, as the bundle "
+                        "names them (edgekit inspect BUNDLE lists them)")
+        pick = [sent.index(c) for c in wanted]
+        ignored = tuple(c for c in sent if c not in wanted)
+        same = pick == list(range(len(sent)))
+        return cls(sent, wanted, None if same else np.asarray(pick, dtype=np.intp), ignored)
+
+    def log_ignored(self, where: str) -> None:
+        if self.ignored:
+            log.info("source.channels_ignored where=%s ignored=%s reason=not in the bundle's channels %s",
+                     where, list(self.ignored), list(self.channels))
+
+    def apply(self, values: np.ndarray) -> np.ndarray:
+        """Values (C,) or (n, C) in `sent` order -> the bundle's order."""
+        return values if self.pick is None else values[..., self.pick]
+
+
+class RateWatch:
+    """A live stream's sample rate, measured from its sample times over periods of at least RATE_PERIOD_S,
+    RATE_PERIOD_INTERVALS intervals and two runs (payloads or lines): the samples from the first of a run
+    to the first of a later run, over the time between them, so a block's own rate (t0 + i / rate_hz) does
+    not hide how its t0s advance. The first measurement is for the reader's start check; each later one
+    further than RATE_TOLERANCE from `expected_hz` counts in `drift` and is logged as a warning, at most
+    once per RATE_WARN_EVERY_S. A step longer than RATE_PERIOD_S (an outage, a reconnect) starts the
+    measurement again: lost time is not drift."""
+
+    def __init__(self, expected_hz: float, *, where: str, clock: str = "sample times") -> None:
+        self.expected_hz = float(expected_hz)
+        self.where = where
+        self.clock = clock
+        self.measured_hz: float | None = None
+        self.periods = 0
+        self.drift = 0
+        self.last_span_s = 0.0
+        self._t0: float | None = None  # the first sample of the period's first run
+        self._t_last = 0.0
+        self._intervals = 0  # samples from the period's first run up to (not including) the latest run
+        self._pending = 0  # samples of the latest run
+        self._warned_at = -math.inf
+        self._unwarned = 0
+
+    def restart(self) -> None:
+        self._t0 = None
+
+    def add(self, t_first: float, t_last: float, n: int) -> float | None:
+        """Count a run of `n` samples from `t_first` to `t_last`; the measured rate when this completes a
+        period, else None."""
+        if self._t0 is None or t_first - self._t_last > RATE_PERIOD_S:
+            self._t0, self._intervals, self._pending, self._t_last = t_first, 0, n, t_last
+            return None
+        self._intervals += self._pending
+        self._pending, self._t_last = n, t_last
+        span = t_first - self._t0
+        if span < RATE_PERIOD_S or self._intervals < RATE_PERIOD_INTERVALS:
+            return None
+        rate = self._intervals / span
+        self._t0, self._intervals = t_first, 0  # this run starts the next period
+        self.periods += 1
+        self.measured_hz, self.last_span_s = rate, span
+        if self.periods > 1 and rate_differs(rate, self.expected_hz):
+            self.drift += 1
+            self._warn(rate, span)
+        return rate
+
+    def _warn(self, rate: float, span: float) -> None:
+        self._unwarned += 1
+        now = time.monotonic()
+        if now - self._warned_at < RATE_WARN_EVERY_S:
+            return
+        log.warning("source.rate_drift where=%s expected_hz=%.6g measured_hz=%.6g over_s=%.3g clock=%r "
+                    "tolerance=%g%% periods_off=%d since_last_warning=%d (at most one warning per %g s; counted in "
+                    "metrics rate_drift)", self.where, self.expected_hz, rate, span, self.clock,
+                    RATE_TOLERANCE * 100, self.drift, self._unwarned, RATE_WARN_EVERY_S)
+        self._warned_at, self._unwarned = now, 0
 
 
 # --- shared line checks (replay, serial and mqtt use the same ones) ----------------------------------
@@ -172,6 +326,7 @@ class BaseReader:
     channels: tuple[str, ...]
     rate_hz: float
     finite: bool
+    rate_watch: RateWatch | None = None  # live sources: their measured rate and drift (agent metrics)
 
     def __init__(self, stop: threading.Event) -> None:
         self.stop = stop
@@ -267,8 +422,10 @@ def _stamp_seconds(cell: str) -> float:
 class _Layout:
     """Where time and values sit in a recording's lines: a Recording resolved against one file's header."""
 
-    def __init__(self, rec: Recording, header: list[str], names: tuple[str, ...], rate_hz: float) -> None:
+    def __init__(self, rec: Recording, header: list[str], names: tuple[str, ...], rate_hz: float,
+                 rate_from: str) -> None:
         self.delimiter = rec.delimiter
+        self.rate_from = rate_from  # how rate_hz was found, for the contract check's message
         self.ncols = len(header)
         self.names = names
         self.value_cols = tuple(header.index(n) for n in names)
@@ -307,10 +464,12 @@ def _layout(path: Path, rec: Recording, names: tuple[str, ...], encoding: str) -
     wanted = [*names, *(c for c in (rec.time_column, rec.counter_column) if c)]
     missing = [c for c in wanted if c not in header]
     if missing:
-        raise DataError(f"missing columns {missing}; the header has {header[:20]}", where=where,
-                        hint="check source.layout (delimiter, header_line) or the bundle's channels")
-    rate = rec.rate_hz
+        more = f" and {len(header) - 20} more" if len(header) > 20 else ""
+        raise DataError(f"missing columns {missing} that the bundle reads; the file has {header[:20]}{more}",
+                        where=where, hint="check source.layout (delimiter, header_line) or the bundle's channels")
+    rate, rate_from = rec.rate_hz, "the layout's rate_hz"
     if rec.rate_pattern is not None:
+        rate_from = f"its rate_pattern {rec.rate_pattern!r}"
         found = next((m for m in (re.search(rec.rate_pattern, line) for line in top[:-1]) if m), None)
         try:
             rate = float(found.group(1)) if found else None
@@ -331,7 +490,9 @@ def _layout(path: Path, rec: Recording, names: tuple[str, ...], encoding: str) -
         steps = np.diff(stamps)
         steps = steps[steps > 0]
         rate = 1.0 / float(np.median(steps)) if len(steps) else 1.0
-    return _Layout(rec, header, names, float(rate))
+        rate_from = (f"the median step of its column {rec.time_column!r}" if len(steps)
+                     else f"assumed (no time steps in column {rec.time_column!r})")
+    return _Layout(rec, header, names, float(rate), rate_from)
 
 
 class _Unreadable(str):
@@ -358,7 +519,7 @@ class ReplayReader(BaseReader):
     finite = True
 
     def __init__(self, cfg: ReplaySource, *, stop: threading.Event, recording: Recording | None = None,
-                 channel_names: Sequence[str] | None = None, **_: Any) -> None:
+                 channel_names: Sequence[str] | None = None, rate_hint: float | None = None, **_: Any) -> None:
         super().__init__(stop)
         self.path = Path(cfg.path)
         if not self.path.is_file():
@@ -376,6 +537,9 @@ class ReplayReader(BaseReader):
         self.layout = _layout(self.path, rec, tuple(channel_names), cfg.encoding)
         self.channels = self.layout.names
         self.rate_hz = self.layout.rate_hz
+        check_rate(self.rate_hz, rate_hint, what=f"the file's rate ({self.layout.rate_from})", where=str(self.path),
+                   error=DataError, hint="replay a recording at the bundle's rate, or set source.layout (rate_hz, "
+                   "rate_pattern or time_column) if the file's rate was read wrong")
         self._last_t: float | None = None
         self._last_counter: float | None = None
         self._t0: float | None = None
@@ -554,19 +718,32 @@ class ReplayReader(BaseReader):
 
 
 class MqttReader(BaseReader):
-    """Subscribes to a gateway topic; payload JSON {"t": seconds, "values": [...]} (QoS 1).
+    """Subscribes to a gateway topic (QoS 1). Payloads (edgekit/contract/samples.py): one sample JSON
+    {"t": seconds, "values": [...]}, a JSON block {"t0", "rate_hz", "channels", "values": [[...], ...]} or
+    a binary block; a block comes out as one `SampleBlock` from `iter_blocks()`, decoded with numpy.
+
+    Channels: the declared ones (source.channels: a count in the bundle's order, or names in the device's
+    order) mapped onto the bundle's (ChannelMap); a JSON block that names its channels is mapped by its names.
+    Rate: a block's times are t0 + i / rate_hz (its own rate_hz, else the bundle's); with a bundle rate,
+    `rate_watch` measures the stream from its sample times: the first measurement (after >= RATE_PERIOD_S of
+    stream time) and the first block's own rate_hz are the start check, and a stream off by more than
+    RATE_TOLERANCE stops the source with DataError; later measurements count drift. A JSON block missing a
+    channel the bundle needs stops it the same way before the start check passed, later it is quarantined.
 
     Its broker, account and TLS files are the source's own (source.url and the same keys as [mqtt]) or,
-    without source.url, the agent's (mqtt_url, mqtt_security). Messages wait in a bounded queue filled by
-    paho's network thread; when it is full the oldest waiting message is dropped and counted in `dropped`.
-    Bad payloads come out as Quarantined.
+    without source.url, the agent's (mqtt_url, mqtt_security). Messages wait in a queue filled by paho's
+    network thread, bounded to `queue_size` messages and `queue_bytes` bytes; when it is full the oldest
+    waiting message is dropped and counted in `dropped`. Bad payloads (not JSON nor a binary block, a wrong
+    size, version, channel count, a non-finite number, time going backwards within or between payloads)
+    come out as Quarantined naming the topic.
     """
 
     finite = False
 
     def __init__(self, cfg: MqttSource, *, stop: threading.Event, rate_hint: float | None = None,
                  mqtt_url: str | None = None, mqtt_security: MqttSecurity | None = None,
-                 channel_names: Sequence[str] | None = None, queue_size: int = 100_000, **_: Any) -> None:
+                 channel_names: Sequence[str] | None = None, queue_size: int = 100_000,
+                 queue_bytes: int = 256 << 20, **_: Any) -> None:
         super().__init__(stop)
         own = bool(cfg.url)
         url = cfg.url if own else mqtt_url
@@ -579,12 +756,17 @@ class MqttReader(BaseReader):
         self.security = cfg if own else mqtt_security
         self.topic = cfg.topic
         self.rate_hz = float(rate_hint or 0.0)  # 0.0: unknown; each payload carries its own time
-        self.channels = tuple(channel_names) if channel_names else tuple(f"ch{i}" for i in range(cfg.channels))
-        if len(self.channels) != cfg.channels:
-            raise ConfigError(f"{len(self.channels)} channel names for {cfg.channels} channels",
-                              where="source.channels")
+        self.map = ChannelMap.of(cfg.channels, channel_names)
+        self.map.log_ignored(f"topic {self.topic}")
+        self.channels = self.map.channels
+        self._maps: dict[tuple[str, ...], ChannelMap] = {}  # by the names a JSON block gives
+        self.rate_watch = RateWatch(self.rate_hz, where=f"topic {self.topic}") if self.rate_hz else None
+        self.started = self.rate_watch is None  # True once the start check passed (or there is none)
         self.dropped = 0
         self._queue: queue.Queue[tuple[str, bytes]] = queue.Queue(maxsize=queue_size)
+        self._queue_bytes = queue_bytes
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self._client: Any = None
         self.subscribed = threading.Event()
 
@@ -602,7 +784,8 @@ class MqttReader(BaseReader):
                                  hint="is the broker running and reachable?") from exc
         client.loop_start()
         self._client = client
-        log.info("source_mqtt_connect url=%s topic=%s", self.url, self.topic)
+        log.info("source_mqtt_connect url=%s topic=%s channels=%s rate_hz=%g", self.url, self.topic,
+                 list(self.channels), self.rate_hz)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -620,36 +803,118 @@ class MqttReader(BaseReader):
 
     def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
         item = (msg.topic, bytes(msg.payload))
+        size = len(item[1])
+        with self._bytes_lock:
+            self._queued_bytes += size
         while True:
+            if self._queued_bytes > self._queue_bytes and self._drop_oldest():
+                continue
             try:
                 self._queue.put_nowait(item)
                 return
             except queue.Full:
-                try:
-                    self._queue.get_nowait()
-                    self.dropped += 1
-                except queue.Empty:
-                    pass
+                self._drop_oldest()
+
+    def _drop_oldest(self) -> bool:
+        try:
+            _, old = self._queue.get_nowait()
+        except queue.Empty:
+            return False
+        with self._bytes_lock:
+            self._queued_bytes -= len(old)
+        self.dropped += 1
+        return True
+
+    # --- payloads -> items --------------------------------------------------------------------------
 
     def parse(self, payload: bytes, last_t: float | None) -> Sample:
-        """One payload to a Sample, or LineRejected with the reason."""
+        """One sample's JSON payload to a Sample in the bundle's channel order, or LineRejected."""
         import orjson
 
         try:
             obj = orjson.loads(payload)
         except orjson.JSONDecodeError as exc:
             raise LineRejected(f"not JSON: {exc}") from None
+        return self._sample(obj, last_t)
+
+    def _sample(self, obj: Any, last_t: float | None) -> Sample:
         if not isinstance(obj, dict) or "t" not in obj or "values" not in obj:
-            raise LineRejected("bad payload: expected a JSON object with 't' and 'values'")
+            raise LineRejected("bad payload: expected a JSON object with 't' and 'values' (one sample) or 't0' "
+                               "and 'values' (a block)")
         values = obj["values"]
         if not isinstance(values, list):
             raise LineRejected(f"bad payload: 'values' must be a list (got {type(values).__name__})")
         t = float(to_floats([obj["t"]], ["t"])[0])
-        arr = to_floats(values, self.channels)
+        arr = to_floats(values, self.map.sent)
         check_time(t, last_t)
-        return Sample(t, arr)
+        return Sample(t, self.map.apply(arr))
 
-    def _items(self) -> Iterator[Item]:
+    def decode(self, payload: bytes, last_t: float | None) -> Sample | SampleBlock:
+        """Any payload to a Sample or a SampleBlock in the bundle's channel order; LineRejected with the reason
+        when it is bad; DataError when it breaks the bundle's contract before the start check passed."""
+        import orjson
+
+        if payloads.is_binary(payload):
+            try:
+                block = payloads.decode_binary(payload, self.map.sent)
+            except DataError as exc:
+                raise LineRejected(exc.message) from None
+            return self._block(block, self.map, last_t)
+        try:
+            obj = orjson.loads(payload)
+        except orjson.JSONDecodeError as exc:
+            raise LineRejected(f"not JSON: {exc} (nor a binary block: no {payloads.MAGIC!r} magic)") from None
+        if not (isinstance(obj, dict) and "t0" in obj):
+            return self._sample(obj, last_t)
+        try:
+            block = payloads.decode_json_block(obj, payload, self.map.sent)
+        except DataError as exc:
+            raise LineRejected(exc.message) from None
+        return self._block(block, self._names_map(block.channels), last_t)
+
+    def _names_map(self, names: tuple[str, ...] | None) -> ChannelMap:
+        """The map for a JSON block's own channel names (cached): a missing bundle channel stops the source
+        before the start check passed and is quarantined after."""
+        if names is None:
+            return self.map
+        found = self._maps.get(names)
+        if found is None:
+            try:
+                found = ChannelMap.by_name(names, self.map.channels, what="the block has",
+                                           where=f"topic {self.topic}", error=DataError)
+            except DataError as exc:
+                if not self.started:
+                    raise
+                raise LineRejected(f"missing channels: {exc.message}") from None
+            found.log_ignored(f"topic {self.topic}")
+            self._maps[names] = found
+        return found
+
+    def _block(self, block: payloads.Block, cmap: ChannelMap, last_t: float | None) -> SampleBlock:
+        rate = block.rate_hz or self.rate_hz
+        if not rate:
+            raise LineRejected("bad block: no rate_hz in the block and no bundle rate to default to")
+        if block.rate_hz and not self.started:
+            check_rate(block.rate_hz, self.rate_hz, what="the first block's rate_hz", where=f"topic {self.topic}",
+                       error=DataError, hint="publish at the bundle's rate, or use a bundle trained at this one")
+        t = block.t0_s + np.arange(len(block.values), dtype=np.float64) / rate
+        check_time(float(t[0]), last_t)
+        return SampleBlock(t, cmap.apply(block.values))
+
+    def _watch(self, t_first: float, t_last: float, n: int) -> None:
+        """Feed the rate watch; its first measurement is the start check (DataError when off)."""
+        watch = self.rate_watch
+        if watch is None:
+            return
+        rate = watch.add(t_first, t_last, n)
+        if rate is not None and not self.started:
+            check_rate(rate, self.rate_hz, what=f"the stream's rate (its sample times over {watch.last_span_s:.3g} s)",
+                       where=f"topic {self.topic}", error=DataError,
+                       hint="check the gateway's sample rate and the times it sends (t, t0, rate_hz)")
+            self.started = True
+            log.info("source.rate_ok where=topic %s expected_hz=%g measured_hz=%.6g", self.topic, self.rate_hz, rate)
+
+    def _block_items(self) -> Iterator[BlockItem]:
         if self._client is None:
             raise TransportError("the mqtt source is not open", where=self.url,
                                  hint="use it as a context manager: with open_source(...) as src")
@@ -659,11 +924,26 @@ class MqttReader(BaseReader):
                 topic, payload = self._queue.get(timeout=0.1)
             except queue.Empty:
                 continue
+            with self._bytes_lock:
+                self._queued_bytes -= len(payload)
             try:
-                sample = self.parse(payload, last_t)
+                item = self.decode(payload, last_t)
             except LineRejected as exc:
-                yield Quarantined(where=f"topic {topic}", reason=str(exc),
-                                  raw=payload[:RAW_CHARS].decode("utf-8", "replace"))
+                raw = (payload[:payloads.HEADER.size].hex() if payloads.is_binary(payload)
+                       else payload[:RAW_CHARS].decode("utf-8", "replace"))
+                yield Quarantined(where=f"topic {topic}", reason=str(exc), raw=raw)
                 continue
-            last_t = sample.t_s
-            yield sample
+            if isinstance(item, SampleBlock):
+                first, last_t = float(item.t_s[0]), float(item.t_s[-1])
+                self._watch(first, last_t, len(item))
+            else:
+                last_t = item.t_s
+                self._watch(last_t, last_t, 1)
+            yield item
+
+    def _items(self) -> Iterator[Item]:
+        for item in self._block_items():
+            if isinstance(item, SampleBlock):
+                yield from item.samples()
+            else:
+                yield item

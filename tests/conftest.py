@@ -63,3 +63,14 @@ def skab_bundle(tmp_path_factory, data_dir) -> Path:
 def ipol_bundle(tmp_path_factory, data_dir) -> Path:
     """A bundle trained (few epochs) on edgekit/recipes/ipol_gait.toml (1D-CNN on IMU windows), INT8."""
     return _build_bundle(tmp_path_factory.mktemp("ipol"), "ipol_gait.toml")
+
+
+@pytest.fixture(scope="session")
+def stream_bundle(tmp_path_factory) -> Path:
+    """A bundle for 3 vibration channels (ax, ay, az) at 1 kHz, windows of 256 samples every 128 (machine
+    features, MLP + dense AE + random forest, INT8), trained in seconds on generated signals
+    (tests/streamfactory.py); shared by the session."""
+    pytest.importorskip("torch", reason="training needs the train extra (torch)")
+    from streamfactory import make_stream_bundle
+
+    return make_stream_bundle(tmp_path_factory.mktemp("stream"), rate_hz=1000.0, window=256, hop=128)
