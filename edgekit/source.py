@@ -203,11 +203,12 @@ class RateWatch:
     to the first of a later run, over the time between them, so a block's own rate (t0 + i / rate_hz) does
     not hide how its t0s advance. The first measurement is for the reader's start check; each later one
     further than RATE_TOLERANCE from `expected_hz` counts in `drift` and is logged as a warning, at most
-    once per RATE_WARN_EVERY_S. A step longer than RATE_PERIOD_S (an outage, a reconnect) starts the
-    measurement again: lost time is not drift."""
+    once per RATE_WARN_EVERY_S. A step longer than RATE_PERIOD_S or 10 sample intervals, whichever is longer
+    (an outage, a reconnect), starts the measurement again: lost time is not drift."""
 
     def __init__(self, expected_hz: float, *, where: str, clock: str = "sample times") -> None:
         self.expected_hz = float(expected_hz)
+        self.gap_s = max(RATE_PERIOD_S, 10.0 / self.expected_hz)
         self.where = where
         self.clock = clock
         self.measured_hz: float | None = None
@@ -227,7 +228,7 @@ class RateWatch:
     def add(self, t_first: float, t_last: float, n: int) -> float | None:
         """Count a run of `n` samples from `t_first` to `t_last`; the measured rate when this completes a
         period, else None."""
-        if self._t0 is None or t_first - self._t_last > RATE_PERIOD_S:
+        if self._t0 is None or t_first - self._t_last > self.gap_s:
             self._t0, self._intervals, self._pending, self._t_last = t_first, 0, n, t_last
             return None
         self._intervals += self._pending
