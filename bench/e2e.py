@@ -203,7 +203,7 @@ def agent_case(url: str, bundle: Path, source: Path, batched: bool, tmp: Path, g
             ok = summary.queued == 0
         else:
             inp = agent.manifest.input
-            windower = Windower(int(inp.window_size), int(inp.window_hop), len(inp.channels))
+            windower = Windower(int(inp.window_size), int(inp.window_hop), len(inp.channels), inp.max_gap_s)
             for s in samples:
                 w = windower.push(s)
                 if w is not None:

@@ -395,7 +395,7 @@ class Agent:
 
         m = self.manifest
         idx = self._check_channels(tuple(source.channels))
-        windower = Windower(int(m.input.window_size), int(m.input.window_hop), len(idx))
+        windower = Windower(int(m.input.window_size), int(m.input.window_hop), len(idx), m.input.max_gap_s)
         select = None if idx == list(range(len(source.channels))) else np.asarray(idx)
         trial = self._trial_buffer(len(idx))
         next_metrics = time.monotonic() + self.cfg.metrics_interval_s

@@ -18,7 +18,9 @@ Must not import onnxruntime, paho or torch: it only compares numbers.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -82,34 +84,42 @@ class Gate:
         return {"ood_max_score": float(self.ood_max_score), "min_confidence": float(self.min_confidence),
                 "max_disagreement": float(self.max_disagreement)}
 
+    def rule(self, conf: Any, ood: Any, dis: Any, finite: Any, no: Any) -> dict[str, Any]:
+        """THE rule, once: reason -> defer? for scores that are n-row arrays (`verdicts`) or one row's scalars
+        (`decide`). `ood`/`dis` None when that model is absent; `finite` whether every probability and score
+        is a number; `no` the all-False value of the kind (np.zeros(n, bool) or False). Written with `<=`,
+        `>=` and `^` only, which act alike on arrays and scalars, so that NaN fails each comparison and
+        defers (`(x <= t) ^ True`)."""
+        yes = no ^ True
+        masks = {
+            "implausible": no,
+            "ood": no if ood is None else (ood <= self.ood_max_score) ^ True,
+            "disagreement": no if dis is None else (dis <= self.max_disagreement) ^ True,
+            "low_confidence": yes if self.defer_all else (conf >= self.min_confidence) ^ True,
+            "non_finite": finite ^ True,
+        }
+        if not self.enabled:
+            masks = {r: (m if r in ALWAYS else no) for r, m in masks.items()}
+        return masks
+
     def verdicts(self, probs: np.ndarray, second_probs: np.ndarray | None,
                  ood_score: np.ndarray | None) -> Verdicts:
         """The rule on n rows: `probs` (n, K), `second_probs` (n, K) or None, `ood_score` (n,) or None.
-
-        Comparisons are written so that NaN fails them (`not score <= max` defers), and any non-finite
-        probability or score defers as `non_finite` on its own."""
+        Any non-finite probability or score defers as `non_finite` on its own."""
         probs = np.asarray(probs)
         conf = confidence(probs)
         n = len(conf)
-        none = np.zeros(n, dtype=bool)  # shared by the reasons that cannot apply (never written to)
         ood = dis = None
         finite = np.isfinite(probs).all(axis=-1)
-        m_ood = m_dis = none
         if ood_score is not None:
             ood = np.asarray(ood_score).reshape(n)
-            m_ood = ~(ood <= self.ood_max_score)
             finite &= np.isfinite(ood)
         if second_probs is not None:
             second_probs = np.asarray(second_probs)
             dis = disagreement(probs, second_probs)
-            m_dis = ~(dis <= self.max_disagreement)
             finite &= np.isfinite(second_probs).all(axis=-1)
-        m_low = np.ones(n, dtype=bool) if self.defer_all else ~(conf >= self.min_confidence)
-        masks = {"implausible": none, "ood": m_ood, "disagreement": m_dis, "low_confidence": m_low,
-                 "non_finite": ~finite}
-        if not self.enabled:
-            masks = {r: (m if r in ALWAYS else none) for r, m in masks.items()}
-        return Verdicts(conf, ood, dis, masks)
+        # `no` is shared by the reasons that cannot apply (never written to)
+        return Verdicts(conf, ood, dis, self.rule(conf, ood, dis, finite, np.zeros(n, dtype=bool)))
 
     def decide_many(self, probs: np.ndarray, second_probs: np.ndarray | None,
                     ood_score: np.ndarray | None) -> list[GateDecision]:
@@ -132,9 +142,27 @@ class Gate:
         return out
 
     def decide(self, probs: np.ndarray, second_probs: np.ndarray | None, ood_score: float | None) -> GateDecision:
-        """One window: `probs` (K,), `second_probs` (K,) or None, the autoencoder score or None."""
-        return self.decide_many(np.asarray(probs)[None], None if second_probs is None else np.asarray(second_probs)[None],
-                                None if ood_score is None else np.asarray([ood_score]))[0]
+        """One window: `probs` (K,), `second_probs` (K,) or None, the autoencoder score or None. The same rule
+        and the same numpy reductions as `decide_many` on one row (the same scores, bit for bit), without
+        its per-batch arrays: a few microseconds instead of tens on the paced, window-at-a-time path."""
+        probs = np.asarray(probs)
+        conf = probs.max(axis=-1)
+        finite = bool(np.isfinite(probs).all())
+        scores = {"confidence": float(conf)}
+        dis = None
+        ood = None
+        if ood_score is not None:
+            ood = np.asarray(ood_score)[()]  # a numpy scalar of its dtype: compared as the batch compares it
+            finite = finite and math.isfinite(ood)
+            scores["ood"] = float(ood)
+        if second_probs is not None:
+            second_probs = np.asarray(second_probs)
+            dis = disagreement(probs, second_probs)
+            finite = finite and bool(np.isfinite(second_probs).all())
+            scores["disagreement"] = float(dis)
+        masks = self.rule(conf, ood, dis, finite, False)
+        reasons = tuple(r for r, m in masks.items() if m)
+        return GateDecision("defer" if reasons else "accept", reasons, scores, self.thresholds)
 
     def refuse(self, reason: str) -> GateDecision:
         """The decision for a window no model may see (`implausible`): deferred, no scores."""

@@ -85,7 +85,12 @@ class EdgePipeline:
                 win = (self.pre.window(windows[0].data) if one
                        else np.concatenate([self.pre.window(windows[i].data) for i in rows]))
             out = self.models.infer(feats, win)
-            for k, d in enumerate(self.gate.decide_many(out.probs, out.second_probs, out.ood_score)):
+            if len(rows) == 1:  # the paced path: the same rule on one row's scalars (Gate.decide)
+                judged = [self.gate.decide(out.probs[0], None if out.second_probs is None else out.second_probs[0],
+                                           None if out.ood_score is None else out.ood_score[0])]
+            else:
+                judged = self.gate.decide_many(out.probs, out.second_probs, out.ood_score)
+            for k, d in enumerate(judged):
                 i = rows[k]
                 decisions[i] = d
                 probs[i] = out.probs[k]

@@ -90,8 +90,8 @@ class DataSection(Strict):
         None, description="recordings: a JSON file beside each recording, named with {stem}, {name} or "
         "name_pattern fields, e.g. '{subject}-{trial}.json'; its scalar values are the file's fields too.")
     max_gap_s: float | None = Field(
-        None, gt=0, description="recordings with a time column: a step longer than this (or time going "
-        "back) splits the recording; no window spans it. Default: 3 sample periods.")
+        None, gt=0, description="recordings: a step in time longer than this (dropped lines make steps "
+        "too) splits the recording; no window spans it, in training or on the agent. Default: 3 sample periods.")
     max_files: int | None = Field(
         None, ge=1, description="Use only the first N recordings (in the readers' stable order); for quick runs."
     )

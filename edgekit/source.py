@@ -41,6 +41,7 @@ from edgekit.errors import ConfigError, DataError, EdgekitError, TransportError
 from edgekit.manifest import Recording
 from edgekit.mqtt import MqttSecurity, make_client, parse_url, redact_url
 from edgekit.values import Quarantined, Sample, SampleBlock
+from edgekit.window import sample_rate
 
 log = logging.getLogger(__name__)
 
@@ -488,10 +489,9 @@ def _layout(path: Path, rec: Recording, names: tuple[str, ...], encoding: str) -
                 stamps.append(parse_stamp(cells[col]) if rec.time_format == "iso" else _stamp_seconds(cells[col]))
             except (LineRejected, IndexError):
                 continue
-        steps = np.diff(stamps)
-        steps = steps[steps > 0]
-        rate = 1.0 / float(np.median(steps)) if len(steps) else 1.0
-        rate_from = (f"the median step of its column {rec.time_column!r}" if len(steps)
+        measured = sample_rate(np.asarray(stamps))
+        rate = measured or 1.0
+        rate_from = (f"the steps of its column {rec.time_column!r}" if measured
                      else f"assumed (no time steps in column {rec.time_column!r})")
     return _Layout(rec, header, names, float(rate), rate_from)
 

@@ -46,7 +46,7 @@ def per_window(agent: Agent) -> None:
     inp = agent.manifest.input
     with open_source(agent.cfg.source, channel_names=inp.channels, recording=inp.recording) as source:
         idx = [list(source.channels).index(c) for c in inp.channels]
-        windower = Windower(int(inp.window_size), int(inp.window_hop), len(idx))
+        windower = Windower(int(inp.window_size), int(inp.window_hop), len(idx), inp.max_gap_s)
         for item in source:
             if isinstance(item, Quarantined):
                 agent.counters.quarantined += 1

@@ -66,3 +66,28 @@ def test_agent_gate_and_export_calibration_accept_the_same_rows():
                   for i in range(200)]
     np.testing.assert_array_equal(one_by_one, agent_accepts[:200])
     assert not accept_mask(probs, second, score, {**th, "defer_all": True}).any()
+
+
+def test_one_window_decides_as_the_batch_does_bit_for_bit():
+    """Gate.decide (the paced, window-at-a-time path of EdgePipeline) and Gate.decide_many share Gate.rule:
+    the same reasons and the same scores for every row, NaN and inf included, and on thresholds that float32
+    cannot hold, with scores on either side of them (the batch compares float32 arrays in float32)."""
+    rng = np.random.default_rng(11)
+    n = 3000
+    probs = rng.dirichlet([1.0, 1.0], size=n).astype(np.float32)
+    second = rng.dirichlet([1.0, 1.0], size=n).astype(np.float32)
+    th = {"ood_max_score": 1.3000000001, "min_confidence": 0.7, "max_disagreement": 0.2, "defer_all": False}
+    score = rng.exponential(1.0, size=n).astype(np.float32)
+    edge = np.float32(th["ood_max_score"])
+    score[:30] = [np.nextafter(edge, np.float32(d)) for d in (-np.inf, np.inf, 0)] * 10
+    probs[30:60] = np.array([np.float32(0.7), 1 - np.float32(0.7)], dtype=np.float32)
+    probs[60:70, 1] = np.nan
+    second[70:80, 0] = -np.inf
+    score[80:90] = np.inf
+    for gate in (Gate.from_thresholds(th), Gate.from_thresholds({**th, "defer_all": True}),
+                 Gate.from_thresholds(th, enabled=False)):
+        batch = gate.decide_many(probs, second, score)
+        one = [gate.decide(probs[i], second[i], score[i]) for i in range(n)]
+        assert list(map(repr, one)) == list(map(repr, batch))  # repr: NaN scores compare equal
+        assert gate.decide(probs[0], None, None) == gate.decide_many(probs[:1], None, None)[0]
+    assert {r for d in batch for r in d.reasons} == {"non_finite"}  # disabled: only non_finite remains

@@ -129,7 +129,7 @@ def test_replay_of_a_file_at_another_rate_stops_with_one_line(stream_bundle: Pat
     layout = {"delimiter": ",", "header_line": 1, "time_column": "t", "time_format": "seconds"}
     line = error_line(cli_run(config(stream_bundle, tmp_path, {"kind": "replay", "path": str(path),
                                                                "layout": layout}), tmp_path))
-    assert line.startswith(f"error: {path}: bundle expects 1000 Hz, the file's rate (the median step of its "
+    assert line.startswith(f"error: {path}: bundle expects 1000 Hz, the file's rate (the steps of its "
                            "column 't') is 800 Hz (20 % off, more than the 2% tolerance) (replay a recording"), line
 
 

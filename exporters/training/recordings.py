@@ -6,8 +6,9 @@ file's header by the same code, edgekit/source.py ReplayReader), which columns a
 come from ([data.label]: a column, the folder, a name pattern, an intervals CSV or a JSON sidecar) and which
 file fields group the splits and the report (data.name_pattern, data.sidecar).
 
-A step in time longer than data.max_gap_s, time going back, or a line that is not a sample splits a
-recording into segments; windows never span two. Bad input is one warning line naming file, line and column,
+A step in time longer than data.max_gap_s (dropped lines make steps too) splits a recording into segments,
+as the agent's Windower splits a stream; windows never span two. A line whose time does not advance is
+dropped, as the agent's replay quarantines it. Bad input is one warning line naming file, line and column,
 and the rest is read where that is safe: a line that is not a sample is dropped (and splits), a file
 without a channel, with no samples or at another rate is skipped. A label outside `labels` is an error
 listing them. numpy and edgekit only (no torch).
@@ -152,17 +153,23 @@ def _samples(path: Path, rows: list[list[str]], linenos: list[int], lay: Any, na
             values[i] = np.nan
             bad += 1
             if bad <= 5:
-                problems.append(f"{path}:{n}: {exc} (line dropped, the recording is split there)")
+                problems.append(f"{path}:{n}: {exc} (line dropped)")
     if bad > 5:
         problems.append(f"{path}: {bad - 5} more lines dropped")
     keep = np.flatnonzero(np.isfinite(values).all(axis=1) & np.isfinite(t))
+    # a stamp that does not advance past every earlier one is dropped, as the agent's replay quarantines it
+    ahead = t[keep] > np.concatenate(([-np.inf], np.maximum.accumulate(t[keep])[:-1]))
+    if not ahead.all():
+        first = int(keep[np.flatnonzero(~ahead)[0]])
+        problems.append(f"{path}:{linenos[first]}: time does not advance ({int((~ahead).sum())} lines dropped)")
+        keep = keep[ahead]
     return values[keep], t[keep], keep
 
 
-def _segments(t: np.ndarray, keep: np.ndarray, max_gap_s: float) -> list[int]:
-    """Segment boundaries: a step over max_gap_s, time not advancing, or dropped lines between two rows."""
-    step = np.diff(t)
-    cut = (step > max_gap_s) | (step <= 0) | (np.diff(keep) != 1)
+def _segments(t: np.ndarray, max_gap_s: float) -> list[int]:
+    """Segment boundaries: a step over max_gap_s, as the agent's Windower cuts a stream (a dropped line is a
+    step of two periods, in sample-clock files too: their time is the line's)."""
+    cut = np.diff(t) > max_gap_s
     return [0, *(np.flatnonzero(cut) + 1).tolist(), len(t)]
 
 
@@ -204,7 +211,7 @@ def read_part(ctx: Context, path: Path, label: str | None = None) -> Part | None
               sample_labels(ctx, path, fields, side, [rows[i] for i in keep], [linenos[i] for i in keep], header, t))
     ctx.rate_hz = rate if rate_hz is None else rate_hz
     ctx.max_gap_s = max_gap = d.max_gap_s if d.max_gap_s is not None else GAP_PERIODS / ctx.rate_hz
-    return Part(path, fields["file"], values, labels, _segments(t, keep, max_gap), fields)
+    return Part(path, fields["file"], values, labels, _segments(t, max_gap), fields)
 
 
 def sample_labels(ctx: Context, path: Path, fields: dict[str, str], side: dict[str, Any] | None, rows: list[list[str]],
