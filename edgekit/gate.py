@@ -1,8 +1,9 @@
 """The gate: accept a window's prediction, or defer it to a person with the reasons and the scores.
 
-One rule, vectorised (`Gate.verdicts`), run by the agent on every window and by export calibration
-(exporters/export/calibrate.py `accept_mask`) on the calibration and held-out splits, so both accept the
-same rows on the same scores (tests/test_gate.py). Checks against thresholds calibrated at export (manifest
+One rule (`Gate.rule`), run by the agent on every window (`decide_many` on a batch, `decide` on a lone
+window, with the same scores bit for bit) and by export calibration (exporters/export/calibrate.py
+`accept_mask`, through `verdicts`) on the calibration and held-out splits, so both accept the same rows on
+the same scores (tests/test_gate.py). Checks against thresholds calibrated at export (manifest
 `thresholds`):
     ood             autoencoder reconstruction error > ood_max_score   (input unlike the training data)
     disagreement    total variation distance between predictor and second opinion > max_disagreement
