@@ -7,6 +7,7 @@ features computed on the server and on the edge device are the same numbers. num
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -27,11 +28,12 @@ def sample_rate(t: np.ndarray) -> float | None:
     step, so gaps and a missed sample do not count and stamps rounded to the microsecond (a float64 epoch
     holds ~0.2 us) still give 1000 Hz, not 1000.07. None without two increasing stamps."""
     steps = np.diff(np.asarray(t, dtype=np.float64))
-    steps = steps[steps > 0]
+    steps = steps[(steps > 0) & np.isfinite(steps)]
     if not len(steps):
         return None
-    med = float(np.median(steps))
-    return 1.0 / float(steps[(steps > 0.5 * med) & (steps < 1.5 * med)].mean())
+    med = float(np.partition(steps, (len(steps) - 1) // 2)[(len(steps) - 1) // 2])  # a step, not an average
+    rate = 1.0 / float(steps[np.abs(steps - med) <= 0.5 * med].mean())  # holds that step at least
+    return rate if math.isfinite(rate) and rate > 0 else None
 
 
 def sliding_windows(values: np.ndarray, size: int, hop: int) -> np.ndarray:
