@@ -43,8 +43,8 @@ column = "state"
 at = "last"
 
 [window]
-size = 200
-hop = 100
+size = {size}
+hop = {hop}
 
 [features]
 extractor = "machine"
@@ -106,8 +106,9 @@ def vibration_recordings(root: Path, *, machines: int = 4, runs: int = 2, second
     return files
 
 
-def write_recipe(folder: Path, data: str = "recordings", task: str = "vibration", epochs: int = 20) -> Path:
+def write_recipe(folder: Path, data: str = "recordings", task: str = "vibration", epochs: int = 20,
+                 size: int = 200, hop: int = 100) -> Path:
     """The recipe for recordings under folder/`data`, written as folder/recipe.toml."""
     path = folder / "recipe.toml"
-    path.write_text(RECIPE.format(task=task, path=data, epochs=epochs))
+    path.write_text(RECIPE.format(task=task, path=data, epochs=epochs, size=size, hop=hop))
     return path
