@@ -3,7 +3,8 @@
     EdgekitError            every error edgekit raises on purpose; .hint says what to do
     ├── ConfigError         a config, recipe or flag is wrong (names file and key)
     ├── DataError           a dataset, sample or message is unusable (names file, row, column, field)
-    │   └── IdentityError   a message that does not belong to the topic it came on (site, device, id)
+    │   ├── IdentityError   a message that does not belong to the topic it came on (site, device, id)
+    │   └── NotScored       a trial its features cannot be computed on (.reason: no_walk, no_turn, ...)
     ├── DeviceError         a device profile or execution provider problem
     ├── ModelError          a bundle, manifest, ONNX file or signature problem
     ├── TransportError      the broker or network (names the endpoint)
@@ -39,6 +40,15 @@ class DataError(EdgekitError):
 
 class IdentityError(DataError):
     """A message names another site or device than its topic, or an id that is not its device's own."""
+
+
+class NotScored(DataError):
+    """A trial whose features cannot be computed (too short, no walk, no U-turn): reported, not scored.
+    `reason` is a short code for the report (e.g. 'no_walk'); the message says it in words."""
+
+    def __init__(self, message: str, *, reason: str, where: str | None = None, hint: str | None = None) -> None:
+        self.reason = reason
+        super().__init__(message, where=where, hint=hint)
 
 
 class DeviceError(EdgekitError):

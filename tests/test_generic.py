@@ -18,7 +18,7 @@ AGENT_AND_HUB = [
     *(ROOT / "edgekit" / f"{m}.py" for m in (
         "agent", "source", "config", "window", "pipeline", "runtime", "gate", "plausible", "features", "gait",
         "outbox", "transport", "mqtt", "topics", "values", "manifest", "simulate", "broker", "bench", "paths",
-        "inspection", "errors")),
+        "inspection", "errors", "trial_features")),
     *sorted((ROOT / "edgekit" / "contract").glob("*.py")),
     *sorted((ROOT / "edgekit" / "hub").glob("*.py")),
     *sorted((ROOT / "devices").glob("*.py")),
