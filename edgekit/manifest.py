@@ -38,7 +38,7 @@ MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
 Role = Literal["predictor", "gate", "second_opinion"]
 InputKind = Literal["window", "table"]
-Extractor = Literal["machine", "gait", "spectral", "table"]
+Extractor = Literal["machine", "gait", "spectral", "table", "trial"]
 # The extractors that take FeatureParams (edgekit/features.py); the others take none.
 PARAM_EXTRACTORS = ("spectral",)
 TimeStat = Literal["mean", "std", "rms", "peak", "ptp", "crest", "kurtosis", "skewness"]

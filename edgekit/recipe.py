@@ -14,9 +14,12 @@ from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from edgekit.config import Strict, load_config
 from edgekit.manifest import PARAM_EXTRACTORS, FeatureParams, Recording
+from edgekit.trial_features import REGISTRY as TRIAL_REGISTRY
 
 WINDOW_LOADERS = ("recordings",)
 TABLE_LOADERS = ("table",)
+# Extractors of table rows: 'table' (any columns) and 'trial' (columns the agent computes per trial).
+TABLE_EXTRACTORS = ("table", "trial")
 
 
 class FileSet(Strict):
@@ -160,10 +163,11 @@ class WindowSection(Strict):
 
 
 class FeaturesSection(Strict):
-    extractor: Literal["machine", "gait", "spectral", "table"] = Field(
+    extractor: Literal["machine", "gait", "spectral", "table", "trial"] = Field(
         description="edgekit.features extractor for windows ('machine': statistics and thirds of the spectrum per "
         "channel; 'gait': a lower-back IMU's; 'spectral': statistics and bands in Hz, configured by `params`), "
-        "or 'table' when the rows are features already."
+        "or 'table' when the rows are features already, or 'trial' when they are and every data.features column "
+        "is a trial feature the agent computes from one walked test (edgekit/trial_features.py REGISTRY)."
     )
     params: FeatureParams | None = Field(
         None, description="'spectral' only: statistics, bands in Hz and the envelope option (edgekit/manifest.py "
@@ -320,9 +324,14 @@ class Recipe(Strict):
     @classmethod
     def _extractor_for_loader(cls, v: FeaturesSection, info: ValidationInfo) -> FeaturesSection:
         data = info.data.get("data")
-        if data is not None and (data.loader in TABLE_LOADERS) != (v.extractor == "table"):
-            use = "'table'" if data.loader in TABLE_LOADERS else "a window extractor (e.g. 'machine', 'gait')"
+        if data is not None and (data.loader in TABLE_LOADERS) != (v.extractor in TABLE_EXTRACTORS):
+            use = "'table' or 'trial'" if data.loader in TABLE_LOADERS else "a window extractor (e.g. 'machine', 'gait')"
             raise ValueError(f"extractor {v.extractor!r} does not fit loader {data.loader!r}; use {use}")
+        if data is not None and v.extractor == "trial":
+            unknown = [c for c in data.features or [] if c not in TRIAL_REGISTRY]
+            if unknown:
+                raise ValueError(f"extractor 'trial' needs every data.features column to be a trial feature; not in "
+                                 f"the registry: {unknown} (its names: {', '.join(TRIAL_REGISTRY)})")
         return v
 
     @field_validator("predictor")

@@ -24,7 +24,7 @@ def test_state_dir_precedence(monkeypatch, tmp_path) -> None:
 
 
 def test_shipped_files_are_in_the_package() -> None:
-    assert shipped_recipes() == ["fall_screening", "ipol_gait", "skab", "tug_seed"]
+    assert shipped_recipes() == ["fall_screening", "ipol_gait", "skab", "tug_seed", "tug_seed_trial"]
     assert "listener {port} 127.0.0.1" in shipped("data", "mosquitto-local.conf").read_text()
     assert shown(shipped("recipes", "skab.toml")) == "edgekit/recipes/skab.toml"
     assert shown(Path("/elsewhere/skab.toml")) == "/elsewhere/skab.toml"

@@ -227,7 +227,7 @@ def load_table(recipe: Recipe, recipe_dir: Path) -> TaskData:
         age = datasets.column_matrix(path, header, rows, [d.age_column])[:, 0]
         groups["age_band"] = _age_band(age, d.age_bands)
     return TaskData(
-        kind="table", extractor="table", features=x, feature_names=columns, y=t.astype(np.int64),
+        kind="table", extractor=recipe.features.extractor, features=x, feature_names=columns, y=t.astype(np.int64),
         files=[path], report_groups=groups, source=str(path),
     )
 
