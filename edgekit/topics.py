@@ -8,11 +8,15 @@ Topics: edgekit/v1/{site}/{device}/{result|review|status|metrics|trial}. Payload
     status   retained {"state": "online"|"offline", ...}; "offline" is also the last will     QoS 1
     metrics  counters: windows, accepted, deferred, quarantined, published, queued, dropped   QoS 1
     trial    gait bundles only: one summary per trial (edgekit.gait.segment: walk and turn      QoS 1
-             times, phase durations, steps, cadence), or its `error` / `reason`
+             times, phase durations, steps, cadence), or its `error` / `reason`; the participant's
+             pseudonym (edgekit/privacy.py) when the station has one
+
+A participant is only ever a pseudonym on the wire: `parse_pseudonym` is the format's one definition.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,11 +36,22 @@ SCHEMA_STATUS = "edgekit.status/1"
 # "replayed": true on a re-sent metrics message overwrote). The hub reads both.
 SCHEMA_METRICS = "edgekit.metrics/2"
 SCHEMA_METRICS_V1 = "edgekit.metrics/1"
-SCHEMA_TRIAL = "edgekit.trial/1"
+# /2 (issue 13): a trial may carry "participant", a pseudonym. A /1 hub ignored keys it did not know, so it
+# would store such a trial without its pseudonym, out of reach of export and delete by pseudonym; it refuses
+# /2 as a bad payload instead (upgrade the hub first). The hub reads both; /1 never carries a participant.
+SCHEMA_TRIAL = "edgekit.trial/2"
+SCHEMA_TRIAL_V1 = "edgekit.trial/1"
 SCHEMAS = {SCHEMA_RESULT, SCHEMA_RESULT_BATCH, SCHEMA_REVIEW, SCHEMA_STATUS, SCHEMA_METRICS, SCHEMA_METRICS_V1,
-           SCHEMA_TRIAL}
+           SCHEMA_TRIAL, SCHEMA_TRIAL_V1}
 
 QOS = 1
+
+# A participant on the wire and on the hub: "p-" and 16 lower-case hex digits of an HMAC-SHA256 (64 bits:
+# no two of a station's participants share one in practice). edgekit/privacy.py makes them.
+PSEUDONYM_PREFIX = "p-"
+PSEUDONYM_HEX = 16
+PSEUDONYM_LEN = len(PSEUDONYM_PREFIX) + PSEUDONYM_HEX
+_PSEUDONYM = re.compile(rf"{PSEUDONYM_PREFIX}[0-9a-f]{{{PSEUDONYM_HEX}}}")
 
 
 def topic(site: str, device: str, kind: Kind) -> str:
@@ -69,6 +84,16 @@ def parse_topic(name: str) -> ParsedTopic:
     if len(parts) != 5 or "/".join(parts[:2]) != PREFIX or parts[4] not in KINDS:
         raise DataError(f"expected {PREFIX}/SITE/DEVICE/{{{'|'.join(KINDS)}}}", where=f"topic {name!r}")
     return ParsedTopic(site=parts[2], device=parts[3], kind=parts[4])  # type: ignore[arg-type]
+
+
+def parse_pseudonym(value: object) -> str:
+    """`value` when it is a pseudonym ("p-" and 16 lower-case hex digits), else DataError. The error never
+    repeats the value: what fails here may be a name, and the error goes to the hub's log."""
+    if isinstance(value, str) and _PSEUDONYM.fullmatch(value):
+        return value
+    got = f"a string of {len(value)} characters" if isinstance(value, str) else type(value).__name__
+    raise DataError(f"participant must be a pseudonym, {PSEUDONYM_PREFIX!r} and {PSEUDONYM_HEX} hex digits "
+                    f"(edgekit.privacy.pseudonym), never a name or a code (got {got})")
 
 
 def result_id(device: str, seq: int) -> str:

@@ -1,6 +1,7 @@
 """Valid MQTT messages for tests, built with the contract (edgekit/contract/messages.py), so no test keeps its
-own copy of a payload (STYLE.md 13): a gait agent's result, its review and its trial summary. Status and
-Metrics need no factory (every field is the test's own): tests call m.Status(...) and m.Metrics(...).
+own copy of a payload (STYLE.md 13): a gait agent's result, its review and its trial summary (with a
+participant's pseudonym when asked: `participant`). Status and Metrics need no factory (every field is the
+test's own): tests call m.Status(...) and m.Metrics(...).
 
 A malformed payload starts from a valid one's `to_obj()`, and the test writes only what it breaks.
 """
@@ -13,6 +14,7 @@ from typing import Any
 
 from edgekit import topics
 from edgekit.contract import messages as m
+from edgekit.privacy import pseudonym
 
 CHANNELS = ["acc_x", "acc_y", "gyro_z"]
 
@@ -42,11 +44,19 @@ def review(res: m.Result, n: int = 128, **fields: Any) -> m.Review:
     return dataclasses.replace(rev, **fields)
 
 
+TEST_SALT = bytes(range(32))  # a station's salt (edgekit.privacy.device_salt makes a random one)
+
+
+def participant(code: str) -> str:
+    """The pseudonym a station whose salt is TEST_SALT gives the participant code `code`."""
+    return pseudonym(code, TEST_SALT)
+
+
 def trial(device: str, seq: int, *, site: str = "lab", walk: bool = True, error: str | None = None,
           **fields: Any) -> m.Trial:
     """A 24 s TUG trial's summary: segmented (walk out, turn, walk back), with no walk found (`walk=False`:
-    a reason, 0 steps), or refused by segmentation (`error`: no segment fields). `fields` replace any
-    other field."""
+    a reason, 0 steps), or refused by segmentation (`error`: no segment fields); with no participant
+    unless `participant=participant("CODE")`. `fields` replace any other field."""
     span = m.TrialSpan(0.0, 24.0, 2401, 100.0, "end")
     base = m.Trial(id=topics.result_id(device, seq), seq=seq, site=site, device=device,
                    ts=1_700_000_000.0 + seq, model_version="gait-cnn@3", task="classify", trial=span)

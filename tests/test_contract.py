@@ -7,7 +7,9 @@ import dataclasses
 import sqlite3
 from pathlib import Path
 
+import orjson
 import pytest
+from messagefactory import participant, trial
 
 from edgekit import topics
 from edgekit.contract import messages as m
@@ -34,7 +36,7 @@ def full_trial() -> m.Trial:
                    task="ipol", trial=m.TrialSpan(0.0, 20.0, 2001, 100.0, "end"), walk_start_s=2.0,
                    walk_end_s=15.0, turn_start_s=8.0, turn_end_s=9.5, steps=18, cadence_spm=104.5,
                    phase_s={"still": 2.0, "walk": 11.5}, step_times_s=[2.5, 3.1], reason="slow turn",
-                   replayed=True)
+                   participant=participant("AB-123"), replayed=True)
 
 
 CASES = {
@@ -101,6 +103,49 @@ def test_metrics_1_is_still_read() -> None:
                          "windows": 3, "replayed": 4, "queued": 1})
     msg = m.parse(topics.topic(SITE, DEVICE, "metrics"), old)
     assert isinstance(msg, m.Metrics) and msg.counters == {"windows": 3, "replayed_results": 4} and msg.queued == 1
+
+
+def test_trial_1_is_still_read() -> None:
+    """A trial as agents before schema /2 send it (pinned bytes): read as before, with no participant."""
+    old = (b'{"schema":"edgekit.trial/1","id":"pump7:000000000009","seq":9,"site":"plant1","device":"pump7",'
+           b'"ts":5.5,"model_version":"g@1","task":"ipol","trial":{"start_s":0.0,"end_s":20.0,"samples":2001,'
+           b'"rate_hz":100.0,"closed_by":"end"},"walk_start_s":2.0,"walk_end_s":15.0,"turn_start_s":8.0,'
+           b'"turn_end_s":9.5,"steps":18,"cadence_spm":104.5,"phase_s":{"still":2.0,"walk":11.5},'
+           b'"step_times_s":[2.5,3.1],"reason":"slow turn","replayed":true}')
+    msg = m.parse(topics.topic(SITE, DEVICE, "trial"), old)
+    assert msg == dataclasses.replace(full_trial(), participant=None)
+    assert topics.decode(msg.encode(), "t")["schema"] == topics.SCHEMA_TRIAL == "edgekit.trial/2"
+    with_one = orjson.loads(old) | {"participant": participant("AB-123")}  # /1 has no such field
+    with pytest.raises(DataError, match="'participant' is not a field of edgekit.trial/1"):
+        m.parse(topics.topic(SITE, DEVICE, "trial"), orjson.dumps(with_one))
+
+
+@pytest.mark.parametrize("value", ["Jane Doe", "AB-123", "AB123", "p-0123456789ABCDEF", "p-0123456789abcde",
+                                   "p-0123456789abcdef0", " p-0123456789abcdef", "p-0123456789abcdef\n",
+                                   "q-0123456789abcdef", "", 7, ["p-0123456789abcdef"], {"name": "Jane"}])
+def test_a_trials_participant_must_be_a_pseudonym_and_the_error_does_not_repeat_it(
+        value: object, caplog: pytest.LogCaptureFixture) -> None:
+    obj = full_trial().to_obj() | {"participant": value}
+    with pytest.raises(DataError, match="participant must be a pseudonym") as err:
+        m.parse(topics.topic(SITE, DEVICE, "trial"), orjson.dumps(obj))
+    if isinstance(value, str) and value:
+        assert value not in str(err.value)
+    stats = IngestStats()  # the hub's path: counted bad, logged without the value
+    assert not len(to_batch([(topics.topic(SITE, DEVICE, "trial"), orjson.dumps(obj))], 1.0, stats))
+    assert stats.bad == 1
+    assert "Jane" not in caplog.text and "AB" not in caplog.text
+
+
+@pytest.mark.parametrize("where", ["top", "span"])
+@pytest.mark.parametrize("key", ["name", "first_name", "patient", "age"])
+def test_a_trial_with_a_key_the_contract_does_not_know_is_refused_naming_the_key(where: str, key: str) -> None:
+    """Other messages ignore keys they do not know (a newer agent's extra counters reach the hub); a trial
+    carries personal data, so a key that is not a field is refused, and the error names the key."""
+    obj = trial(DEVICE, 3, site=SITE, participant=participant("AB-123")).to_obj()
+    (obj if where == "top" else obj["trial"])[key] = "Jane Doe"
+    with pytest.raises(DataError, match=f"'{key}' is not a field of edgekit.trial/2") as err:
+        m.parse(topics.topic(SITE, DEVICE, "trial"), orjson.dumps(obj))
+    assert "Jane" not in str(err.value)
 
 
 @pytest.mark.parametrize("case", ["result", "review", "trial", "batch"])

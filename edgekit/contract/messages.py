@@ -4,7 +4,8 @@ and one parse (the hub), so a field exists once and a change to it breaks both s
     Result       one window's answer (accept, or defer with reasons)                    result topic
     ResultBatch  many results of one device in one message (bytes joined, not re-encoded) result topic
     Review       a deferred Result plus its features and a downsampled signal           review topic
-    Trial        a gait trial's summary (edgekit.gait.segment), or why there is none    trial topic
+    Trial        a gait trial's summary (edgekit.gait.segment), or why there is none,   trial topic
+                 and the participant's pseudonym
     Status       retained online/offline (and the last will)                            status topic
     Metrics      the agent's counters                                                   metrics topic
 
@@ -276,7 +277,12 @@ class TrialSpan:
 @dataclass(slots=True)
 class Trial:
     """A gait trial's summary: walk and turn times (s from the trial's first sample), phases, steps,
-    cadence; or `error` when segmentation refused the samples (then the other fields are absent)."""
+    cadence; or `error` when segmentation refused the samples (then the other fields are absent).
+
+    `participant` is the pseudonym of the person who walked it (edgekit/privacy.py), or None. Trials carry
+    personal data, so their parser refuses what it does not know: a value of `participant` that is not a
+    pseudonym (a name cannot travel there), and any key that is not a field (a "name" cannot travel
+    beside it). Schema /2 (topics.SCHEMA_TRIAL) added `participant`; /1 payloads are read as before."""
 
     id: str
     seq: int
@@ -296,17 +302,22 @@ class Trial:
     phase_s: dict[str, float | None] = field(default_factory=dict)
     step_times_s: list[float] = field(default_factory=list)
     reason: str | None = None
+    participant: str | None = None
     replayed: bool = False
 
     SCHEMA = topics.SCHEMA_TRIAL
     SEGMENT_KEYS = ("walk_start_s", "walk_end_s", "turn_start_s", "turn_end_s", "steps", "cadence_spm",
                     "phase_s", "step_times_s")
+    SPAN_KEYS = frozenset({"start_s", "end_s", "samples", "rate_hz", "closed_by"})
+    KEYS_V1 = frozenset({"schema", "id", "seq", "site", "device", "ts", "model_version", "task", "trial", "error",
+                         *SEGMENT_KEYS, "reason", "replayed"})
+    KEYS = {topics.SCHEMA_TRIAL_V1: KEYS_V1, topics.SCHEMA_TRIAL: KEYS_V1 | {"participant"}}
 
     def to_obj(self) -> dict[str, Any]:
         t = self.trial
         obj: dict[str, Any] = {
             "schema": self.SCHEMA, "id": self.id, "seq": self.seq, "site": self.site, "device": self.device,
-            "ts": self.ts, "model_version": self.model_version, "task": self.task,
+            "ts": self.ts, "model_version": self.model_version, "task": self.task, "participant": self.participant,
             "trial": {"start_s": t.start_s, "end_s": t.end_s, "samples": t.samples, "rate_hz": t.rate_hz,
                       "closed_by": t.closed_by},
         }
@@ -326,8 +337,13 @@ class Trial:
     @classmethod
     def from_obj(cls, obj: dict[str, Any], site: str, device: str) -> Trial:
         rid, seq = _keyed(obj, site, device)
+        _known(obj, cls.KEYS[obj["schema"]], obj["schema"])
+        participant = obj.get("participant")
+        if participant is not None:
+            topics.parse_pseudonym(participant)
         steps = _num(obj, "steps", int)
         span = _object(obj, "trial") or {}
+        _known(span, cls.SPAN_KEYS, f"{obj['schema']} trial")
         phase = _object(obj, "phase_s") or {}
         for key in phase:
             _num(phase, key)
@@ -345,8 +361,15 @@ class Trial:
             walk_start_s=_num(obj, "walk_start_s"), walk_end_s=_num(obj, "walk_end_s"),
             turn_start_s=_num(obj, "turn_start_s"), turn_end_s=_num(obj, "turn_end_s"), steps=steps,
             cadence_spm=_num(obj, "cadence_spm"), phase_s=phase, step_times_s=times,
-            reason=_text(obj, "reason", LONG_TEXT_MAX), replayed=bool(obj.get("replayed")),
+            reason=_text(obj, "reason", LONG_TEXT_MAX), participant=participant, replayed=bool(obj.get("replayed")),
         )
+
+
+def _known(obj: dict[str, Any], keys: frozenset[str], what: str) -> None:
+    """DataError naming the first key of `obj` that `keys` does not hold (the key, never its value)."""
+    for key in obj:
+        if key not in keys:
+            raise DataError(f"{key!r:.40} is not a field of {what}; refused, as it may carry personal data")
 
 
 @dataclass(slots=True)
@@ -436,7 +459,7 @@ Message = Result | ResultBatch | Review | Trial | Status | Metrics
 PARSERS: dict[str, dict[str, Any]] = {
     "result": {topics.SCHEMA_RESULT: Result, topics.SCHEMA_RESULT_BATCH: ResultBatch},
     "review": {topics.SCHEMA_REVIEW: Review},
-    "trial": {topics.SCHEMA_TRIAL: Trial},
+    "trial": {topics.SCHEMA_TRIAL: Trial, topics.SCHEMA_TRIAL_V1: Trial},
     "status": {topics.SCHEMA_STATUS: Status},
     "metrics": {topics.SCHEMA_METRICS: Metrics, topics.SCHEMA_METRICS_V1: Metrics},
 }
@@ -459,7 +482,8 @@ def parse(topic_name: str, payload: bytes) -> Message:
 
 def _identity_first(obj: dict[str, Any], tp: topics.ParsedTopic) -> None:
     """A payload on the wrong topic that also claims another device is reported as foreign, not as bad."""
-    if obj.get("schema") in (topics.SCHEMA_RESULT, topics.SCHEMA_REVIEW, topics.SCHEMA_TRIAL):
+    if obj.get("schema") in (topics.SCHEMA_RESULT, topics.SCHEMA_REVIEW, topics.SCHEMA_TRIAL,
+                             topics.SCHEMA_TRIAL_V1):
         _keyed(obj, tp.site, tp.device)
     elif obj.get("schema") == topics.SCHEMA_RESULT_BATCH:
         _owner(obj, tp.site, tp.device)
