@@ -255,7 +255,7 @@ def test_params_for_an_extractor_that_takes_none(tmp_path: Path) -> None:
 def test_cnn1d_takes_any_channels_but_needs_a_window_its_poolings_survive(tmp_path: Path) -> None:
     from recordingfactory import RECIPE
 
-    cnn = RECIPE.format(task="t", path="rec", epochs=1).replace('arch = "mlp"\nhidden = [32]',
+    cnn = RECIPE.format(task="t", path="rec", epochs=1, size=200, hop=100).replace('arch = "mlp"\nhidden = [32]',
                                                                'arch = "cnn1d"\nhidden = [8]')
     assert load_recipe(write(tmp_path, cnn)).predictor.arch == "cnn1d"
     tiny = cnn.replace("size = 200\nhop = 100", "size = 3\nhop = 1")
