@@ -1,7 +1,8 @@
 """The MQTT contract: every topic and payload schema edgekit speaks is built and parsed here, and only here.
 
-Topics: edgekit/v1/{site}/{device}/{result|review|status|metrics|trial}. Payloads are JSON objects with a
-`schema` field "edgekit.<kind>/<version>". Must not import paho, onnxruntime or torch.
+Topics: edgekit/v1/{site}/{device}/{result|review|status|metrics|trial}, which the agent publishes, and
+edgekit/v1/{site}/{device}/command/{name}, which it subscribes to. Payloads are JSON objects with a `schema`
+field "edgekit.<kind>/<version>". Must not import paho, onnxruntime or torch.
 
     result   one result, or a batch {"schema": "edgekit.result-batch/1", "results": [...]}   QoS 1
     review   a deferred result plus its features and a downsampled signal                     QoS 1
@@ -10,6 +11,8 @@ Topics: edgekit/v1/{site}/{device}/{result|review|status|metrics|trial}. Payload
     trial    gait bundles only: one summary per trial (edgekit.gait.segment: walk and turn      QoS 1
              times, phase durations, steps, cadence), or its `error` / `reason`; the participant's
              pseudonym (edgekit/privacy.py) when the station has one
+    command  to the device: an order for one device (the screening station's trial start and stop,
+             from the hub side or the station's own button), one topic level per command name
 
 A participant is only ever a pseudonym on the wire: `parse_pseudonym` is the format's one definition.
 """
@@ -44,6 +47,8 @@ SCHEMA_TRIAL_V1 = "edgekit.trial/1"
 SCHEMAS = {SCHEMA_RESULT, SCHEMA_RESULT_BATCH, SCHEMA_REVIEW, SCHEMA_STATUS, SCHEMA_METRICS, SCHEMA_METRICS_V1,
            SCHEMA_TRIAL, SCHEMA_TRIAL_V1}
 
+COMMAND = "command"
+
 QOS = 1
 
 # A participant on the wire and on the hub: "p-" and 16 lower-case hex digits of an HMAC-SHA256 (64 bits:
@@ -54,14 +59,27 @@ PSEUDONYM_LEN = len(PSEUDONYM_PREFIX) + PSEUDONYM_HEX
 _PSEUDONYM = re.compile(rf"{PSEUDONYM_PREFIX}[0-9a-f]{{{PSEUDONYM_HEX}}}")
 
 
-def topic(site: str, device: str, kind: Kind) -> str:
-    """`edgekit/v1/{site}/{device}/{kind}`; site and device must not contain MQTT wildcards or '/'."""
-    for name, value in (("site", site), ("device", device)):
+def _levels(**named: str) -> None:
+    for name, value in named.items():
         if not value or set(value) & set("/+#"):
             raise ValueError(f"topic {name} must be non-empty without '/', '+', '#' (got {value!r})")
+
+
+def topic(site: str, device: str, kind: Kind) -> str:
+    """`edgekit/v1/{site}/{device}/{kind}`; site and device must not contain MQTT wildcards or '/'."""
+    _levels(site=site, device=device)
     if kind not in KINDS:
         raise ValueError(f"topic kind must be one of {KINDS} (got {kind!r})")
     return f"{PREFIX}/{site}/{device}/{kind}"
+
+
+def command(site: str, device: str, name: str) -> str:
+    """`edgekit/v1/{site}/{device}/command/{name}`: the topic of one command to one device; `name` "+" gives
+    the filter the device subscribes to (all of its own commands, no other device's)."""
+    _levels(site=site, device=device)
+    if name != "+":
+        _levels(command=name)
+    return f"{PREFIX}/{site}/{device}/{COMMAND}/{name}"
 
 
 def subscription(kind: Kind | Literal["+"] = "+", *, site: str = "+", device: str = "+",

@@ -198,7 +198,8 @@ def test_acl_device_writes_every_kind_of_one_site_and_device_and_the_example_is_
     out = acl_device("plant1", "pump7")
     assert out.returncode == 0, out.stderr
     rules = [line for line in out.stdout.splitlines() if line and not line.startswith("#")]
-    assert rules == ["user pump7"] + [f"topic write {topics.topic('plant1', 'pump7', k)}" for k in topics.KINDS]
+    assert rules == (["user pump7"] + [f"topic write {topics.topic('plant1', 'pump7', k)}" for k in topics.KINDS]
+                     + [f"topic read {topics.command('plant1', 'pump7', '+')}"])
     assert out.stdout.strip() in (DEPLOY / "acl.example").read_text()  # the example device is the script's
     example = (DEPLOY / "acl.example").read_text().splitlines()
     assert not [line for line in example if line.startswith("pattern")]  # %u would let a device pick its site

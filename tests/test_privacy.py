@@ -9,6 +9,8 @@ import logging
 import multiprocessing
 import os
 import stat
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -96,3 +98,135 @@ def test_two_processes_making_the_salt_at_once_end_with_the_same_one(tmp_path: P
         for proc in procs:
             proc.join(60)
         assert len(got) == 1 and got == {path.read_text().strip()}
+
+
+# --- the shipped ACL: every topic the station uses, and no other device's ----------------------------------
+
+DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
+COMMANDS = ("trial-start", "trial-stop")  # names for the test; the agent's own are the lead's (issue 13)
+
+
+def _acl_rules(text: str) -> dict[str, list[tuple[str, str]]]:
+    """user -> [(access, topic filter)] of a mosquitto acl_file (`user`, `topic [read|write|readwrite|deny]`;
+    comments and blank lines skipped). A `pattern` line fails: the shipped ACL has none on purpose."""
+    rules: dict[str, list[tuple[str, str]]] = {}
+    user = ""  # topic lines before any user line are the anonymous client's
+    for line in text.splitlines():
+        words = line.split()
+        if not words or words[0].startswith("#"):
+            continue
+        if words[0] == "user":
+            user = words[1]
+        elif words[0] == "topic":
+            access, flt = (words[1], words[2]) if len(words) == 3 else ("readwrite", words[1])
+            rules.setdefault(user, []).append((access, flt))
+        else:
+            raise AssertionError(f"unexpected ACL line {line!r}")
+    return rules
+
+
+def _matches(flt: str, topic: str) -> bool:
+    """MQTT topic filter matching ('+' one level, '#' the rest), as mosquitto_topic_matches_sub."""
+    f, t = flt.split("/"), topic.split("/")
+    for i, level in enumerate(f):
+        if level == "#":
+            return True
+        if i >= len(t) or (level != "+" and level != t[i]):
+            return False
+    return len(f) == len(t)
+
+
+def _allowed(rules: dict[str, list[tuple[str, str]]], user: str, access: str, topic: str) -> bool:
+    """mosquitto's default check: a matching deny wins, else any matching rule granting `access`."""
+    own = rules.get(user, [])
+    if any(a == "deny" and _matches(f, topic) for a, f in own):
+        return False
+    return any(a in (access, "readwrite") and _matches(f, topic) for a, f in own)
+
+
+def station_topics(site: str, device: str) -> tuple[list[str], list[str]]:
+    """(what a station publishes, what it receives): every kind of topics.KINDS, and its commands."""
+    return ([topics.topic(site, device, kind) for kind in topics.KINDS],
+            [topics.command(site, device, name) for name in COMMANDS])
+
+
+def test_the_shipped_acl_lets_a_station_publish_every_kind_and_read_its_commands_and_no_other_devices() -> None:
+    out = subprocess.run(["sh", str(DEPLOY / "acl-device"), "lab", "station1"], capture_output=True, text=True,
+                         timeout=10, check=True).stdout
+    rules = _acl_rules((DEPLOY / "acl.example").read_text() + out)
+    mine_pub, mine_sub = station_topics("lab", "station1")
+    other_pub, other_sub = station_topics("plant1", "pump7")  # the example's device, another account
+    assert all(_matches(topics.command("lab", "station1", "+"), t) for t in mine_sub)  # its subscription
+    for user, pub, sub, foreign_pub, foreign_sub in (("station1", mine_pub, mine_sub, other_pub, other_sub),
+                                                      ("pump7", other_pub, other_sub, mine_pub, mine_sub)):
+        for t in pub:
+            assert _allowed(rules, user, "write", t), (user, t)
+            assert not _allowed(rules, user, "read", t), (user, t)  # nobody's results but the hub's
+        for t in sub:
+            assert _allowed(rules, user, "read", t), (user, t)
+            assert not _allowed(rules, user, "write", t), (user, t)  # a device cannot order itself
+        for t in foreign_pub + foreign_sub:
+            assert not _allowed(rules, user, "write", t) and not _allowed(rules, user, "read", t), (user, t)
+        assert not _allowed(rules, user, "write", topics.topic("elsewhere", user, "result"))  # its site only
+    for t in mine_pub + other_pub:
+        assert _allowed(rules, "hub", "read", t) and not _allowed(rules, "hub", "write", t)
+    for t in mine_sub + other_sub:
+        assert _allowed(rules, "hub", "write", t)
+    assert not any(_allowed(rules, "dashboard", "write", t) for t in mine_pub + mine_sub)
+    assert "" not in rules  # nothing for anonymous clients
+
+
+@pytest.mark.broker
+def test_under_the_shipped_acl_a_station_receives_its_own_commands_only(tmp_path: Path) -> None:
+    """The same through a real mosquitto: the hub's account orders two devices; each device's account,
+    subscribed to all of edgekit/v1/#, receives its own commands only, and cannot send one."""
+    import paho.mqtt.client as mqtt
+    from test_hub_identity import _password_file
+
+    from edgekit.broker import Mosquitto, installed
+
+    if installed() is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    broker = Mosquitto(tmp_path / "broker")
+    acl = tmp_path / "broker" / "acl"
+    devices = subprocess.run(["sh", str(DEPLOY / "acl-device"), "lab", "station1"], capture_output=True,
+                             text=True, timeout=10, check=True).stdout
+    acl.write_text((DEPLOY / "acl.example").read_text() + devices)
+    passwd = _password_file(tmp_path / "broker" / "passwd", {"hub": "hubpw", "station1": "s1pw", "pump7": "p7pw"})
+    broker.conf.write_text(f"listener {broker.port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n"
+                           f"acl_file {acl}\nuser root\nlog_dest stderr\nlog_type error\nlog_type warning\n")
+
+    def client(user: str, password: str) -> tuple[mqtt.Client, list[str]]:
+        got: list[str] = []
+        c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-{user}", protocol=mqtt.MQTTv311)
+        c.username_pw_set(user, password)
+        c.on_message = lambda _c, _u, msg: got.append(msg.topic)
+        c.connect("127.0.0.1", broker.port)
+        c.loop_start()
+        return c, got
+
+    with broker:
+        station, station_got = client("station1", "s1pw")
+        pump, pump_got = client("pump7", "p7pw")
+        hub, _ = client("hub", "hubpw")
+        try:
+            for c in (station, pump):  # everything: the ACL decides what arrives
+                c.subscribe(f"{topics.PREFIX}/#", qos=1)
+            time.sleep(0.5)
+            # Each device tries to order the other and itself; the broker drops all of it.
+            for c, site, device in ((station, "plant1", "pump7"), (pump, "lab", "station1"),
+                                    (station, "lab", "station1")):
+                c.publish(topics.command(site, device, "trial-stop"), b"{}", qos=1).wait_for_publish(10)
+            for site, device in (("lab", "station1"), ("plant1", "pump7")):
+                for name in COMMANDS:
+                    hub.publish(topics.command(site, device, name), b"{}", qos=1).wait_for_publish(10)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and (len(station_got) < 2 or len(pump_got) < 2):
+                time.sleep(0.05)
+            time.sleep(0.3)
+        finally:
+            for c in (station, pump, hub):
+                c.disconnect()
+                c.loop_stop()
+    assert station_got == [topics.command("lab", "station1", n) for n in COMMANDS]
+    assert pump_got == [topics.command("plant1", "pump7", n) for n in COMMANDS]
