@@ -374,11 +374,15 @@ def device_detect(root: Path) -> None:
               help="PEM private key (unencrypted) of --cert-file.")
 @click.option("--secure-cookies", is_flag=True,
               help="Send the session cookie over HTTPS only (set when a TLS proxy serves the review page).")
+@click.option("--retention-days", type=click.IntRange(min=1), default=None,
+              help="Delete trials and results (with their labels) the hub received more than N days ago, at "
+                   "start and hourly. Default: keep everything, since deleting cannot be undone and labelled "
+                   "cases are the next training's data; set N from your data-protection rules.")
 @click.pass_context
 @handle_errors
 def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str, client_id: str | None,
         username: str | None, password_file: Path | None, ca_file: Path | None, cert_file: Path | None,
-        key_file: Path | None, secure_cookies: bool) -> None:
+        key_file: Path | None, secure_cookies: bool, retention_days: int | None) -> None:
     """Collect results from every device and serve the review station."""
     require_extra("hub")
     ctx.obj = {"db": db}
@@ -398,7 +402,7 @@ def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str, c
     click.echo(f"hub: broker {redact_url(broker)}, db {redact_url(db)}, review page http://{http}/" if http
                else "hub: ingest only")
     run_hub(broker, db, http or None, share_group=share_group, client_id=client_id, stop=stop,
-            security=security, secure_cookies=secure_cookies)
+            security=security, secure_cookies=secure_cookies, retention_days=retention_days)
 
 
 @hub.command("adduser")
@@ -413,6 +417,66 @@ def hub_adduser(ctx: click.Context, name: str, password: str) -> None:
 
     add_user(ctx.obj["db"], name, password)
     click.echo(f"reviewer {name!r} added")
+
+
+@hub.group("participant")
+def hub_participant() -> None:
+    """Everything the hub holds for one participant, by pseudonym (`edgekit pseudonym` on the station)."""
+
+
+def _rows(counts: dict[str, int]) -> str:
+    return ", ".join(f"{n} {table.removeprefix('edgekit_')}" for table, n in counts.items())
+
+
+@hub_participant.command("export")
+@click.argument("pseudonym")
+@click.option("--db", default=None, help="Hub database URL [default: edgekit hub's --db].")
+@click.option("--out", required=True, type=click.Path(path_type=Path, dir_okay=False),
+              help="JSON file to write (mode 0600: it is personal data).")
+@click.pass_context
+@handle_errors
+def hub_participant_export(ctx: click.Context, pseudonym: str, db: str | None, out: Path) -> None:
+    """Write every row the hub holds for PSEUDONYM (trials, and the results and labels filed under them)."""
+    from edgekit.hub import export_participant
+
+    counts = export_participant(db or ctx.obj["db"], pseudonym, out)
+    click.echo(f"{pseudonym}: {_rows(counts)} written to {out}")
+
+
+@hub_participant.command("delete")
+@click.argument("pseudonym")
+@click.option("--db", default=None, help="Hub database URL [default: edgekit hub's --db].")
+@click.option("--yes", is_flag=True, help="Delete without asking.")
+@click.pass_context
+@handle_errors
+def hub_participant_delete(ctx: click.Context, pseudonym: str, db: str | None, yes: bool) -> None:
+    """Delete every row the hub holds for PSEUDONYM, in one transaction (export it first if it is asked for)."""
+    from edgekit.hub import count_participant, delete_participant
+
+    url = db or ctx.obj["db"]
+    if not yes:
+        counts = count_participant(url, pseudonym)
+        if not any(counts.values()):
+            click.echo(f"{pseudonym}: the hub holds nothing")
+            return
+        click.confirm(f"delete {_rows(counts)} of {pseudonym}? This cannot be undone", abort=True)
+    click.echo(f"{pseudonym}: deleted {_rows(delete_participant(url, pseudonym))}")
+
+
+@main.command()
+@click.option("--salt-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="The station's salt [default: STATE_DIR/participant-salt, STATE_DIR being "
+                   "$EDGEKIT_STATE_DIR or ~/.local/state/edgekit].")
+@click.option("--code", prompt="participant code", hide_input=True,
+              help="The participant's code; asked for (not shown, not in the shell history) when not given.")
+@handle_errors
+def pseudonym(salt_file: Path | None, code: str) -> None:
+    """Print the pseudonym this station gives a participant code: what its trials carry and the hub stores,
+    for `edgekit hub participant export|delete`. Run it on the station (its salt stays there)."""
+    from edgekit.privacy import device_salt
+    from edgekit.privacy import pseudonym as make
+
+    click.echo(make(code, device_salt(salt_file, create=False)))
 
 
 @main.group()

@@ -64,12 +64,17 @@ def pseudonym(code: str, salt: bytes) -> str:
     return topics.PSEUDONYM_PREFIX + digest[:topics.PSEUDONYM_HEX]
 
 
-def device_salt(path: Path | None = None) -> bytes:
+def device_salt(path: Path | None = None, *, create: bool = True) -> bytes:
     """This station's salt, made the first time (STATE_DIR/participant-salt unless `path`): 32 random bytes
     as hex in a file of mode 0600. Two processes starting at once end with the same salt (the file appears
-    whole, by a link, or not at all). A salt file others may read is narrowed to 0600, with a warning."""
+    whole, by a link, or not at all). A salt file others may read is narrowed to 0600, with a warning.
+    With `create=False` a missing file is a ConfigError (looking a code up where its salt is not)."""
     path = Path(path) if path is not None else state_dir() / SALT_FILE
     if not path.exists():
+        if not create:
+            raise ConfigError("no participant salt here", where=str(path),
+                              hint="run this on the station that screened the participant, or give its salt "
+                                   "file; a new salt would give a new pseudonym")
         _create(path)
     try:
         text = path.read_text(encoding="ascii").strip()

@@ -1,18 +1,24 @@
 """The hub: ingest results from the fleet over MQTT into a database, and a review web page for deferred cases.
 
-run_hub (ingest + web), add_user and export_labels are what the CLI calls. Importing this package imports
-only SQLAlchemy; paho, FastAPI and uvicorn are imported when used.
+run_hub (ingest + web, and retention), add_user, export_labels, export_participant and delete_participant
+are what the CLI calls. Importing this package imports only SQLAlchemy; paho, FastAPI and uvicorn are
+imported when used.
 """
 
 from __future__ import annotations
 
 import csv
 import logging
+import os
 import socket
 import threading
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+import orjson
+import sqlalchemy as sa
 
 from edgekit.errors import ConfigError, TransportError
 from edgekit.hub.auth import hash_password
@@ -23,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DAY_S = 86400.0
+RETENTION_EVERY_S = 3600.0  # a running hub applies --retention-days at start and then this often
 EXPORT_COLUMNS = ("result_id", "device", "site", "label", "reviewer", "labelled_at", "note", "model_label",
                   "reasons")
 
@@ -55,18 +63,32 @@ def listen_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def apply_retention(db: HubDB, days: float, now: float | None = None) -> dict[str, int]:
+    """Delete what the hub received more than `days` days before `now` (HubDB.delete_received_before:
+    trials, results, their labels), logging the counts in one line."""
+    now = time.time() if now is None else now
+    counts = db.delete_received_before(now - days * DAY_S)
+    log.info("hub.retention older_than_days=%g %s", days, " ".join(f"{k}={v}" for k, v in counts.items()))
+    return counts
+
+
 def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
             share_group: str = "edgekit-hub", client_id: str | None = None,
             stop: threading.Event | None = None, security: MqttSecurity | None = None,
-            secure_cookies: bool = False) -> None:
+            secure_cookies: bool = False, retention_days: float | None = None) -> None:
     """Ingest (and, unless `http` is None, serve the review pages) until `stop` is set. `security`: the broker
-    account and TLS files (edgekit/mqtt.py)."""
+    account and TLS files (edgekit/mqtt.py). `retention_days`: apply_retention at start and every
+    RETENTION_EVERY_S; None keeps everything."""
     from edgekit.hub.ingest import Ingest
 
+    if retention_days is not None and not retention_days > 0:
+        raise ConfigError(f"must be a number of days > 0 (got {retention_days!r})", where="hub --retention-days")
     stop = stop or threading.Event()
     listen = parse_http(http) if http else None
     with HubDB(db_url) as db:
         db.create()
+        if retention_days is not None:
+            apply_retention(db, retention_days)
         server = thread = None
         with Ingest(broker_url, db, share_group=share_group, client_id=client_id, security=security):
             if listen:
@@ -83,7 +105,11 @@ def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
                 thread.start()
                 log.info("hub.web_started url=http://%s:%d/", listen[0], listen[1])
             try:
-                stop.wait()
+                while not stop.wait(RETENTION_EVERY_S if retention_days is not None else None):
+                    try:
+                        apply_retention(db, retention_days)  # type: ignore[arg-type]
+                    except sa.exc.SQLAlchemyError as exc:  # the database away for a while: next period
+                        log.warning("hub.retention_failed error=%s", str(exc).splitlines()[0])
             finally:
                 if server and thread:
                     server.should_exit = True
@@ -125,4 +151,37 @@ def export_labels(db_url: str, out: Path) -> int:
     return len(rows)
 
 
-__all__ = ["run_hub", "add_user", "export_labels"]
+def export_participant(db_url: str, pseudonym: str, out: Path) -> dict[str, int]:
+    """Write every row the hub holds for `pseudonym` (HubDB.participant_export) to `out` as JSON, readable
+    by its owner only (it is personal data); rows per table."""
+    with HubDB(db_url) as db:
+        db.create()
+        found = db.participant_export(pseudonym)
+    found = {"exported_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), **found}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)  # an older file of that name may have been readable by others
+    with os.fdopen(fd, "wb") as f:
+        f.write(orjson.dumps(found, option=orjson.OPT_INDENT_2) + b"\n")
+    counts = {name: len(rows) for name, rows in found["tables"].items()}
+    log.info("hub.participant_exported path=%s %s", out, " ".join(f"{k}={v}" for k, v in counts.items()))
+    return counts
+
+
+def count_participant(db_url: str, pseudonym: str) -> dict[str, int]:
+    """Rows per table the hub holds for `pseudonym` (what delete_participant would delete)."""
+    with HubDB(db_url) as db:
+        db.create()
+        return {name: len(rows) for name, rows in db.participant_export(pseudonym)["tables"].items()}
+
+
+def delete_participant(db_url: str, pseudonym: str) -> dict[str, int]:
+    """Delete every row of `pseudonym` in one transaction (HubDB.participant_delete); rows per table."""
+    with HubDB(db_url) as db:
+        db.create()
+        return db.participant_delete(pseudonym)
+
+
+__all__ = ["run_hub", "add_user", "export_labels", "apply_retention", "export_participant", "count_participant",
+           "delete_participant"]

@@ -1,5 +1,6 @@
 """The hub's database: results (deferred ones are review cases), labels with history, reviewers, devices,
-gait trial summaries.
+gait trial summaries (with the participant's pseudonym, never a name: issue 13), export and deletion by
+pseudonym, retention.
 
 One code path for SQLite (default) and PostgreSQL (psycopg 3), SQLAlchemy 2 Core. Writes are idempotent by
 result or trial id (INSERT .. ON CONFLICT), so redelivered and replayed messages are stored exactly once.
@@ -20,6 +21,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from edgekit import topics
 from edgekit.contract.messages import Result, Review, Trial
 from edgekit.errors import ConfigError, DataError
 
@@ -91,9 +93,13 @@ trials = sa.Table(
     sa.Column("site", sa.String(128), nullable=False),
     sa.Column("device", sa.String(128), nullable=False),
     sa.Column("ts", sa.Float, nullable=False),  # the agent's clock when it segmented the trial
-    sa.Column("payload", sa.Text, nullable=False),  # the whole edgekit.trial/1 object as JSON (orjson)
+    sa.Column("payload", sa.Text, nullable=False),  # the whole edgekit.trial object as JSON (orjson)
     sa.Column("received_at", sa.Float, nullable=False),
+    # The pseudonym (topics.parse_pseudonym), also in the payload; indexed for export and delete by pseudonym.
+    # Added after the table: HubDB.create adds it to an older database.
+    sa.Column("participant", sa.String(topics.PSEUDONYM_LEN)),
     sa.Index("ix_edgekit_trials_ts", "ts"),
+    sa.Index("ix_edgekit_trials_participant", "participant"),
 )
 
 settings = sa.Table(
@@ -167,7 +173,7 @@ def review_row(msg: Review, now: float) -> dict[str, Any]:
 def trial_row(msg: Trial, now: float) -> dict[str, Any]:
     """A parsed trial summary as a trials row (the summary kept whole as JSON)."""
     return {"id": msg.id, "site": msg.site, "device": msg.device, "ts": msg.ts, "payload": _dumps(msg.to_obj()),
-            "received_at": now}
+            "received_at": now, "participant": msg.participant}
 
 
 @dataclass
@@ -228,7 +234,26 @@ class HubDB:
         self.engine.dispose()
 
     def create(self) -> None:
+        """The tables, and the columns added since a table was first made (create_all makes missing
+        tables, never missing columns): edgekit_trials.participant (issue 13)."""
         metadata.create_all(self.engine)
+        with self.engine.begin() as conn:
+            if "participant" in {c["name"] for c in sa.inspect(conn).get_columns(trials.name)}:
+                return
+        exists = "IF NOT EXISTS " if self.dialect == "postgresql" else ""
+        try:
+            with self.engine.begin() as conn:
+                conn.execute(sa.text(f"ALTER TABLE {trials.name} ADD COLUMN {exists}participant "
+                                     f"VARCHAR({topics.PSEUDONYM_LEN})"))
+                conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS ix_edgekit_trials_participant "
+                                     f"ON {trials.name} (participant)"))
+        except sa.exc.OperationalError:  # SQLite: another hub process added it meanwhile
+            with self.engine.begin() as conn:
+                if "participant" not in {c["name"] for c in sa.inspect(conn).get_columns(trials.name)}:
+                    raise
+                conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS ix_edgekit_trials_participant "
+                                     f"ON {trials.name} (participant)"))
+        log.info("hub.db_upgraded table=%s column=participant", trials.name)
 
     def _many(self, conn: sa.Connection, kind: str, rows: list[dict[str, Any]]) -> int:
         """executemany of a prepared bulk statement on the driver's own cursor; returns rows changed.
@@ -422,6 +447,53 @@ class HubDB:
     def count_trials(self) -> int:
         with self.engine.connect() as conn:
             return conn.execute(sa.select(sa.func.count()).select_from(trials)).scalar_one()
+
+    # --- privacy: export and delete by pseudonym, retention (issue 13) -----------------------------
+
+    @staticmethod
+    def _participant_rows(pseudonym: str) -> dict[sa.Table, sa.ColumnElement[bool]]:
+        """Per table, what belongs to one pseudonym: its trials, and the results and labels filed under those
+        trials' ids (an answer stored under its trial's id; results and trials share a device's sequence, so
+        no other result has such an id). Children first: the order deletion takes."""
+        ids = sa.select(trials.c.id).where(trials.c.participant == pseudonym)
+        return {labels: labels.c.result_id.in_(ids), results: results.c.id.in_(ids),
+                trials: trials.c.participant == pseudonym}
+
+    def participant_export(self, pseudonym: str) -> dict[str, Any]:
+        """Every row the hub holds for `pseudonym`, as stored: {"pseudonym", "tables": {table: [row, ...]}}
+        (every table that can hold such a row is named, empty or not). DataError unless it is a pseudonym."""
+        topics.parse_pseudonym(pseudonym)
+        owned = self._participant_rows(pseudonym)
+        with self.engine.connect() as conn:
+            tables = {str(t.name): [{str(k): v for k, v in r._mapping.items()} for r in
+                                    conn.execute(sa.select(t).where(where).order_by(*t.primary_key.columns))]
+                      for t, where in reversed(owned.items())}  # str(): SQLAlchemy's quoted_name is not JSON's
+        return {"pseudonym": pseudonym, "tables": tables}
+
+    def participant_delete(self, pseudonym: str) -> dict[str, int]:
+        """Delete every row of `pseudonym` (those `participant_export` returns) in one transaction; rows
+        deleted per table. DataError unless it is a pseudonym."""
+        topics.parse_pseudonym(pseudonym)
+        with self.engine.begin() as conn:
+            counts = {str(t.name): conn.execute(sa.delete(t).where(where)).rowcount
+                      for t, where in self._participant_rows(pseudonym).items()}
+        log.info("hub.participant_deleted %s", " ".join(f"{k}={v}" for k, v in counts.items()))
+        return counts
+
+    def delete_received_before(self, cutoff: float) -> dict[str, int]:
+        """Retention: delete, in one transaction, the trials and results the hub received before `cutoff`
+        (its own clock, received_at: a device's clock may be wrong by years), the results filed under those
+        trials' ids, and the labels of every result deleted. Rows deleted per table."""
+        old_trials = sa.select(trials.c.id).where(trials.c.received_at < cutoff)
+        old_results = sa.or_(results.c.received_at < cutoff, results.c.id.in_(old_trials))
+        with self.engine.begin() as conn:
+            counts = {
+                str(labels.name): conn.execute(sa.delete(labels).where(labels.c.result_id.in_(
+                    sa.select(results.c.id).where(old_results)))).rowcount,
+                str(results.name): conn.execute(sa.delete(results).where(old_results)).rowcount,
+                str(trials.name): conn.execute(sa.delete(trials).where(trials.c.received_at < cutoff)).rowcount,
+            }
+        return counts
 
     # --- users and settings ------------------------------------------------------------------------
 
