@@ -178,10 +178,17 @@ class Agent:
         cfg = self.cfg
         self.manifest = manifest_mod.load_bundle(cfg.bundle, public_key=cfg.public_key)
         m = self.manifest
-        if m.input.kind != "window":
+        # A trial bundle: a table of trial features (edgekit/trial_features.py) that the agent computes
+        # from each walked test; one answer per trial, no windows.
+        self.trial_mode = m.input.kind != "window" and m.input.extractor == "trial"
+        if m.input.kind != "window" and not self.trial_mode:
             raise ConfigError(f"bundle {cfg.bundle} takes table rows ({m.input.kind}), not a sensor stream",
                               where=f"{cfg.bundle}/manifest.json: input.kind",
-                              hint="use a bundle whose recipe cuts windows (a [window] section)")
+                              hint="use a bundle whose recipe cuts windows (a [window] section), or a table "
+                                   "recipe of trial features ([features] extractor = 'trial')")
+        if self.trial_mode and cfg.trial is None:
+            raise ConfigError(f"bundle {cfg.bundle} answers per trial and needs the IMU's channels",
+                              where="trial", hint="add [trial] channels = [acc x, y, z, gyr x, y, z column names]")
         profile = (detect_mod.detect() if cfg.runtime.profile == "auto"
                    else profile_mod.load_profile(cfg.runtime.profile))
         import onnxruntime as ort
@@ -193,7 +200,11 @@ class Agent:
         th = m.thresholds
         self.gate = Gate(th.ood_max_score, th.min_confidence, th.max_disagreement, enabled=cfg.gate.enabled,
                          defer_all=th.defer_all)
-        self.pipeline = EdgePipeline(m, self.models, self.pre, self.gate)
+        self.pipeline = None if self.trial_mode else EdgePipeline(m, self.models, self.pre, self.gate)
+        self.participant = self._pseudonym()
+        self._trial_rate = float(m.input.rate_hz or 0.0)
+        if self.trial_mode:
+            self._check_trial_features()
         self.labels = list(m.labels)
         self.model_version = f"{m.task}@{m.data_fingerprint[:12]}"
         self.outbox = Outbox(Path(cfg.outbox.path), max_rows=cfg.outbox.max_rows)
@@ -211,6 +222,39 @@ class Agent:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
+    def _pseudonym(self) -> str | None:
+        """The configured participant code's salted hash (edgekit/privacy.py); the code itself never leaves."""
+        trial = self.cfg.trial
+        if trial is None or trial.participant is None:
+            return None
+        from edgekit.privacy import device_salt, pseudonym
+
+        return pseudonym(trial.participant, device_salt())
+
+    def _check_trial_features(self) -> None:
+        """At start, not at the first trial: every feature is one the agent computes, and what the operator
+        must enter for them is in [trial] operator."""
+        from edgekit.trial_features import REGISTRY
+
+        assert self.cfg.trial is not None
+        names = list(self.manifest.input.feature_names)
+        unknown = [n for n in names if n not in REGISTRY]
+        if unknown:
+            raise ConfigError(f"bundle features {unknown} are not trial features this agent computes",
+                              where=f"{self.cfg.bundle}/manifest.json: input.feature_names",
+                              hint="update the agent, or retrain with registry features")
+        missing = [n for n in names if REGISTRY[n].source == "operator" and n not in self.cfg.trial.operator]
+        if missing:
+            raise ConfigError(f"the bundle's features need the operator's {missing}", where="trial.operator",
+                              hint=f"e.g. [trial] operator = {{ {missing[0]} = ... }}")
+
+    def _channels(self) -> tuple[str, ...]:
+        """The source columns the agent reads: the bundle's channels, or a trial bundle's [trial] channels."""
+        if self.trial_mode:
+            assert self.cfg.trial is not None
+            return tuple(self.cfg.trial.channels)
+        return tuple(self.manifest.input.channels or ())
+
     def _status_extra(self) -> dict[str, Any]:
         return {"model_version": self.model_version, "queued": self.outbox.backlog(),
                 "dropped": self.outbox.dropped}
@@ -226,7 +270,7 @@ class Agent:
         return seq
 
     def _check_channels(self, source_channels: tuple[str, ...]) -> list[int]:
-        wanted = list(self.manifest.input.channels or [])
+        wanted = list(self._channels())
         missing = [c for c in wanted if c not in source_channels]
         if missing:
             raise ConfigError(f"the source lacks channels {missing} that the bundle needs "
@@ -302,15 +346,19 @@ class Agent:
             reviews.append(("review", messages.Review(result, features, signal).encode()))
 
     def _trial_buffer(self, channels: int) -> TrialBuffer | None:
-        """A buffer for the trial's samples when the bundle reads gait (input.extractor), else None."""
+        """A buffer for the trial's samples when the bundle reads gait or answers per trial, else None."""
         m = self.manifest
-        if m.input.extractor != "gait":
+        if m.input.extractor not in ("gait", "trial"):
             return None
-        if channels != GAIT_CHANNELS or not m.input.rate_hz:
+        if channels != GAIT_CHANNELS or not self._trial_rate:
+            if self.trial_mode:
+                raise ConfigError(f"a trial needs {GAIT_CHANNELS} channels (acc xyz, gyr xyz) and a rate (got "
+                                  f"{channels} channels, rate {self._trial_rate or 'unknown'})", where="trial",
+                                  hint="set [trial] channels, and [trial] rate_hz when the source has no rate")
             log.warning("agent.trial_off reason=gait.segment needs %d channels (acc xyz, gyr xyz) and a rate "
                         "(bundle has %d channels, rate_hz=%s)", GAIT_CHANNELS, channels, m.input.rate_hz)
             return None
-        return TrialBuffer(max(1, int(MAX_TRIAL_S * float(m.input.rate_hz))), channels)
+        return TrialBuffer(max(1, int(MAX_TRIAL_S * self._trial_rate)), channels)
 
     def trial_payload(self, t_s: np.ndarray, values: np.ndarray, closed_by: str) -> messages.Trial:
         """Segment one trial's samples (gait.segment) into its summary message, and log it in one line.
@@ -321,13 +369,15 @@ class Agent:
         """
         from edgekit import gait
 
-        rate = float(self.manifest.input.rate_hz or 1.0)
+        rate = float(self._trial_rate or self.manifest.input.rate_hz or 1.0)
         seq = self._next_seq()
         span = messages.TrialSpan(float(t_s[0]) if len(t_s) else None, float(t_s[-1]) if len(t_s) else None,
                                   int(len(t_s)), rate, closed_by)
         msg = messages.Trial(id=topics.result_id(self.cfg.device_id, seq), seq=seq, site=self.cfg.site,
                              device=self.cfg.device_id, ts=time.time(), model_version=self.model_version,
-                             task=self.manifest.task, trial=span)
+                             task=self.manifest.task, trial=span, participant=self.participant)
+        if self.trial_mode:
+            self._answer(msg, values, rate)
 
         def num(x: float) -> float | None:
             return float(x) if math.isfinite(x) else None
@@ -353,6 +403,32 @@ class Agent:
                  msg.walk_start_s, msg.walk_end_s, msg.turn_start_s, msg.turn_end_s, seg.steps, cadence,
                  msg.reason or "none")
         return msg
+
+    def _answer(self, msg: messages.Trial, values: np.ndarray, rate: float) -> None:
+        """A trial bundle's answer on this trial: its registry features, the models and the gate (one row,
+        Gate.decide); or `not_scored` with the reason when the features cannot be computed."""
+        from edgekit.errors import NotScored
+        from edgekit.trial_features import compute_trial_features
+
+        assert self.cfg.trial is not None
+        names = list(self.manifest.input.feature_names)
+        try:
+            raw = compute_trial_features(names, values, rate, self.cfg.trial.operator)
+        except NotScored as exc:
+            msg.not_scored = f"{exc.reason}: {exc.message}"
+            log.warning("agent.trial_not_scored id=%s reason=%s", msg.id, exc.reason)
+            return
+        out = self.models.infer(self.pre.features(raw[None]), None)
+        second = None if out.second_probs is None else out.second_probs[0]
+        d = self.gate.decide(out.probs[0], second, None if out.ood_score is None else out.ood_score[0])
+        probs = out.probs[0]
+        msg.answer = messages.TrialAnswer(
+            label=self.labels[int(probs.argmax())] if np.isfinite(probs).all() else None,
+            confidence=d.scores.get("confidence"), probs=dict(zip(self.labels, probs.tolist())),
+            decision=d.action, reasons=list(d.reasons), scores=dict(d.scores),
+            features=dict(zip(names, raw.tolist())))
+        log.info("agent.trial_answer id=%s label=%s decision=%s reasons=%s", msg.id, msg.answer.label,
+                 d.action, ",".join(d.reasons) or "none")
 
     def metrics(self) -> messages.Metrics:
         c = self.counters
@@ -381,9 +457,9 @@ class Agent:
         from edgekit.source import open_source
 
         m = self.manifest
+        rate = self.cfg.trial.rate_hz if self.cfg.trial is not None and self.trial_mode else m.input.rate_hz
         with open_source(self.cfg.source, stop=self.stop, mqtt_url=self.cfg.mqtt.url, mqtt_security=self.cfg.mqtt,
-                         channel_names=tuple(m.input.channels or ()), rate_hint=m.input.rate_hz,
-                         recording=m.input.recording) as source:
+                         channel_names=self._channels(), rate_hint=rate, recording=m.input.recording) as source:
             self.source = source
             trial = self._read(source)
         return self._finish(trial, drain_timeout_s)
@@ -395,8 +471,10 @@ class Agent:
 
         m = self.manifest
         idx = self._check_channels(tuple(source.channels))
-        windower = Windower(int(m.input.window_size), int(m.input.window_hop), len(idx), m.input.max_gap_s)
+        windower = None if self.trial_mode else Windower(int(m.input.window_size), int(m.input.window_hop),
+                                                           len(idx), m.input.max_gap_s)
         select = None if idx == list(range(len(source.channels))) else np.asarray(idx)
+        self._trial_rate = float(getattr(source, "rate_hz", 0.0) or (m.input.rate_hz or 0.0))
         trial = self._trial_buffer(len(idx))
         next_metrics = time.monotonic() + self.cfg.metrics_interval_s
         log.info("agent.start device=%s site=%s bundle=%s source=%s broker=%s", self.cfg.device_id,
@@ -413,13 +491,13 @@ class Agent:
                 continue
             if isinstance(item, SampleBlock):
                 t_s, values = item.t_s, item.values if select is None else item.values[:, select]
-                windows = windower.push_many(t_s, values)
+                windows = windower.push_many(t_s, values) if windower is not None else []
                 for a in range(0, len(windows), MAX_WINDOWS_PER_CALL):
                     self.process_many(windows[a:a + MAX_WINDOWS_PER_CALL])
             else:
                 sample = item if select is None else type(item)(item.t_s, item.values[select])
                 t_s, values = np.array([sample.t_s]), sample.values[None]
-                window = windower.push(sample)
+                window = windower.push(sample) if windower is not None else None
                 if window is not None:
                     self.process(window)
             self.counters.samples += len(t_s)

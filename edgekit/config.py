@@ -217,6 +217,23 @@ class RuntimeConfig(Strict):
     intra_op_threads: int | None = Field(None, ge=1, description="Override the profile's thread count.")
 
 
+class TrialConfig(Strict):
+    """What a trial bundle (manifest input.extractor 'trial': a table of trial features) needs from the
+    station: which of the source's channels are the lower-back IMU, and what the operator enters."""
+
+    channels: list[str] = Field(
+        min_length=6, max_length=6, description="The source's columns for acc x, y, z (m/s^2) and gyr x, y, z "
+        "(rad/s), in that order (edgekit/gait.py reads them so).")
+    rate_hz: float | None = Field(None, gt=0, description="Sample rate, when the source cannot tell it (serial, "
+                                  "MQTT single samples); replay reads it from the file's layout.")
+    operator: dict[str, float | str] = Field(
+        default_factory=dict, description="What the operator enters for the participant, by registry name "
+        "(edgekit/trial_features.py: age in years, sex F/M); only the fields the bundle's features name are used.")
+    participant: str | None = Field(
+        None, description="The participant's code; the station sends only its salted hash (edgekit/privacy.py), "
+        "never the code.")
+
+
 class AgentConfig(Strict):
     device_id: str = Field("edge-1", min_length=1, description="This device's id, used in topics and result ids.")
     site: str = Field("default", min_length=1, description="Site name, used in topics.")
@@ -226,6 +243,8 @@ class AgentConfig(Strict):
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Disk outbox.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Human hand-off.")
+    trial: TrialConfig | None = Field(None, description="For a trial bundle: the IMU channels and the operator's "
+                                      "entries; each source run is one trial.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="onnxruntime settings.")
     metrics_interval_s: float = Field(10.0, gt=0, description="How often metrics are published.")
 

@@ -36,7 +36,10 @@ def full_trial() -> m.Trial:
                    task="ipol", trial=m.TrialSpan(0.0, 20.0, 2001, 100.0, "end"), walk_start_s=2.0,
                    walk_end_s=15.0, turn_start_s=8.0, turn_end_s=9.5, steps=18, cadence_spm=104.5,
                    phase_s={"still": 2.0, "walk": 11.5}, step_times_s=[2.5, 3.1], reason="slow turn",
-                   participant=participant("AB-123"), replayed=True)
+                   participant=participant("AB-123"), replayed=True,
+                   answer=m.TrialAnswer("faller", 0.625, {"non_faller": 0.375, "faller": 0.625}, "defer",
+                                        ["low_confidence"], {"confidence": 0.625, "ood": 0.5},
+                                        {"TUG": 13.0, "steps": 18.0, "pse": 1.25}))
 
 
 CASES = {
@@ -46,7 +49,8 @@ CASES = {
     "trial": full_trial,
     "trial-error": lambda: dataclasses.replace(
         full_trial(), error="too short: 3.2 s < 4 s", walk_start_s=None, walk_end_s=None, turn_start_s=None,
-        turn_end_s=None, steps=None, cadence_spm=None, phase_s={}, step_times_s=[], reason=None),
+        turn_end_s=None, steps=None, cadence_spm=None, phase_s={}, step_times_s=[], reason=None, answer=None,
+        not_scored="too_short: needs at least 4 s of samples"),
     "status": lambda: m.Status(SITE, DEVICE, "online", 3.0, "skab@abc", 12, 1, "birth"),
     "metrics": lambda: m.Metrics(SITE, DEVICE, 4.0, 7, 2, {"windows": 9, "quarantine_reasons": {"not a number": 2},
                                                            "uptime_s": 1.5}),
@@ -106,14 +110,15 @@ def test_metrics_1_is_still_read() -> None:
 
 
 def test_trial_1_is_still_read() -> None:
-    """A trial as agents before schema /2 send it (pinned bytes): read as before, with no participant."""
+    """A trial as agents before schema /2 send it (pinned bytes): read as before, with no participant and no
+    answer."""
     old = (b'{"schema":"edgekit.trial/1","id":"pump7:000000000009","seq":9,"site":"plant1","device":"pump7",'
            b'"ts":5.5,"model_version":"g@1","task":"ipol","trial":{"start_s":0.0,"end_s":20.0,"samples":2001,'
            b'"rate_hz":100.0,"closed_by":"end"},"walk_start_s":2.0,"walk_end_s":15.0,"turn_start_s":8.0,'
            b'"turn_end_s":9.5,"steps":18,"cadence_spm":104.5,"phase_s":{"still":2.0,"walk":11.5},'
            b'"step_times_s":[2.5,3.1],"reason":"slow turn","replayed":true}')
     msg = m.parse(topics.topic(SITE, DEVICE, "trial"), old)
-    assert msg == dataclasses.replace(full_trial(), participant=None)
+    assert msg == dataclasses.replace(full_trial(), participant=None, answer=None)
     assert topics.decode(msg.encode(), "t")["schema"] == topics.SCHEMA_TRIAL == "edgekit.trial/2"
     with_one = orjson.loads(old) | {"participant": participant("AB-123")}  # /1 has no such field
     with pytest.raises(DataError, match="'participant' is not a field of edgekit.trial/1"):

@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
+from recordingfactory import CHANNELS, vibration_recordings
 
 from edgekit.recipe import load_recipe
-from recordingfactory import CHANNELS, vibration_recordings
 
 
 def init(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:

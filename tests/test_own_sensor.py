@@ -17,10 +17,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from edgekit.contract import samples as payloads
 from recordingfactory import vibration_recordings, write_recipe
 from subscriber import Subscriber
+
+from edgekit.contract import samples as payloads
 
 pytestmark = [pytest.mark.broker, pytest.mark.torch, pytest.mark.slow]
 GAP_FILE = "machine-1/run-1.csv"

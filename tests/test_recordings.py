@@ -10,12 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from recordingfactory import CHANNELS, vibration_recordings, write_recipe
 
 from edgekit.errors import DataError
 from edgekit.exporters.training.tasks import load_task
 from edgekit.recipe import load_recipe
 from edgekit.window import sliding_windows
-from recordingfactory import CHANNELS, vibration_recordings, write_recipe
 
 SIZE, HOP = 200, 100
 

@@ -274,6 +274,43 @@ class TrialSpan:
     closed_by: str
 
 
+@dataclass(frozen=True, slots=True)
+class TrialAnswer:
+    """A trial bundle's answer for one walked test: the predictor's label and probabilities on the trial's
+    registry features (edgekit/trial_features.py), the gate's decision with its reasons and scores, and the
+    features themselves, so a clinician sees what the answer stands on."""
+
+    label: str | None
+    confidence: float | None
+    probs: dict[str, float]
+    decision: Decision
+    reasons: list[str]
+    scores: dict[str, float]
+    features: dict[str, float]
+
+    KEYS = frozenset({"label", "confidence", "probs", "decision", "reasons", "scores", "features"})
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"label": self.label, "confidence": self.confidence, "probs": self.probs, "decision": self.decision,
+                "reasons": self.reasons, "scores": self.scores, "features": self.features}
+
+    @classmethod
+    def from_obj(cls, obj: dict[str, Any], schema: str) -> TrialAnswer:
+        _known(obj, cls.KEYS, f"{schema} answer")
+        decision = obj.get("decision")
+        if decision not in ("accept", "defer"):
+            raise DataError(f"answer.decision must be 'accept' or 'defer' (got {decision!r:.40})")
+        reasons = obj.get("reasons") or []
+        if not isinstance(reasons, list) or not all(isinstance(r, str) and len(r) <= 64 for r in reasons):
+            raise DataError("answer.reasons must be a list of short strings")
+        maps = {k: _object(obj, k) or {} for k in ("probs", "scores", "features")}
+        for mapping in maps.values():
+            for key in mapping:
+                _num(mapping, key)
+        return cls(label=_text(obj, "label", 64), confidence=_num(obj, "confidence"), probs=maps["probs"],
+                   decision=decision, reasons=reasons, scores=maps["scores"], features=maps["features"])
+
+
 @dataclass(slots=True)
 class Trial:
     """A gait trial's summary: walk and turn times (s from the trial's first sample), phases, steps,
@@ -282,7 +319,9 @@ class Trial:
     `participant` is the pseudonym of the person who walked it (edgekit/privacy.py), or None. Trials carry
     personal data, so their parser refuses what it does not know: a value of `participant` that is not a
     pseudonym (a name cannot travel there), and any key that is not a field (a "name" cannot travel
-    beside it). Schema /2 (topics.SCHEMA_TRIAL) added `participant`; /1 payloads are read as before."""
+    beside it). `answer` is a trial bundle's answer (TrialAnswer), or `not_scored` says why the trial could
+    not be scored (e.g. 'too_short: ...'). Schema /2 (topics.SCHEMA_TRIAL) added `participant`, `answer` and
+    `not_scored`; /1 payloads are read as before."""
 
     id: str
     seq: int
@@ -303,6 +342,8 @@ class Trial:
     step_times_s: list[float] = field(default_factory=list)
     reason: str | None = None
     participant: str | None = None
+    answer: TrialAnswer | None = None
+    not_scored: str | None = None
     replayed: bool = False
 
     SCHEMA = topics.SCHEMA_TRIAL
@@ -311,7 +352,8 @@ class Trial:
     SPAN_KEYS = frozenset({"start_s", "end_s", "samples", "rate_hz", "closed_by"})
     KEYS_V1 = frozenset({"schema", "id", "seq", "site", "device", "ts", "model_version", "task", "trial", "error",
                          *SEGMENT_KEYS, "reason", "replayed"})
-    KEYS = {topics.SCHEMA_TRIAL_V1: KEYS_V1, topics.SCHEMA_TRIAL: KEYS_V1 | {"participant"}}
+    KEYS = {topics.SCHEMA_TRIAL_V1: KEYS_V1,
+            topics.SCHEMA_TRIAL: KEYS_V1 | {"participant", "answer", "not_scored"}}
 
     def to_obj(self) -> dict[str, Any]:
         t = self.trial
@@ -327,6 +369,10 @@ class Trial:
             obj.update({k: getattr(self, k) for k in self.SEGMENT_KEYS})
             if self.reason is not None:
                 obj["reason"] = self.reason
+        if self.answer is not None:
+            obj["answer"] = self.answer.to_obj()
+        if self.not_scored is not None:
+            obj["not_scored"] = self.not_scored
         if self.replayed:
             obj["replayed"] = True
         return obj
@@ -352,6 +398,7 @@ class Trial:
                                                   for x in times):
             raise DataError(f"step_times_s must be a list of numbers (got {times!r:.80})")
         samples = _num(span, "samples", int)
+        answer = _object(obj, "answer")
         return cls(
             id=rid, seq=seq, site=site, device=device, ts=_num(obj, "ts", required=True),
             model_version=_text(obj, "model_version"), task=_text(obj, "task", 64),
@@ -361,7 +408,9 @@ class Trial:
             walk_start_s=_num(obj, "walk_start_s"), walk_end_s=_num(obj, "walk_end_s"),
             turn_start_s=_num(obj, "turn_start_s"), turn_end_s=_num(obj, "turn_end_s"), steps=steps,
             cadence_spm=_num(obj, "cadence_spm"), phase_s=phase, step_times_s=times,
-            reason=_text(obj, "reason", LONG_TEXT_MAX), participant=participant, replayed=bool(obj.get("replayed")),
+            reason=_text(obj, "reason", LONG_TEXT_MAX), participant=participant,
+            answer=None if answer is None else TrialAnswer.from_obj(answer, obj["schema"]),
+            not_scored=_text(obj, "not_scored", LONG_TEXT_MAX), replayed=bool(obj.get("replayed")),
         )
 
 
