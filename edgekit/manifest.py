@@ -234,6 +234,18 @@ class FeatureParams(_Strict):
                                  "window")
 
 
+# Input keys added after the first bundles: written only when set (InputSpec here, RunInput in run.json).
+OPTIONAL_INPUT_KEYS = ("feature_params", "units", "max_gap_s")
+
+
+def omit_absent(data: dict[str, Any], model: BaseModel, keys: tuple[str, ...]) -> dict[str, Any]:
+    """`data` (a model's serialised dict) without the `keys` whose value on `model` is None."""
+    for key in keys:
+        if getattr(model, key) is None:
+            data.pop(key, None)
+    return data
+
+
 class InputSpec(_Strict):
     kind: InputKind = Field(description="'window': a sliding window over a sample stream; "
                                              "'table': one row of precomputed values per case.")
@@ -264,11 +276,7 @@ class InputSpec(_Strict):
     def _omit_no_params(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
         # Left out rather than written as null: a bundle of an extractor without parameters (or of a table,
         # without units and gaps) stays byte for byte what it was, and an older agent still reads it.
-        data = handler(self)
-        for key in ("feature_params", "units", "max_gap_s"):
-            if getattr(self, key) is None:
-                data.pop(key, None)
-        return data
+        return omit_absent(handler(self), self, OPTIONAL_INPUT_KEYS)
 
     @model_validator(mode="after")
     def _params_fit_extractor(self) -> InputSpec:

@@ -39,7 +39,15 @@ from pydantic import (
 )
 
 from edgekit.errors import ExportError
-from edgekit.manifest import Extractor, FeatureParams, InputKind, Normalize, Recording
+from edgekit.manifest import (
+    OPTIONAL_INPUT_KEYS,
+    Extractor,
+    FeatureParams,
+    InputKind,
+    Normalize,
+    Recording,
+    omit_absent,
+)
 
 SCHEMA = "edgekit.run/1"
 RUN_FILE = "run.json"
@@ -89,11 +97,7 @@ class RunInput(_Part):
     @model_serializer(mode="wrap")
     def _omit_no_params(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
         # Left out rather than null: run.json of an extractor without parameters (a table) stays what it was.
-        data = handler(self)
-        for key in ("feature_params", "units", "max_gap_s"):
-            if getattr(self, key) is None:
-                data.pop(key, None)
-        return data
+        return omit_absent(handler(self), self, OPTIONAL_INPUT_KEYS)
 
 
 class Imputation(_Part):
