@@ -535,7 +535,7 @@ def bench(bundle: Path, rounds: int, json_out: Path | None) -> None:
 
 
 @main.command("eval")
-@click.argument("name", type=click.Choice(["skab", "fall-screening", "ipol", "deferral"]))
+@click.argument("name", type=click.Choice(["skab", "fall-screening", "ipol", "deferral", "trials"]))
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
               help="Where the plot (PNG) goes [default: STATE_DIR/eval/NAME.png, STATE_DIR being "
@@ -550,7 +550,10 @@ def evaluate(name: str, json_out: Path | None, plot_out: Path | None) -> None:
     plot_out = plot_out or state_dir() / "eval" / f"{name}.png"
     result = EVALUATIONS[name](json_out, plot_out, progress=True)
     click.echo(TABLES[name](result))
-    click.echo(f"plot: {plot_out}" + (f", json: {json_out}" if json_out else ""))
+    written = [f"plot: {plot_out}"] if plot_out.is_file() else []  # `trials` is a table of counts, no plot
+    written += [f"json: {json_out}"] if json_out else []
+    if written:
+        click.echo(", ".join(written))
 
 
 if __name__ == "__main__":  # pragma: no cover

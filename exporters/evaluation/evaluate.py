@@ -2,7 +2,7 @@
 
 EVALUATIONS maps each name to `run_<name>(json_out, plot_out, progress) -> dict`; TABLES maps it to the
 plain-text table the README shows unedited. The metrics are edgekit.exporters.metrics'; this module only
-runs the evaluations (skab, fall_screening, ipol, deferral), which never import it back.
+runs the evaluations (skab, fall_screening, ipol, deferral, trials), which never import it back.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from . import deferral, fall_screening, ipol, skab
+from . import deferral, fall_screening, ipol, skab, trials
 
 log = logging.getLogger(__name__)
 
@@ -90,11 +90,18 @@ def run_deferral(json_out: Path | None, plot_out: Path | None, progress: bool = 
     return result
 
 
+def run_trials(json_out: Path | None, plot_out: Path | None, progress: bool = True) -> dict[str, Any]:
+    result = trials.evaluate(progress=progress)  # a table of counts: no plot
+    write_json(result, json_out)
+    return result
+
+
 EVALUATIONS: dict[str, Callable[[Path | None, Path | None, bool], dict[str, Any]]] = {
     "skab": run_skab,
     "fall-screening": run_fall,
     "ipol": run_ipol,
     "deferral": run_deferral,
+    "trials": run_trials,
 }
 
 
@@ -103,4 +110,5 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "fall-screening": fall_screening.table,
     "ipol": ipol.table,
     "deferral": deferral.table,
+    "trials": trials.table,
 }
