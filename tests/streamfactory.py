@@ -139,3 +139,24 @@ def write_csv(path: Path, values: np.ndarray, columns: tuple[str, ...] = CHANNEL
         cells = [[repr(float(t)), *row] for t, row in zip(t_s, cells)]
     path.write_text(",".join(columns) + "\n" + "\n".join(",".join(row) for row in cells) + "\n")
     return path
+
+
+class Gateway:
+    """A sensor gateway: a paho client publishing QoS 1 to `topic` (the MQTT source's tests and the own-sensor
+    test stream recordings through it)."""
+
+    def __init__(self, port: int, topic: str, client_id: str = "test-gateway") -> None:
+        import paho.mqtt.client as mqtt
+
+        self.topic = topic
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def publish(self, *items: bytes) -> None:
+        for payload in items:
+            self.client.publish(self.topic, payload, qos=1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()

@@ -58,7 +58,20 @@ def test_coverage_risk_curve_ties_accepted_together() -> None:
 
 
 def test_registry_has_a_table_for_every_evaluation() -> None:
-    assert set(evaluate.EVALUATIONS) == set(evaluate.TABLES) == {"skab", "fall-screening", "ipol", "deferral"}
+    assert set(evaluate.EVALUATIONS) == set(evaluate.TABLES) == {"skab", "fall-screening", "ipol", "deferral", "trials"}
+    from edgekit.cli import evaluate as eval_cmd
+
+    assert set(eval_cmd.params[0].type.choices) == set(evaluate.EVALUATIONS)  # `edgekit eval NAME` offers them all
+
+
+def test_trials_table_counts_each_bundle() -> None:
+    result = {"trials": 3, "bundles": {"b": {"answered": 2, "accepted": 1, "deferred": 1,
+                                              "not_scored": {"too_short": 1}, "defer_reasons": {"ood": 1},
+                                              "labels": {"x": 2}}}}
+    text = evaluate.TABLES["trials"](result)
+    assert "IPOL, 3 trials" in text
+    assert text.splitlines()[2].split()[:5] == ["b", "2", "1", "1", "1"]
+    assert "not scored: {'too_short': 1}" in text
 
 
 def test_json_drops_big_arrays_and_non_finite(tmp_path) -> None:

@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 import orjson
-import paho.mqtt.client as mqtt
 import pytest
-from streamfactory import recording, write_csv
+from streamfactory import Gateway, recording, write_csv
 
 from edgekit.agent import Agent
 from edgekit.config import AgentConfig, validate
@@ -90,23 +89,6 @@ def replay_config(bundle: Path, path: Path, outbox: Path) -> AgentConfig:
         "source": {"kind": "replay", "path": str(path), "speed": 0},
         "mqtt": {"url": None}, "outbox": {"path": str(outbox)}, "runtime": {"intra_op_threads": 1},
     }, "tests/test_mqtt_blocks.py")
-
-
-class Gateway:
-    """A sensor gateway: a paho client publishing QoS 1 to TOPIC."""
-
-    def __init__(self, port: int) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-gateway")
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def publish(self, *items: bytes) -> None:
-        for payload in items:
-            self.client.publish(TOPIC, payload, qos=1).wait_for_publish(5)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 class Running:
@@ -195,7 +177,7 @@ def test_blocks_through_mosquitto_give_the_results_of_the_replayed_samples(
     with Agent(replay_config(stream_bundle, write_csv(tmp_path / "rec.csv", values), tmp_path / "replay.db")) as agent:
         replayed = agent.run()
     running = Running(mqtt_config(stream_bundle, mosquitto.url, tmp_path / "mqtt.db"))
-    gateway = Gateway(mosquitto.port)
+    gateway = Gateway(mosquitto.port, TOPIC)
     try:
         gateway.publish(*blocks(values, 100, how))
         agent = running.finish(len(values))
@@ -237,7 +219,7 @@ def test_bad_blocks_are_quarantined_naming_the_topic_and_the_stream_goes_on(
     }
     caplog.set_level(logging.WARNING, logger="edgekit.agent")
     running = Running(mqtt_config(stream_bundle, mosquitto.url, tmp_path / "o.db"))
-    gateway = Gateway(mosquitto.port)
+    gateway = Gateway(mosquitto.port, TOPIC)
     try:
         gateway.publish(*good[:12])
         gateway.publish(*(p for ps in bad.values() for p in ps))

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from recordingfactory import vibration_recordings, write_recipe
+from streamfactory import Gateway
 from subscriber import Subscriber
 
 from edgekit.contract import samples as payloads
@@ -84,10 +85,9 @@ def test_replay_and_mqtt_blocks_give_the_same_answers(bundle: Path, mosquitto, t
             assert sub.wait_for(lambda: any(t.endswith("/vib-mqtt/status") for t, _ in sub.messages), 30)
             time.sleep(0.5)  # the status is sent on connect; the source subscribes right after
             t, values = read_recording(recording)
-            gateway = Subscriber(mosquitto.port, client_id="gateway", topic="gateway/none")
-            for payload in binary_blocks(t, values):
-                gateway.client.publish(TOPIC, payload, qos=1).wait_for_publish(5)
-            gateway.client.disconnect()
+            gateway = Gateway(mosquitto.port, TOPIC)
+            gateway.publish(*binary_blocks(t, values))
+            gateway.close()
             assert sub.wait_for(lambda: len([r for r in sub.results() if r["device"] == "vib-mqtt"]) >= expected, 60)
         finally:
             agent.send_signal(signal.SIGTERM)

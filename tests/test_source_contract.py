@@ -17,9 +17,8 @@ from typing import Any
 
 import numpy as np
 import orjson
-import paho.mqtt.client as mqtt
 import pytest
-from streamfactory import CHANNELS, recording, write_csv
+from streamfactory import CHANNELS, Gateway, recording, write_csv
 
 from edgekit.agent import Agent
 from edgekit.config import AgentConfig, MqttSource, ReplaySource, SerialSource, validate
@@ -250,21 +249,6 @@ def test_serial_maps_named_channels_and_defaults_its_rate_to_the_bundle(caplog: 
 # --- mqtt through a real mosquitto --------------------------------------------------------------------------
 
 
-class Gateway:
-    def __init__(self, port: int) -> None:
-        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="test-gateway")
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def publish(self, *items: bytes) -> None:
-        for payload in items:
-            self.client.publish(TOPIC, payload, qos=1).wait_for_publish(5)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
 def run_mqtt_agent(bundle: Path, url: str, tmp_path: Path, publish: list[bytes], *, until_samples: int,
                    **source: Any) -> tuple[Agent, BaseException | None]:
     """Agent.run on the mqtt source in a thread; `publish` once it subscribed; stop at `until_samples`."""
@@ -285,7 +269,7 @@ def run_mqtt_agent(bundle: Path, url: str, tmp_path: Path, publish: list[bytes],
         while agent.source is None and time.monotonic() < deadline:
             time.sleep(0.01)
         assert agent.source is not None and agent.source.subscribed.wait(10)
-        gateway = Gateway(int(url.rsplit(":", 1)[1]))
+        gateway = Gateway(int(url.rsplit(":", 1)[1]), TOPIC)
         try:
             gateway.publish(*publish)
         finally:
@@ -373,7 +357,7 @@ def test_mqtt_maps_named_channels_of_blocks(mosquitto) -> None:
     received: list[Any] = []
     with src:
         assert src.subscribed.wait(10)
-        gateway = Gateway(mosquitto.port)
+        gateway = Gateway(mosquitto.port, TOPIC)
         try:
             gateway.publish(payloads.encode_binary(5.0, RATE, sent),  # the declared order
                             payloads.encode_json_block(5.002, sent[:, [3, 2, 1]], channels=["ax", "ay", "az"]),
