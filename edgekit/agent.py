@@ -42,7 +42,8 @@ log = logging.getLogger(__name__)
 SEQ_BLOCK = 1024  # result sequence numbers reserved per outbox write (a gap after restart is harmless)
 # Windows per process_many call when a source block completes many: past ~64 the per-window cost stops
 # falling (bench/README.md: edge path 267 -> 70 -> 48 us at 1, 8, 64 windows), and this bounds one outbox
-# transaction (skab: a 722-byte result and a 7.2 KB review per deferred window, <= 2 MB at 256 windows).
+# transaction (8 channels, 104 features: a 722-byte result and a 7.2 KB review per deferred window, <= 2 MB at
+# 256 windows).
 MAX_WINDOWS_PER_CALL = 256
 # Longest trial kept for gait.segment (issue 3: still / walk / turn, steps, cadence of a TUG-like trial).
 # A TUG takes 7-30 s; 300 s at 100 Hz is 30k rows x 6 channels (1.4 MB). A longer stream (a live source)
@@ -376,8 +377,6 @@ class Agent:
         msg = messages.Trial(id=topics.result_id(self.cfg.device_id, seq), seq=seq, site=self.cfg.site,
                              device=self.cfg.device_id, ts=time.time(), model_version=self.model_version,
                              task=self.manifest.task, trial=span, participant=self.participant)
-        if self.trial_mode:
-            self._answer(msg, values, rate)
 
         def num(x: float) -> float | None:
             return float(x) if math.isfinite(x) else None
@@ -387,7 +386,11 @@ class Agent:
         except ValueError as exc:
             msg.error = str(exc)
             log.warning("agent.trial id=%s samples=%d closed_by=%s error=%s", msg.id, len(t_s), closed_by, exc)
+            if self.trial_mode:
+                self._answer(msg, values, rate, None)  # not scored, with the registry's reason
             return msg
+        if self.trial_mode:
+            self._answer(msg, values, rate, seg)
         msg.walk_start_s, msg.walk_end_s = num(seg.walk_start_s), num(seg.walk_end_s)
         msg.turn_start_s, msg.turn_end_s = num(seg.turn_start_s), num(seg.turn_end_s)
         msg.steps, msg.cadence_spm = seg.steps, num(seg.cadence_spm)
@@ -404,16 +407,17 @@ class Agent:
                  msg.reason or "none")
         return msg
 
-    def _answer(self, msg: messages.Trial, values: np.ndarray, rate: float) -> None:
-        """A trial bundle's answer on this trial: its registry features, the models and the gate (one row,
-        Gate.decide); or `not_scored` with the reason when the features cannot be computed."""
+    def _answer(self, msg: messages.Trial, values: np.ndarray, rate: float, seg: Any) -> None:
+        """A trial bundle's answer on this trial: its registry features (on the summary's segmentation `seg`,
+        not a second one), the models and the gate (one row, Gate.decide); or `not_scored` with the reason
+        when the features cannot be computed."""
         from edgekit.errors import NotScored
         from edgekit.trial_features import compute_trial_features
 
         assert self.cfg.trial is not None
         names = list(self.manifest.input.feature_names)
         try:
-            raw = compute_trial_features(names, values, rate, self.cfg.trial.operator)
+            raw = compute_trial_features(names, values, rate, self.cfg.trial.operator, seg)
         except NotScored as exc:
             msg.not_scored = f"{exc.reason}: {exc.message}"
             log.warning("agent.trial_not_scored id=%s reason=%s", msg.id, exc.reason)

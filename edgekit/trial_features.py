@@ -54,7 +54,8 @@ class TrialInput:
     """One trial's signal and the operator's entries; the segmentation and the spectral features are
     computed at most once, on first use, and shared by every feature that needs them."""
 
-    def __init__(self, values: np.ndarray, rate_hz: float, operator: Mapping[str, OperatorValue] | None) -> None:
+    def __init__(self, values: np.ndarray, rate_hz: float, operator: Mapping[str, OperatorValue] | None,
+                 segmented: Segmentation | None = None) -> None:
         values = np.asarray(values, dtype=np.float64)
         if values.ndim != 2 or values.shape[1] != 6:
             raise ValueError(f"values must have shape (T, 6) acc xyz (m/s^2) + gyr xyz (rad/s) (got {values.shape})")
@@ -63,6 +64,7 @@ class TrialInput:
         self.values = values
         self.rate_hz = float(rate_hz)
         self.operator = dict(operator or {})
+        self._segmented = segmented  # gait.segment of these values, when the caller ran it already
 
     @property
     def duration_s(self) -> float:
@@ -77,7 +79,7 @@ class TrialInput:
         if not np.all(np.isfinite(self.values)):
             raise NotScored("the trial's signal holds NaN or infinity", reason="non_finite")
         try:
-            seg = segment(self.values, self.rate_hz)
+            seg = self._segmented if self._segmented is not None else segment(self.values, self.rate_hz)
         except ValueError as exc:  # e.g. an all-zero accelerometer: no gravity to find the vertical
             raise NotScored(str(exc), reason="unsegmentable") from None
         if not math.isfinite(seg.walk_start_s):
@@ -238,17 +240,19 @@ def check_names(names: Sequence[str]) -> None:
 
 
 def compute_trial_features(names: Sequence[str], values: np.ndarray, rate_hz: float,
-                           operator: Mapping[str, OperatorValue] | None = None) -> np.ndarray:
+                           operator: Mapping[str, OperatorValue] | None = None,
+                           segmented: Segmentation | None = None) -> np.ndarray:
     """The features `names` (registry names) of one trial, float64 in that order.
 
     `values` (T, 6): acc xyz (m/s^2) and gyr xyz (rad/s) of the whole trial at `rate_hz`. `operator`: what
     the operator entered (age, sex), needed only when a name's source is "operator". ConfigError for a name
     not in REGISTRY; DataError for a missing or unusable operator entry; NotScored (a DataError with
     `.reason`: too_short, non_finite, unsegmentable, no_walk, no_turn) for a trial the features cannot be
-    computed on, naming the feature. gait.segment runs at most once, and only when a signal feature is named.
+    computed on, naming the feature. gait.segment runs at most once, and only when a signal feature is named;
+    `segmented` is its result on these values when the caller (the agent's trial summary) ran it already.
     """
     check_names(names)
-    trial = TrialInput(values, rate_hz, operator)
+    trial = TrialInput(values, rate_hz, operator, segmented)
     out = np.empty(len(names), dtype=np.float64)
     for i, name in enumerate(names):
         try:
