@@ -130,10 +130,27 @@ def _cells(path: Path, first_line: int, delimiter: str) -> tuple[list[list[str]]
     return rows, linenos
 
 
+def _clean(rows: list[list[str]], linenos: list[int], lay: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """(values, time) of a file whose every line is a sample, converted in one go; None when any line is
+    not (then `_samples` goes line by line and names it)."""
+    if any(len(row) != lay.ncols for row in rows):
+        return None
+    try:
+        values = np.array([[row[c] for c in lay.value_cols] for row in rows], dtype=np.float64)
+        t = ((np.asarray(linenos, dtype=np.float64) - lay.first_line) / lay.rate_hz if lay.time_col is None
+             else np.array([lay.stamp(row[lay.time_col]) for row in rows], dtype=np.float64))
+    except (ValueError, LineRejected):
+        return None
+    return (values, t) if np.isfinite(values).all() and np.isfinite(t).all() else None
+
+
 def _samples(path: Path, rows: list[list[str]], linenos: list[int], lay: Any, names: tuple[str, ...],
              problems: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(values (n, C), time (n,), kept row indices): lines with a bad cell or stamp are dropped, one
     problem line each (the first 5 of a file, then a count)."""
+    clean = _clean(rows, linenos, lay) if rows else None
+    if clean is not None:
+        return _advancing(path, clean[0], clean[1], np.arange(len(rows)), linenos, problems)
     values = np.full((len(rows), len(names)), np.nan)
     t = np.full(len(rows), np.nan)
     bad = 0
@@ -157,13 +174,17 @@ def _samples(path: Path, rows: list[list[str]], linenos: list[int], lay: Any, na
     if bad > 5:
         problems.append(f"{path}: {bad - 5} more lines dropped")
     keep = np.flatnonzero(np.isfinite(values).all(axis=1) & np.isfinite(t))
-    # a stamp that does not advance past every earlier one is dropped, as the agent's replay quarantines it
-    ahead = t[keep] > np.concatenate(([-np.inf], np.maximum.accumulate(t[keep])[:-1]))
+    return _advancing(path, values[keep], t[keep], keep, linenos, problems)
+
+
+def _advancing(path: Path, values: np.ndarray, t: np.ndarray, keep: np.ndarray, linenos: list[int],
+               problems: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows whose stamp advances past every earlier one (the agent's replay quarantines the others)."""
+    ahead = t > np.concatenate(([-np.inf], np.maximum.accumulate(t)[:-1]))
     if not ahead.all():
         first = int(keep[np.flatnonzero(~ahead)[0]])
         problems.append(f"{path}:{linenos[first]}: time does not advance ({int((~ahead).sum())} lines dropped)")
-        keep = keep[ahead]
-    return values[keep], t[keep], keep
+    return values[ahead], t[ahead], keep[ahead]
 
 
 def _segments(t: np.ndarray, max_gap_s: float) -> list[int]:
