@@ -622,7 +622,7 @@ def tug_frequency_features(acc: np.ndarray, rate_hz: float, *, cutoff_hz: float 
     Followed: P. Bet, P. C. Castro, M. A. Ponti, "Foreseeing future falls with accelerometer features in
     active community-dwelling older persons with no recent history of falls", Exp. Gerontology 143, 2021,
     and the definitions in the authors' published `gaitAnalysis.py` (`data_features`, MIT licence; its
-    README ships in ../shared/datasets/fall_screening/). Steps, on the magnitude sqrt(x^2+y^2+z^2):
+    README ships with the study's data). Steps, on the magnitude sqrt(x^2+y^2+z^2):
 
     1. low-pass Butterworth, order 3, cut-off 3.667 Hz (the study ran scipy `lfilter` at fs = 100 Hz);
     2. power spectrum |FFT|^2 of the whole signal (DC kept), bins are FFT indices (so they depend on the

@@ -97,7 +97,7 @@ class Outputs:
 class _Bound:
     """One session's single-window run through IO binding: input and output stay in buffers bound once,
     so a run skips building an input tensor and allocating the output: a tiny model's run took ~10-13 us
-    instead of 13-35 us through `session.run` here (skab bench bundle). Batches, whose shapes vary, use
+    instead of 13-35 us through `session.run` here (bench/latency.py's 8-channel MLP bundle). Batches, whose shapes vary, use
     `session.run`."""
 
     def __init__(self, sess: Any, input_name: str, output_name: str, inp: np.ndarray) -> None:

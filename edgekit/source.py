@@ -363,7 +363,7 @@ class BaseReader:
 
 _EPOCH = datetime(1970, 1, 1)
 RAW_CHARS = 500  # a quarantined line is kept (and logged) up to this length
-# A recorded line longer than this is not a sample (the widest real one, an IPOL line, is ~200 characters):
+# A recorded line longer than this is not a sample (the widest real one, a 10-column IMU export's, is ~200 characters):
 # it is quarantined and skipped without holding it in memory (a binary file may have no newline at all).
 MAX_LINE_CHARS = 65536
 _CHUNK_LINES = 2048
