@@ -31,12 +31,11 @@ import numpy as np
 from edgekit.config import ReplaySource
 from edgekit.errors import DataError
 from edgekit.recipe import FileSet, Recipe
-from edgekit.source import LineRejected, ReplayReader
+from edgekit.source import LineRejected, ReplayReader, rate_differs
 from edgekit.window import sample_rate
 
 log = logging.getLogger(__name__)
 
-RATE_TOLERANCE = 0.01  # files whose rate differs from the first file's by more than 1 % are skipped
 GAP_PERIODS = 3.0  # default data.max_gap_s: this many sample periods
 
 
@@ -220,7 +219,7 @@ def read_part(ctx: Context, path: Path, label: str | None = None) -> Part | None
     rate = lay.rate_hz
     if d.layout.time_column and d.layout.rate_hz is None:  # the whole file's steps, not the head's median
         rate = float(f"{sample_rate(t) or rate:.6g}")  # stamps resolve ~1e-6: more digits are noise
-    if rate_hz is not None and abs(rate - rate_hz) > RATE_TOLERANCE * rate_hz:
+    if rate_hz is not None and rate_differs(rate, rate_hz):  # the tolerance the agent holds sources to
         problems.append(f"{path}: rate {rate:.6g} Hz, the first file's is {rate_hz:.6g} Hz (file skipped; "
                         "one bundle takes one rate)")
         return None
