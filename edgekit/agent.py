@@ -52,6 +52,9 @@ MAX_WINDOWS_PER_CALL = 256
 MAX_TRIAL_S = 300.0
 FULL = "max_duration"  # closed_by of a trial cut at MAX_TRIAL_S
 GAIT_CHANNELS = 6  # gait.segment reads acc xyz (m/s^2) then gyr xyz (rad/s)
+# Points per channel of a referred or deferred trial's signal: a 30 s TUG at 100 Hz in 0.075 s blocks, enough
+# to see each step (~0.5 s) on the clinician's plot; 6 x 400 numbers are ~17 KB of JSON.
+TRIAL_POINTS = 400
 
 
 @dataclass
@@ -388,9 +391,11 @@ class Agent:
             log.warning("agent.trial id=%s samples=%d closed_by=%s error=%s", msg.id, len(t_s), closed_by, exc)
             if self.trial_mode:
                 self._answer(msg, values, rate, None)  # not scored, with the registry's reason
+                self._attach_signal(msg, values)
             return msg
         if self.trial_mode:
             self._answer(msg, values, rate, seg)
+            self._attach_signal(msg, values)
         msg.walk_start_s, msg.walk_end_s = num(seg.walk_start_s), num(seg.walk_end_s)
         msg.turn_start_s, msg.turn_end_s = num(seg.turn_start_s), num(seg.turn_end_s)
         msg.steps, msg.cadence_spm = seg.steps, num(seg.cadence_spm)
@@ -407,11 +412,22 @@ class Agent:
                  msg.reason or "none")
         return msg
 
+    def _attach_signal(self, msg: messages.Trial, values: np.ndarray) -> None:
+        """The whole trial, downsampled to TRIAL_POINTS per channel, on a referral (an answer other than the
+        normal label), a deferred answer or a trial not scored: what the clinician opens."""
+        a = msg.answer
+        if a is not None and a.decision == "accept" and a.label == self.manifest.normal_label:
+            return
+        assert self.cfg.trial is not None
+        msg.signal = messages.Signal(list(self.cfg.trial.channels), msg.trial.rate_hz, msg.trial.start_s,
+                                     _downsample(values, TRIAL_POINTS) if len(values) else [])
+
     def _answer(self, msg: messages.Trial, values: np.ndarray, rate: float, seg: Any) -> None:
         """A trial bundle's answer on this trial: its registry features (on the summary's segmentation `seg`,
         not a second one), the models and the gate (one row, Gate.decide); or `not_scored` with the reason
         when the features cannot be computed."""
         from edgekit.errors import NotScored
+        from edgekit.population import percentiles
         from edgekit.trial_features import compute_trial_features
 
         assert self.cfg.trial is not None
@@ -426,11 +442,12 @@ class Agent:
         second = None if out.second_probs is None else out.second_probs[0]
         d = self.gate.decide(out.probs[0], second, None if out.ood_score is None else out.ood_score[0])
         probs = out.probs[0]
+        features = dict(zip(names, raw.tolist()))
         msg.answer = messages.TrialAnswer(
             label=self.labels[int(probs.argmax())] if np.isfinite(probs).all() else None,
             confidence=d.scores.get("confidence"), probs=dict(zip(self.labels, probs.tolist())),
             decision=d.action, reasons=list(d.reasons), scores=dict(d.scores),
-            features=dict(zip(names, raw.tolist())))
+            features=features, percentiles=percentiles(self.manifest.population, features))
         log.info("agent.trial_answer id=%s label=%s decision=%s reasons=%s", msg.id, msg.answer.label,
                  d.action, ",".join(d.reasons) or "none")
 

@@ -307,6 +307,14 @@ class InputSpec(_Strict):
         return self
 
 
+class Population(_Strict):
+    probs: list[float] = Field(description="Percentiles (0-100) at which `quantiles` are given.")
+    n: int = Field(ge=0, description="Training cases the quantiles come from.")
+    quantiles: dict[str, list[float]] = Field(
+        description="Feature name -> its training-split values (raw, before normalisation) at `probs`; read by "
+                    "edgekit/population.py to place a case's features in the training population.")
+
+
 class Stats(_Strict):
     mean: list[float] = Field(description="Per-feature (or per-channel) mean subtracted before the model.")
     std: list[float] = Field(description="Per-feature (or per-channel) std divided by after the mean.")
@@ -380,6 +388,14 @@ class Manifest(_Strict):
     parity: dict[str, Any] = Field(description="Summary of parity.json: per model pass/fail and metrics.")
     files: dict[str, str] = Field(description="Relative path -> sha256 of every file except manifest.json "
                                   "and manifest.sig.")
+    population: Population | None = Field(
+        None, description="The training population's feature quantiles (percentiles of a case on the review "
+                          "pages and in trial answers); absent in bundles exported before it.")
+
+    @model_serializer(mode="wrap")
+    def _omit_no_population(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+                            ) -> dict[str, Any]:
+        return omit_absent(handler(self), self, ("population",))
 
     def model_path(self, bundle: Path, role: str) -> Path:
         """The ONNX file the agent runs for `role`, as a path inside `bundle`."""

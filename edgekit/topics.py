@@ -42,10 +42,12 @@ SCHEMA_METRICS_V1 = "edgekit.metrics/1"
 # /2 (issue 13): a trial may carry "participant", a pseudonym. A /1 hub ignored keys it did not know, so it
 # would store such a trial without its pseudonym, out of reach of export and delete by pseudonym; it refuses
 # /2 as a bad payload instead (upgrade the hub first). The hub reads both; /1 never carries a participant.
-SCHEMA_TRIAL = "edgekit.trial/2"
+# /3: the trial's downsampled signal and the answer's feature percentiles (a /2 hub refuses them the same way).
+SCHEMA_TRIAL = "edgekit.trial/3"
+SCHEMA_TRIAL_V2 = "edgekit.trial/2"
 SCHEMA_TRIAL_V1 = "edgekit.trial/1"
 SCHEMAS = {SCHEMA_RESULT, SCHEMA_RESULT_BATCH, SCHEMA_REVIEW, SCHEMA_STATUS, SCHEMA_METRICS, SCHEMA_METRICS_V1,
-           SCHEMA_TRIAL, SCHEMA_TRIAL_V1}
+           SCHEMA_TRIAL, SCHEMA_TRIAL_V2, SCHEMA_TRIAL_V1}
 
 COMMAND = "command"
 

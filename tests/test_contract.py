@@ -39,7 +39,8 @@ def full_trial() -> m.Trial:
                    participant=participant("AB-123"), replayed=True,
                    answer=m.TrialAnswer("faller", 0.625, {"non_faller": 0.375, "faller": 0.625}, "defer",
                                         ["low_confidence"], {"confidence": 0.625, "ood": 0.5},
-                                        {"TUG": 13.0, "steps": 18.0, "pse": 1.25}))
+                                        {"TUG": 13.0, "steps": 18.0, "pse": 1.25}, {"TUG": 96.5, "steps": 40.0}),
+                   signal=m.Signal(["ax", "ay"], 100.0, 0.0, [[9.5, 9.75], [0.25, None]]))
 
 
 CASES = {
@@ -118,11 +119,25 @@ def test_trial_1_is_still_read() -> None:
            b'"turn_end_s":9.5,"steps":18,"cadence_spm":104.5,"phase_s":{"still":2.0,"walk":11.5},'
            b'"step_times_s":[2.5,3.1],"reason":"slow turn","replayed":true}')
     msg = m.parse(topics.topic(SITE, DEVICE, "trial"), old)
-    assert msg == dataclasses.replace(full_trial(), participant=None, answer=None)
-    assert topics.decode(msg.encode(), "t")["schema"] == topics.SCHEMA_TRIAL == "edgekit.trial/2"
+    assert msg == dataclasses.replace(full_trial(), participant=None, answer=None, signal=None)
+    assert topics.decode(msg.encode(), "t")["schema"] == topics.SCHEMA_TRIAL == "edgekit.trial/3"
     with_one = orjson.loads(old) | {"participant": participant("AB-123")}  # /1 has no such field
     with pytest.raises(DataError, match="'participant' is not a field of edgekit.trial/1"):
         m.parse(topics.topic(SITE, DEVICE, "trial"), orjson.dumps(with_one))
+
+
+def test_trial_2_is_still_read_and_refuses_what_came_with_3() -> None:
+    """A /2 trial (participant and answer, no signal, no percentiles) reads as before; the fields /3 added are
+    not fields of /2."""
+    obj = full_trial().to_obj() | {"schema": topics.SCHEMA_TRIAL_V2}
+    del obj["signal"], obj["answer"]["percentiles"]
+    msg = m.parse(topics.topic(SITE, DEVICE, "trial"), orjson.dumps(obj))
+    assert isinstance(msg, m.Trial) and msg.signal is None and msg.answer is not None
+    assert msg.answer.percentiles == {} and msg.answer.features == full_trial().answer.features
+    for extra, where in ((obj | {"signal": full_trial().to_obj()["signal"]}, "edgekit.trial/2"),
+                         (obj | {"answer": obj["answer"] | {"percentiles": {}}}, "edgekit.trial/2 answer")):
+        with pytest.raises(DataError, match=f"is not a field of {where}"):
+            m.parse(topics.topic(SITE, DEVICE, "trial"), orjson.dumps(extra))
 
 
 @pytest.mark.parametrize("value", ["Jane Doe", "AB-123", "AB123", "p-0123456789ABCDEF", "p-0123456789abcde",
@@ -148,7 +163,7 @@ def test_a_trial_with_a_key_the_contract_does_not_know_is_refused_naming_the_key
     carries personal data, so a key that is not a field is refused, and the error names the key."""
     obj = trial(DEVICE, 3, site=SITE, participant=participant("AB-123")).to_obj()
     (obj if where == "top" else obj["trial"])[key] = "Jane Doe"
-    with pytest.raises(DataError, match=f"'{key}' is not a field of edgekit.trial/2") as err:
+    with pytest.raises(DataError, match=f"'{key}' is not a field of edgekit.trial/3") as err:
         m.parse(topics.topic(SITE, DEVICE, "trial"), orjson.dumps(obj))
     assert "Jane" not in str(err.value)
 

@@ -177,6 +177,18 @@ class Signal:
     start_s: float | None
     points: list[list[float | None]]
 
+    def to_obj(self) -> dict[str, Any]:
+        return {"channels": self.channels, "rate_hz": self.rate_hz, "start_s": self.start_s, "points": self.points}
+
+    @classmethod
+    def from_obj(cls, signal: Any) -> Signal:
+        if not isinstance(signal, dict) or not isinstance(signal.get("points"), list):
+            raise DataError("signal must be an object with points")
+        channels = signal.get("channels") or []
+        if not isinstance(channels, list):
+            raise DataError(f"signal.channels must be a list (got {channels!r:.80})")
+        return cls(channels, _num(signal, "rate_hz"), _num(signal, "start_s"), signal["points"])
+
 
 @dataclass(slots=True)
 class Review:
@@ -200,8 +212,7 @@ class Review:
         obj = self.result.to_obj()
         obj["schema"] = self.SCHEMA
         obj["features"] = self.features
-        obj["signal"] = {"channels": self.signal.channels, "rate_hz": self.signal.rate_hz,
-                         "start_s": self.signal.start_s, "points": self.signal.points}
+        obj["signal"] = self.signal.to_obj()
         return obj
 
     def encode(self) -> bytes:
@@ -213,13 +224,7 @@ class Review:
         features, signal = obj.get("features"), obj.get("signal")
         if not isinstance(features, dict):
             raise DataError(f"features must be an object (got {features!r:.80})")
-        if not isinstance(signal, dict) or not isinstance(signal.get("points"), list):
-            raise DataError("signal must be an object with points")
-        channels = signal.get("channels") or []
-        if not isinstance(channels, list):
-            raise DataError(f"signal.channels must be a list (got {channels!r:.80})")
-        return cls(result, features, Signal(channels, _num(signal, "rate_hz"), _num(signal, "start_s"),
-                                            signal["points"]))
+        return cls(result, features, Signal.from_obj(signal))
 
 
 @dataclass(slots=True)
@@ -278,7 +283,9 @@ class TrialSpan:
 class TrialAnswer:
     """A trial bundle's answer for one walked test: the predictor's label and probabilities on the trial's
     registry features (edgekit/trial_features.py), the gate's decision with its reasons and scores, and the
-    features themselves, so a clinician sees what the answer stands on."""
+    features themselves, so a clinician sees what the answer stands on; `percentiles` places each feature in
+    the bundle's training population (0-100, edgekit/population.py; empty when the bundle has none).
+    Schema /3 added `percentiles`."""
 
     label: str | None
     confidence: float | None
@@ -287,28 +294,32 @@ class TrialAnswer:
     reasons: list[str]
     scores: dict[str, float]
     features: dict[str, float]
+    percentiles: dict[str, float] = field(default_factory=dict)
 
-    KEYS = frozenset({"label", "confidence", "probs", "decision", "reasons", "scores", "features"})
+    KEYS_V2 = frozenset({"label", "confidence", "probs", "decision", "reasons", "scores", "features"})
+    KEYS = KEYS_V2 | {"percentiles"}
 
     def to_obj(self) -> dict[str, Any]:
         return {"label": self.label, "confidence": self.confidence, "probs": self.probs, "decision": self.decision,
-                "reasons": self.reasons, "scores": self.scores, "features": self.features}
+                "reasons": self.reasons, "scores": self.scores, "features": self.features,
+                "percentiles": self.percentiles}
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any], schema: str) -> TrialAnswer:
-        _known(obj, cls.KEYS, f"{schema} answer")
+        _known(obj, cls.KEYS_V2 if schema == topics.SCHEMA_TRIAL_V2 else cls.KEYS, f"{schema} answer")
         decision = obj.get("decision")
         if decision not in ("accept", "defer"):
             raise DataError(f"answer.decision must be 'accept' or 'defer' (got {decision!r:.40})")
         reasons = obj.get("reasons") or []
         if not isinstance(reasons, list) or not all(isinstance(r, str) and len(r) <= 64 for r in reasons):
             raise DataError("answer.reasons must be a list of short strings")
-        maps = {k: _object(obj, k) or {} for k in ("probs", "scores", "features")}
+        maps = {k: _object(obj, k) or {} for k in ("probs", "scores", "features", "percentiles")}
         for mapping in maps.values():
             for key in mapping:
                 _num(mapping, key)
         return cls(label=_text(obj, "label", 64), confidence=_num(obj, "confidence"), probs=maps["probs"],
-                   decision=decision, reasons=reasons, scores=maps["scores"], features=maps["features"])
+                   decision=decision, reasons=reasons, scores=maps["scores"], features=maps["features"],
+                   percentiles=maps["percentiles"])
 
 
 @dataclass(slots=True)
@@ -320,8 +331,11 @@ class Trial:
     personal data, so their parser refuses what it does not know: a value of `participant` that is not a
     pseudonym (a name cannot travel there), and any key that is not a field (a "name" cannot travel
     beside it). `answer` is a trial bundle's answer (TrialAnswer), or `not_scored` says why the trial could
-    not be scored (e.g. 'too_short: ...'). Schema /2 (topics.SCHEMA_TRIAL) added `participant`, `answer` and
-    `not_scored`; /1 payloads are read as before."""
+    not be scored (e.g. 'too_short: ...'). `signal` is the whole trial downsampled (Signal: the IMU channels,
+    `start_s` = trial.start_s), sent with a referral, a deferred answer or a trial not scored, so the
+    reviewer sees the walk; the phases are the walk/turn times above. Schema /2 added `participant`, `answer`
+    and `not_scored`, /3 (topics.SCHEMA_TRIAL) `signal` and the answer's `percentiles`; /1 and /2 payloads
+    are read as before."""
 
     id: str
     seq: int
@@ -344,6 +358,7 @@ class Trial:
     participant: str | None = None
     answer: TrialAnswer | None = None
     not_scored: str | None = None
+    signal: Signal | None = None
     replayed: bool = False
 
     SCHEMA = topics.SCHEMA_TRIAL
@@ -352,8 +367,9 @@ class Trial:
     SPAN_KEYS = frozenset({"start_s", "end_s", "samples", "rate_hz", "closed_by"})
     KEYS_V1 = frozenset({"schema", "id", "seq", "site", "device", "ts", "model_version", "task", "trial", "error",
                          *SEGMENT_KEYS, "reason", "replayed"})
-    KEYS = {topics.SCHEMA_TRIAL_V1: KEYS_V1,
-            topics.SCHEMA_TRIAL: KEYS_V1 | {"participant", "answer", "not_scored"}}
+    KEYS_V2 = KEYS_V1 | {"participant", "answer", "not_scored"}
+    KEYS = {topics.SCHEMA_TRIAL_V1: KEYS_V1, topics.SCHEMA_TRIAL_V2: KEYS_V2,
+            topics.SCHEMA_TRIAL: KEYS_V2 | {"signal"}}
 
     def to_obj(self) -> dict[str, Any]:
         t = self.trial
@@ -373,6 +389,8 @@ class Trial:
             obj["answer"] = self.answer.to_obj()
         if self.not_scored is not None:
             obj["not_scored"] = self.not_scored
+        if self.signal is not None:
+            obj["signal"] = self.signal.to_obj()
         if self.replayed:
             obj["replayed"] = True
         return obj
@@ -399,6 +417,7 @@ class Trial:
             raise DataError(f"step_times_s must be a list of numbers (got {times!r:.80})")
         samples = _num(span, "samples", int)
         answer = _object(obj, "answer")
+        signal = obj.get("signal")
         return cls(
             id=rid, seq=seq, site=site, device=device, ts=_num(obj, "ts", required=True),
             model_version=_text(obj, "model_version"), task=_text(obj, "task", 64),
@@ -410,7 +429,8 @@ class Trial:
             cadence_spm=_num(obj, "cadence_spm"), phase_s=phase, step_times_s=times,
             reason=_text(obj, "reason", LONG_TEXT_MAX), participant=participant,
             answer=None if answer is None else TrialAnswer.from_obj(answer, obj["schema"]),
-            not_scored=_text(obj, "not_scored", LONG_TEXT_MAX), replayed=bool(obj.get("replayed")),
+            not_scored=_text(obj, "not_scored", LONG_TEXT_MAX),
+            signal=None if signal is None else Signal.from_obj(signal), replayed=bool(obj.get("replayed")),
         )
 
 
@@ -508,7 +528,7 @@ Message = Result | ResultBatch | Review | Trial | Status | Metrics
 PARSERS: dict[str, dict[str, Any]] = {
     "result": {topics.SCHEMA_RESULT: Result, topics.SCHEMA_RESULT_BATCH: ResultBatch},
     "review": {topics.SCHEMA_REVIEW: Review},
-    "trial": {topics.SCHEMA_TRIAL: Trial, topics.SCHEMA_TRIAL_V1: Trial},
+    "trial": dict.fromkeys(Trial.KEYS, Trial),  # every schema version the hub reads
     "status": {topics.SCHEMA_STATUS: Status},
     "metrics": {topics.SCHEMA_METRICS: Metrics, topics.SCHEMA_METRICS_V1: Metrics},
 }
@@ -531,8 +551,7 @@ def parse(topic_name: str, payload: bytes) -> Message:
 
 def _identity_first(obj: dict[str, Any], tp: topics.ParsedTopic) -> None:
     """A payload on the wrong topic that also claims another device is reported as foreign, not as bad."""
-    if obj.get("schema") in (topics.SCHEMA_RESULT, topics.SCHEMA_REVIEW, topics.SCHEMA_TRIAL,
-                             topics.SCHEMA_TRIAL_V1):
+    if obj.get("schema") in (topics.SCHEMA_RESULT, topics.SCHEMA_REVIEW, *Trial.KEYS):
         _keyed(obj, tp.site, tp.device)
     elif obj.get("schema") == topics.SCHEMA_RESULT_BATCH:
         _owner(obj, tp.site, tp.device)

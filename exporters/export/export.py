@@ -25,6 +25,7 @@ import onnx
 
 import edgekit
 from edgekit.contract.run import SPLITS, RunMeta, read_run
+from edgekit import population as population_mod
 from edgekit.errors import ExportError
 from edgekit.exporters.metrics import decision_metric
 from edgekit.manifest import Manifest, bundle_files, sign_bundle, write_manifest
@@ -374,6 +375,14 @@ def plausible_range(observed: dict[str, list[float]] | None) -> dict[str, Any] |
             "basis": f"training range widened by {PLAUSIBLE_MARGIN:g} span(s) on each side"}
 
 
+def _population(run: Run, names: list[str]) -> dict[str, Any] | None:
+    """The training split's raw-feature quantiles (edgekit/population.py), or None for a run without them."""
+    x = run.splits["train_features_raw"] if "train_features_raw" in run.splits else None
+    if x is None or x.ndim != 2 or x.shape[1] != len(names):
+        return None
+    return population_mod.quantiles(x, names)
+
+
 def write_bundle(run: Run, out: Path, parity: dict[str, Any], calibration: dict[str, Any],
                  outputs: dict[str, dict[str, np.ndarray]], sign_key: Path | None) -> Manifest:
     meta = run.meta
@@ -421,6 +430,7 @@ def write_bundle(run: Run, out: Path, parity: dict[str, Any], calibration: dict[
         "gate_calibration": cal_report,
         "parity": _parity_summary(parity),
         "files": bundle_files(out),
+        "population": _population(run, inp.feature_names),
     })
     write_manifest(out, manifest)
     if sign_key is not None:
