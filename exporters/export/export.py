@@ -24,8 +24,8 @@ import numpy as np
 import onnx
 
 import edgekit
-from edgekit.contract.run import SPLITS, RunMeta, read_run
 from edgekit import population as population_mod
+from edgekit.contract.run import SPLITS, RunMeta, read_run
 from edgekit.errors import ExportError
 from edgekit.exporters.metrics import decision_metric
 from edgekit.manifest import Manifest, bundle_files, sign_bundle, write_manifest
