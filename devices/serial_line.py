@@ -5,6 +5,9 @@ Line format, text in source.encoding (default UTF-8), ended by "\\n" ("\\r\\n" a
     v1,v2,...,vN          N values as source.channels declares them (a count in the bundle's order, or names
                           in the device's order, mapped to the bundle's); t = previous t + 1/rate_hz (0 first)
     t,v1,v2,...,vN        N + 1 values: the first is the sensor's time in seconds
+    START [code] | STOP | CANCEL
+                          a screening station's button (any case): the operator's trial command
+                          (messages.TrialCommand), in order with the samples around it
 
 rate_hz is source.rate_hz, else the bundle's; a configured one more than source.RATE_TOLERANCE off the
 bundle's refuses to open. While reading, `rate_watch` measures the rate: from the lines' times when the
@@ -29,6 +32,7 @@ from typing import Any
 import serial  # pyserial; a missing package is reported by edgekit.source.resolve with the extra's name
 
 from edgekit.config import SerialSource
+from edgekit.contract.messages import TrialCommand
 from edgekit.errors import ConfigError, DataError, DeviceError
 from edgekit.source import (
     RAW_CHARS,
@@ -209,6 +213,10 @@ class SerialReader(BaseReader):
                 bad = undecodable(text, self.encoding)
                 if bad:
                     yield Quarantined(where=where, reason=f"{bad} (wrong baud rate?)", raw=shown(text[:RAW_CHARS]))
+                    continue
+                command = TrialCommand.from_line(text, origin=where)
+                if command is not None:  # the station's button: START [code], STOP, CANCEL
+                    yield command
                     continue
                 try:
                     sample = self.parse(text)

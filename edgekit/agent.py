@@ -28,7 +28,7 @@ import numpy as np
 from edgekit import topics
 from edgekit.config import AgentConfig
 from edgekit.contract import messages
-from edgekit.errors import ConfigError, ModelError
+from edgekit.errors import ConfigError, DataError, ModelError
 from edgekit.gate import Gate
 from edgekit.mqtt import redact_url
 from edgekit.values import Quarantined, SampleBlock, Window
@@ -36,6 +36,7 @@ from edgekit.values import Quarantined, SampleBlock, Window
 if TYPE_CHECKING:
     from edgekit.pipeline import Judged
     from edgekit.transport import SendKind
+    from edgekit.trials import ClosedTrial, TrialControl
 
 log = logging.getLogger(__name__)
 
@@ -50,11 +51,11 @@ MAX_WINDOWS_PER_CALL = 256
 # is cut here: the full buffer is segmented and sent as one trial (closed_by "max_duration"), and the next
 # sample starts a new trial, so memory stays bounded and no sample goes unsegmented.
 MAX_TRIAL_S = 300.0
-FULL = "max_duration"  # closed_by of a trial cut at MAX_TRIAL_S
 GAIT_CHANNELS = 6  # gait.segment reads acc xyz (m/s^2) then gyr xyz (rad/s)
 # Points per channel of a referred or deferred trial's signal: a 30 s TUG at 100 Hz in 0.075 s blocks, enough
 # to see each step (~0.5 s) on the clinician's plot; 6 x 400 numbers are ~17 KB of JSON.
 TRIAL_POINTS = 400
+COMMAND_MAX_AGE_S = 60.0  # an operator's trial command older than this is dropped (see _mqtt_command)
 
 
 @dataclass
@@ -111,40 +112,6 @@ def _close_quietly(resource: Any) -> None:
         resource.close()
     except Exception:
         log.exception("agent.close_failed resource=%s", type(resource).__name__)
-
-
-class TrialBuffer:
-    """The current trial's samples, at most `max_rows`; `push_many` returns each trial that filled it."""
-
-    def __init__(self, max_rows: int, channels: int) -> None:
-        if max_rows < 1:
-            raise ValueError(f"max_rows must be >= 1 (got {max_rows})")
-        self.max_rows = max_rows
-        self._t = np.empty(max_rows, dtype=np.float64)
-        self._values = np.empty((max_rows, channels), dtype=np.float64)
-        self._n = 0
-
-    def __len__(self) -> int:
-        return self._n
-
-    def push_many(self, t_s: np.ndarray, values: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-        full = []
-        i = 0
-        while i < len(t_s):
-            k = min(self.max_rows - self._n, len(t_s) - i)
-            self._t[self._n:self._n + k] = t_s[i:i + k]
-            self._values[self._n:self._n + k] = values[i:i + k]
-            self._n += k
-            i += k
-            if self._n == self.max_rows:
-                full.append(self.take())
-        return full
-
-    def take(self) -> tuple[np.ndarray, np.ndarray]:
-        """(t_s, values) of the samples kept so far, copied; the buffer starts a new trial."""
-        out = self._t[:self._n].copy(), self._values[:self._n].copy()
-        self._n = 0
-        return out
 
 
 class Agent:
@@ -205,7 +172,7 @@ class Agent:
         self.gate = Gate(th.ood_max_score, th.min_confidence, th.max_disagreement, enabled=cfg.gate.enabled,
                          defer_all=th.defer_all)
         self.pipeline = None if self.trial_mode else EdgePipeline(m, self.models, self.pre, self.gate)
-        self.participant = self._pseudonym()
+        self.trials: TrialControl | None = None  # set by run(): cuts the stream into trials
         self._trial_rate = float(m.input.rate_hz or 0.0)
         if self.trial_mode:
             self._check_trial_features()
@@ -218,7 +185,7 @@ class Agent:
             security=cfg.mqtt, keepalive_s=cfg.mqtt.keepalive_s,
             batch_interval_s=cfg.mqtt.batch_interval_s, max_batch=cfg.mqtt.max_batch,
             max_inflight=cfg.mqtt.max_inflight, reconnect_max_s=cfg.mqtt.reconnect_max_s,
-            status_extra=self._status_extra,
+            status_extra=self._status_extra, on_command=self._mqtt_command if self.trial_mode else None,
         )
         stack.callback(_close_quietly, self.transport)
         self.transport.__enter__()
@@ -226,14 +193,16 @@ class Agent:
     def __exit__(self, *exc: object) -> None:
         self._stack.close()
 
-    def _pseudonym(self) -> str | None:
-        """The configured participant code's salted hash (edgekit/privacy.py); the code itself never leaves."""
+    def _pseudonym(self, code: str | None = None) -> str | None:
+        """The salted hash (edgekit/privacy.py) of the operator's participant code for this trial, else of the
+        configured one; the code itself never leaves the device."""
         trial = self.cfg.trial
-        if trial is None or trial.participant is None:
+        code = code or (trial.participant if trial is not None else None)
+        if code is None:
             return None
         from edgekit.privacy import device_salt, pseudonym
 
-        return pseudonym(trial.participant, device_salt())
+        return pseudonym(code, device_salt())
 
     def _check_trial_features(self) -> None:
         """At start, not at the first trial: every feature is one the agent computes, and what the operator
@@ -349,8 +318,10 @@ class Agent:
             signal = messages.Signal(list(inp.channels or []), inp.rate_hz, window.start_s, points or [])
             reviews.append(("review", messages.Review(result, features, signal).encode()))
 
-    def _trial_buffer(self, channels: int) -> TrialBuffer | None:
-        """A buffer for the trial's samples when the bundle reads gait or answers per trial, else None."""
+    def _trial_control(self, channels: int) -> TrialControl | None:
+        """What cuts the stream into trials when the bundle reads gait or answers per trial, else None: a trial
+        bundle's by [trial] detect and the operator's commands; a gait bundle's, each source run (cut at
+        MAX_TRIAL_S)."""
         m = self.manifest
         if m.input.extractor not in ("gait", "trial"):
             return None
@@ -362,10 +333,16 @@ class Agent:
             log.warning("agent.trial_off reason=gait.segment needs %d channels (acc xyz, gyr xyz) and a rate "
                         "(bundle has %d channels, rate_hz=%s)", GAIT_CHANNELS, channels, m.input.rate_hz)
             return None
-        return TrialBuffer(max(1, int(MAX_TRIAL_S * self._trial_rate)), channels)
+        from edgekit.trials import TrialControl
 
-    def trial_payload(self, t_s: np.ndarray, values: np.ndarray, closed_by: str) -> messages.Trial:
-        """Segment one trial's samples (gait.segment) into its summary message, and log it in one line.
+        if not self.trial_mode:
+            return TrialControl(self._trial_rate, channels, max_s=MAX_TRIAL_S, detect="source")
+        assert self.cfg.trial is not None
+        return TrialControl(self._trial_rate, channels, max_s=self.cfg.trial.max_s, detect=self.cfg.trial.detect)
+
+    def trial_payload(self, closed: ClosedTrial) -> messages.Trial:
+        """Segment one trial's samples (gait.segment) into its summary message, and log it in one line; with a
+        trial bundle, its answer too (or why it is not scored).
 
         Times of the walk, turn and steps are seconds from the trial's first sample (`trial.start_s` in
         source time). No walk found: `reason`, steps 0 and the walk/turn times null. Segmentation refused
@@ -373,13 +350,14 @@ class Agent:
         """
         from edgekit import gait
 
+        t_s, values, closed_by = closed.t_s, closed.values, closed.closed_by
         rate = float(self._trial_rate or self.manifest.input.rate_hz or 1.0)
         seq = self._next_seq()
         span = messages.TrialSpan(float(t_s[0]) if len(t_s) else None, float(t_s[-1]) if len(t_s) else None,
                                   int(len(t_s)), rate, closed_by)
         msg = messages.Trial(id=topics.result_id(self.cfg.device_id, seq), seq=seq, site=self.cfg.site,
                              device=self.cfg.device_id, ts=time.time(), model_version=self.model_version,
-                             task=self.manifest.task, trial=span, participant=self.participant)
+                             task=self.manifest.task, trial=span, participant=self._pseudonym(closed.participant))
 
         def num(x: float) -> float | None:
             return float(x) if math.isfinite(x) else None
@@ -390,12 +368,10 @@ class Agent:
             msg.error = str(exc)
             log.warning("agent.trial id=%s samples=%d closed_by=%s error=%s", msg.id, len(t_s), closed_by, exc)
             if self.trial_mode:
-                self._answer(msg, values, rate, None)  # not scored, with the registry's reason
-                self._attach_signal(msg, values)
+                self._answer(msg, closed, rate, None)  # not scored, with the registry's reason
             return msg
         if self.trial_mode:
-            self._answer(msg, values, rate, seg)
-            self._attach_signal(msg, values)
+            self._answer(msg, closed, rate, seg)
         msg.walk_start_s, msg.walk_end_s = num(seg.walk_start_s), num(seg.walk_end_s)
         msg.turn_start_s, msg.turn_end_s = num(seg.turn_start_s), num(seg.turn_end_s)
         msg.steps, msg.cadence_spm = seg.steps, num(seg.cadence_spm)
@@ -406,10 +382,10 @@ class Agent:
         elif msg.turn_start_s is None:
             msg.reason = "no turn: the walk never turned by 90 degrees"
         cadence = "none" if msg.cadence_spm is None else f"{msg.cadence_spm:.1f}"
-        log.info("agent.trial id=%s samples=%d closed_by=%s walk_start_s=%s walk_end_s=%s turn_start_s=%s "
-                 "turn_end_s=%s steps=%d cadence_spm=%s reason=%s", msg.id, len(t_s), closed_by,
-                 msg.walk_start_s, msg.walk_end_s, msg.turn_start_s, msg.turn_end_s, seg.steps, cadence,
-                 msg.reason or "none")
+        log.info("agent.trial id=%s samples=%d started_by=%s closed_by=%s walk_start_s=%s walk_end_s=%s "
+                 "turn_start_s=%s turn_end_s=%s steps=%d cadence_spm=%s reason=%s", msg.id, len(t_s),
+                 closed.started_by, closed_by, msg.walk_start_s, msg.walk_end_s, msg.turn_start_s, msg.turn_end_s,
+                 seg.steps, cadence, msg.reason or "none")
         return msg
 
     def _attach_signal(self, msg: messages.Trial, values: np.ndarray) -> None:
@@ -422,34 +398,59 @@ class Agent:
         msg.signal = messages.Signal(list(self.cfg.trial.channels), msg.trial.rate_hz, msg.trial.start_s,
                                      _downsample(values, TRIAL_POINTS) if len(values) else [])
 
-    def _answer(self, msg: messages.Trial, values: np.ndarray, rate: float, seg: Any) -> None:
+    def _answer(self, msg: messages.Trial, closed: ClosedTrial, rate: float, seg: Any) -> None:
         """A trial bundle's answer on this trial: its registry features (on the summary's segmentation `seg`,
         not a second one), the models and the gate (one row, Gate.decide); or `not_scored` with the reason
-        when the features cannot be computed."""
+        when the trial was cut at [trial] max_s or its features cannot be computed. Then the signal, for a
+        referral, a deferral or a trial not scored (`_attach_signal`), and the station screen's answer."""
         from edgekit.errors import NotScored
         from edgekit.population import percentiles
         from edgekit.trial_features import compute_trial_features
+        from edgekit.trials import MAX_DURATION
 
-        assert self.cfg.trial is not None
+        assert self.cfg.trial is not None and self.trials is not None
         names = list(self.manifest.input.feature_names)
         try:
-            raw = compute_trial_features(names, values, rate, self.cfg.trial.operator, seg)
+            if closed.closed_by == MAX_DURATION:
+                raise NotScored("too_long", f"the trial reached trial.max_s = {self.cfg.trial.max_s:g} s "
+                                "without being stopped; it was cut there")
+            raw = compute_trial_features(names, closed.values, rate, {**self.cfg.trial.operator, **closed.operator},
+                                         seg)
         except NotScored as exc:
             msg.not_scored = f"{exc.reason}: {exc.message}"
             log.warning("agent.trial_not_scored id=%s reason=%s", msg.id, exc.reason)
-            return
-        out = self.models.infer(self.pre.features(raw[None]), None)
-        second = None if out.second_probs is None else out.second_probs[0]
-        d = self.gate.decide(out.probs[0], second, None if out.ood_score is None else out.ood_score[0])
-        probs = out.probs[0]
-        features = dict(zip(names, raw.tolist()))
-        msg.answer = messages.TrialAnswer(
-            label=self.labels[int(probs.argmax())] if np.isfinite(probs).all() else None,
-            confidence=d.scores.get("confidence"), probs=dict(zip(self.labels, probs.tolist())),
-            decision=d.action, reasons=list(d.reasons), scores=dict(d.scores),
-            features=features, percentiles=percentiles(self.manifest.population, features))
-        log.info("agent.trial_answer id=%s label=%s decision=%s reasons=%s", msg.id, msg.answer.label,
-                 d.action, ",".join(d.reasons) or "none")
+        else:
+            out = self.models.infer(self.pre.features(raw[None]), None)
+            second = None if out.second_probs is None else out.second_probs[0]
+            d = self.gate.decide(out.probs[0], second, None if out.ood_score is None else out.ood_score[0])
+            probs = out.probs[0]
+            features = dict(zip(names, raw.tolist()))
+            msg.answer = messages.TrialAnswer(
+                label=self.labels[int(probs.argmax())] if np.isfinite(probs).all() else None,
+                confidence=d.scores.get("confidence"), probs=dict(zip(self.labels, probs.tolist())),
+                decision=d.action, reasons=list(d.reasons), scores=dict(d.scores),
+                features=features, percentiles=percentiles(self.manifest.population, features))
+            log.info("agent.trial_answer id=%s label=%s decision=%s reasons=%s", msg.id, msg.answer.label,
+                     d.action, ",".join(d.reasons) or "none")
+        self._attach_signal(msg, closed.values)
+        self.trials.last = self._screen_answer(msg, closed)
+
+    def _screen_answer(self, msg: messages.Trial, closed: ClosedTrial) -> dict[str, Any]:
+        """The answer as the station screen shows it: the outcome and its reasons in plain words."""
+        from edgekit.gate import REASON_TEXT
+
+        a = msg.answer
+        out: dict[str, Any] = {"id": msg.id, "participant": closed.participant, "seconds": msg.trial.samples
+                               / (msg.trial.rate_hz or 1.0), "closed_by": closed.closed_by}
+        if a is None:
+            reason, _, detail = (msg.not_scored or "not_scored: no answer").partition(": ")
+            return out | {"outcome": "not_scored", "label": None, "words": [detail or reason]}
+        referred = a.decision == "defer" or a.label != self.manifest.normal_label
+        words = [REASON_TEXT.get(r.split(":")[0], r) for r in a.reasons]
+        if a.decision == "accept" and referred:
+            words = [f"the model answered {a.label} with confidence {a.confidence or 0:.0%}"]
+        return out | {"outcome": "referred" if referred else "not_referred", "label": a.label,
+                      "decision": a.decision, "confidence": a.confidence, "words": words}
 
     def metrics(self) -> messages.Metrics:
         c = self.counters
@@ -472,8 +473,9 @@ class Agent:
 
         Sample blocks (replay or simulation at speed 0) go through `Windower.push_many` and the windows
         they complete through `process_many`; single samples (paced or live sources) through `push`.
-        With a gait bundle the same samples also fill a `TrialBuffer`, segmented and sent as one trial
-        when the source ends or stop is set (and whenever it reaches MAX_TRIAL_S).
+        With a gait bundle or a trial bundle the same samples also go to a `TrialControl`, which cuts them
+        into trials (edgekit/trials.py); each is segmented and sent as one trial message, the open one when
+        the source ends or stop is set. A trial bundle's station screen ([trial] screen) runs meanwhile.
         """
         from edgekit.source import open_source
 
@@ -482,12 +484,13 @@ class Agent:
         with open_source(self.cfg.source, stop=self.stop, mqtt_url=self.cfg.mqtt.url, mqtt_security=self.cfg.mqtt,
                          channel_names=self._channels(), rate_hint=rate, recording=m.input.recording) as source:
             self.source = source
-            trial = self._read(source)
-        return self._finish(trial, drain_timeout_s)
+            self._read(source)
+        return self._finish(drain_timeout_s)
 
-    def _read(self, source: Any) -> TrialBuffer | None:
+    def _read(self, source: Any) -> None:
         """The source's items to their end or stop: quarantines counted, samples windowed and processed,
-        metrics sent every metrics_interval_s. Returns the gait trial buffer (None for other bundles)."""
+        trials cut and sent, operator commands on the serial line applied, metrics sent every
+        metrics_interval_s."""
         from edgekit.window import Windower
 
         m = self.manifest
@@ -496,15 +499,26 @@ class Agent:
                                                            len(idx), m.input.max_gap_s)
         select = None if idx == list(range(len(source.channels))) else np.asarray(idx)
         self._trial_rate = float(getattr(source, "rate_hz", 0.0) or (m.input.rate_hz or 0.0))
-        trial = self._trial_buffer(len(idx))
+        self.trials = self._trial_control(len(idx))
+        screen = self._open_screen()
         next_metrics = time.monotonic() + self.cfg.metrics_interval_s
         log.info("agent.start device=%s site=%s bundle=%s source=%s broker=%s", self.cfg.device_id,
                  self.cfg.site, self.cfg.bundle, self.cfg.source.kind, redact_url(self.cfg.mqtt.url or "none"))
         if not self.cfg.mqtt.url:
             log.warning("agent.offline reason=no-broker results stay in the outbox path=%s", self.cfg.outbox.path)
+        try:
+            self._items(source, windower, select, next_metrics)
+        finally:
+            if screen is not None:
+                screen.close()
+
+    def _items(self, source: Any, windower: Any, select: np.ndarray | None, next_metrics: float) -> None:
         for item in source.iter_blocks():
             if self.stop.is_set():
                 break
+            if isinstance(item, messages.TrialCommand):
+                self._on_command(item)
+                continue
             if isinstance(item, Quarantined):
                 self.counters.quarantined += 1
                 self.counters.quarantine_reasons[item.reason.split(":")[0]] += 1
@@ -525,21 +539,59 @@ class Agent:
             watch = getattr(source, "rate_watch", None)
             if watch is not None:
                 self.counters.rate_drift, self.counters.source_rate_hz = watch.drift, watch.measured_hz
-            if trial is not None:
-                for full_t, full_v in trial.push_many(t_s, values):
-                    self.transport.send("trial", self.trial_payload(full_t, full_v, FULL).encode())
+            if self.trials is not None:
+                for closed in self.trials.push_many(t_s, values):
+                    self.transport.send("trial", self.trial_payload(closed).encode())
             now = time.monotonic()
             if now >= next_metrics:
                 self._publish_metrics()
                 next_metrics = now + self.cfg.metrics_interval_s
-        return trial
 
-    def _finish(self, trial: TrialBuffer | None, drain_timeout_s: float) -> Summary:
-        """The trial's summary and the final metrics in one outbox transaction, then the drain."""
+    def _on_command(self, cmd: messages.TrialCommand) -> None:
+        """An operator's trial command, from any thread (MQTT, the screen) or the serial line: to the trial
+        control, or refused in one line when this agent does not run trials."""
+        if self.trials is None or not self.trial_mode:
+            log.warning("agent.command_ignored action=%s origin=%s reason=this agent's bundle does not answer "
+                        "per trial (or its source is not open yet)", cmd.action, cmd.origin or "-")
+            return
+        self.trials.command(cmd)
+
+    def _mqtt_command(self, name: str, payload: bytes) -> None:
+        """A message on this device's command topic (paho's thread): a trial command, or one line saying why
+        not. Commands older than COMMAND_MAX_AGE_S (queued while the device was away) are dropped: an
+        operator's start is for now, not for whenever the network comes back."""
+        where = f"topic {topics.command(self.cfg.site, self.cfg.device_id, name)!r}"
+        if name != topics.TRIAL_COMMAND:
+            log.warning("agent.command_refused where=%s reason=unknown command (this agent takes %r)", where,
+                        topics.TRIAL_COMMAND)
+            return
+        try:
+            cmd = messages.TrialCommand.decode(payload, where)
+        except DataError as exc:
+            log.warning("agent.command_refused %s", exc)
+            return
+        age_s = time.time() - cmd.ts
+        if cmd.ts and age_s > COMMAND_MAX_AGE_S:
+            log.warning("agent.command_refused where=%s reason=stale: sent %.0f s ago (> %g s)", where, age_s,
+                        COMMAND_MAX_AGE_S)
+            return
+        self._on_command(cmd)
+
+    def _open_screen(self) -> Any:
+        """The station screen ([trial] screen), serving while the source is read; None when not configured."""
+        trial = self.cfg.trial
+        if not self.trial_mode or trial is None or trial.screen is None or self.trials is None:
+            return None
+        from edgekit.station import StationScreen
+
+        return StationScreen(trial.screen, self._on_command, self.trials.state, self.cfg.device_id)
+
+    def _finish(self, drain_timeout_s: float) -> Summary:
+        """The open trial's summary and the final metrics in one outbox transaction, then the drain."""
         last: list[tuple[SendKind, bytes]] = []
-        if trial is not None and len(trial):
-            closed_by = "stop" if self.stop.is_set() else "end"
-            last.append(("trial", self.trial_payload(*trial.take(), closed_by).encode()))
+        closed = self.trials.finish("stop" if self.stop.is_set() else "end") if self.trials is not None else None
+        if closed is not None:
+            last.append(("trial", self.trial_payload(closed).encode()))
         self.transport.send_many([*last, ("metrics", self.metrics().encode())])
         tr = self.transport
         if self.cfg.mqtt.url and self.outbox.backlog() and (tr.connected or not self.stop.is_set()):

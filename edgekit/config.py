@@ -217,6 +217,9 @@ class RuntimeConfig(Strict):
     intra_op_threads: int | None = Field(None, ge=1, description="Override the profile's thread count.")
 
 
+MAX_TRIAL_LIMIT_S = 300.0  # agent.MAX_TRIAL_S: the longest trial kept in memory
+
+
 class TrialConfig(Strict):
     """What a trial bundle (manifest input.extractor 'trial': a table of trial features) needs from the
     station: which of the source's channels are the lower-back IMU, and what the operator enters."""
@@ -230,8 +233,30 @@ class TrialConfig(Strict):
         default_factory=dict, description="What the operator enters for the participant, by registry name "
         "(edgekit/trial_features.py: age in years, sex F/M); only the fields the bundle's features name are used.")
     participant: str | None = Field(
-        None, description="The participant's code; the station sends only its salted hash (edgekit/privacy.py), "
-        "never the code.")
+        None, description="The participant's code when every trial of this run is one person's (a replayed "
+        "recording); at a station the operator gives it with each start. Only its salted hash "
+        "(edgekit/privacy.py) leaves the device, never the code.")
+    detect: Literal["movement", "source"] = Field(
+        "movement", description="Where a trial begins and ends when the operator has not started one: "
+        "'movement' opens a trial when the trunk starts to move and closes it after 3 s of stillness "
+        "(edgekit/trials.py); 'source' makes the whole source run one trial (a recorded trial replayed). "
+        "The operator's start and stop (command topic, serial line START/STOP, station screen) always win.")
+    max_s: float = Field(120.0, ge=10, le=MAX_TRIAL_LIMIT_S, description="A trial still running after this "
+                         "many seconds is cut and reported as too long, not scored.")
+    screen: str | None = Field(
+        None, description="host:port of the station screen, a local page where the operator enters the "
+        "participant code, starts and stops a trial and reads the answer (works offline). E.g. "
+        "'127.0.0.1:8088'; null: no screen.")
+
+    @field_validator("screen")
+    @classmethod
+    def _host_port(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"must be host:port, e.g. '127.0.0.1:8088' (got {value!r})")
+        return value
 
 
 class AgentConfig(Strict):
@@ -243,8 +268,8 @@ class AgentConfig(Strict):
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Disk outbox.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Human hand-off.")
-    trial: TrialConfig | None = Field(None, description="For a trial bundle: the IMU channels and the operator's "
-                                      "entries; each source run is one trial.")
+    trial: TrialConfig | None = Field(None, description="For a trial bundle: the IMU channels, the operator's "
+                                      "entries, how trials begin and end, and the station screen.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="onnxruntime settings.")
     metrics_interval_s: float = Field(10.0, gt=0, description="How often metrics are published.")
 

@@ -29,6 +29,15 @@ from edgekit.values import GateDecision
 
 REASONS = ("implausible", "ood", "disagreement", "low_confidence", "non_finite")
 ALWAYS = ("implausible", "non_finite")  # deferred whatever `enabled` says
+# Each reason in plain words, for the people who read it (the station screen, the hub's pages); the key is
+# the reason up to its first ':' (a reason may name a channel after it).
+REASON_TEXT = {
+    "implausible": "a reading was outside anything the sensor can plausibly give",
+    "ood": "the input was unlike anything the model learned from",
+    "disagreement": "the model and the second opinion disagreed",
+    "low_confidence": "the model was not confident enough",
+    "non_finite": "the model's numbers were not numbers (NaN or infinite)",
+}
 
 
 def confidence(probs: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ import numpy as np
 
 from edgekit.config import MqttSource, ReplaySource
 from edgekit.contract import samples as payloads
+from edgekit.contract.messages import TrialCommand
 from edgekit.errors import ConfigError, DataError, EdgekitError, TransportError
 from edgekit.manifest import Recording
 from edgekit.mqtt import MqttSecurity, make_client, parse_url, redact_url
@@ -55,8 +56,10 @@ SOURCES: dict[str, str] = {
 # top-level module a driver needs -> the extra that installs it
 EXTRAS: dict[str, str] = {"serial": "serial"}
 
-Item = Sample | Quarantined
-BlockItem = SampleBlock | Sample | Quarantined
+# A TrialCommand is an operator's order read from the same stream (the station button's line on a serial
+# port); the agent hands it to its trial control, in order with the samples around it.
+Item = Sample | Quarantined | TrialCommand
+BlockItem = SampleBlock | Sample | Quarantined | TrialCommand
 
 
 @runtime_checkable

@@ -46,6 +46,9 @@ SCHEMA_METRICS_V1 = "edgekit.metrics/1"
 SCHEMA_TRIAL = "edgekit.trial/3"
 SCHEMA_TRIAL_V2 = "edgekit.trial/2"
 SCHEMA_TRIAL_V1 = "edgekit.trial/1"
+# To the device on command/trial (messages.TrialCommand): start, stop or cancel the station's trial.
+SCHEMA_TRIAL_COMMAND = "edgekit.trial-command/1"
+TRIAL_COMMAND = "trial"  # the command name (topic level) of trial commands
 SCHEMAS = {SCHEMA_RESULT, SCHEMA_RESULT_BATCH, SCHEMA_REVIEW, SCHEMA_STATUS, SCHEMA_METRICS, SCHEMA_METRICS_V1,
            SCHEMA_TRIAL, SCHEMA_TRIAL_V2, SCHEMA_TRIAL_V1}
 
@@ -143,15 +146,17 @@ def encode(payload: dict[str, Any]) -> bytes:
     return orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY)
 
 
-def decode(data: bytes, where: str) -> dict[str, Any]:
-    """Parse a payload and check its schema field; DataError names `where` (usually the topic)."""
+def decode(data: bytes, where: str, schemas: set[str] | frozenset[str] = frozenset()) -> dict[str, Any]:
+    """Parse a payload and check its schema field is one of `schemas` (default: those the hub reads, SCHEMAS);
+    DataError names `where` (usually the topic)."""
+    schemas = schemas or SCHEMAS
     try:
         obj = orjson.loads(data)
     except orjson.JSONDecodeError as exc:
         raise DataError(f"payload is not JSON ({exc})", where=where) from None
-    if not isinstance(obj, dict) or not isinstance(obj.get("schema"), str) or obj["schema"] not in SCHEMAS:
+    if not isinstance(obj, dict) or not isinstance(obj.get("schema"), str) or obj["schema"] not in schemas:
         got = obj.get("schema") if isinstance(obj, dict) else type(obj).__name__
-        raise DataError(f"payload schema must be one of {sorted(SCHEMAS)} (got {got!r})", where=where)
+        raise DataError(f"payload schema must be one of {sorted(schemas)} (got {got!r})", where=where)
     return obj
 
 

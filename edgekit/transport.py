@@ -115,7 +115,8 @@ class Transport:
                  security: MqttSecurity | None = None, keepalive_s: int = 30,
                  batch_interval_s: float = 0.0, max_batch: int = 500, max_inflight: int = 200,
                  reconnect_max_s: float = 10.0, status_extra: Callable[[], dict[str, Any]] | None = None,
-                 client_id: str | None = None, connect_timeout_s: float = 5.0) -> None:
+                 client_id: str | None = None, connect_timeout_s: float = 5.0,
+                 on_command: Callable[[str, bytes], None] | None = None) -> None:
         _check_settings(keepalive_s, max_batch, max_inflight, batch_interval_s, reconnect_max_s, connect_timeout_s)
         try:
             self._topics = {kind: topics.topic(site, device, kind) for kind in topics.KINDS}
@@ -132,6 +133,8 @@ class Transport:
         self._max_batch = max_batch
         self._max_inflight = max_inflight
         self._status_extra = status_extra
+        self._on_command = on_command
+        self._command_filter = topics.command(site, device, "+")
         self._connected = False
         self._closed = False
         self._gen = 0                    # bumped by each accepted CONNACK (network thread)
@@ -184,6 +187,8 @@ class Transport:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        if self._on_command is not None:
+            client.on_message = self._on_message
         self._client = client
         self._thread = threading.Thread(target=self._run, name=f"edgekit-publisher-{self.device}", daemon=True)
         self._thread.start()
@@ -356,6 +361,18 @@ class Transport:
         self._connected = True
         self._gen += 1
         self._wake.set()
+        if self._on_command is not None:
+            # Every connect: a broker without our session (clean start, or one that lost it) forgets it.
+            client.subscribe(self._command_filter, qos=topics.QOS)
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        """A command for this device: its name (the topic's last level) and payload to `on_command`. A failing
+        handler is logged, never raised into paho's network thread."""
+        name = msg.topic.rsplit("/", 1)[-1]
+        try:
+            self._on_command(name, msg.payload)  # type: ignore[misc]
+        except Exception:
+            log.exception("transport.command_failed topic=%s", msg.topic)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
         # paho calls this from inside its `except OSError:` around reconnect(), so the exception it

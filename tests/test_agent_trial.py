@@ -16,7 +16,7 @@ from subscriber import Subscriber
 from test_agent import IPOL_TRIAL, agent, outbox_ids
 
 from edgekit import gait, topics
-from edgekit.agent import TrialBuffer
+from edgekit.trials import TrialControl
 from edgekit.datasets import read_ipol
 from edgekit.hub.ingest import IngestStats, to_batch
 
@@ -88,16 +88,19 @@ def test_offline_run_leaves_the_trial_in_the_outbox(ipol_bundle, data_dir, tmp_p
     assert_matches(trials[0], expected_segmentation(path), len(read_ipol(path).values))
 
 
-def test_trial_buffer_hands_out_each_full_trial_and_keeps_the_rest():
-    buf = TrialBuffer(max_rows=5, channels=2)
+def test_a_source_trial_is_cut_at_max_s_and_goes_on():
+    """A gait bundle's trial is the whole source run, cut every max_s so memory stays bounded and no sample
+    goes unsegmented; the rest comes out at the end."""
+    control = TrialControl(rate_hz=1.0, channels=6, max_s=5.0, detect="source")
     t = np.arange(12, dtype=float)
-    v = np.stack([t, -t], axis=1)
-    full = buf.push_many(t[:3], v[:3]) + buf.push_many(t[3:], v[3:])
-    assert [f[0].tolist() for f in full] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
-    assert full[1][1][:, 1].tolist() == [-5, -6, -7, -8, -9]
-    assert len(buf) == 2
-    rest_t, rest_v = buf.take()
-    assert rest_t.tolist() == [10, 11] and rest_v.shape == (2, 2) and len(buf) == 0
+    v = np.stack([t, -t, t, t, t, t], axis=1)
+    full = control.push_many(t[:3], v[:3]) + control.push_many(t[3:], v[3:])
+    assert [f.t_s.tolist() for f in full] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert [f.closed_by for f in full] == ["max_duration"] * 2 and full[0].started_by == "source"
+    assert full[1].values[:, 1].tolist() == [-5, -6, -7, -8, -9]
+    rest = control.finish("end")
+    assert rest is not None and rest.t_s.tolist() == [10, 11] and rest.closed_by == "end"
+    assert control.finish("end") is None
 
 
 def test_hub_acknowledges_a_trial_without_counting_it_bad():

@@ -46,7 +46,7 @@ def config(bundle: Path, trial_file: Path, outbox: Path, **trial: object) -> Age
         "device_id": "station-1", "site": "clinic", "bundle": str(bundle),
         "source": {"kind": "replay", "path": str(trial_file), "speed": 0, "layout": layout.model_dump()},
         "mqtt": {"url": None}, "outbox": {"path": str(outbox)}, "runtime": {"intra_op_threads": 1},
-        "trial": {"channels": IMU, **trial},
+        "trial": {"channels": IMU, "detect": "source", **trial},  # each file is one recorded trial
     }, "tests/test_trial_answer.py")
 
 

@@ -434,6 +434,78 @@ class Trial:
         )
 
 
+TrialAction = Literal["start", "stop", "cancel"]
+TRIAL_ACTIONS: tuple[TrialAction, ...] = ("start", "stop", "cancel")
+CODE_MAX = 32  # a participant code is short (e.g. "AB-123"); a longer value is probably a name or a mistake
+
+
+@dataclass(frozen=True, slots=True)
+class TrialCommand:
+    """The operator's order to a screening station: start a trial (for a participant code, with what the
+    operator enters: age, sex), stop it (it is then scored) or cancel it (dropped, nothing sent).
+
+    The same value whichever way it comes: the command topic (`edgekit/v1/{site}/{device}/command/trial`,
+    JSON with `schema`), a line from the station's button on the serial port (`START [code]`, `STOP`,
+    `CANCEL`) or the station screen. `participant` is the code the operator types; the device sends only its
+    salted hash (edgekit/privacy.py). `ts` is the sender's clock (0 when unknown); `origin` where it came
+    from, for the log (not sent)."""
+
+    action: TrialAction
+    participant: str | None = None
+    operator: dict[str, float | str] = field(default_factory=dict)
+    ts: float = 0.0
+    origin: str = ""
+
+    SCHEMA = topics.SCHEMA_TRIAL_COMMAND
+    KEYS = frozenset({"schema", "action", "participant", "operator", "ts"})
+
+    def __post_init__(self) -> None:
+        if self.action not in TRIAL_ACTIONS:
+            raise DataError(f"action must be one of {list(TRIAL_ACTIONS)} (got {self.action!r:.40})")
+        code = self.participant
+        if code is not None and (not code or len(code) > CODE_MAX or not code.isprintable() or " " in code):
+            raise DataError(f"participant code must be 1-{CODE_MAX} printable characters without spaces")
+
+    def to_obj(self) -> dict[str, Any]:
+        obj: dict[str, Any] = {"schema": self.SCHEMA, "action": self.action, "ts": self.ts}
+        if self.participant is not None:
+            obj["participant"] = self.participant
+        if self.operator:
+            obj["operator"] = self.operator
+        return obj
+
+    def encode(self) -> bytes:
+        return topics.encode(self.to_obj())
+
+    @classmethod
+    def decode(cls, payload: bytes, where: str) -> TrialCommand:
+        """A command topic's payload; DataError (naming `where`) when it is not a trial command."""
+        obj = topics.decode(payload, where, schemas={cls.SCHEMA})
+        try:
+            _known(obj, cls.KEYS, cls.SCHEMA)
+            operator = _object(obj, "operator") or {}
+            for key, value in operator.items():
+                if not isinstance(value, (int, float, str)) or isinstance(value, bool):
+                    raise DataError(f"operator.{key:.40} must be a number or text")
+            return cls(obj.get("action"), _text(obj, "participant", CODE_MAX), operator,  # type: ignore[arg-type]
+                       _num(obj, "ts") or 0.0, origin=where)
+        except DataError as exc:
+            raise DataError(exc.message, where=where) from None
+
+    @classmethod
+    def from_line(cls, text: str, origin: str) -> TrialCommand | None:
+        """A station button's line (`START`, `START AB-123`, `STOP`, `CANCEL`, any case), or None when the line
+        is not a command (a sample line)."""
+        words = text.split()
+        if not words or words[0].lower() not in TRIAL_ACTIONS or len(words) > 2:
+            return None
+        action = words[0].lower()
+        code = words[1] if len(words) == 2 and action == "start" else None
+        if len(words) == 2 and action != "start":
+            return None
+        return cls(action, code, origin=origin)  # type: ignore[arg-type]
+
+
 def _known(obj: dict[str, Any], keys: frozenset[str], what: str) -> None:
     """DataError naming the first key of `obj` that `keys` does not hold (the key, never its value)."""
     for key in obj:

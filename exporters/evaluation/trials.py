@@ -3,7 +3,7 @@
 Issue 13's acceptance 1: the recipes tug_seed_trial.toml (the seed table's registry columns: age, TUG, steps)
 and fall_screening.toml (the nine spectral TUG features) are trained and exported as `edgekit train` and
 `edgekit export` do; each IPOL trial (subjects 1-15) is replayed through a real `Agent` (replay source with
-the IPOL recipe's file layout, no broker, its own outbox), with the trial's age and sex from its JSON as the
+the IPOL recipe's file layout, no broker, its own outbox, `[trial] detect = "source"`: the file is the trial), with the trial's age and sex from its JSON as the
 operator's entries. Counted per bundle: answers, not-scored trials by reason, deferred answers by gate reason.
 Nothing is tuned here: the recipes, the export and the agent are the shipped ones.
 """
@@ -49,7 +49,8 @@ def _one(bundle: Path, path: Path, work: Path, operator: dict[str, Any]) -> Any:
         "device_id": "eval", "site": "eval", "bundle": str(bundle), "mqtt": {"url": None},
         "source": {"kind": "replay", "path": str(path), "speed": 0, "layout": layout.model_dump()},
         "outbox": {"path": str(outbox)}, "runtime": {"intra_op_threads": 1},
-        "trial": {"channels": IMU, "operator": operator},
+        # each file is one trial as recorded (the recording's start and end were the operator's)
+        "trial": {"channels": IMU, "operator": operator, "detect": "source"},
     }, "exporters/evaluation/trials.py")
     with Agent(cfg) as agent:
         agent.run(drain_timeout_s=0)
