@@ -66,6 +66,14 @@ def ipol_bundle(tmp_path_factory, data_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def trial_bundles(tmp_path_factory, data_dir) -> dict[str, Path]:
+    """The two shipped trial bundles (issue 13), by recipe name: fall_screening (nine spectral TUG features) and
+    tug_seed_trial (age, TUG, steps), trained for 5 epochs and exported INT8; shared by the session."""
+    root = tmp_path_factory.mktemp("trial")
+    return {name: _build_bundle(root, f"{name}.toml", epochs=5) for name in ("fall_screening", "tug_seed_trial")}
+
+
+@pytest.fixture(scope="session")
 def stream_bundle(tmp_path_factory) -> Path:
     """A bundle for 3 vibration channels (ax, ay, az) at 1 kHz, windows of 256 samples every 128 (machine
     features, MLP + dense AE + random forest, INT8), trained in seconds on generated signals

@@ -25,18 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 IMU = ["Acc_X", "Acc_Y", "Acc_Z", "Gyr_X", "Gyr_Y", "Gyr_Z"]
 
 
-@pytest.fixture(scope="module")
-def bundles(tmp_path_factory, data_dir) -> dict[str, Path]:
-    from edgekit.exporters.export.export import export
-    from edgekit.exporters.training.train import train
-
-    root = tmp_path_factory.mktemp("trial")
-    out = {}
-    for name in ("fall_screening", "tug_seed_trial"):
-        run = train(ROOT / "edgekit" / "recipes" / f"{name}.toml", root / f"run-{name}", epochs=5, progress=False)
-        export(run, root / f"bundle-{name}", progress=False)
-        out[name] = root / f"bundle-{name}"
-    return out
+@pytest.fixture
+def bundles(trial_bundles: dict[str, Path]) -> dict[str, Path]:
+    return trial_bundles
 
 
 def config(bundle: Path, trial_file: Path, outbox: Path, **trial: object) -> AgentConfig:
