@@ -354,7 +354,7 @@ class Agent:
         rate = float(self._trial_rate or self.manifest.input.rate_hz or 1.0)
         seq = self._next_seq()
         span = messages.TrialSpan(float(t_s[0]) if len(t_s) else None, float(t_s[-1]) if len(t_s) else None,
-                                  int(len(t_s)), rate, closed_by)
+                                  int(len(t_s)), rate, closed_by, closed.started_by)
         msg = messages.Trial(id=topics.result_id(self.cfg.device_id, seq), seq=seq, site=self.cfg.site,
                              device=self.cfg.device_id, ts=time.time(), model_version=self.model_version,
                              task=self.manifest.task, trial=span, participant=self._pseudonym(closed.participant))

@@ -16,9 +16,9 @@ from subscriber import Subscriber
 from test_agent import IPOL_TRIAL, agent, outbox_ids
 
 from edgekit import gait, topics
-from edgekit.trials import TrialControl
 from edgekit.datasets import read_ipol
 from edgekit.hub.ingest import IngestStats, to_batch
+from edgekit.trials import TrialControl
 
 
 def expected_segmentation(path: Path) -> gait.Segmentation:

@@ -33,7 +33,8 @@ def full_result(seq: int = 5) -> m.Result:
 
 def full_trial() -> m.Trial:
     return m.Trial(id=topics.result_id(DEVICE, 9), seq=9, site=SITE, device=DEVICE, ts=5.5, model_version="g@1",
-                   task="ipol", trial=m.TrialSpan(0.0, 20.0, 2001, 100.0, "end"), walk_start_s=2.0,
+                   task="ipol", trial=m.TrialSpan(0.0, 20.0, 2001, 100.0, "end", "operator"),
+                   walk_start_s=2.0,
                    walk_end_s=15.0, turn_start_s=8.0, turn_end_s=9.5, steps=18, cadence_spm=104.5,
                    phase_s={"still": 2.0, "walk": 11.5}, step_times_s=[2.5, 3.1], reason="slow turn",
                    participant=participant("AB-123"), replayed=True,
@@ -119,7 +120,8 @@ def test_trial_1_is_still_read() -> None:
            b'"turn_end_s":9.5,"steps":18,"cadence_spm":104.5,"phase_s":{"still":2.0,"walk":11.5},'
            b'"step_times_s":[2.5,3.1],"reason":"slow turn","replayed":true}')
     msg = m.parse(topics.topic(SITE, DEVICE, "trial"), old)
-    assert msg == dataclasses.replace(full_trial(), participant=None, answer=None, signal=None)
+    assert msg == dataclasses.replace(full_trial(), participant=None, answer=None, signal=None,
+                                      trial=m.TrialSpan(0.0, 20.0, 2001, 100.0, "end"))
     assert topics.decode(msg.encode(), "t")["schema"] == topics.SCHEMA_TRIAL == "edgekit.trial/3"
     with_one = orjson.loads(old) | {"participant": participant("AB-123")}  # /1 has no such field
     with pytest.raises(DataError, match="'participant' is not a field of edgekit.trial/1"):
@@ -130,7 +132,7 @@ def test_trial_2_is_still_read_and_refuses_what_came_with_3() -> None:
     """A /2 trial (participant and answer, no signal, no percentiles) reads as before; the fields /3 added are
     not fields of /2."""
     obj = full_trial().to_obj() | {"schema": topics.SCHEMA_TRIAL_V2}
-    del obj["signal"], obj["answer"]["percentiles"]
+    del obj["signal"], obj["answer"]["percentiles"], obj["trial"]["started_by"]
     msg = m.parse(topics.topic(SITE, DEVICE, "trial"), orjson.dumps(obj))
     assert isinstance(msg, m.Trial) and msg.signal is None and msg.answer is not None
     assert msg.answer.percentiles == {} and msg.answer.features == full_trial().answer.features

@@ -276,7 +276,8 @@ class TrialSpan:
     end_s: float | None
     samples: int
     rate_hz: float
-    closed_by: str
+    closed_by: str  # operator | still | end | stop | max_duration (edgekit/trials.py)
+    started_by: str | None = None  # operator | movement | source; /3 on (None in older payloads)
 
 
 @dataclass(frozen=True, slots=True)
@@ -334,7 +335,7 @@ class Trial:
     not be scored (e.g. 'too_short: ...'). `signal` is the whole trial downsampled (Signal: the IMU channels,
     `start_s` = trial.start_s), sent with a referral, a deferred answer or a trial not scored, so the
     reviewer sees the walk; the phases are the walk/turn times above. Schema /2 added `participant`, `answer`
-    and `not_scored`, /3 (topics.SCHEMA_TRIAL) `signal` and the answer's `percentiles`; /1 and /2 payloads
+    and `not_scored`, /3 (topics.SCHEMA_TRIAL) `signal`, the answer's `percentiles` and the span's `started_by`; /1 and /2 payloads
     are read as before."""
 
     id: str
@@ -364,7 +365,8 @@ class Trial:
     SCHEMA = topics.SCHEMA_TRIAL
     SEGMENT_KEYS = ("walk_start_s", "walk_end_s", "turn_start_s", "turn_end_s", "steps", "cadence_spm",
                     "phase_s", "step_times_s")
-    SPAN_KEYS = frozenset({"start_s", "end_s", "samples", "rate_hz", "closed_by"})
+    SPAN_KEYS_V2 = frozenset({"start_s", "end_s", "samples", "rate_hz", "closed_by"})
+    SPAN_KEYS = SPAN_KEYS_V2 | {"started_by"}
     KEYS_V1 = frozenset({"schema", "id", "seq", "site", "device", "ts", "model_version", "task", "trial", "error",
                          *SEGMENT_KEYS, "reason", "replayed"})
     KEYS_V2 = KEYS_V1 | {"participant", "answer", "not_scored"}
@@ -377,7 +379,7 @@ class Trial:
             "schema": self.SCHEMA, "id": self.id, "seq": self.seq, "site": self.site, "device": self.device,
             "ts": self.ts, "model_version": self.model_version, "task": self.task, "participant": self.participant,
             "trial": {"start_s": t.start_s, "end_s": t.end_s, "samples": t.samples, "rate_hz": t.rate_hz,
-                      "closed_by": t.closed_by},
+                      "closed_by": t.closed_by, **({"started_by": t.started_by} if t.started_by else {})},
         }
         if self.error is not None:
             obj["error"] = self.error
@@ -407,7 +409,7 @@ class Trial:
             topics.parse_pseudonym(participant)
         steps = _num(obj, "steps", int)
         span = _object(obj, "trial") or {}
-        _known(span, cls.SPAN_KEYS, f"{obj['schema']} trial")
+        _known(span, cls.SPAN_KEYS if obj["schema"] == cls.SCHEMA else cls.SPAN_KEYS_V2, f"{obj['schema']} trial")
         phase = _object(obj, "phase_s") or {}
         for key in phase:
             _num(phase, key)
@@ -422,7 +424,7 @@ class Trial:
             id=rid, seq=seq, site=site, device=device, ts=_num(obj, "ts", required=True),
             model_version=_text(obj, "model_version"), task=_text(obj, "task", 64),
             trial=TrialSpan(_num(span, "start_s"), _num(span, "end_s"), samples or 0,
-                            _num(span, "rate_hz") or 0.0, _text(span, "closed_by") or ""),
+                            _num(span, "rate_hz") or 0.0, _text(span, "closed_by") or "", _text(span, "started_by")),
             error=_text(obj, "error", LONG_TEXT_MAX),
             walk_start_s=_num(obj, "walk_start_s"), walk_end_s=_num(obj, "walk_end_s"),
             turn_start_s=_num(obj, "turn_start_s"), turn_end_s=_num(obj, "turn_end_s"), steps=steps,
