@@ -1,6 +1,7 @@
 """Valid MQTT messages for tests, built with the contract (edgekit/contract/messages.py), so no test keeps its
 own copy of a payload (STYLE.md 13): a gait agent's result, its review and its trial summary (with a
-participant's pseudonym when asked: `participant`). Status and Metrics need no factory (every field is the
+participant's pseudonym when asked: `participant`), and a screening station's trial with its answer
+(`screened`, `trial_answer`). Status and Metrics need no factory (every field is the
 test's own): tests call m.Status(...) and m.Metrics(...).
 
 A malformed payload starts from a valid one's `to_obj()`, and the test writes only what it breaks.
@@ -71,3 +72,32 @@ def trial(device: str, seq: int, *, site: str = "lab", walk: bool = True, error:
             phase_s={"still_before": 2.5, "walk_out": 6.5, "turn": 2.5, "walk_back": 7.75,
                      "still_after": 4.75})
     return dataclasses.replace(out, **fields)
+
+
+TRIAL_CHANNELS = ["acc_x", "acc_y", "acc_z", "gyr_x", "gyr_y", "gyr_z"]
+
+
+def trial_answer(label: str = "no_risk", p: float = 0.8, *, reasons: tuple[str, ...] = (),
+                 features: dict[str, float] | None = None, **fields: Any) -> m.TrialAnswer:
+    """A tug_seed_trial bundle's answer (labels no_risk, balance_risk; registry features age, TUG, steps):
+    `label` at probability `p`, deferred when `reasons` are given. `fields` replace any other field."""
+    features = features or {"age": 78.0, "TUG": 12.0, "steps": 18.0}
+    probs = {k: p if k == label else round(1 - p, 6) for k in ("no_risk", "balance_risk")}
+    ans = m.TrialAnswer(label=label, confidence=p, probs=probs,
+                        decision="defer" if reasons else "accept", reasons=list(reasons),
+                        scores={"confidence": p, "ood": 0.4, "disagreement": 0.1}, features=features,
+                        percentiles={name: 50.0 + 5 * i for i, name in enumerate(features)})
+    return dataclasses.replace(ans, **fields)
+
+
+def screened(device: str, seq: int, answer: m.TrialAnswer | None, *, code: str = "AB-123", referred: bool = False,
+             not_scored: str | None = None, points: int = 240, **fields: Any) -> m.Trial:
+    """A walked trial (`trial`) of participant `code` with a screening `answer`, or `not_scored` ("reason:
+    detail"); the trial's signal (6 channels, `points` each) comes with it as the agent sends it: with a
+    deferred answer, a referral (`referred`: the answer is not the normal label) or a trial not scored."""
+    base = trial(device, seq, participant=participant(code), answer=answer, not_scored=not_scored)
+    if (answer is not None and answer.decision == "defer") or referred or not_scored:
+        values = [[round(math.sin(i / 6 + c), 4) for i in range(points)] for c in range(len(TRIAL_CHANNELS))]
+        base = dataclasses.replace(base, signal=m.Signal(list(TRIAL_CHANNELS), base.trial.rate_hz,
+                                                         base.trial.start_s, values))
+    return dataclasses.replace(base, **fields)

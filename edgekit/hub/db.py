@@ -176,6 +176,27 @@ def trial_row(msg: Trial, now: float) -> dict[str, Any]:
             "received_at": now, "participant": msg.participant}
 
 
+def trial_result_row(msg: Trial, now: float) -> dict[str, Any] | None:
+    """A scored trial's answer as a results row under the trial's id (None for a trial without an answer),
+    so labels, the review queue, `labels export` and deletion by pseudonym treat it as any other result.
+    The window is the trial's span; the features are the answer's registry features; the signal is the
+    trial's, when it was sent (a referral, a deferred answer). A trial answer has no thresholds."""
+    a = msg.answer
+    if a is None:
+        return None
+    return {
+        "id": msg.id, "site": msg.site, "device": msg.device, "seq": msg.seq, "ts": msg.ts,
+        "window_start_s": msg.trial.start_s, "window_end_s": msg.trial.end_s, "model_version": msg.model_version,
+        "task": msg.task, "label": a.label, "confidence": a.confidence, "decision": a.decision,
+        # The trial contract does not refuse a comma in a reason, which would split it in this column.
+        "reasons": "," + ",".join(r.replace(",", ";") for r in a.reasons) + "," if a.reasons else "",
+        "probs": _dumps(a.probs),
+        "second_opinion": _dumps(None), "scores": _dumps(a.scores), "thresholds": _dumps({}),
+        "features": _dumps(a.features), "signal": None if msg.signal is None else _dumps(msg.signal.to_obj()),
+        "replayed": msg.replayed, "received_at": now,
+    }
+
+
 @dataclass
 class Batch:
     """What one ingest transaction writes: rows by kind, plus the device facts seen in them."""
@@ -198,7 +219,7 @@ class Batch:
 
 @dataclass
 class Stored:
-    new_results: int = 0  # rows created (by a result or a review message)
+    new_results: int = 0  # rows created (by a result, a review or a scored trial's answer)
     reviews: int = 0  # review messages written (new rows or merged into a result row)
     new_trials: int = 0  # trial rows created (a redelivered trial creates none)
 
@@ -428,21 +449,36 @@ class HubDB:
         with self.engine.connect() as conn:
             return conn.execute(q).scalar_one()
 
-    def trials(self, *, site: str | None = None, device: str | None = None, limit: int = 50,
+    def trials(self, *, site: str | None = None, device: str | None = None, review: str = "all", limit: int = 50,
                offset: int = 0) -> list[dict[str, Any]]:
-        """Stored trial summaries, newest first: id, site, device, ts, received_at and `summary` (the
-        decoded edgekit.trial/1 object)."""
-        q = sa.select(trials)
+        """Stored trials, newest first: id, site, device, ts, received_at, participant, `summary` (the decoded
+        edgekit.trial object), its answer's row facts (decision, label, confidence, reasons; None without an
+        answer), its latest label (review_label, reviewer, labelled_at, note) and `needs_review`
+        (_trial_needs_review). `review="needed"` keeps only the trials that need review."""
+        q, needs = _trials_query()
         if site:
             q = q.where(trials.c.site == site)
         if device:
             q = q.where(trials.c.device == device)
+        if review == "needed":
+            q = q.where(needs)
         q = q.order_by(trials.c.ts.desc(), trials.c.id.desc()).limit(limit).offset(offset)
         with self.engine.connect() as conn:
-            rows = [dict(r._mapping) for r in conn.execute(q)]
-        for r in rows:
-            r["summary"] = _loads(r.pop("payload"))
-        return rows
+            return [_trial_out(r._mapping) for r in conn.execute(q)]
+
+    def trial(self, trial_id: str) -> dict[str, Any] | None:
+        """One trial as `trials` lists it, plus `case` (HubDB.case of its answer's result row, with the label
+        history; None for a trial without an answer)."""
+        q, _ = _trials_query()
+        with self.engine.connect() as conn:
+            row = conn.execute(q.where(trials.c.id == trial_id)).first()
+        if row is None:
+            return None
+        return {**_trial_out(row._mapping), "case": self.case(trial_id)}
+
+    def is_trial(self, result_id: str) -> bool:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(trials.c.id).where(trials.c.id == result_id)).first() is not None
 
     def count_trials(self) -> int:
         with self.engine.connect() as conn:
@@ -525,6 +561,37 @@ def _unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _reasons(text: str) -> list[str]:
     return [r for r in text.split(",") if r]
+
+
+def _trials_query() -> tuple[sa.Select[Any], sa.ColumnElement[bool]]:
+    """Trials with their answer's row, latest label and needs_review; and the needs_review condition."""
+    latest = _latest_labels()
+    needs = _trial_needs_review(latest)
+    q = (sa.select(trials, results.c.decision, results.c.label, results.c.confidence, results.c.reasons,
+                   latest.c.label.label("review_label"), latest.c.reviewer, latest.c.labelled_at, latest.c.note,
+                   needs.label("needs_review"))
+         .select_from(trials.outerjoin(results, results.c.id == trials.c.id)
+                      .outerjoin(latest, latest.c.result_id == trials.c.id)))
+    return q, needs
+
+
+def _trial_out(row: Any) -> dict[str, Any]:
+    out = dict(row)
+    out["summary"] = _loads(out.pop("payload"))
+    out["reasons"] = None if out["reasons"] is None else _reasons(out["reasons"])
+    out["needs_review"] = bool(out["needs_review"])
+    return out
+
+
+def _trial_needs_review(latest: sa.Subquery) -> sa.ColumnElement[bool]:
+    """A trial a clinician must see and nobody has labelled: its answer was deferred, or referred (an accepted
+    answer sent with the trial's signal: the agent sends the signal only with a referral, a deferred answer
+    or a trial not scored, and the trial message names no normal label to compare with), or it was not
+    scored (no answer row; the key in its stored JSON: the contract's key names cannot appear there
+    otherwise, as a string value's quotes are escaped)."""
+    answered = sa.or_(results.c.decision == "defer", results.c.signal.is_not(None))
+    unscored = sa.and_(results.c.id.is_(None), trials.c.payload.contains('"not_scored":', autoescape=True))
+    return sa.and_(latest.c.label.is_(None), sa.or_(sa.and_(results.c.id.is_not(None), answered), unscored))
 
 
 def _latest_labels() -> sa.Subquery:

@@ -3,9 +3,11 @@
 paho's network thread only queues messages; one writer thread decodes a batch, writes it in one
 transaction and only then acknowledges (manual PUBACK), so a crash loses nothing and a redelivery is a
 no-op (writes are idempotent by result id). Bad payloads are logged and acknowledged, never fatal.
-Trial summaries (gait bundles) are stored the same way, idempotent by trial id. Identity comes from the topic
-(which the broker's ACL ties to the account): a payload naming another site, device or device's id is
-rejected (hub.rejected), never stored, so no device can take or shadow another's result ids.
+Trial summaries (gait bundles) are stored the same way, idempotent by trial id; a scored trial's answer
+also becomes a result under the trial's id, so it is reviewed, labelled and exported like any result.
+Identity comes from the topic (which the broker's ACL ties to the account): a payload naming another site,
+device or device's id is rejected (hub.rejected), never stored, so no device can take or shadow another's
+result ids.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from edgekit import topics
 from edgekit.contract import messages as messages_contract
 from edgekit.errors import DataError, IdentityError
-from edgekit.hub.db import Batch, HubDB, result_row, review_row, trial_row
+from edgekit.hub.db import Batch, HubDB, result_row, review_row, trial_result_row, trial_row
 from edgekit.mqtt import MqttSecurity, make_client, parse_url
 
 log = logging.getLogger(__name__)
@@ -113,6 +115,9 @@ def _add(out: Batch, msg: messages_contract.Message, now: float, retained: bool,
         out.see(*key, now)
     else:
         out.trials.append(trial_row(msg, now))
+        answer = trial_result_row(msg, now)  # written in the same transaction as the trial, by the same id
+        if answer is not None:
+            out.results.append(answer)
         log.info("hub.trial site=%s device=%s id=%s steps=%s walk_start_s=%s walk_end_s=%s reason=%s",
                  msg.site, msg.device, msg.id, msg.steps, msg.walk_start_s, msg.walk_end_s,
                  msg.reason or msg.error or "none")
