@@ -5,9 +5,10 @@ The only module that wires the stages together. Never imports torch (tests/test_
 What a crash can lose: samples read but not yet in a completed window, and windows completed but not yet
 written (at most one source block, <= 2,048 samples at replay speed 0; one window when paced) are lost like
 unread samples; replay the source to get them back. Whatever `process_many` has written (one outbox
-transaction per call) survives a crash or SIGKILL and is published at least once. With a gait bundle the
-current trial's samples (at most MAX_TRIAL_S) are also lost by a crash: its summary is sent only when the
-source ends, on a clean stop, or when the trial reaches MAX_TRIAL_S.
+transaction per call) survives a crash or SIGKILL and is published at least once. With a gait or trial bundle
+the open trial's samples (at most MAX_TRIAL_S) are also lost by a crash: its message is sent when the trial
+closes (edgekit/trials.py: the operator's stop, stillness, its maximum length), when the source ends, or on
+a clean stop.
 """
 
 from __future__ import annotations
