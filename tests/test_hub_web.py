@@ -64,10 +64,11 @@ def test_every_page_and_api_route_refuses_anonymous_requests(hub):
     routes = [r for r in client.app.routes if isinstance(r, Route) and not any(r.path.startswith(o) for o in OPEN)]
     assert {r.path for r in routes} >= {"/", "/queue", "/fleet", "/cases/{result_id}", "/cases/{result_id}/label",
                                         "/api/cases", "/api/cases/{result_id}", "/api/cases/{result_id}/labels",
-                                        "/api/fleet", "/api/me", "/logout", "/trials", "/api/trials"}
+                                        "/api/fleet", "/api/me", "/logout", "/trials", "/api/trials",
+                                        "/trials/{trial_id}", "/trials/{trial_id}/label", "/api/trials/{trial_id}"}
     checked = 0
     for route in routes:
-        path = route.path.replace("{result_id}", case_id)
+        path = route.path.replace("{result_id}", case_id).replace("{trial_id}", topics.result_id("edge-1", 21))
         for method in route.methods - {"HEAD"}:
             r = client.request(method, path, follow_redirects=False,
                                data={"label": "walk", "csrf": "x"} if method == "POST" and "/api/" not in path else None,
@@ -81,7 +82,7 @@ def test_every_page_and_api_route_refuses_anonymous_requests(hub):
                 assert r.status_code == 303, (method, path, r.status_code)
                 assert r.headers["location"].startswith("/login?next=")
             checked += 1
-    assert checked >= 13
+    assert checked >= 16
     with HubDB(_url) as db:
         assert db.case(case_id)["labels"] == []  # the anonymous POSTs stored nothing
     # A forged or stale cookie is no better than none.
@@ -196,12 +197,13 @@ def test_trials_page_and_api_show_stored_trials_newest_first(hub):
     page = client.get("/queue").text
     assert 'href="/trials"' in page  # in the nav
     page = client.get("/trials").text
-    assert page.count('<tr class="trial">') == 2
+    assert page.count('<tr class="trial"') == 2
     assert page.index("edge-2:000000000022") < page.index("edge-1:000000000021")
-    assert "96.4" in page and "2.50 – 19.25" in page and "9.00 – 11.50" in page  # cadence, walk, turn
-    assert "walk_out 6.50" in page and "still_after 4.75" in page
-    assert "no walk: activity never rose above still standing" in page
+    assert "18 steps · 96.4/min" in page and "no walk: activity never rose above still standing" in page
     assert "2023-11-14 22:13:41 UTC" in page  # the trial's ts
+    page = client.get(f"/trials/{walked['id']}").text  # the summary's details on the trial's page
+    assert "2.50 – 19.25" in page and "9.00 – 11.50" in page  # walk, turn
+    assert "walk_out 6.50" in page and "still_after 4.75" in page and "cadence 96.4" in page
 
 
 def test_passwords_are_salted_scrypt_hashes():
