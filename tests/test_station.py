@@ -236,3 +236,11 @@ def test_a_day_without_a_broker_is_answered_on_the_station_and_reaches_the_hub_o
         stored = [t["id"] for t in db.trials(limit=1000)]
     assert "hub.bad" not in hub_log and "Traceback" not in hub_log, hub_log[-3000:]
     assert sorted(stored) == sorted(ids)  # every trial once, none lost, none doubled
+
+
+@pytest.mark.parametrize("name", ["station.example.toml"])
+def test_the_shipped_station_config_is_valid(name: str) -> None:
+    from edgekit.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "deploy" / "systemd" / name, AgentConfig)
+    assert cfg.trial is not None and cfg.trial.screen and cfg.trial.detect == "movement"
