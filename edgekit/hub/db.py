@@ -232,7 +232,7 @@ class HubDB:
         self.engine = make_engine(url)
         self.dialect = self.engine.dialect.name
         self._insert = sqlite.insert if self.dialect == "sqlite" else postgresql.insert
-        cols = {c.name: sa.bindparam(c.name) for c in results.columns}
+        cols: dict[str, Any] = {c.name: sa.bindparam(c.name) for c in results.columns}
         new = self._insert(results).values(cols)
         self._bulk = {
             "results": new.on_conflict_do_nothing(index_elements=["id"]),
@@ -285,11 +285,11 @@ class HubDB:
         compiled = self._bulk_sql.get(kind)
         if compiled is None:
             c = self._bulk[kind].compile(dialect=self.engine.dialect)
-            compiled = self._bulk_sql[kind] = (str(c), tuple(c.positiontup) if c.positional else None)
+            compiled = self._bulk_sql[kind] = (str(c), tuple(c.positiontup or ()) if c.positional else None)
         sql, keys = compiled
         params: list[Any] = [tuple(r[k] for k in keys) for r in rows] if keys else rows
         dbapi_error = self.engine.dialect.loaded_dbapi.Error
-        cur = conn.connection.driver_connection.cursor()
+        cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]  # checked out: never None
         try:
             cur.executemany(sql, params)
             return cur.rowcount

@@ -154,7 +154,8 @@ class Ingest:
         self.client.on_message = self._on_message
         # Back quickly after a broker restart: mosquitto 2.0.11 does not restore *shared* subscriptions
         # from persistence (measured), so results published before we re-subscribe are not queued for us.
-        self.client.reconnect_delay_set(min_delay=0.25, max_delay=RECONNECT_MAX_S)
+        # paho sleeps for these as floats; its annotation says int.
+        self.client.reconnect_delay_set(min_delay=0.25, max_delay=RECONNECT_MAX_S)  # type: ignore[arg-type]
 
     # paho callbacks run on its network thread: keep them tiny.
     def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
@@ -242,7 +243,7 @@ class Ingest:
                 return
 
     def _write(self, msgs: list[mqtt.MQTTMessage]) -> None:
-        pairs = [(m.topic, m.payload, m.retain) for m in msgs]
+        pairs = [(m.topic, bytes(m.payload), m.retain) for m in msgs]  # bytes() of bytes is the same object
         self.stats.messages += len(msgs)
         batch = to_batch(pairs, time.time(), self.stats)
         batch.seen = {k: t for k, t in batch.seen.items()

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, FastAPI, Form, HTTPException, Request
@@ -129,7 +129,14 @@ def _label(db: HubDB, result_id: str, label: str, user: str, note: str) -> int:
     return label_id
 
 
-def _pages(filters: dict[str, Any], offset: int, more: bool) -> dict[str, str | None]:
+class Pages(TypedDict):
+    """The pager's links as render's keywords (typed: a plain dict could, for mypy, bind status_code)."""
+
+    newer: str | None
+    older: str | None
+
+
+def _pages(filters: dict[str, Any], offset: int, more: bool) -> Pages:
     """Query strings of the newer and older page of a list (None where there is none)."""
     return {"newer": urlencode({**filters, "offset": max(offset - PAGE_SIZE, 0)}) if offset else None,
             "older": urlencode({**filters, "offset": offset + PAGE_SIZE}) if more else None}
