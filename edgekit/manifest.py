@@ -57,6 +57,34 @@ class PlausibleRange(_Strict):
     basis: str = Field(description="How the range was set, e.g. 'training range widened by 1 span each side'.")
 
 
+class ChannelEnvelope(_Strict):
+    low: list[float] = Field(description="Per channel (input.channels order): a window with a sample below this is "
+                             "deferred as 'out_of_range:<channel>'.")
+    high: list[float] = Field(description="Per channel: a window with a sample above this is deferred as "
+                              "'out_of_range:<channel>'.")
+    stuck_below: list[float] = Field(description="Per channel: a window whose spread (max - min) is below this is "
+                                     "deferred as 'stuck:<channel>'; 0 for a channel that does not always move "
+                                     "in training (never stuck).")
+
+
+class FeatureEnvelope(_Strict):
+    low: list[float] = Field(description="Per feature (input.feature_names order): a raw feature below this defers "
+                             "the window as 'feature_range:<feature>'.")
+    high: list[float] = Field(description="Per feature: a raw feature above this defers the window as "
+                              "'feature_range:<feature>'.")
+
+
+class InputEnvelope(_Strict):
+    """What the training data showed, per channel and per feature (edgekit/plausible.py EnvelopeCheck): inside
+    the plausible range but outside this envelope, no model is trusted and the window is deferred with a
+    reason naming the channel or feature. Written by export from the run's train and cal splits."""
+
+    channels: ChannelEnvelope | None = Field(None, description="Per-channel range and stuck detection; null "
+                                             "when the run recorded no window extremes.")
+    features: FeatureEnvelope | None = Field(None, description="Per-feature range; null: none.")
+    basis: str = Field(description="How the bounds were set (quantiles, margins, splits).")
+
+
 class Recording(_Strict):
     """How a recorded file holds samples: the training data's layout, so the agent replays a recording in the
     same layout without knowing which dataset it came from (edgekit/source.py ReplayReader). Data lines start
@@ -271,12 +299,16 @@ class InputSpec(_Strict):
     plausible: PlausibleRange | None = Field(
         None, description="Samples outside this range never reach a model: the agent defers the window as "
         "'implausible' (edgekit/plausible.py). Null: only non-finite values are refused.")
+    envelope: InputEnvelope | None = Field(
+        None, description="The training data's range per channel and feature and its stuck-channel floor: a "
+        "window outside it is deferred with reasons naming the channel or feature (edgekit/plausible.py). "
+        "Absent in bundles exported before it (they behave as before).")
 
     @model_serializer(mode="wrap")
     def _omit_no_params(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
         # Left out rather than written as null: a bundle of an extractor without parameters (or of a table,
         # without units and gaps) stays byte for byte what it was, and an older agent still reads it.
-        return omit_absent(handler(self), self, OPTIONAL_INPUT_KEYS)
+        return omit_absent(handler(self), self, (*OPTIONAL_INPUT_KEYS, "envelope"))
 
     @model_validator(mode="after")
     def _params_fit_extractor(self) -> InputSpec:
@@ -304,6 +336,30 @@ class InputSpec(_Strict):
         for c, (lo, hi) in enumerate(zip(rng.low, rng.high)):
             if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
                 raise ValueError(f"plausible range of channel {c} must be finite with low <= high (got {lo}, {hi})")
+        return self
+
+    @model_validator(mode="after")
+    def _envelope_fits_input(self) -> InputSpec:
+        env = self.envelope
+        if env is None:
+            return self
+        sizes = []
+        if env.channels is not None:
+            n = len(self.channels or [])
+            sizes += [("envelope.channels", len(v), n) for v in
+                      (env.channels.low, env.channels.high, env.channels.stuck_below)]
+        if env.features is not None:
+            n = len(self.feature_names)
+            sizes += [("envelope.features", len(v), n) for v in (env.features.low, env.features.high)]
+        for key, got, want in sizes:
+            if got != want:
+                raise ValueError(f"{key} needs one value per entry ({want}), got {got}")
+        for key, part in (("channels", env.channels), ("features", env.features)):
+            if part is not None and not all(math.isfinite(lo) and math.isfinite(hi) and lo <= hi
+                                            for lo, hi in zip(part.low, part.high)):
+                raise ValueError(f"envelope.{key}: every bound must be finite with low <= high")
+        if env.channels is not None and not all(math.isfinite(s) and s >= 0 for s in env.channels.stuck_below):
+            raise ValueError("envelope.channels.stuck_below must be finite and >= 0")
         return self
 
 

@@ -1,4 +1,5 @@
 """The edge pipeline: windows -> plausibility -> features -> normalise -> models -> gate -> one `Judged` each.
+With an envelope in the bundle (edgekit/plausible.py EnvelopeCheck) its reasons join the gate's decision.
 
 The one copy of what the agent does to a window before it encodes a result: `Agent.process_many` runs it,
 `edgekit bench` times it, and bench/torch_path.py runs it with torch models in place of onnxruntime
@@ -14,8 +15,8 @@ from typing import Any, Protocol
 import numpy as np
 
 from edgekit.features import extractor
-from edgekit.gate import Gate
-from edgekit.plausible import Plausibility
+from edgekit.gate import Gate, OodAttribution
+from edgekit.plausible import EnvelopeCheck, Plausibility
 from edgekit.values import GateDecision, Window
 
 
@@ -31,7 +32,9 @@ class Models(Protocol):
 class Judged:
     """One window after the gate. `features` are the raw features (None when the window was implausible
     before they were computed); `probs`/`second_probs` None when no model saw the window; `implausible`
-    says why it was refused before the models, else None."""
+    says why it was refused before the models, else None; `attribution` for a window deferred as `ood` by a
+    bundle whose gate model gives its errors: {channel or feature: share of the error} (gate.OodAttribution),
+    else None."""
 
     window: Window
     features: np.ndarray | None
@@ -39,6 +42,7 @@ class Judged:
     second_probs: np.ndarray | None
     decision: GateDecision
     implausible: str | None = None
+    attribution: dict[str, float] | None = None
 
 
 class EdgePipeline:
@@ -53,16 +57,23 @@ class EdgePipeline:
         self.pre = pre
         self.gate = gate
         self.plausible = Plausibility.from_manifest(manifest)
+        self.envelope = EnvelopeCheck.from_manifest(manifest)
+        self.attribution = (OodAttribution.for_features(self.feature_names, manifest.input.channels or [])
+                            if getattr(models, "has_errors", False) else None)
         self.uses_window = "window" in models.input_kind.values()
 
     def run(self, windows: Sequence[Window]) -> list[Judged]:
         """Judge `windows` in order. A window with an implausible sample is never featurised, one with a
-        non-finite feature never reaches a model; both are deferred as `implausible`."""
+        non-finite feature never reaches a model; both are deferred as `implausible`. One outside the
+        envelope runs through the models and is deferred with the envelope's reasons."""
         if not windows:
             return []
         one = len(windows) == 1  # the paced path: no copies into a batch
         data = windows[0].data[None] if one else np.stack([w.data for w in windows])
-        why = self.plausible.windows(data)
+        env = self.envelope
+        # per-channel extremes, once, for both checks
+        extremes = (data.min(axis=1), data.max(axis=1)) if env is not None and env.checks_channels else None
+        why = self.plausible.windows(data, extremes)
         keep = [i for i, w in enumerate(why) if w is None]
         if len(keep) < len(windows):
             data = data[keep]
@@ -76,8 +87,15 @@ class EdgePipeline:
         decisions: list[GateDecision | None] = [None] * len(windows)  # None: refused below
         probs: list[np.ndarray | None] = [None] * len(windows)
         second: list[np.ndarray | None] = [None] * len(windows)
+        attribution: dict[int, dict[str, float]] = {}
         if ok:
             rows = [keep[j] for j in ok]
+            named = None
+            if env is not None:
+                lo = hi = None
+                if extremes is not None:
+                    lo, hi = extremes if len(rows) == len(windows) else (extremes[0][rows], extremes[1][rows])
+                named = env.reasons(lo, hi, raw if len(ok) == len(raw) else raw[ok])
             if len(ok) < len(keep):
                 feats = feats[ok]
             win = None
@@ -87,9 +105,12 @@ class EdgePipeline:
             out = self.models.infer(feats, win)
             if len(rows) == 1:  # the paced path: the same rule on one row's scalars (Gate.decide)
                 judged = [self.gate.decide(out.probs[0], None if out.second_probs is None else out.second_probs[0],
-                                           None if out.ood_score is None else out.ood_score[0])]
+                                           None if out.ood_score is None else out.ood_score[0],
+                                           None if named is None else named[0])]
             else:
-                judged = self.gate.decide_many(out.probs, out.second_probs, out.ood_score)
+                judged = self.gate.decide_many(out.probs, out.second_probs, out.ood_score, named)
+            if self.attribution is not None:
+                attribution = self._attribute(judged, rows, feats)
             for k, d in enumerate(judged):
                 i = rows[k]
                 decisions[i] = d
@@ -97,7 +118,24 @@ class EdgePipeline:
                 second[i] = None if out.second_probs is None else out.second_probs[k]
         if len(ok) < len(windows):
             refused = self.gate.refuse("implausible")
-            decisions = [refused if d is None else d for d in decisions]
+            for i, d in enumerate(decisions):
+                if d is None:  # with channel checks, the refusal also names the channels outside the envelope
+                    named = (env.reasons(extremes[0][i:i + 1], extremes[1][i:i + 1], None)[0]
+                             if env is not None and extremes is not None else ())
+                    decisions[i] = self.gate.refuse("implausible", named) if named else refused
         features = dict(zip(keep, raw))
-        return [Judged(w, features.get(i), probs[i], second[i], decisions[i], why[i])  # type: ignore[arg-type]
-                for i, w in enumerate(windows)]
+        return [Judged(w, features.get(i), probs[i], second[i], decisions[i], why[i],  # type: ignore[arg-type]
+                       attribution.get(i)) for i, w in enumerate(windows)]
+
+    def _attribute(self, judged: list[GateDecision], rows: list[int], feats: np.ndarray
+                   ) -> dict[int, dict[str, float]]:
+        """Window index -> attribution of each window the gate deferred as `ood` (one more gate-model run,
+        over those rows only: the accepted windows cost nothing)."""
+        assert self.attribution is not None
+        ood = [k for k, d in enumerate(judged) if "ood" in d.reasons]
+        if not ood:
+            return {}
+        errors = self.models.errors(feats if len(ood) == len(feats) else feats[ood])  # type: ignore[attr-defined]
+        if errors is None:
+            return {}
+        return {rows[k]: a for k, a in zip(ood, self.attribution(errors))}

@@ -5,7 +5,15 @@ reason naming the channel or feature.
 Why: a sample like 4e300 is finite, passes every line check, and turns into NaN features (its square
 overflows); models then answer NaN and a gate written with `>` accepts it (issue 10; FIELD-NOTES.md). The
 range comes from the training data (manifest `input.plausible`, written by export); bundles without one
-get the finiteness checks only. Must not import onnxruntime, paho or torch: it only compares numbers.
+get the finiteness checks only.
+
+The envelope (`EnvelopeCheck`, manifest `input.envelope`, issue 14) is the tighter check inside that range:
+what the training data showed per channel (its range, and how much it moves within a window) and per
+feature. A window outside it still runs through the models (the reviewer sees what they say) but none is
+trusted: the gate defers it with reasons naming the channel or feature (`out_of_range:<channel>`,
+`stuck:<channel>`, `feature_range:<feature>`). One dead channel among eight moves an autoencoder's error
+over 104 features too little to defer (issue 14 measured 87 % of such windows accepted); a check per channel
+does not dilute it. Must not import onnxruntime, paho or torch: it only compares numbers.
 """
 
 from __future__ import annotations
@@ -32,13 +40,15 @@ class Plausibility:
             return cls(channels, None, None)
         return cls(channels, np.asarray(rng.low, dtype=np.float64), np.asarray(rng.high, dtype=np.float64))
 
-    def windows(self, data: np.ndarray) -> list[str | None]:
-        """(n, W, C) raw windows -> per window None (plausible) or why not, naming the channel."""
-        if self.low is not None and self.high is not None and len(data) == 1:
+    def windows(self, data: np.ndarray, extremes: tuple[np.ndarray, np.ndarray] | None = None
+                ) -> list[str | None]:
+        """(n, W, C) raw windows -> per window None (plausible) or why not, naming the channel. `extremes`:
+        the windows' per-channel (min, max), (n, C) each, when the caller has them already."""
+        if extremes is None and self.low is not None and self.high is not None and len(data) == 1:
             # one window (the paced path): one pass, no per-channel extremes unless something is off
             if ((data >= self.low) & (data <= self.high)).all():
                 return [None]
-        lo, hi = data.min(axis=1), data.max(axis=1)  # (n, C); NaN propagates into both
+        lo, hi = extremes if extremes is not None else (data.min(axis=1), data.max(axis=1))  # NaN propagates
         if self.low is None or self.high is None:
             bad = ~(np.isfinite(lo) & np.isfinite(hi))
         else:
@@ -73,3 +83,127 @@ class Plausibility:
             name = names[f] if f < len(names) else f"f{f}"
             out[i] = f"feature {name!r} is not finite for the model (raw value {float(raw[i, f])!r})"
         return out
+
+
+# The envelope's reasons, each with the channel or feature it names after the ':' (gate.REASON_TEXT's keys).
+ENVELOPE_REASONS = ("stuck", "out_of_range", "feature_range")
+# Names per window: a result's reasons are kept comma-joined in 512 characters by the hub, and a person reads
+# the first few; channels are named before features, and a feature of a channel already named is left out.
+MAX_NAMED = 3
+NAME_MAX = 100  # characters of one reason (the contract's limit is 128)
+
+
+def _reason(kind: str, name: str) -> str:
+    """`kind:name`, short enough for the contract and without the comma the hub joins reasons with."""
+    return f"{kind}:{name.replace(',', ' ')}"[:NAME_MAX]
+
+
+def _channel_of(feature: str, channels: Sequence[str]) -> str | None:
+    """The channel a feature is computed from ('<channel>.<stat>'), or None for a derived feature."""
+    head = feature.rsplit(".", 1)[0]
+    return head if head in channels else None
+
+
+@dataclass(frozen=True)
+class EnvelopeCheck:
+    """The envelope rule, once: per window, which channels left their training range (`out_of_range`),
+    which stopped moving (`stuck`: spread below `stuck_below`, 0 = never) and which raw features left theirs
+    (`feature_range`). Vectorised over a batch; every flag is an elementwise comparison, so a window gets
+    the same reasons alone as in any batch. NaN fails each comparison and is outside. Export calibration
+    calls `outside` on its splits' window extremes and features (exporters/export/export.py)."""
+
+    channels: tuple[str, ...]
+    features: tuple[str, ...]
+    low: np.ndarray | None = None  # (C,) or None: no channel checks
+    high: np.ndarray | None = None
+    stuck_below: np.ndarray | None = None
+    f_low: np.ndarray | None = None  # (F,) or None: no feature checks
+    f_high: np.ndarray | None = None
+
+    @classmethod
+    def from_manifest(cls, manifest: Any) -> EnvelopeCheck | None:
+        """The bundle's envelope, or None for a bundle without one (it behaves as before)."""
+        inp = manifest.input
+        env = getattr(inp, "envelope", None)
+        if env is None:
+            return None
+        ch, ft = env.channels, env.features
+
+        def arr(values: Any) -> np.ndarray | None:
+            return None if values is None else np.asarray(values, dtype=np.float64)
+
+        return cls(tuple(inp.channels or ()), tuple(inp.feature_names),
+                   arr(ch and ch.low), arr(ch and ch.high), arr(ch and ch.stuck_below),
+                   arr(ft and ft.low), arr(ft and ft.high))
+
+    @property
+    def checks_channels(self) -> bool:
+        return self.low is not None
+
+    def flags(self, lo: np.ndarray | None, hi: np.ndarray | None, raw: np.ndarray | None
+              ) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+        """(stuck (n, C), out_of_range (n, C), feature_range (n, F)) booleans, None where not checked:
+        `lo`/`hi` the windows' per-channel min and max, `raw` the raw features."""
+        stuck = out = feat = None
+        if self.low is not None and lo is not None and hi is not None:
+            assert self.high is not None and self.stuck_below is not None
+            out = ~((lo >= self.low) & (hi <= self.high))
+            stuck = (hi - lo) < self.stuck_below  # NaN compares False: a NaN window is `out` already
+        if self.f_low is not None and self.f_high is not None and raw is not None:
+            feat = ~((raw >= self.f_low) & (raw <= self.f_high))
+        return stuck, out, feat
+
+    def outside(self, lo: np.ndarray | None, hi: np.ndarray | None, raw: np.ndarray | None) -> np.ndarray:
+        """(n,) True where any check defers the window: what export calibration removes from acceptance."""
+        n = len(lo) if lo is not None else len(raw) if raw is not None else 0
+        mask = np.zeros(n, dtype=bool)
+        for f in self.flags(lo, hi, raw):
+            if f is not None:
+                mask |= f.any(axis=1)
+        return mask
+
+    def reasons(self, lo: np.ndarray | None, hi: np.ndarray | None, raw: np.ndarray | None
+                ) -> list[tuple[str, ...]]:
+        """Per window the reasons naming what left the envelope (an empty tuple: inside it), at most
+        MAX_NAMED: stuck channels, then channels out of range (furthest first, in envelope widths), then
+        features out of range (furthest first) whose channel is not named yet."""
+        stuck, out, feat = self.flags(lo, hi, raw)
+        n = len(lo) if lo is not None else len(raw) if raw is not None else 0
+        result: list[tuple[str, ...]] = [()] * n
+        any_ = np.zeros(n, dtype=bool)
+        for f in (stuck, out, feat):
+            if f is not None:
+                any_ |= f.any(axis=1)
+        for i in np.flatnonzero(any_).tolist():
+            named: list[str] = []
+            seen: set[str] = set()
+            if stuck is not None:
+                for c in np.flatnonzero(stuck[i]).tolist():
+                    named.append(_reason("stuck", self.channels[c]))
+                    seen.add(self.channels[c])
+            if out is not None and lo is not None and hi is not None and out[i].any():
+                assert self.low is not None and self.high is not None
+                for c in self._furthest(out[i], lo[i], hi[i], self.low, self.high):
+                    named.append(_reason("out_of_range", self.channels[c]))
+                    seen.add(self.channels[c])
+            if feat is not None and raw is not None and feat[i].any() and len(named) < MAX_NAMED:
+                assert self.f_low is not None and self.f_high is not None
+                for j in self._furthest(feat[i], raw[i], raw[i], self.f_low, self.f_high):
+                    channel = _channel_of(self.features[j], self.channels)
+                    if channel is None or channel not in seen:
+                        named.append(_reason("feature_range", self.features[j]))
+                        if channel is not None:
+                            seen.add(channel)
+                    if len(named) >= MAX_NAMED:
+                        break
+            result[i] = tuple(named[:MAX_NAMED])
+        return result
+
+    @staticmethod
+    def _furthest(bad: np.ndarray, lo: np.ndarray, hi: np.ndarray, low: np.ndarray, high: np.ndarray) -> list[int]:
+        """Indices flagged in `bad`, furthest outside first (in widths of their envelope; NaN first)."""
+        idx = np.flatnonzero(bad)
+        width = np.maximum(high[idx] - low[idx], np.finfo(np.float64).tiny)
+        excess = np.maximum(low[idx] - lo[idx], hi[idx] - high[idx]) / width
+        excess = np.where(np.isnan(excess), np.inf, excess)
+        return idx[np.argsort(-excess, kind="stable")].tolist()

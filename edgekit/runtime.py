@@ -196,6 +196,20 @@ class ModelSet:
                 return False
         return True
 
+    @property
+    def has_errors(self) -> bool:
+        """Whether the gate model also gives its per-feature squared errors (output `errors`, bundles
+        exported since issue 14): what an `ood` deferral's attribution is computed from."""
+        gate = self.manifest.models.get("gate")
+        return gate is not None and "errors" in gate.outputs
+
+    def errors(self, features: np.ndarray) -> np.ndarray | None:
+        """The gate model's (n, F) squared reconstruction errors of normalised `features`, or None when the
+        bundle's gate model has no such output. Run only for the rows the gate deferred as `ood`."""
+        if not self.has_errors or not len(features):
+            return None
+        return self.sessions["gate"].run(["errors"], {self.inputs["gate"]: features})[0]
+
     def infer(self, features: np.ndarray, window: np.ndarray | None) -> Outputs:
         """features: normalised (n, F) float32; window: normalised (n, C, W) float32 or None."""
         if self._single(features, window):

@@ -87,7 +87,9 @@ def test_one_result_per_window_and_reviews_for_deferred(which, request, mosquitt
         assert sub.wait_for(lambda: {m["id"] for m in sub.of("review")} >= set(deferred), 20)
         for review in sub.of("review"):
             assert review["reasons"], review
-            assert set(review["reasons"]) <= {"ood", "disagreement", "low_confidence"}
+            # the gate's reasons, and the input envelope's, each naming a channel or feature after the ':'
+            assert {r.split(":")[0] for r in review["reasons"]} <= {"ood", "disagreement", "low_confidence", "stuck",
+                                                                   "out_of_range", "feature_range"}
             assert review["signal"]["points"] and review["features"]
         for r in results:
             assert r["schema"] == "edgekit.result/1" and r["model_version"] and "replayed" not in r

@@ -404,3 +404,24 @@ def test_a_spectral_recipe_trains_exports_and_the_agent_computes_its_features(tm
     judged = pipeline.run([Window(seq=i, start_s=0.0, end_s=1.0, data=w) for i, w in enumerate(data.windows)])
     assert all(j.implausible is None for j in judged)
     assert np.array_equal(np.stack([j.features for j in judged]).astype(np.float64), data.features)
+
+
+def test_gate_model_gives_its_errors_and_the_bundle_an_envelope(mlp_bundle: tuple[Path, Path, dict]) -> None:
+    """The autoencoder's file also outputs its per-feature squared errors (an ood deferral's attribution),
+    whose mean is the score bit for bit what it was; the bundle's envelope has the feature ranges (and no
+    channel checks: this run, like one trained before issue 14, has no window extremes)."""
+    import onnxruntime as ort
+
+    _, out, report = mlp_bundle
+    m = load_bundle(out)
+    assert m.models["gate"].outputs == ["score", "errors"] and report["models"]["gate"]["pass"]
+    with np.load(out / "heldout.npz") as held:
+        x, score = held["x_features"], held["score"]
+    for file in {m.models["gate"].file, m.models["gate"].fp32_file}:
+        got_score, errors = ort.InferenceSession(str(out / file)).run(["score", "errors"], {"x": x})
+        assert errors.shape == x.shape and np.allclose(errors.mean(axis=-1), got_score, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(ort.InferenceSession(str(out / m.models["gate"].file)).run(["score"], {"x": x})[0],
+                                  score)
+    env = m.input.envelope
+    assert env is not None and env.channels is None and env.features is not None
+    assert len(env.features.low) == len(m.input.feature_names)

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from edgekit.gate import Gate
+from edgekit.gate import Gate, OodAttribution
 
 
 def test_each_reason_and_accept():
@@ -91,3 +91,49 @@ def test_one_window_decides_as_the_batch_does_bit_for_bit():
         assert list(map(repr, one)) == list(map(repr, batch))  # repr: NaN scores compare equal
         assert gate.decide(probs[0], None, None) == gate.decide_many(probs[:1], None, None)[0]
     assert {r for d in batch for r in d.reasons} == {"non_finite"}  # disabled: only non_finite remains
+
+
+def test_envelope_reasons_stand_where_the_rule_says_envelope():
+    """A window outside the input envelope is deferred whatever the models say, its reasons naming what left
+    the envelope first; the batch and the lone window agree; a disabled gate turns the envelope off."""
+    g = Gate(ood_max_score=1.0, min_confidence=0.8, max_disagreement=0.3)
+    sure = np.array([0.95, 0.05])
+    named = ("stuck:Flow", "feature_range:Pressure.std")
+    d = g.decide(sure, sure, 0.5, named)
+    assert d.action == "defer" and d.reasons == named
+    assert g.decide(sure, sure, 1.5, named).reasons == (*named, "ood")
+    assert g.decide(sure, sure, 0.5, ()).action == "accept"
+    probs = np.array([sure, sure, [0.6, 0.4]])
+    batch = g.decide_many(probs, probs, np.array([0.5, 2.0, 0.5]), [named, (), ("out_of_range:T",)])
+    assert [b.reasons for b in batch] == [named, ("ood",), ("out_of_range:T", "low_confidence")]
+    assert batch == [g.decide(probs[i], probs[i], s, e)
+                     for i, (s, e) in enumerate(zip([0.5, 2.0, 0.5], [named, (), ("out_of_range:T",)]))]
+    off = Gate(1.0, 0.8, 0.3, enabled=False)
+    assert off.decide(sure, sure, 0.5, named).action == "accept"
+    assert off.refuse("implausible", named).reasons == ("implausible",)
+    assert g.refuse("implausible", ("out_of_range:T",)).reasons == ("implausible", "out_of_range:T")
+    v = g.verdicts(probs, probs, np.array([0.5, 0.5, 0.5]), np.array([True, False, False]))
+    np.testing.assert_array_equal(v.accept, [False, True, False])
+
+
+def test_calibration_never_accepts_a_row_the_envelope_defers():
+    from edgekit.exporters.export.calibrate import accept_mask, calibrate_gate
+
+    rng = np.random.default_rng(5)
+    n = 4000
+    y = rng.integers(0, 2, size=n)
+    probs = np.where(rng.random((n, 1)) < 0.9, np.eye(2)[y], np.eye(2)[1 - y]) * 0.9 + 0.05
+    split = {"probs": probs, "second": probs, "score": rng.exponential(0.1, size=n), "y": y}
+    outside = rng.random(n) < 0.2
+    out = calibrate_gate(split, split, normal_index=0, target_error=0.2, delta=0.1,
+                         outside={"cal": outside, "test": outside})
+    accepted = accept_mask(probs, probs, split["score"], out["thresholds"], outside)
+    assert not accepted[outside].any() and accepted[~outside].mean() > 0.5
+    assert out["calibration"]["cal_accepted"] == accepted.sum()
+
+
+def test_ood_attribution_shares_by_channel_and_derived_feature():
+    att = OodAttribution.for_features(["a.mean", "a.std", "b.mean", "mag"], ["a", "b"], top=2)
+    assert att.names == ("a", "b", "mag")
+    errors = np.array([[1.0, 2.0, 6.0, 1.0], [0.0, 0.0, 0.0, 0.0], [5.0, 0.0, 1.0, 4.0], [np.nan, 1, 1, 1]])
+    assert att(errors) == [{"b": 0.6, "a": 0.3}, {}, {"a": 0.5, "mag": 0.4}, {}]

@@ -249,3 +249,35 @@ def test_feature_params_round_trip_and_stay_out_of_bundles_without_them(bundle: 
 def test_feature_params_that_do_not_fit_the_input_are_refused(tmp_path: Path, change: dict, message: str) -> None:
     with pytest.raises(ModelError, match=message):
         read_manifest(_with_input(tmp_path, {**SPECTRAL_INPUT, **change}))
+
+
+WINDOW_INPUT = {"kind": "window", "extractor": "machine", "channels": ["p", "q"], "rate_hz": 1.0, "window_size": 8,
+                "window_hop": 4, "feature_names": ["p.mean", "q.mean"],
+                "envelope": {"channels": {"low": [0.0, 1.0], "high": [1.0, 2.0], "stuck_below": [0.01, 0.0]},
+                             "features": {"low": [0.0, 1.0], "high": [1.0, 2.0]}, "basis": "test"}}
+
+
+def test_envelope_round_trips_and_stays_out_of_bundles_without_it(bundle: Path, tmp_path: Path) -> None:
+    assert "envelope" not in json.loads((bundle / "manifest.json").read_text())["input"]
+    assert read_manifest(bundle).input.envelope is None
+    m = read_manifest(_with_input(tmp_path, WINDOW_INPUT))
+    env = m.input.envelope
+    assert env is not None and env.channels is not None and env.channels.stuck_below == [0.01, 0.0]
+    again = tmp_path / "again"
+    again.mkdir()
+    write_manifest(again, m)
+    assert read_manifest(again) == m
+
+
+@pytest.mark.parametrize("part,change,message", [
+    ("channels", {"low": [0.0]}, r"envelope.channels needs one value per entry \(2\), got 1"),
+    ("features", {"high": [1.0, 2.0, 3.0]}, r"envelope.features needs one value per entry \(2\), got 3"),
+    ("channels", {"low": [0.0, 3.0]}, "envelope.channels: every bound must be finite with low <= high"),
+    ("channels", {"stuck_below": [0.0, -1.0]}, "stuck_below must be finite and >= 0"),
+])
+def test_an_envelope_that_does_not_fit_the_input_is_refused(tmp_path: Path, part: str, change: dict,
+                                                            message: str) -> None:
+    env = WINDOW_INPUT["envelope"]
+    inp = {**WINDOW_INPUT, "envelope": {**env, part: {**env[part], **change}}}
+    with pytest.raises(ModelError, match=message):
+        read_manifest(_with_input(tmp_path, inp))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekit.plausible import Plausibility
+from edgekit.plausible import MAX_NAMED, NAME_MAX, EnvelopeCheck, Plausibility
 
 
 def test_windows_outside_the_range_or_not_finite_are_named():
@@ -34,3 +34,77 @@ def test_features_past_float32_are_refused_by_name():
         normalised = raw.astype(np.float32)  # 1e39 -> inf in float32
     assert Plausibility.features(normalised, raw, ["mean", "energy"]) == [
         "feature 'energy' is not finite for the model (raw value 1e+39)", None]
+
+
+# --- the input envelope (issue 14) --------------------------------------------------------------------
+
+CHANNELS = ("a", "b", "c")
+FEATURES = ("a.mean", "b.mean", "c.std", "mag")
+
+
+def envelope() -> EnvelopeCheck:
+    """Channels a, b, c in [0, 10] (c in [0, 1]); a and c stuck below a spread of 0.1, b never (it was flat in
+    training); features in [0, 1]."""
+    return EnvelopeCheck(CHANNELS, FEATURES, np.array([0.0, 0.0, 0.0]), np.array([10.0, 10.0, 1.0]),
+                         np.array([0.1, 0.0, 0.1]), np.zeros(4), np.ones(4))
+
+
+def extremes(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return data.min(axis=1), data.max(axis=1)
+
+
+def test_envelope_names_stuck_and_out_of_range_channels_and_features():
+    env = envelope()
+    rng = np.random.default_rng(0)
+    data = np.empty((6, 8, 3))
+    data[:] = rng.uniform(0.2, 0.8, size=data.shape)  # every channel moves, inside its range
+    raw = np.full((6, 4), 0.5)
+    data[1, :, 0] = 0.5  # a stuck (flat)
+    data[1, :, 1] = 0.5  # b flat too, but b was flat in training: never stuck
+    data[2, 3, 1] = 25.0  # b far above (1.5 widths)
+    data[2, 4, 2] = -0.2  # c a little below (0.2 widths)
+    raw[3] = [3.0, 0.5, 0.5, -1.0]  # a.mean 2 widths out, mag 1 width out
+    data[4, :, 0] = 0.5  # a stuck, a.mean out (left out: a is named), mag out
+    raw[4] = [3.0, 0.5, 0.5, 1.5]
+    data[5, :, 0] = np.nan  # NaN fails every comparison: outside
+    lo, hi = extremes(data)
+    assert env.reasons(lo, hi, raw) == [
+        (), ("stuck:a",), ("out_of_range:b", "out_of_range:c"), ("feature_range:a.mean", "feature_range:mag"),
+        ("stuck:a", "feature_range:mag"), ("out_of_range:a",)]
+    np.testing.assert_array_equal(env.outside(lo, hi, raw), [False, True, True, True, True, True])
+    edges = np.array([[[0.0, 0.0, 0.0], [10.0, 10.0, 1.0]]])  # the bounds themselves are inside
+    assert env.reasons(*extremes(edges), np.array([[0.0, 1.0, 0.0, 1.0]])) == [()]
+
+
+def test_envelope_names_at_most_three_and_each_fits_the_contract():
+    env = EnvelopeCheck(("x,1", "y" * 200), ("x,1.mean", "f2", "f3", "f4"), np.zeros(2), np.ones(2), np.zeros(2),
+                        np.zeros(4), np.ones(4))
+    lo, hi = np.array([[2.0, 2.0]]), np.array([[3.0, 3.0]])
+    named = env.reasons(lo, hi, np.full((1, 4), 5.0))[0]
+    assert len(named) == MAX_NAMED
+    assert named[0] == "out_of_range:x 1" and named[1].startswith("out_of_range:yyy") and len(named[1]) == NAME_MAX
+    assert named[2] == "feature_range:f2"  # x,1.mean is x,1's: named already
+    assert all("," not in r for r in named)
+
+
+def test_envelope_on_a_batch_is_the_envelope_on_each_window_bit_for_bit():
+    env = envelope()
+    rng = np.random.default_rng(3)
+    data = rng.uniform(0.0, 1.0, size=(500, 8, 3)) * rng.choice([1.0, 1.05], size=(500, 1, 3))
+    data[rng.random(500) < 0.3, :, 0] = 0.5  # stuck a
+    data[rng.random(500) < 0.1, 2, 2] = np.nan
+    raw = rng.normal(0.5, 0.2, size=(500, 4))
+    lo, hi = extremes(data)
+    batch = env.reasons(lo, hi, raw)
+    one = [env.reasons(lo[i:i + 1], hi[i:i + 1], raw[i:i + 1])[0] for i in range(500)]
+    assert batch == one
+    assert 0 < sum(map(bool, batch)) < 500
+    np.testing.assert_array_equal(env.outside(lo, hi, raw), [bool(r) for r in batch])
+    # channels only (no feature envelope), and features only
+    no_features = EnvelopeCheck(CHANNELS, FEATURES, env.low, env.high, env.stuck_below)
+    assert no_features.reasons(lo, hi, None) == [tuple(r for r in b if not r.startswith("feature_range"))
+                                                  for b in no_features.reasons(lo, hi, raw)]
+    only_features = EnvelopeCheck(CHANNELS, FEATURES, f_low=env.f_low, f_high=env.f_high)
+    assert not only_features.checks_channels
+    assert only_features.reasons(None, None, raw) == [
+        only_features.reasons(None, None, raw[i:i + 1])[0] for i in range(500)]

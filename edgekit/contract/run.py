@@ -8,6 +8,8 @@ A run directory holds:
                           {split}_features      float32 (n, F) NORMALISED ((raw - mean) / std)
                           {split}_features_raw  float32 (n, F) before normalisation (after imputation)
                           {split}_window        float32 (n, C, W) NORMALISED per channel (cnn1d tasks only)
+                          {split}_window_min    float64 (n, C) each raw window's per-channel min (window
+                          {split}_window_max    tasks; NaN for extra-label rows), max: export's envelope
                           {split}_y             int64 (n,) index into labels
                           {split}_group         str (n,) the split group (file/subject), when group_by is set
     predictor.pt, autoencoder.pt   training/models.save_checkpoint (load with load_checkpoint)

@@ -111,14 +111,16 @@ def gate_score(probs: np.ndarray, second_probs: np.ndarray) -> np.ndarray:
 
 
 def accept_mask(probs: np.ndarray, second_probs: np.ndarray, ood_score: np.ndarray,
-                thresholds: dict[str, Any]) -> np.ndarray:
-    """What the agent's gate accepts under `thresholds`: the agent's own rule (edgekit.gate), not a copy."""
-    return Gate.from_thresholds(thresholds).verdicts(probs, second_probs, ood_score).accept
+                thresholds: dict[str, Any], outside: np.ndarray | None = None) -> np.ndarray:
+    """What the agent's gate accepts under `thresholds` (and the input envelope's mask `outside`, or None):
+    the agent's own rule (edgekit.gate), not a copy."""
+    return Gate.from_thresholds(thresholds).verdicts(probs, second_probs, ood_score, outside).accept
 
 
 def calibrate_gate(cal: dict[str, np.ndarray], test: dict[str, np.ndarray], *, normal_index: int,
                    target_error: float, delta: float, ood_quantile: float = 0.99,
-                   ood_reference: str = "normal") -> dict[str, Any]:
+                   ood_reference: str = "normal", outside: dict[str, np.ndarray | None] | None = None
+                   ) -> dict[str, Any]:
     """Thresholds from the cal split; realised error/coverage on the test split.
 
     `cal`/`test` hold 'probs' [N, K] (predictor), 'second' [N, K] (second opinion), 'score' [N] (autoencoder),
@@ -126,7 +128,10 @@ def calibrate_gate(cal: dict[str, np.ndarray], test: dict[str, np.ndarray], *, n
     autoencoder was fitted on (`ood_reference`: "normal" cases, or "all"), so about 1 - ood_quantile of
     such in-distribution cases are deferred as out of distribution; min_confidence and
     max_disagreement come from ltt_threshold on gate_score among the cases the OOD check lets through.
+    `outside`: per split ("cal", "test") the rows the input envelope defers (the agent never accepts them),
+    or None; those rows are never accepted here either.
     """
+    outside = outside or {}
     if not 0.5 <= ood_quantile < 1.0:
         raise ExportError(f"ood_quantile must be in [0.5, 1) (got {ood_quantile})", where="calibrate_gate")
     if ood_reference not in ("normal", "all"):
@@ -141,7 +146,10 @@ def calibrate_gate(cal: dict[str, np.ndarray], test: dict[str, np.ndarray], *, n
     ood_max = float(np.quantile(normal_scores, ood_quantile))
     errors = np.argmax(cal["probs"], axis=-1) != y
     score = gate_score(cal["probs"], cal["second"])
-    score = np.where(np.asarray(cal["score"]) <= ood_max, score, -np.inf)
+    passed = np.asarray(cal["score"]) <= ood_max
+    if outside.get("cal") is not None:
+        passed &= ~np.asarray(outside["cal"], dtype=bool)
+    score = np.where(passed, score, -np.inf)
     ltt = ltt_threshold(score, errors, target_error, delta)
     if ltt["valid"]:
         thresholds = {"ood_max_score": ood_max, "min_confidence": ltt["lambda"],
@@ -150,8 +158,8 @@ def calibrate_gate(cal: dict[str, np.ndarray], test: dict[str, np.ndarray], *, n
         # min_confidence 2.0 > any probability: a gate that ignores defer_all still defers everything
         thresholds = {"ood_max_score": ood_max, "min_confidence": 2.0, "max_disagreement": 0.0,
                       "defer_all": True}
-    cal_acc = accept_mask(cal["probs"], cal["second"], cal["score"], thresholds)
-    test_acc = accept_mask(test["probs"], test["second"], test["score"], thresholds)
+    cal_acc = accept_mask(cal["probs"], cal["second"], cal["score"], thresholds, outside.get("cal"))
+    test_acc = accept_mask(test["probs"], test["second"], test["score"], thresholds, outside.get("test"))
     test_err = np.argmax(test["probs"], axis=-1) != np.asarray(test["y"])
     n_cal, n_test = int(y.size), int(len(test["y"]))
     report = {

@@ -1,10 +1,12 @@
 """Run directory -> signed bundle, in small steps: export -> quantize -> check parity -> recalibrate -> bundle.
 
-    export_onnx      torch/scikit-learn -> ONNX fp32 (input "x", dynamic batch; outputs probs / score /
+    export_onnx      torch/scikit-learn -> ONNX fp32 (input "x", dynamic batch; outputs probs / score+errors /
                      label+probabilities), key facts in each file's metadata_props
     quantize_models  static QDQ INT8 of the torch models, calibrated on the train split
     check_parity     torch vs fp32, fp32 vs INT8 side by side; chooses the file each role uses
-    recalibrate      gate thresholds on the cal split from the outputs of the files the bundle uses
+    input_envelope   per channel and feature the training data's range and stuck floor (issue 14)
+    recalibrate      gate thresholds on the cal split from the outputs of the files the bundle uses (and
+                     the envelope's deferrals)
     write_bundle     heldout.npz, parity.json, run.json, manifest.json (sha256 of every file), manifest.sig
 """
 
@@ -40,7 +42,8 @@ OPSET = 17
 # role in the bundle -> (key in run.json "models", ONNX output names, file stem)
 ROLES: dict[str, dict[str, Any]] = {
     "predictor": {"run_key": "predictor", "outputs": ["probs"], "stem": "predictor"},
-    "gate": {"run_key": "autoencoder", "outputs": ["score"], "stem": "autoencoder"},
+    # score first: parity and calibration read outputs[0]; errors (n, F) feed an ood deferral's attribution
+    "gate": {"run_key": "autoencoder", "outputs": ["score", "errors"], "stem": "autoencoder"},
     "second_opinion": {"run_key": "second_opinion", "outputs": ["label", "probabilities"],
                        "stem": "second_opinion"},
 }
@@ -51,6 +54,21 @@ OOD_QUANTILE = 0.99
 # moves a channel further than the whole training spread is deferred too (a person looks) rather than
 # answered by models that never saw anything like it. The ood check judges everything in between.
 PLAUSIBLE_MARGIN = 1.0
+# The input envelope (issue 14), set from the run's data, never from a test split:
+#  - its base is the train split's range per channel (window minima and maxima) and per feature, at these
+#    quantiles: robust to a few odd training windows (a 0.001 quantile of SKAB's 6,942 is its 7th lowest);
+ENVELOPE_QUANTILE = 0.001
+#  - each side is widened by the furthest a calibration-split window of the autoencoder's kind (held-out
+#    files or subjects, which the models never saw) went beyond the base, and by at least this share of the
+#    base's width: a recording the models never saw differs from the training ones (IPOL's held-out subjects
+#    walk with other peaks; SKAB's files run at other temperatures), and that difference is not a fault;
+ENVELOPE_MIN_MARGIN = 0.1
+#  - a channel is stuck when its window spread (max - min) falls below this share of both the train split's
+#    ENVELOPE_QUANTILE spread and the least spread of those calibration windows: a live sensor's window never
+#    moves less than its noise floor, which the quietest training windows show; ten times less is a sensor
+#    that stopped reporting (dead or frozen), not a quieter machine. A channel flat in more than that share
+#    of the training windows never counts as stuck.
+STUCK_FRACTION = 0.1
 
 
 @dataclass
@@ -130,17 +148,19 @@ def set_metadata(path: Path, props: dict[str, str]) -> None:
 # --- step 1: export -------------------------------------------------------------------------------
 
 
-def torch_to_onnx(model: Any, example: np.ndarray, path: Path, output: str) -> None:
-    """A torch module -> fp32 ONNX file: input "x" with a dynamic batch, one output named `output`, opset
-    OPSET. The export step of every torch model, the evaluations' (evaluation/skab.py) included."""
+def torch_to_onnx(model: Any, example: np.ndarray, path: Path, output: str | list[str]) -> None:
+    """A torch module -> fp32 ONNX file: input "x" with a dynamic batch, outputs named `output` (one name, or
+    one per tensor the module returns), opset OPSET. The export step of every torch model, the evaluations'
+    (evaluation/skab.py) included."""
     import torch
 
+    names = [output] if isinstance(output, str) else list(output)
     x = torch.from_numpy(np.ascontiguousarray(example[:2], np.float32))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # legacy exporter's DeprecationWarning; dynamo needs no graph breaks
-        torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=[output],
-                          dynamic_axes={"x": {0: "batch"}, output: {0: "batch"}}, opset_version=OPSET,
-                          dynamo=False)
+        torch.onnx.export(model, (x,), str(path), input_names=["x"], output_names=names,
+                          dynamic_axes={"x": {0: "batch"}, **{n: {0: "batch"} for n in names}},
+                          opset_version=OPSET, dynamo=False)
 
 
 def _torch_outputs(model: Any, x: np.ndarray, batch: int = 1024) -> np.ndarray:
@@ -159,7 +179,7 @@ def export_onnx(run: Run, out: Path) -> dict[str, Any]:
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import FloatTensorType
 
-    from edgekit.exporters.training.models import load_checkpoint
+    from edgekit.exporters.training.models import ScoreAndErrors, load_checkpoint
 
     result: dict[str, Any] = {}
     threads = torch.get_num_threads()
@@ -171,8 +191,10 @@ def export_onnx(run: Run, out: Path) -> dict[str, Any]:
                 raise ExportError("model checkpoint not found", where=str(ckpt_path), hint="re-run `edgekit train`")
             model, _ = load_checkpoint(ckpt_path)
             fname = f"{ROLES[role]['stem']}.fp32.onnx"
+            outputs = ROLES[role]["outputs"]
+            graph = ScoreAndErrors(model) if role == "gate" else model  # score as before, plus its errors
             try:
-                torch_to_onnx(model, run.x(role, "train"), out / fname, ROLES[role]["outputs"][0])
+                torch_to_onnx(graph, run.x(role, "train"), out / fname, outputs)
             except Exception as exc:
                 raise ExportError(f"torch.onnx.export failed: {exc}", where=str(ckpt_path)) from exc
             set_metadata(out / fname, _metadata(run, role, "fp32"))
@@ -338,10 +360,13 @@ def used_outputs(run: Run, out: Path, parity: dict[str, Any]) -> dict[str, dict[
 
 
 def recalibrate(run: Run, outputs: dict[str, dict[str, np.ndarray]], target_error: float,
-                delta: float) -> dict[str, Any]:
+                delta: float, envelope: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Gate thresholds on the cal split; the rows the envelope defers (the agent never accepts them) are
+    left out of what the thresholds accept, on cal and in the test report."""
     return calibrate_mod.calibrate_gate(outputs["cal"], outputs["test"], normal_index=run.normal_index,
                                         target_error=target_error, delta=delta, ood_quantile=OOD_QUANTILE,
-                                        ood_reference=ood_reference(run))
+                                        ood_reference=ood_reference(run),
+                                        outside={s: envelope_outside(run, envelope, s) for s in ("cal", "test")})
 
 
 def ood_reference(run: Run) -> str:
@@ -375,6 +400,84 @@ def plausible_range(observed: dict[str, list[float]] | None) -> dict[str, Any] |
             "basis": f"training range widened by {PLAUSIBLE_MARGIN:g} span(s) on each side"}
 
 
+def _bounds(train: tuple[np.ndarray, np.ndarray], cal: tuple[np.ndarray, np.ndarray] | None
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Envelope bounds per column from (lows, highs) of the train rows and of the calibration reference rows
+    (each (n, k); NaN rows ignored): the train split's ENVELOPE_QUANTILE range, widened on each side by the
+    larger of ENVELOPE_MIN_MARGIN widths and the calibration rows' furthest excursion beyond it."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # an all-NaN column (no window rows) stays NaN
+        low = np.nanquantile(train[0], ENVELOPE_QUANTILE, axis=0)
+        high = np.nanquantile(train[1], 1.0 - ENVELOPE_QUANTILE, axis=0)
+    width = high - low
+    width = np.where(width > 0, width, np.maximum(1.0, np.maximum(np.abs(low), np.abs(high))))
+    below = above = ENVELOPE_MIN_MARGIN * width
+    if cal is not None and len(cal[0]):
+        below = np.maximum(below, np.nan_to_num(low - np.nanmin(cal[0], axis=0), nan=0.0))
+        above = np.maximum(above, np.nan_to_num(np.nanmax(cal[1], axis=0) - high, nan=0.0))
+    return low - below, high + above
+
+
+def input_envelope(run: Run) -> dict[str, Any] | None:
+    """The manifest's input.envelope from the run's train split and its calibration reference rows (those
+    the autoencoder's threshold comes from: normal ones, or all); None for a table task. Channels are left
+    out for a run without window extremes (trained before they were recorded)."""
+    meta, s = run.meta, run.splits
+    if meta.input.kind != "window":
+        return None
+    cal_rows = run.y("cal") == run.normal_index if ood_reference(run) == "normal" else slice(None)
+    raw_train, raw_cal = s.get("train_features_raw"), s.get("cal_features_raw")
+    out: dict[str, Any] = {"channels": None, "features": None}
+    parts = []
+    if raw_train is not None and len(raw_train):
+        tr = raw_train.astype(np.float64)
+        cal = raw_cal.astype(np.float64)[cal_rows] if raw_cal is not None else None
+        low, high = _bounds((tr, tr), None if cal is None else (cal, cal))
+        if np.isfinite(low).all() and np.isfinite(high).all():
+            out["features"] = {"low": low.tolist(), "high": high.tolist()}
+            parts.append("features")
+    if "train_window_min" in s and "train_window_max" in s and len(s["train_window_min"]):
+        tr_lo, tr_hi = s["train_window_min"], s["train_window_max"]
+        cal_lo = s["cal_window_min"][cal_rows] if "cal_window_min" in s else tr_lo[:0]
+        cal_hi = s["cal_window_max"][cal_rows] if "cal_window_max" in s else tr_hi[:0]
+        low, high = _bounds((tr_lo, tr_hi), (cal_lo, cal_hi))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            floor = np.nanquantile(tr_hi - tr_lo, ENVELOPE_QUANTILE, axis=0)
+            if len(cal_lo):
+                floor = np.fmin(floor, np.nanmin(cal_hi - cal_lo, axis=0))
+        stuck = np.where(floor > 0, STUCK_FRACTION * floor, 0.0)
+        if np.isfinite(low).all() and np.isfinite(high).all() and np.isfinite(stuck).all():
+            out["channels"] = {"low": low.tolist(), "high": high.tolist(), "stuck_below": stuck.tolist()}
+            parts.append("channels")
+    if not parts:
+        return None
+    ref = "normal" if ood_reference(run) == "normal" else "all"
+    out["basis"] = (f"{' and '.join(parts)}: the train split's {ENVELOPE_QUANTILE:g}-{1 - ENVELOPE_QUANTILE:g} "
+                    f"quantile range (channels: of window minima and maxima), each side widened by the larger of "
+                    f"{ENVELOPE_MIN_MARGIN:g} width and the furthest a calibration window ({ref}) went beyond it"
+                    + (f"; stuck: window spread below {STUCK_FRACTION:g} x the least of the train split's "
+                       f"{ENVELOPE_QUANTILE:g} quantile and the calibration windows' spread"
+                       if out["channels"] else ""))
+    return out
+
+
+def envelope_outside(run: Run, envelope: dict[str, Any] | None, split: str) -> np.ndarray | None:
+    """(n,) True for the rows of `split` the agent's envelope rule (edgekit/plausible.py EnvelopeCheck)
+    defers, from the split's window extremes and raw features; None without an envelope."""
+    if envelope is None:
+        return None
+    from edgekit.plausible import EnvelopeCheck
+
+    ch, ft = envelope["channels"], envelope["features"]
+    check = EnvelopeCheck(tuple(run.meta.input.channels or ()), tuple(run.meta.input.feature_names),
+                          *(np.asarray(ch[k], np.float64) if ch else None for k in ("low", "high", "stuck_below")),
+                          *(np.asarray(ft[k], np.float64) if ft else None for k in ("low", "high")))
+    s = run.splits
+    lo, hi = s.get(f"{split}_window_min"), s.get(f"{split}_window_max")
+    return check.outside(lo if ch else None, hi if ch else None, s.get(f"{split}_features_raw") if ft else None)
+
+
 def _population(run: Run, names: list[str]) -> dict[str, Any] | None:
     """The training split's raw-feature quantiles (edgekit/population.py), or None for a run without them."""
     x = run.splits["train_features_raw"] if "train_features_raw" in run.splits else None
@@ -384,7 +487,8 @@ def _population(run: Run, names: list[str]) -> dict[str, Any] | None:
 
 
 def write_bundle(run: Run, out: Path, parity: dict[str, Any], calibration: dict[str, Any],
-                 outputs: dict[str, dict[str, np.ndarray]], sign_key: Path | None) -> Manifest:
+                 outputs: dict[str, dict[str, np.ndarray]], sign_key: Path | None,
+                 envelope: dict[str, Any] | None = None) -> Manifest:
     meta = run.meta
     test = outputs["test"]
     held: dict[str, np.ndarray] = {
@@ -423,6 +527,7 @@ def write_bundle(run: Run, out: Path, parity: dict[str, Any], calibration: dict[
                   "feature_names": inp.feature_names, "feature_params": inp.feature_params,
                   "imputation": meta.imputation.model_dump() if meta.imputation is not None else None,
                   "plausible": plausible_range(inp.channel_range.model_dump() if inp.channel_range else None),
+                  "envelope": envelope,
                   "recording": inp.recording, "units": inp.units, "max_gap_s": inp.max_gap_s},
         "normalize": meta.normalize,
         "models": models,
@@ -478,11 +583,12 @@ def export(run_dir: Path, out: Path, *, int8: bool = True, sign_key: Path | None
                           hint="the ONNX graph does not reproduce the trained model; see parity.json")
     steps.set_postfix_str("calibrate")
     outputs = used_outputs(run, out, parity)
-    calibration = recalibrate(run, outputs, target, delta)
+    envelope = input_envelope(run)
+    calibration = recalibrate(run, outputs, target, delta, envelope)
     parity["gate_calibration"] = {**calibration["calibration"], "thresholds": calibration["thresholds"]}
     steps.update()
     steps.set_postfix_str("bundle")
-    manifest = write_bundle(run, out, parity, calibration, outputs, sign_key)
+    manifest = write_bundle(run, out, parity, calibration, outputs, sign_key, envelope)
     steps.update()
     steps.close()
     log.info("export_done out=%s task=%s files=%d signed=%s", out, manifest.task, len(manifest.files),

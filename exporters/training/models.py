@@ -3,6 +3,7 @@
     mlp       x [N, F] normalised features      -> probs [N, K] (softmax inside the graph)
     cnn1d     x [N, C, W] normalised window     -> probs [N, K]
     dense_ae  x [N, F] normalised features      -> score [N] mean squared reconstruction error
+                                                   (exported as ScoreAndErrors: score [N], errors [N, F])
 """
 
 from __future__ import annotations
@@ -81,6 +82,20 @@ class DenseAE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ((self.reconstruct(x) - x) ** 2).mean(dim=-1)
+
+
+class ScoreAndErrors(nn.Module):
+    """A dense autoencoder as export writes it: (score [N], errors [N, F]), the per-feature squared
+    reconstruction errors beside their mean, the same ops as DenseAE.forward (so the same score), with the
+    errors as a second output the agent reads for an `ood` deferral's attribution (edgekit/gate.py)."""
+
+    def __init__(self, autoencoder: DenseAE) -> None:
+        super().__init__()
+        self.autoencoder = autoencoder
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        errors = (self.autoencoder.reconstruct(x) - x) ** 2
+        return errors.mean(dim=-1), errors
 
 
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn1d": CNN1D, "dense_ae": DenseAE}

@@ -469,7 +469,9 @@ class Split:
     """One split's rows on their way through training. `raw`: (n, F) float64 features after imputation; `y`:
     (n,) int64 label indices; `window`: (n, W, C) raw windows (cnn1d tasks only); `group`: (n,) split group
     (group_by) or None; `report`: report group name -> (n,) values; `x` / `w`: the normalised float32 model
-    inputs, features (n, F) and windows (n, C, W), set by `_normalise`."""
+    inputs, features (n, F) and windows (n, C, W), set by `_normalise`; `extremes`: (n, 2, C) each raw
+    window's per-channel min and max (window tasks; NaN for extra-label rows without a window), from which
+    export sets the input envelope."""
 
     raw: np.ndarray
     y: np.ndarray
@@ -478,10 +480,12 @@ class Split:
     report: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
     x: np.ndarray | None = None
     w: np.ndarray | None = None
+    extremes: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.y)
         arrays = {"raw": self.raw, "window": self.window, "group": self.group, "x": self.x, "w": self.w,
+                  "extremes": self.extremes,
                   **{f"report.{k}": v for k, v in self.report.items()}}
         for name, a in arrays.items():
             if a is not None and len(a) != n:
@@ -538,6 +542,11 @@ def channel_range(windows: np.ndarray) -> dict[str, list[float]]:
     return {"min": windows.min(axis=(0, 1)).tolist(), "max": windows.max(axis=(0, 1)).tolist()}
 
 
+def window_extremes(windows: np.ndarray) -> np.ndarray:
+    """(n, 2, C) float64: each raw (n, W, C) window's per-channel min and max (splits.npz window_min/max)."""
+    return np.stack([windows.min(axis=1), windows.max(axis=1)], axis=1).astype(np.float64)
+
+
 def _describe_input(recipe: Recipe, data: TaskData, train_rows: np.ndarray) -> RunInput:
     """run.json's input: what the models' inputs are built from (channel_range: the train split's windows)."""
     return RunInput(
@@ -567,7 +576,8 @@ def _impute(recipe: Recipe, data: TaskData, rows: dict[str, np.ndarray]
         name: Split(raw=raw[r], y=data.y[r],
                     window=data.windows[r] if use_window and data.windows is not None else None,
                     group=data.split_groups[r] if data.split_groups is not None else None,
-                    report={k: v[r] for k, v in data.report_groups.items()})
+                    report={k: v[r] for k, v in data.report_groups.items()},
+                    extremes=window_extremes(data.windows[r]) if data.windows is not None else None)
         for name, r in rows.items()}
     return imputation, splits
 
@@ -580,11 +590,17 @@ def _join_extra_labels(train: Split, path: Path, recipe: Recipe, data: TaskData
                                                   _predictor_input(recipe) == "window", data.channels,
                                                   recipe.window.size if recipe.window else None)
     added = len(ex_y)
+    extremes = train.extremes
+    if extremes is not None:
+        ex_extremes = (window_extremes(ex_w) if ex_w is not None and len(ex_w) == added
+                       else np.full((added, *extremes.shape[1:]), np.nan))
+        extremes = np.concatenate([extremes, ex_extremes])
     joined = dataclasses.replace(
         train, raw=np.concatenate([train.raw, ex_x]), y=np.concatenate([train.y, ex_y]),
         window=np.concatenate([train.window, ex_w]) if train.window is not None and ex_w is not None else train.window,
         group=np.concatenate([train.group, np.full(added, "extra_labels")]) if train.group is not None else None,
-        report={k: np.concatenate([v, np.full(added, "extra_labels")]) for k, v in train.report.items()})
+        report={k: np.concatenate([v, np.full(added, "extra_labels")]) for k, v in train.report.items()},
+        extremes=extremes)
     log.info("extra_labels added=%d file=%s", added, path)
     return joined, added, skipped
 
@@ -670,6 +686,9 @@ def _write_splits(out: Path, splits: dict[str, Split]) -> None:
         arrays[f"{name}_y"] = s.y.astype(np.int64)
         if s.w is not None:
             arrays[f"{name}_window"] = s.w
+        if s.extremes is not None:
+            arrays[f"{name}_window_min"] = s.extremes[:, 0]
+            arrays[f"{name}_window_max"] = s.extremes[:, 1]
         if s.group is not None:
             arrays[f"{name}_group"] = s.group.astype(str)
     np.savez_compressed(out / "splits.npz", **arrays)
