@@ -231,7 +231,7 @@ class Agent:
 
     def _status_extra(self) -> dict[str, Any]:
         return {"model_version": self.model_version, "queued": self.outbox.backlog(),
-                "dropped": self.outbox.dropped}
+                "dropped": self.outbox.dropped, "signature": "verified" if self.cfg.public_key else "unchecked"}
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -392,8 +392,7 @@ class Agent:
     def _attach_signal(self, msg: messages.Trial, values: np.ndarray) -> None:
         """The whole trial, downsampled to TRIAL_POINTS per channel, on a referral (an answer other than the
         normal label), a deferred answer or a trial not scored: what the clinician opens."""
-        a = msg.answer
-        if a is not None and a.decision == "accept" and a.label == self.manifest.normal_label:
+        if msg.answer is not None and not msg.answer.referred:
             return
         assert self.cfg.trial is not None
         msg.signal = messages.Signal(list(self.cfg.trial.channels), msg.trial.rate_hz, msg.trial.start_s,
@@ -426,11 +425,12 @@ class Agent:
             d = self.gate.decide(out.probs[0], second, None if out.ood_score is None else out.ood_score[0])
             probs = out.probs[0]
             features = dict(zip(names, raw.tolist()))
+            label = self.labels[int(probs.argmax())] if np.isfinite(probs).all() else None
             msg.answer = messages.TrialAnswer(
-                label=self.labels[int(probs.argmax())] if np.isfinite(probs).all() else None,
-                confidence=d.scores.get("confidence"), probs=dict(zip(self.labels, probs.tolist())),
+                label=label, confidence=d.scores.get("confidence"), probs=dict(zip(self.labels, probs.tolist())),
                 decision=d.action, reasons=list(d.reasons), scores=dict(d.scores),
-                features=features, percentiles=percentiles(self.manifest.population, features))
+                features=features, percentiles=percentiles(self.manifest.population, features),
+                referred=d.action == "defer" or label != self.manifest.normal_label)
             log.info("agent.trial_answer id=%s label=%s decision=%s reasons=%s", msg.id, msg.answer.label,
                      d.action, ",".join(d.reasons) or "none")
         self._attach_signal(msg, closed.values)
@@ -446,11 +446,10 @@ class Agent:
         if a is None:
             reason, _, detail = (msg.not_scored or "not_scored: no answer").partition(": ")
             return out | {"outcome": "not_scored", "label": None, "words": [detail or reason]}
-        referred = a.decision == "defer" or a.label != self.manifest.normal_label
         words = [REASON_TEXT.get(r.split(":")[0], r) for r in a.reasons]
-        if a.decision == "accept" and referred:
+        if a.decision == "accept" and a.referred:
             words = [f"the model answered {a.label} with confidence {a.confidence or 0:.0%}"]
-        return out | {"outcome": "referred" if referred else "not_referred", "label": a.label,
+        return out | {"outcome": "referred" if a.referred else "not_referred", "label": a.label,
                       "decision": a.decision, "confidence": a.confidence, "words": words}
 
     def metrics(self) -> messages.Metrics:
@@ -505,6 +504,8 @@ class Agent:
         next_metrics = time.monotonic() + self.cfg.metrics_interval_s
         log.info("agent.start device=%s site=%s bundle=%s source=%s broker=%s", self.cfg.device_id,
                  self.cfg.site, self.cfg.bundle, self.cfg.source.kind, redact_url(self.cfg.mqtt.url or "none"))
+        if self.cfg.allow_unsigned:
+            log.warning("agent.unsigned bundle=%s signature=unchecked reason=allow_unsigned", self.cfg.bundle)
         if not self.cfg.mqtt.url:
             log.warning("agent.offline reason=no-broker results stay in the outbox path=%s", self.cfg.outbox.path)
         try:

@@ -95,6 +95,8 @@ def screened(device: str, seq: int, answer: m.TrialAnswer | None, *, code: str =
     """A walked trial (`trial`) of participant `code` with a screening `answer`, or `not_scored` ("reason:
     detail"); the trial's signal (6 channels, `points` each) comes with it as the agent sends it: with a
     deferred answer, a referral (`referred`: the answer is not the normal label) or a trial not scored."""
+    if answer is not None and (referred or answer.decision == "defer"):
+        answer = dataclasses.replace(answer, referred=True)  # as the agent marks it
     base = trial(device, seq, participant=participant(code), answer=answer, not_scored=not_scored)
     if (answer is not None and answer.decision == "defer") or referred or not_scored:
         values = [[round(math.sin(i / 6 + c), 4) for i in range(points)] for c in range(len(TRIAL_CHANNELS))]

@@ -40,7 +40,8 @@ def full_trial() -> m.Trial:
                    participant=participant("AB-123"), replayed=True,
                    answer=m.TrialAnswer("faller", 0.625, {"non_faller": 0.375, "faller": 0.625}, "defer",
                                         ["low_confidence"], {"confidence": 0.625, "ood": 0.5},
-                                        {"TUG": 13.0, "steps": 18.0, "pse": 1.25}, {"TUG": 96.5, "steps": 40.0}),
+                                        {"TUG": 13.0, "steps": 18.0, "pse": 1.25}, {"TUG": 96.5, "steps": 40.0},
+                                        referred=True),
                    signal=m.Signal(["ax", "ay"], 100.0, 0.0, [[9.5, 9.75], [0.25, None]]))
 
 
@@ -132,10 +133,11 @@ def test_trial_2_is_still_read_and_refuses_what_came_with_3() -> None:
     """A /2 trial (participant and answer, no signal, no percentiles) reads as before; the fields /3 added are
     not fields of /2."""
     obj = full_trial().to_obj() | {"schema": topics.SCHEMA_TRIAL_V2}
-    del obj["signal"], obj["answer"]["percentiles"], obj["trial"]["started_by"]
+    del obj["signal"], obj["answer"]["percentiles"], obj["answer"]["referred"], obj["trial"]["started_by"]
     msg = m.parse(topics.topic(SITE, DEVICE, "trial"), orjson.dumps(obj))
     assert isinstance(msg, m.Trial) and msg.signal is None and msg.answer is not None
-    assert msg.answer.percentiles == {} and msg.answer.features == full_trial().answer.features
+    assert msg.answer.percentiles == {} and not msg.answer.referred
+    assert msg.answer.features == full_trial().answer.features
     for extra, where in ((obj | {"signal": full_trial().to_obj()["signal"]}, "edgekit.trial/2"),
                          (obj | {"answer": obj["answer"] | {"percentiles": {}}}, "edgekit.trial/2 answer")):
         with pytest.raises(DataError, match=f"is not a field of {where}"):
@@ -200,7 +202,7 @@ def test_what_the_agent_writes_the_hub_reads(skab_bundle: Path, data_dir: Path, 
     path = tmp_path / "rec.csv"
     path.write_text("\n".join(lines) + "\n")
     outbox = tmp_path / "o.db"
-    cfg = validate(AgentConfig, {"device_id": DEVICE, "site": SITE, "bundle": str(skab_bundle),
+    cfg = validate(AgentConfig, {"device_id": DEVICE, "site": SITE, "allow_unsigned": True, "bundle": str(skab_bundle),
                                  "source": {"kind": "replay", "path": str(path)}, "mqtt": {"url": None},
                                  "outbox": {"path": str(outbox)}}, "tests/test_contract.py")
     with Agent(cfg) as agent:

@@ -286,7 +286,8 @@ class TrialAnswer:
     registry features (edgekit/trial_features.py), the gate's decision with its reasons and scores, and the
     features themselves, so a clinician sees what the answer stands on; `percentiles` places each feature in
     the bundle's training population (0-100, edgekit/population.py; empty when the bundle has none).
-    Schema /3 added `percentiles`."""
+    `referred`: the answer sends the person on (deferred to a clinician, or a label other than the bundle's
+    normal one). Schema /3 added `percentiles` and `referred`."""
 
     label: str | None
     confidence: float | None
@@ -296,14 +297,15 @@ class TrialAnswer:
     scores: dict[str, float]
     features: dict[str, float]
     percentiles: dict[str, float] = field(default_factory=dict)
+    referred: bool = False  # deferred, or a label other than the bundle's normal one: a clinician should see it
 
     KEYS_V2 = frozenset({"label", "confidence", "probs", "decision", "reasons", "scores", "features"})
-    KEYS = KEYS_V2 | {"percentiles"}
+    KEYS = KEYS_V2 | {"percentiles", "referred"}
 
     def to_obj(self) -> dict[str, Any]:
         return {"label": self.label, "confidence": self.confidence, "probs": self.probs, "decision": self.decision,
                 "reasons": self.reasons, "scores": self.scores, "features": self.features,
-                "percentiles": self.percentiles}
+                "percentiles": self.percentiles, "referred": self.referred}
 
     @classmethod
     def from_obj(cls, obj: dict[str, Any], schema: str) -> TrialAnswer:
@@ -320,7 +322,7 @@ class TrialAnswer:
                 _num(mapping, key)
         return cls(label=_text(obj, "label", 64), confidence=_num(obj, "confidence"), probs=maps["probs"],
                    decision=decision, reasons=reasons, scores=maps["scores"], features=maps["features"],
-                   percentiles=maps["percentiles"])
+                   percentiles=maps["percentiles"], referred=obj.get("referred") is True)
 
 
 @dataclass(slots=True)

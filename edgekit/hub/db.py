@@ -585,8 +585,9 @@ def _trial_out(row: Any) -> dict[str, Any]:
 
 def _trial_needs_review(latest: sa.Subquery) -> sa.ColumnElement[bool]:
     """A trial a clinician must see and nobody has labelled: its answer was deferred, or referred (an accepted
-    answer sent with the trial's signal: the agent sends the signal only with a referral, a deferred answer
-    or a trial not scored, and the trial message names no normal label to compare with), or it was not
+    answer sent with the trial's signal: the agent sends the signal exactly with a referral - the answer's
+    `referred`, trial /3 - a deferred answer or a trial not scored, so the row's signal marks a referral of
+    /2 and /3 alike), or it was not
     scored (no answer row; the key in its stored JSON: the contract's key names cannot appear there
     otherwise, as a string value's quotes are escaped)."""
     answered = sa.or_(results.c.decision == "defer", results.c.signal.is_not(None))

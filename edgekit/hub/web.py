@@ -493,15 +493,15 @@ def short_pseudonym(value: str | None) -> str:
 
 
 def trial_outcome(summary: dict[str, Any]) -> str:
-    """One key of OUTCOME_TEXT for a stored trial summary. A referral is an accepted answer sent with the
-    trial's signal: the agent sends the signal only with a referral (a label other than the bundle's normal
-    one), a deferred answer or a trial not scored, and the message names no normal label to compare with.
-    Which trials still need review is the database's condition (db._trial_needs_review), the same rule."""
+    """One key of OUTCOME_TEXT for a stored trial summary: the answer's `referred` (trial /3; a /2 answer,
+    which has none, counts as referred when it came with the trial's signal, which the agent sent only with
+    a referral, a deferred answer or a trial not scored). Which trials still need review is the database's
+    condition (db._trial_needs_review), the same rule."""
     answer = summary.get("answer")
     if answer:
         if answer.get("decision") == "defer":
             return "deferred"
-        return "referred" if summary.get("signal") else "answered"
+        return "referred" if answer.get("referred", bool(summary.get("signal"))) else "answered"
     return "not_scored" if summary.get("not_scored") else "summary"
 
 
