@@ -28,7 +28,7 @@ def main() -> None:
     bundle, windows_file, outbox_dir = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     data = np.load(windows_file)["windows"][0]
     cfg = validate(AgentConfig, {
-        "device_id": "bench", "site": "bench", "bundle": str(bundle),
+        "device_id": "bench", "site": "bench", "allow_unsigned": True, "bundle": str(bundle),
         "source": {"kind": "simulated", "generator": "pump"},
         "mqtt": {"url": None}, "outbox": {"path": str(outbox_dir / "outbox.db")},
         "runtime": {"intra_op_threads": 1},

@@ -175,7 +175,7 @@ def agent_config(url: str, bundle: Path, source: Path, batched: bool, tmp: Path,
     from edgekit.config import AgentConfig, validate
 
     return validate(AgentConfig, {
-        "device_id": f"ag{int(batched)}{int(gate)}{tag}", "site": "bench", "bundle": str(bundle),
+        "device_id": f"ag{int(batched)}{int(gate)}{tag}", "site": "bench", "allow_unsigned": True, "bundle": str(bundle),
         "gate": {"enabled": gate},
         "source": {"kind": "replay", "path": str(source), "speed": 0},
         "mqtt": {"url": url, "batch_interval_s": BATCH_INTERVAL_S if batched else 0.0, "max_batch": MAX_BATCH,

@@ -134,7 +134,8 @@ class Bare:
 
 class AgentProc:
     def __init__(self, bundle: Path, url: str, tmp: Path) -> None:
-        cfg = (f'device_id = "accel-1"\nsite = "bench"\nbundle = "{bundle}"\nmetrics_interval_s = 5.0\n'
+        cfg = (f'device_id = "accel-1"\nsite = "bench"\nbundle = "{bundle}"\nallow_unsigned = true\n'
+               f'metrics_interval_s = 5.0\n'
                f'[source]\nkind = "mqtt"\ntopic = "{TOPIC}"\n[mqtt]\nurl = "{url}"\n'
                f'[outbox]\npath = "{tmp / "outbox.db"}"\n[runtime]\nintra_op_threads = 1\n')
         (tmp / "agent.toml").write_text(cfg)

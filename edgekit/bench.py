@@ -134,7 +134,7 @@ def offline_agent(bundle: Path, threads: int, workdir: Path) -> tuple[Any, Calla
     from edgekit.config import AgentConfig, validate
 
     cfg = validate(AgentConfig, {
-        "device_id": "bench", "site": "bench", "bundle": str(bundle),
+        "device_id": "bench", "site": "bench", "allow_unsigned": True, "bundle": str(bundle),
         "source": {"kind": "simulated", "generator": "pump"},
         "mqtt": {"url": None}, "outbox": {"path": str(workdir / "outbox.db")},
         "runtime": {"intra_op_threads": threads},

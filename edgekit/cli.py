@@ -261,6 +261,8 @@ def agent_config(config: Path | None, **flags: Any) -> Any:
             data[name] = flags[key]
     if flags.get("public_key"):
         data["public_key"] = str(flags["public_key"])
+    if flags.get("allow_unsigned"):
+        data["allow_unsigned"] = True
     if flags.get("outbox"):
         data.setdefault("outbox", {})["path"] = str(flags["outbox"])
     if flags.get("batch_interval") is not None:
@@ -284,6 +286,9 @@ def agent_config(config: Path | None, **flags: Any) -> Any:
 @click.option("--outbox", type=click.Path(path_type=Path), default=None, help="Outbox SQLite file.")
 @click.option("--public-key", type=click.Path(path_type=Path), default=None,
               help="Refuse the bundle unless its signature verifies with this Ed25519 public key.")
+@click.option("--allow-unsigned", is_flag=True,
+              help="Run the bundle without a public key, its signature unchecked (a lab or a bench); the "
+                   "status says signature 'unchecked'. Without it, --public-key or public_key is required.")
 @click.option("--batch-interval", type=float, default=None, help="Seconds per batched result message.")
 @click.option("--drain-timeout", type=float, default=30.0, show_default=True,
               help="At the end (source ended, or SIGTERM), wait up to this long for the broker to take the "

@@ -263,7 +263,12 @@ class AgentConfig(Strict):
     device_id: str = Field("edge-1", min_length=1, description="This device's id, used in topics and result ids.")
     site: str = Field("default", min_length=1, description="Site name, used in topics.")
     bundle: Path = Field(description="Bundle directory written by `edgekit export`.")
-    public_key: Path | None = Field(None, description="Ed25519 public key; when set the bundle must verify.")
+    allow_unsigned: bool = Field(False, description="true: run the bundle without checking a signature (no "
+                                 "public_key), for a bench or a lab; the agent's status says so (signature: "
+                                 "\"unchecked\"). false (default): the agent refuses to start without public_key.")
+    public_key: Path | None = Field(None, validate_default=True, description="Ed25519 public key (`edgekit keygen`): "
+                                    "the bundle's manifest.sig must verify under it, or the agent does not start. "
+                                    "Required unless allow_unsigned.")
     source: SourceConfig = Field(description="Where samples come from.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Disk outbox.")
@@ -280,6 +285,21 @@ class AgentConfig(Strict):
         if bad:
             raise ValueError(f"must not contain {''.join(sorted(bad))!r} (used in MQTT topics; got {v!r})")
         return v
+
+    @field_validator("public_key")
+    @classmethod
+    def _signed_or_allowed(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        # Without a key, a bundle altered together with its manifest (new sha256s) would run unnoticed: running
+        # one unchecked must be asked for by name (issue 16).
+        allowed = info.data.get("allow_unsigned", False)
+        if value is None and not allowed:
+            raise ValueError("required: the agent runs only bundles whose signature it verifies; set it to the .pub "
+                             "of `edgekit keygen` (edgekit run --public-key), or set allow_unsigned = true "
+                             "(--allow-unsigned) to run a bundle unchecked")
+        if value is not None and allowed:
+            raise ValueError("allow_unsigned = true contradicts a public_key: keep the key (the bundle is checked) "
+                             "or remove it (allow_unsigned runs the bundle unchecked)")
+        return value
 
 
 # --- loading -------------------------------------------------------------------------------------

@@ -827,9 +827,9 @@ FOUND: dict[str, list[Any]] = {
     "config": [
         b"\xff\xfe[\x00",
         f"[source]\nkind = {'[' * 600}{']' * 600}".encode(),
-        b"bundle = 'b'\nmetrics_interval_s = inf\n[source]\nkind = 'simulated'\ngenerator = 'pump'\n",
-        b"bundle = 'b'\n[source]\nkind = 'replay'\npath = 'r.csv'\nencoding = 'undefined'\n",
-        b"bundle = 'b'\n[source]\nkind = 'serial'\nport = 'p'\nchannels = 1\nrate_hz = 1.0\nencoding = 'idna'\n",
+        b"bundle = 'b'\nallow_unsigned = true\nmetrics_interval_s = inf\n[source]\nkind = 'simulated'\ngenerator = 'pump'\n",
+        b"bundle = 'b'\nallow_unsigned = true\n[source]\nkind = 'replay'\npath = 'r.csv'\nencoding = 'undefined'\n",
+        b"bundle = 'b'\nallow_unsigned = true\n[source]\nkind = 'serial'\nport = 'p'\nchannels = 1\nrate_hz = 1.0\nencoding = 'idna'\n",
     ],
 }
 

@@ -26,7 +26,7 @@ def agent(bundle: Path, source: Path, broker: str, outbox: Path, *, speed: float
           extra: tuple[str, ...] = ()) -> list[str]:
     return [sys.executable, "-m", "edgekit", "-v", "run", "--bundle", str(bundle), "--source", f"replay:{source}",
             "--speed", str(speed), "--broker", broker, "--outbox", str(outbox), "--device-id", device,
-            "--site", "test", "--drain-timeout", "20", *extra]
+            "--site", "test", "--drain-timeout", "20", "--allow-unsigned", *extra]
 
 
 def n_windows(bundle: Path, n_samples: int) -> int:

@@ -24,7 +24,7 @@ IPOL_TRIAL = "ipol_gait/GaitData/3-2_lb.txt"
 
 def config(bundle: Path, source: Path, outbox: Path) -> AgentConfig:
     return validate(AgentConfig, {
-        "device_id": "dev-blocks", "site": "test", "bundle": str(bundle),
+        "device_id": "dev-blocks", "site": "test", "allow_unsigned": True, "bundle": str(bundle),
         "source": {"kind": "replay", "path": str(source), "speed": 0},
         "mqtt": {"url": None}, "outbox": {"path": str(outbox)}, "runtime": {"intra_op_threads": 1},
     }, "tests/test_agent_blocks.py")

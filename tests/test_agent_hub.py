@@ -24,7 +24,7 @@ def test_deferred_cases_stored_exactly_once_across_an_outage(skab_bundle, mosqui
         agent = subprocess.Popen(
             [sys.executable, "-m", "edgekit", "run", "--bundle", str(skab_bundle), "--source",
              f"replay:{data_dir / 'skab/data/valve2/1.csv'}", "--speed", "60", "--broker", mosquitto.url,
-             "--outbox", str(tmp_path / "o.db"), "--device-id", "pump-7", "--site", "plant"],
+             "--outbox", str(tmp_path / "o.db"), "--device-id", "pump-7", "--site", "plant", "--allow-unsigned"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         time.sleep(4)
         mosquitto.stop()

@@ -36,7 +36,7 @@ def test_a_transport_that_fails_to_open_does_not_leak_the_outbox(skab_bundle: Pa
     monkeypatch.setattr(edgekit.outbox, "Outbox", RecordingOutbox)
     monkeypatch.setattr(edgekit.transport, "Transport", RefusingTransport)
     cfg = validate(AgentConfig, {
-        "device_id": "dev-r", "site": "test", "bundle": str(skab_bundle),
+        "device_id": "dev-r", "site": "test", "allow_unsigned": True, "bundle": str(skab_bundle),
         "source": {"kind": "simulated", "generator": "pump", "duration_s": 10},
         "mqtt": {"url": None}, "outbox": {"path": str(tmp_path / "o.db")},
     }, "tests/test_agent_resources.py")

@@ -147,7 +147,8 @@ def test_agent_survives_hostile_recording(skab_bundle: Path, data_dir: Path, tmp
     path.write_bytes(b"\n".join(hostile) + b"\n")
     outbox = tmp_path / "outbox.db"
     cmd = [sys.executable, "-m", "edgekit", "-v", "run", "--bundle", str(skab_bundle), "--source",
-           f"replay:{path}", "--broker", "", "--outbox", str(outbox), "--device-id", "dev-h", "--site", "test"]
+           f"replay:{path}", "--broker", "", "--outbox", str(outbox), "--device-id", "dev-h", "--site", "test",
+           "--allow-unsigned"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "Traceback" not in out.stderr

@@ -76,7 +76,7 @@ def test_redact_url_hides_only_the_password() -> None:
 
 def _config(tmp_path: Path, mqtt: str, source: str = "") -> Path:
     path = tmp_path / "agent.toml"
-    path.write_text(f'bundle = "b"\n[source]\nkind = "mqtt"\ntopic = "sensors/1"\nchannels = 2\n{source}\n'
+    path.write_text(f'bundle = "b"\nallow_unsigned = true\n[source]\nkind = "mqtt"\ntopic = "sensors/1"\nchannels = 2\n{source}\n'
                     f"[mqtt]\n{mqtt}\n")
     return path
 

@@ -77,7 +77,7 @@ def test_json_block_round_trips_and_names_the_bad_cell() -> None:
 
 def mqtt_config(bundle: Path, url: str, outbox: Path, **source: Any) -> AgentConfig:
     return validate(AgentConfig, {
-        "device_id": "dev-blocks", "site": "test", "bundle": str(bundle),
+        "device_id": "dev-blocks", "site": "test", "bundle": str(bundle), "allow_unsigned": True,
         "source": {"kind": "mqtt", "topic": TOPIC, "url": url, **source},
         "mqtt": {"url": None}, "outbox": {"path": str(outbox)}, "runtime": {"intra_op_threads": 1},
     }, "tests/test_mqtt_blocks.py")
@@ -85,7 +85,7 @@ def mqtt_config(bundle: Path, url: str, outbox: Path, **source: Any) -> AgentCon
 
 def replay_config(bundle: Path, path: Path, outbox: Path) -> AgentConfig:
     return validate(AgentConfig, {
-        "device_id": "dev-blocks", "site": "test", "bundle": str(bundle),
+        "device_id": "dev-blocks", "site": "test", "bundle": str(bundle), "allow_unsigned": True,
         "source": {"kind": "replay", "path": str(path), "speed": 0},
         "mqtt": {"url": None}, "outbox": {"path": str(outbox)}, "runtime": {"intra_op_threads": 1},
     }, "tests/test_mqtt_blocks.py")

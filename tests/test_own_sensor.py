@@ -36,7 +36,7 @@ def edgekit(*args: str, timeout: float = 600) -> str:
 
 
 def agent_config(path: Path, bundle: Path, broker: str, device: str, source: str) -> Path:
-    path.write_text(f'device_id = "{device}"\nsite = "plant"\nbundle = "{bundle}"\n\n[mqtt]\nurl = "{broker}"\n\n'
+    path.write_text(f'device_id = "{device}"\nsite = "plant"\nbundle = "{bundle}"\nallow_unsigned = true\n\n[mqtt]\nurl = "{broker}"\n\n'
                     f'[outbox]\npath = "{path.with_suffix(".db")}"\n\n[source]\n{source}')
     return path
 

@@ -43,7 +43,7 @@ def toml(data: dict[str, Any], prefix: str = "") -> str:
 
 
 def config(bundle: Path, tmp_path: Path, source: dict[str, Any]) -> dict[str, Any]:
-    return {"device_id": "dev-contract", "site": "test", "bundle": str(bundle), "source": source,
+    return {"device_id": "dev-contract", "site": "test", "allow_unsigned": True, "bundle": str(bundle), "source": source,
             "mqtt": {"url": ""}, "outbox": {"path": str(tmp_path / "o.db")}, "runtime": {"intra_op_threads": 1}}
 
 
@@ -197,7 +197,8 @@ def test_serial_shorthand_takes_the_bundle_channels_and_rate(stream_bundle: Path
     from edgekit.cli import agent_config
 
     master, slave, port = pty_port()
-    cfg = agent_config(None, bundle=stream_bundle, source=f"serial:{port}", broker="", outbox=tmp_path / "o.db")
+    cfg = agent_config(None, bundle=stream_bundle, source=f"serial:{port}", broker="", outbox=tmp_path / "o.db",
+                       allow_unsigned=True)
     assert cfg.source.rate_hz is None and cfg.source.channels is None
     values = recording(RATE, 0.6)
     stop = threading.Event()

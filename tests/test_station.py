@@ -38,7 +38,7 @@ RATE = 100.0
 
 def station_config(bundle: Path, source: dict[str, Any], outbox: Path, broker: str, **trial: Any) -> AgentConfig:
     return validate(AgentConfig, {
-        "device_id": "station-1", "site": "clinic", "bundle": str(bundle), "source": source,
+        "device_id": "station-1", "site": "clinic", "allow_unsigned": True, "bundle": str(bundle), "source": source,
         "mqtt": {"url": broker, "reconnect_max_s": 1.0}, "outbox": {"path": str(outbox)},
         "runtime": {"intra_op_threads": 1}, "trial": {"channels": IMU, "rate_hz": RATE, **trial},
     }, "tests/test_station.py")

@@ -164,7 +164,7 @@ def test_a_stop_ends_the_drain_at_once_while_the_broker_is_away(tmp_path: Path, 
 def _run_args(bundle: Path, source: Path, broker: str, outbox: Path, drain_s: float, speed: float) -> list[str]:
     return [sys.executable, "-m", "edgekit", "-v", "run", "--bundle", str(bundle), "--source", f"replay:{source}",
             "--speed", str(speed), "--broker", broker, "--outbox", str(outbox), "--device-id", "dev-q",
-            "--site", "test", "--drain-timeout", str(drain_s)]
+            "--site", "test", "--drain-timeout", str(drain_s), "--allow-unsigned"]
 
 
 def _outbox_results(path: Path) -> int:

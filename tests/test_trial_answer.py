@@ -34,7 +34,7 @@ def config(bundle: Path, trial_file: Path, outbox: Path, **trial: object) -> Age
     layout = load_recipe(ROOT / "edgekit" / "recipes" / "ipol_gait.toml").data.layout
     assert layout is not None
     return validate(AgentConfig, {
-        "device_id": "station-1", "site": "clinic", "bundle": str(bundle),
+        "device_id": "station-1", "site": "clinic", "allow_unsigned": True, "bundle": str(bundle),
         "source": {"kind": "replay", "path": str(trial_file), "speed": 0, "layout": layout.model_dump()},
         "mqtt": {"url": None}, "outbox": {"path": str(outbox)}, "runtime": {"intra_op_threads": 1},
         "trial": {"channels": IMU, "detect": "source", **trial},  # each file is one recorded trial

@@ -122,7 +122,7 @@ def test_agent_only_install_runs_the_agent(agent_venv, skab_bundle, data_dir) ->
     assert _where(env, work).startswith(str(work.parent / "venv"))
     replay = data_dir / "skab" / "data" / "valve1" / "1.csv"
     out = _ok(_run(["edgekit", "run", "--bundle", str(skab_bundle), "--source", f"replay:{replay}", "--speed", "0",
-                    "--broker", ""], env, work))
+                    "--broker", "", "--allow-unsigned"], env, work))
     assert "windows=" in out and "queued=" in out, out
     assert (work.parent / "state" / "outbox.db").is_file(), "the outbox did not default to EDGEKIT_STATE_DIR"
     shown = _ok(_run(["edgekit", "inspect", str(skab_bundle)], env, work))

@@ -47,6 +47,7 @@ def _one(bundle: Path, path: Path, work: Path, operator: dict[str, Any]) -> Any:
     outbox = work / f"{bundle.name}-{path.stem}.db"
     cfg = validate(AgentConfig, {
         "device_id": "eval", "site": "eval", "bundle": str(bundle), "mqtt": {"url": None},
+        "allow_unsigned": True,  # the bundle this evaluation just exported
         "source": {"kind": "replay", "path": str(path), "speed": 0, "layout": layout.model_dump()},
         "outbox": {"path": str(outbox)}, "runtime": {"intra_op_threads": 1},
         # each file is one trial as recorded (the recording's start and end were the operator's)
