@@ -18,6 +18,7 @@ does not dilute it. Must not import onnxruntime, paho or torch: it only compares
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -153,28 +154,59 @@ class EnvelopeCheck:
             feat = ~((raw >= self.f_low) & (raw <= self.f_high))
         return stuck, out, feat
 
+    @functools.cached_property
+    def _lower(self) -> np.ndarray:
+        """The bounds as one row of lower limits: [low, -high, stuck_below, f_low, -f_high]."""
+        parts = []
+        if self.low is not None and self.high is not None and self.stuck_below is not None:
+            parts += [self.low, -self.high, self.stuck_below]
+        if self.f_low is not None and self.f_high is not None:
+            parts += [self.f_low, -self.f_high]
+        return np.concatenate(parts) if parts else np.empty(0)
+
     def outside(self, lo: np.ndarray | None, hi: np.ndarray | None, raw: np.ndarray | None) -> np.ndarray:
-        """(n,) True where any check defers the window: what export calibration removes from acceptance."""
+        """(n,) True where any check defers the window: what export calibration removes from acceptance.
+        One comparison of each window's [lo, -hi, hi - lo, raw, -raw] with `_lower` (negation is exact and
+        NaN fails `>=`, so it is `flags`' test): the window-at-a-time path pays a handful of numpy calls."""
         n = len(lo) if lo is not None else len(raw) if raw is not None else 0
-        mask = np.zeros(n, dtype=bool)
-        for f in self.flags(lo, hi, raw):
-            if f is not None:
-                mask |= f.any(axis=1)
-        return mask
+        c = len(self.low) if self.low is not None else 0
+        parts: list[tuple[np.ndarray, bool]] = []  # (values, negated)
+        lower = []
+        if c and lo is not None and hi is not None:
+            parts += [(lo, False), (hi, True), (hi - lo, False)]
+            lower.append(self._lower[:3 * c])
+        if self.f_low is not None and raw is not None:
+            parts += [(raw, False), (raw, True)]
+            lower.append(self._lower[3 * c:])
+        if not parts:
+            return np.zeros(n, dtype=bool)
+        width = sum(v.shape[1] for v, _ in parts)
+        buf = np.empty((n, width))
+        at = 0
+        for v, negated in parts:
+            k = v.shape[1]
+            if negated:
+                np.negative(v, out=buf[:, at:at + k])
+            else:
+                buf[:, at:at + k] = v
+            at += k
+        bounds = lower[0] if len(lower) == 1 else self._lower
+        return ~(buf >= bounds).all(axis=1)
 
     def reasons(self, lo: np.ndarray | None, hi: np.ndarray | None, raw: np.ndarray | None
                 ) -> list[tuple[str, ...]]:
         """Per window the reasons naming what left the envelope (an empty tuple: inside it), at most
         MAX_NAMED: stuck channels, then channels out of range (furthest first, in envelope widths), then
         features out of range (furthest first) whose channel is not named yet."""
-        stuck, out, feat = self.flags(lo, hi, raw)
         n = len(lo) if lo is not None else len(raw) if raw is not None else 0
         result: list[tuple[str, ...]] = [()] * n
-        any_ = np.zeros(n, dtype=bool)
-        for f in (stuck, out, feat):
-            if f is not None:
-                any_ |= f.any(axis=1)
-        for i in np.flatnonzero(any_).tolist():
+        rows = np.flatnonzero(self.outside(lo, hi, raw))
+        if not len(rows):
+            return result
+        if len(rows) < n:  # the per-check flags of the windows outside only (elementwise: the same values)
+            lo, hi, raw = (None if a is None else a[rows] for a in (lo, hi, raw))
+        stuck, out, feat = self.flags(lo, hi, raw)
+        for i, w in enumerate(rows.tolist()):  # i: the row in the flags, w: the window in the batch
             named: list[str] = []
             seen: set[str] = set()
             if stuck is not None:
@@ -196,7 +228,7 @@ class EnvelopeCheck:
                             seen.add(channel)
                     if len(named) >= MAX_NAMED:
                         break
-            result[i] = tuple(named[:MAX_NAMED])
+            result[w] = tuple(named[:MAX_NAMED])
         return result
 
     @staticmethod
