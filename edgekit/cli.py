@@ -424,6 +424,34 @@ def hub_adduser(ctx: click.Context, name: str, password: str) -> None:
     click.echo(f"reviewer {name!r} added")
 
 
+@hub.command("add-device")
+@click.argument("name")
+@click.option("--site", required=True, help="The device's site (its agent.toml `site`).")
+@click.option("--passwd", type=click.Path(path_type=Path, dir_okay=False), default=Path("/etc/mosquitto/passwd"),
+              show_default=True, help="The broker's password_file (created 0640 when missing).")
+@click.option("--acl", type=click.Path(path_type=Path, dir_okay=False), default=Path("/etc/mosquitto/acl"),
+              show_default=True, help="The broker's acl_file (a new one starts with the hub account's block).")
+@click.option("--out", type=click.Path(path_type=Path, file_okay=False), default=Path("."), show_default=True,
+              help="Folder for NAME.pw, the device's password file (mode 0600): copy it to the device.")
+@handle_errors
+def hub_add_device(name: str, site: str, passwd: Path, acl: Path, out: Path) -> None:
+    """Create device NAME's broker account: a random password (in OUT/NAME.pw for the device; its hash in the
+    broker's password file, by mosquitto_passwd when installed) and the ACL block that lets it write only
+    edgekit/v1/SITE/NAME/... and read only its own commands. Then reload the broker (SIGHUP)."""
+    from edgekit.hub.credential import add_device
+
+    made = add_device(name, site, passwd=passwd, acl=acl, out_dir=out)
+    click.echo(f"device {name} at site {site}: broker account {name!r}\n"
+               f"  {made.device_password_file}: its password (0600): copy it to the device, e.g. "
+               f"/etc/edgekit/mqtt.pw, then delete this copy\n"
+               f"  {made.broker_password_file}: entry added ({made.hashed_by})\n"
+               f"  {made.acl_file}: {made.acl_lines} ACL lines added\n"
+               f"  reload the broker: kill -HUP \"$(pidof mosquitto)\" (compose: docker compose kill -s HUP "
+               f"mosquitto)\n"
+               f"  its agent.toml: device_id = \"{name}\", site = \"{site}\", and in [mqtt] username = \"{name}\", "
+               f"password_file = \"/etc/edgekit/mqtt.pw\"")
+
+
 @hub.group("participant")
 def hub_participant() -> None:
     """Everything the hub holds for one participant, by pseudonym (`edgekit pseudonym` on the station)."""
