@@ -116,12 +116,31 @@ def engine_url(url: str) -> str:
             return "postgresql+psycopg://" + url[len(prefix):]
     if url.startswith(("sqlite:", "postgresql+psycopg:")):
         return url
-    raise ConfigError(f"database URL must start with sqlite:/// or postgresql:// (got {url!r})",
+    from edgekit.mqtt import redact_url
+
+    raise ConfigError(f"database URL must start with sqlite:/// or postgresql:// (got {redact_url(url)!r})",
                       where="hub.db_url", hint="e.g. sqlite:///hub.db or postgresql://user@host/db")
 
 
+def unusable_db(url: str, exc: Exception, what: str) -> ConfigError:
+    """A database URL that cannot be parsed or opened, as one line naming it (password redacted; issue 16)."""
+    from edgekit.mqtt import redact_url
+
+    reason = (str(getattr(exc, "orig", None) or exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ConfigError(f"{what}: {reason}", where=f"hub.db_url {redact_url(url)}",
+                       hint="check the URL (sqlite:///FILE or postgresql://USER@HOST[:PORT]/DB) and that the "
+                            "server is running and reachable")
+
+
 def make_engine(url: str) -> sa.Engine:
-    url = engine_url(url)
+    full = engine_url(url)
+    try:
+        return _make_engine(full)
+    except (sa.exc.ArgumentError, ValueError) as exc:  # a URL SQLAlchemy cannot parse (e.g. a port 'abc')
+        raise unusable_db(url, exc, "cannot parse the database URL") from None
+
+
+def _make_engine(url: str) -> sa.Engine:
     if url.startswith("sqlite"):
         # 30 s busy timeout: two hub processes may write one file; WAL lets the web read meanwhile.
         engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False},
@@ -257,7 +276,10 @@ class HubDB:
     def create(self) -> None:
         """The tables, and the columns added since a table was first made (create_all makes missing
         tables, never missing columns): edgekit_trials.participant (issue 13)."""
-        metadata.create_all(self.engine)
+        try:
+            metadata.create_all(self.engine)  # the first connection
+        except sa.exc.DBAPIError as exc:
+            raise unusable_db(self.url, exc, "cannot open the database") from None
         with self.engine.begin() as conn:
             if "participant" in {c["name"] for c in sa.inspect(conn).get_columns(trials.name)}:
                 return
