@@ -53,13 +53,19 @@ def trial_lines(path: Path) -> bytes:
 class Sensor:
     """The IMU on a pseudo-terminal: still lines at ~100 Hz until told to send a trial or a button line."""
 
-    def __init__(self, master: int, still: np.ndarray) -> None:
-        self.master, self.still = master, still
+    def __init__(self, master: int, still: np.ndarray, slave: int) -> None:
+        self.master, self.still, self.slave = master, still, slave
         self.queue: list[bytes] = []
         self.lock = threading.Lock()
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
+
+    def close(self) -> None:
+        self.done.set()
+        self.thread.join(5)
+        os.close(self.master)
+        os.close(self.slave)
 
     def send(self, data: bytes) -> None:
         with self.lock:
@@ -73,6 +79,19 @@ class Sensor:
             for a in range(0, len(data), 4096):
                 os.write(self.master, data[a:a + 4096])
             time.sleep(0.05)
+
+
+def serial_station(bundle: Path, outbox: Path, broker: str, stand: Path) -> tuple[AgentConfig, Sensor, str]:
+    """A station whose IMU (and button) is on a pseudo-terminal, with its screen on a free port: the agent's
+    config, the sensor streaming stillness (the mean of `stand`'s first half second), the screen's URL.
+    `sensor.close()` stops it and closes the terminal."""
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    screen = f"127.0.0.1:{free_port()}"
+    cfg = station_config(bundle, {"kind": "serial", "port": os.ttyname(slave), "channels": IMU, "rate_hz": RATE},
+                         outbox, broker, screen=screen)
+    return cfg, Sensor(master, read_ipol(stand).values[:50].mean(axis=0), slave), f"http://{screen}/"
 
 
 def screen_state(url: str) -> dict[str, Any]:
@@ -92,16 +111,8 @@ def test_the_operator_starts_and_stops_trials_from_the_button_the_topic_and_the_
         trial_bundles, mosquitto, data_dir, tmp_path, caplog) -> None:
     pytest.importorskip("serial", reason="the serial extra (pyserial) is not installed")
     files = [data_dir / "ipol_gait" / "GaitData" / f"{t}_lb.txt" for t in ("6-1", "9-3", "14-2")]
-    master, slave = os.openpty()
-    tty.setraw(master)
-    tty.setraw(slave)
-    screen = f"127.0.0.1:{free_port()}"
-    cfg = station_config(trial_bundles["fall_screening"], {"kind": "serial", "port": os.ttyname(slave),
-                                                           "channels": IMU, "rate_hz": RATE},
-                         tmp_path / "o.db", mosquitto.url, screen=screen)
+    cfg, sensor, url = serial_station(trial_bundles["fall_screening"], tmp_path / "o.db", mosquitto.url, files[0])
     sub = Subscriber(mosquitto.port, client_id="station-sub")
-    sensor = Sensor(master, read_ipol(files[0]).values[:50].mean(axis=0))
-    url = f"http://{screen}/"
     cmd_topic = topics.command("clinic", "station-1", topics.TRIAL_COMMAND)
     pub = publisher(mosquitto.port, "operator-console")
     try:
@@ -136,11 +147,9 @@ def test_the_operator_starts_and_stops_trials_from_the_button_the_topic_and_the_
             agent.stop.set()
             runner.join(60)
     finally:
-        sensor.done.set()
+        sensor.close()
         pub.disconnect()
         sub.close()
-        os.close(master)
-        os.close(slave)
     trials = sub.of("trial")
     assert len(trials) == 3, [t["trial"] for t in trials]
     salt = device_salt()

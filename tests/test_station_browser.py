@@ -6,15 +6,13 @@ comes out of `edgekit labels export`, and the fall-screening table recipe retrai
 from __future__ import annotations
 
 import csv
-import os
 import threading
-import tty
 from pathlib import Path
 
 import pytest
 from test_hub_browser import ARGS, CHROMIUM
 from test_hub_ingest import hub_listening, wait_for
-from test_station import IMU, RATE, Sensor, station_config, trial_lines
+from test_station import IMU, RATE, serial_station, trial_lines
 
 from edgekit.broker import free_port
 from edgekit.datasets import read_ipol
@@ -42,14 +40,8 @@ def test_a_trial_from_the_station_screen_to_the_clinicians_label_and_back_into_t
     hub_listening(db_url, mosquitto.port)
 
     trial_file = data_dir / "ipol_gait" / "GaitData" / "11-2_lb.txt"
-    master, slave = os.openpty()
-    tty.setraw(master)
-    tty.setraw(slave)
-    screen = f"127.0.0.1:{free_port()}"
-    cfg = station_config(trial_bundles["fall_screening"], {"kind": "serial", "port": os.ttyname(slave),
-                                                           "channels": IMU, "rate_hz": RATE},
-                         tmp_path / "o.db", mosquitto.url, screen=screen)
-    sensor = Sensor(master, read_ipol(trial_file).values[:50].mean(axis=0))
+    cfg, sensor, screen_url = serial_station(trial_bundles["fall_screening"], tmp_path / "o.db", mosquitto.url,
+                                             trial_file)
     try:
         with Agent(cfg) as agent, sync_api.sync_playwright() as p:
             runner = threading.Thread(target=agent.run, kwargs={"drain_timeout_s": 20}, daemon=True)
@@ -58,7 +50,7 @@ def test_a_trial_from_the_station_screen_to_the_clinicians_label_and_back_into_t
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
             # the station: a tablet-sized screen on the device
             station = browser.new_page(viewport={"width": 800, "height": 900})
-            wait_for(lambda: _opens(station, f"http://{screen}/"), 20, "the station screen")
+            wait_for(lambda: _opens(station, screen_url), 20, "the station screen")
             station.fill("#participant", "GH-42")
             station.fill("#age", "79")
             station.select_option("#sex", "F")
@@ -111,11 +103,9 @@ def test_a_trial_from_the_station_screen_to_the_clinicians_label_and_back_into_t
             agent.stop.set()
             runner.join(60)
     finally:
-        sensor.done.set()
+        sensor.close()
         stop_hub.set()
         hub.join(20)
-        os.close(master)
-        os.close(slave)
 
     # the label leaves the hub with the trial's features, and the table recipe trains with it
     out = tmp_path / "labels.csv"
