@@ -191,13 +191,22 @@ def keygen(out: Path, name: str) -> None:
 @main.command()
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--pub", required=True, type=click.Path(path_type=Path), help="Ed25519 public key (PEM).")
+@click.option("--heldout", is_flag=True, help="Also run the bundle's models on its held-out inputs (heldout.npz) "
+              "here and require export's answers: proof that this device's onnxruntime reproduces them.")
 @handle_errors
-def verify(bundle: Path, pub: Path) -> None:
+def verify(bundle: Path, pub: Path, heldout: bool) -> None:
     """Check a bundle's signature and the sha256 of every file it lists."""
     from edgekit.manifest import verify_bundle
 
     m = verify_bundle(bundle, pub)
     click.echo(f"ok: {bundle} ({m.task}, {len(m.files)} files, signature valid)")
+    if heldout:
+        from edgekit.heldout import check_heldout
+
+        r = check_heldout(bundle, m)
+        diffs = ", ".join(f"{role} {d:.2g}" for role, d in r["max_abs"].items())
+        click.echo(f"ok: held-out predictions reproduced: labels agree on {r['labels_agree']}/{r['rows']} rows, "
+                   f"largest difference {diffs} (allowed {r['atol']:g})")
 
 
 @main.command("inspect")
