@@ -2,7 +2,8 @@
 
 EVALUATIONS maps each name to `run_<name>(json_out, plot_out, progress) -> dict`; TABLES maps it to the
 plain-text table the README shows unedited. The metrics are edgekit.exporters.metrics'; this module only
-runs the evaluations (skab, fall_screening, ipol, deferral, trials), which never import it back.
+runs the evaluations (skab, fall_screening, ipol, deferral, trials, sensor_faults), which never import it
+back.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import deferral, fall_screening, ipol, skab, trials
+from . import deferral, fall_screening, ipol, sensor_faults, skab, trials
 
 log = logging.getLogger(__name__)
 
@@ -96,12 +97,19 @@ def run_trials(json_out: Path | None, plot_out: Path | None, progress: bool = Tr
     return result
 
 
+def run_sensor_faults(json_out: Path | None, plot_out: Path | None, progress: bool = True) -> dict[str, Any]:
+    result = sensor_faults.evaluate(progress=progress)  # a table of shares: no plot
+    write_json(result, json_out)
+    return result
+
+
 EVALUATIONS: dict[str, Callable[[Path | None, Path | None, bool], dict[str, Any]]] = {
     "skab": run_skab,
     "fall-screening": run_fall,
     "ipol": run_ipol,
     "deferral": run_deferral,
     "trials": run_trials,
+    "sensor-faults": run_sensor_faults,
 }
 
 
@@ -111,4 +119,5 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "ipol": ipol.table,
     "deferral": deferral.table,
     "trials": trials.table,
+    "sensor-faults": sensor_faults.table,
 }

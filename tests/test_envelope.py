@@ -1,0 +1,142 @@
+"""The input envelope on a real bundle (issue 14): a user's own recordings (tests/recordingfactory.py: 3
+vibration channels at 1 kHz) trained and exported INT8 in-process, then a held-out recording with one channel
+dead or stuck replayed through a real Agent: every window is deferred with a reason naming that channel, in
+the result messages the outbox holds. The same bundle without its envelope gives no such reasons, and the
+sensor-fault evaluation's table on this small run names the gross faults' channels."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from recordingfactory import CHANNELS, vibration_recordings, write_recipe, write_recording  # noqa: E402
+
+pytestmark = pytest.mark.torch
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """(bundle, run, recipe) of the factory's recordings, trained and exported as the CLI does."""
+    from edgekit.exporters.export.export import export
+    from edgekit.exporters.training.train import train
+
+    root = tmp_path_factory.mktemp("envelope")
+    vibration_recordings(root / "recordings")
+    recipe = write_recipe(root, epochs=15)
+    run = train(recipe, root / "run", progress=False)
+    export(run, root / "bundle", int8=True, progress=False)
+    return root / "bundle", run, recipe
+
+
+def held_out(run: Path, root: Path) -> Path:
+    """A recording of the run's test split (files the envelope never saw)."""
+    with np.load(run / "splits.npz") as s:
+        group = sorted(set(s["test_group"].tolist()))[0]
+    return root / "recordings" / group
+
+
+def read_recording(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = [line.split(",") for line in path.read_text().splitlines()[1:]]
+    return (np.array([float(r[0]) for r in rows]), np.array([[float(c) for c in r[1:4]] for r in rows]),
+            np.array([r[4] == "fault" for r in rows]))
+
+
+def replay(bundle: Path, path: Path, tmp_path: Path) -> list:
+    """The recording through a real Agent (replay at speed 0, no broker): the result messages it wrote."""
+    from edgekit.agent import Agent
+    from edgekit.config import AgentConfig, validate
+    from edgekit.contract import messages
+    from edgekit.outbox import Outbox
+
+    outbox = tmp_path / f"{path.stem}.db"
+    cfg = validate(AgentConfig, {
+        "device_id": "dev", "site": "lab", "bundle": str(bundle), "mqtt": {"url": None}, "allow_unsigned": True,
+        "source": {"kind": "replay", "path": str(path), "speed": 0}, "outbox": {"path": str(outbox)}}, "test")
+    with Agent(cfg) as agent:
+        agent.run(drain_timeout_s=0)
+    with Outbox(outbox) as box:
+        found = [messages.parse(r.topic, r.payload) for r in box.pending(10**6) if r.topic.endswith("/result")]
+    return [r for m in found for r in getattr(m, "results", [m])]
+
+
+@pytest.mark.parametrize("fault,channel,named", [
+    ("dead", 1, "stuck:vib_y"),  # reads 0: inside vib_y's range (it swings around 0), but it stopped moving
+    ("stuck", 0, "stuck:vib_x"),  # holds its first value
+    ("dead", 2, "out_of_range:vib_z"),  # 0 where gravity reads 9.81: past the plausible range too
+])
+def test_a_dead_or_stuck_channel_is_deferred_by_name_through_the_agent(built, tmp_path: Path, fault: str,
+                                                                      channel: int, named: str) -> None:
+    bundle, run, recipe = built
+    t, values, state = read_recording(held_out(run, recipe.parent))
+    values[:, channel] = 0.0 if fault == "dead" else values[0, channel]
+    results = replay(bundle, write_recording(tmp_path / f"{fault}.csv", t, values, state), tmp_path)
+    assert results
+    for r in results:
+        assert r.decision == "defer" and named in r.reasons, r.reasons
+        assert all("," not in reason for reason in r.reasons)
+
+
+def test_clean_recording_and_a_bundle_without_envelope(built, tmp_path: Path) -> None:
+    """Clean held-out windows rarely leave the envelope; the same windows through the same bundle without one
+    get the gate's reasons only, as before issue 14."""
+    from edgekit.exporters.evaluation.sensor_faults import _agent, _judge, _windows
+    from edgekit.pipeline import EdgePipeline
+
+    bundle, run, recipe = built
+    t, values, state = read_recording(held_out(run, recipe.parent))
+    results = replay(bundle, write_recording(tmp_path / "clean.csv", t, values, state), tmp_path)
+    named = [r for r in results if any(":" in reason for reason in r.reasons)]
+    assert len(named) <= 0.1 * len(results), [r.reasons for r in named]
+    with _agent(bundle, tmp_path) as agent:
+        m = agent.manifest
+        bare = m.model_copy(update={"input": m.input.model_copy(update={"envelope": None})})
+        windows = _windows([values], int(m.input.window_size or 0), int(m.input.window_hop or 0))
+        values[:, 1] = 0.0
+        dead = _windows([values], int(m.input.window_size or 0), int(m.input.window_hop or 0))
+        judged = _judge(EdgePipeline(bare, agent.models, agent.pre, agent.gate), windows + dead)
+    assert len(judged) == 2 * len(results)
+    assert not any(":" in reason for j in judged for reason in j.decision.reasons)
+
+
+def test_ood_attribution_names_channels_and_shares(built, tmp_path: Path) -> None:
+    from edgekit.exporters.evaluation.sensor_faults import _agent, _judge, _windows
+
+    bundle, run, recipe = built
+    _, values, _ = read_recording(held_out(run, recipe.parent))
+    values[:, 2] += 3.0  # vib_z offset: inside its range, unlike the training data
+    with _agent(bundle, tmp_path) as agent:
+        m = agent.manifest
+        judged = _judge(agent.pipeline, _windows([values], int(m.input.window_size or 0), int(m.input.window_hop or 0)))
+    ood = [j for j in judged if "ood" in j.decision.reasons]
+    assert ood and all(j.attribution for j in ood)
+    assert all(j.attribution is None for j in judged if "ood" not in j.decision.reasons)
+    for j in ood:
+        shares = list(j.attribution.values())
+        assert set(j.attribution) <= set(CHANNELS) and shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-9
+    assert sum(next(iter(j.attribution)) == "vib_z" for j in ood) >= 0.9 * len(ood)
+
+
+def test_sensor_fault_table_on_a_small_run(built, tmp_path: Path) -> None:
+    from edgekit.exporters.evaluation import evaluate
+    from edgekit.exporters.evaluation.sensor_faults import FAULTS, GROSS, evaluate_bundle
+
+    bundle, run, recipe = built
+    faults = [f for f in FAULTS if f.name in GROSS]
+    result = evaluate_bundle(bundle, run, recipe, tmp_path, faults=faults)
+    r = result["faults"]
+    windows = result["clean"]["envelope"]["windows"]
+    for name in ("dead", "stuck"):
+        assert r[name]["envelope"] == {**r[name]["envelope"], "windows": 3 * windows, "deferred": 3 * windows,
+                                       "named": 3 * windows}
+    assert r["gain x10"]["envelope"]["named"] == 3 * windows  # past the plausible range, named by channel
+    text = evaluate.TABLES["sensor-faults"]({"recipes": {"factory": result}, "gross": list(GROSS)})
+    lines = text.splitlines()
+    assert lines[0] == "factory: 2 held-out recordings, 3 channels, one channel broken at a time"
+    assert lines[3].split()[:4] == ["dead", "*", str(3 * windows), "100.0"]
+    assert lines[-2].startswith("gross faults (*): ") and lines[-1].startswith("clean: deferred ")
