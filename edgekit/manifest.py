@@ -590,8 +590,8 @@ def check_signature(bundle: Path, public_key: Path) -> None:
     if not sig_path.is_file():
         raise ModelError("manifest.sig is missing: the bundle is not signed, but a public key was given",
                          where=str(sig_path),
-                         hint="sign it with `edgekit export --sign-key KEY` (or sign_bundle), or run "
-                              "without a public key")
+                         hint="sign it with `edgekit export --sign-key KEY` (or sign_bundle); an agent runs "
+                              "an unsigned bundle only without a public key and with allow_unsigned = true")
     raw = sig_path.read_bytes()
     text = raw[:-1] if raw.endswith(b"\n") else raw
     try:
