@@ -311,7 +311,7 @@ class Agent:
             reasons=list(decision.reasons), scores=decision.scores, thresholds=decision.thresholds,
             second_opinion=None if second is None else messages.SecondOpinion(
                 self.labels[int(second.argmax())], dict(zip(self.labels, second.tolist()))),
-            implausible=judged.implausible)
+            implausible=judged.implausible, attribution=judged.attribution)
         results.append(("result", result.encode()))
         if decision.action == "defer":
             inp = self.manifest.input

@@ -28,7 +28,8 @@ def full_result(seq: int = 5) -> m.Result:
         scores={"confidence": 0.75, "ood": 0.5, "disagreement": 0.4},
         thresholds={"ood_max_score": 1.0, "min_confidence": 0.9, "max_disagreement": 0.3},
         second_opinion=m.SecondOpinion("normal", {"normal": 0.6, "anomaly": 0.4}),
-        implausible="channel 'Current' = 4e+300, outside the plausible range", replayed=True)
+        implausible="channel 'Current' = 4e+300, outside the plausible range",
+        attribution={"Volume Flow RateRMS": 0.625, "Pressure": 0.25, "acc_mag.std": 0.125}, replayed=True)
 
 
 def full_trial() -> m.Trial:
@@ -92,7 +93,7 @@ def test_the_tests_cover_every_field() -> None:
 
 def test_schema_1_bytes_are_pinned() -> None:
     """What agents in the field send: a change here is a schema change (bump the version, keep parsing /1)."""
-    r = dataclasses.replace(full_result(), replayed=False, implausible=None)
+    r = dataclasses.replace(full_result(), replayed=False, implausible=None, attribution=None)
     assert r.encode() == (
         b'{"schema":"edgekit.result/1","id":"pump7:000000000005","seq":5,"site":"plant1","device":"pump7",'
         b'"ts":1700000000.25,"window":{"start_s":10.0,"end_s":41.0},"model_version":"skab@abc","task":"skab",'

@@ -108,7 +108,7 @@ def test_ood_attribution_names_channels_and_shares(built, tmp_path: Path) -> Non
     from edgekit.exporters.evaluation.sensor_faults import _agent, _judge, _windows
 
     bundle, run, recipe = built
-    _, values, _ = read_recording(held_out(run, recipe.parent))
+    t, values, state = read_recording(held_out(run, recipe.parent))
     values[:, 2] += 3.0  # vib_z offset: inside its range, unlike the training data
     with _agent(bundle, tmp_path) as agent:
         m = agent.manifest
@@ -120,6 +120,12 @@ def test_ood_attribution_names_channels_and_shares(built, tmp_path: Path) -> Non
         shares = list(j.attribution.values())
         assert set(j.attribution) <= set(CHANNELS) and shares == sorted(shares, reverse=True) and sum(shares) <= 1 + 1e-9
     assert sum(next(iter(j.attribution)) == "vib_z" for j in ood) >= 0.9 * len(ood)
+    # the agent sends it in the result (and so in its review) of each ood deferral, and only there
+    results = replay(bundle, write_recording(tmp_path / "offset.csv", t, values, state), tmp_path)
+    sent = [r for r in results if "ood" in r.reasons]
+    assert len(sent) == len(ood) and all(r.attribution for r in sent)
+    assert all(r.attribution is None for r in results if "ood" not in r.reasons)
+    assert sum(next(iter(r.attribution or {})) == "vib_z" for r in sent) >= 0.9 * len(sent)
 
 
 def test_sensor_fault_table_on_a_small_run(built, tmp_path: Path) -> None:

@@ -118,6 +118,10 @@ class Result:
     thresholds: dict[str, float]
     second_opinion: SecondOpinion | None = None
     implausible: str | None = None
+    # An `ood` deferral's make-up: channel or feature -> its share (0..1) of the autoencoder's error, at most
+    # ATTRIBUTION_MAX, largest first (gate.OodAttribution). Absent when None, so results without one keep
+    # their bytes; an older hub ignores the key.
+    attribution: dict[str, float] | None = None
     replayed: bool = False
 
     SCHEMA = topics.SCHEMA_RESULT
@@ -134,6 +138,8 @@ class Result:
             obj["implausible"] = self.implausible
         if self.second_opinion is not None:
             obj["second_opinion"] = {"label": self.second_opinion.label, "probs": self.second_opinion.probs}
+        if self.attribution is not None:
+            obj["attribution"] = self.attribution
         if self.replayed:
             obj["replayed"] = True
         return obj
@@ -163,9 +169,28 @@ class Result:
             confidence=_num(obj, "confidence"), probs=maps["probs"], decision=decision, reasons=reasons,
             scores=maps["scores"], thresholds=maps["thresholds"],
             second_opinion=None if second is None else SecondOpinion(second.get("label"), second.get("probs")),
-            implausible=_text(obj, "implausible", LONG_TEXT_MAX),
+            implausible=_text(obj, "implausible", LONG_TEXT_MAX), attribution=_attribution(obj),
             replayed=bool(replayed or obj.get("replayed")),
         )
+
+
+ATTRIBUTION_MAX = 3  # entries of a result's attribution (gate.ATTRIBUTION_TOP sends 3)
+
+
+def _attribution(obj: dict[str, Any]) -> dict[str, float] | None:
+    """A result's `attribution`: None, or at most ATTRIBUTION_MAX names (<= TEXT_MAX characters) -> a finite
+    share in [0, 1]."""
+    found = _object(obj, "attribution")
+    if found is None:
+        return None
+    if len(found) > ATTRIBUTION_MAX or not all(isinstance(k, str) and 0 < len(k) <= TEXT_MAX for k in found):
+        raise DataError(f"attribution must name at most {ATTRIBUTION_MAX} channels or features "
+                        f"(got {len(found)} keys)")
+    for key in found:
+        share = _num(found, key)
+        if share is None or not 0.0 <= share <= 1.0:
+            raise DataError(f"attribution[{key!r:.40}] must be a share from 0 to 1 (got {share!r:.20})")
+    return found
 
 
 @dataclass(slots=True)

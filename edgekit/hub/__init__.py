@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 DAY_S = 86400.0
 RETENTION_EVERY_S = 3600.0  # a running hub applies --retention-days at start and then this often
 EXPORT_COLUMNS = ("result_id", "device", "site", "label", "reviewer", "labelled_at", "note", "model_label",
-                  "reasons")
+                  "reasons", "attribution")
 
 
 def parse_http(http: str) -> tuple[str, int]:
@@ -145,10 +145,16 @@ def export_labels(db_url: str, out: Path) -> int:
         for r in rows:
             at = datetime.fromtimestamp(r["labelled_at"], timezone.utc).isoformat(timespec="seconds")
             writer.writerow([r["id"], r["device"], r["site"], r["review_label"], r["reviewer"], at, r["note"],
-                             r["label"] or "", ";".join(r["reasons"]),
+                             r["label"] or "", ";".join(r["reasons"]), _attribution_cell(r["attribution"]),
                              *(r["features"].get(n, "") for n in names)])
     log.info("hub.labels_exported rows=%d path=%s", len(rows), out)
     return len(rows)
+
+
+def _attribution_cell(stored: str | None) -> str:
+    """An ood deferral's attribution as 'Flow=0.612;Pressure=0.201' (largest first), '' without one."""
+    shares = orjson.loads(stored) if stored else None
+    return ";".join(f"{name}={share:.3f}" for name, share in (shares or {}).items())
 
 
 def export_participant(db_url: str, pseudonym: str, out: Path) -> dict[str, int]:

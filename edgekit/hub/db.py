@@ -52,6 +52,7 @@ results = sa.Table(
     sa.Column("signal", sa.Text),
     sa.Column("replayed", sa.Boolean, nullable=False),
     sa.Column("received_at", sa.Float, nullable=False),
+    sa.Column("attribution", sa.Text),  # JSON {channel or feature: share}; added after the table (ADDED_COLUMNS)
     sa.Index("ix_edgekit_results_decision_ts", "decision", "ts"),
     sa.Index("ix_edgekit_results_device", "site", "device"),
 )
@@ -106,6 +107,14 @@ settings = sa.Table(
     "edgekit_settings", metadata,
     sa.Column("key", sa.String(64), primary_key=True),
     sa.Column("value", sa.Text, nullable=False),
+)
+
+
+# Columns added after their table was first made: (table, column, SQL type, index name or None). HubDB.create
+# adds each to a database made before it.
+ADDED_COLUMNS = (
+    (trials, "participant", f"VARCHAR({topics.PSEUDONYM_LEN})", "ix_edgekit_trials_participant"),  # issue 13
+    (results, "attribution", "TEXT", None),  # issue 14: an ood deferral's make-up (JSON)
 )
 
 
@@ -178,6 +187,7 @@ def result_row(msg: Result, now: float) -> dict[str, Any]:
         "second_opinion": _dumps(None if second is None else {"label": second.label, "probs": second.probs}),
         "scores": _dumps(msg.scores), "thresholds": _dumps(msg.thresholds), "features": None, "signal": None,
         "replayed": msg.replayed, "received_at": now,
+        "attribution": None if msg.attribution is None else _dumps(msg.attribution),
     }
 
 
@@ -212,7 +222,7 @@ def trial_result_row(msg: Trial, now: float) -> dict[str, Any] | None:
         "probs": _dumps(a.probs),
         "second_opinion": _dumps(None), "scores": _dumps(a.scores), "thresholds": _dumps({}),
         "features": _dumps(a.features), "signal": None if msg.signal is None else _dumps(msg.signal.to_obj()),
-        "replayed": msg.replayed, "received_at": now,
+        "replayed": msg.replayed, "received_at": now, "attribution": None,
     }
 
 
@@ -275,28 +285,36 @@ class HubDB:
 
     def create(self) -> None:
         """The tables, and the columns added since a table was first made (create_all makes missing
-        tables, never missing columns): edgekit_trials.participant (issue 13)."""
+        tables, never missing columns): ADDED_COLUMNS."""
         try:
             metadata.create_all(self.engine)  # the first connection
         except sa.exc.DBAPIError as exc:
             raise unusable_db(self.url, exc, "cannot open the database") from None
+        for table, column, sql_type, index in ADDED_COLUMNS:
+            self._add_column(table, column, sql_type, index)
+
+    def _add_column(self, table: sa.Table, column: str, sql_type: str, index: str | None) -> None:
+        """ALTER TABLE .. ADD COLUMN for a database made before `column` existed (and its index)."""
+        def has(conn: sa.Connection) -> bool:
+            return column in {c["name"] for c in sa.inspect(conn).get_columns(table.name)}
+
         with self.engine.begin() as conn:
-            if "participant" in {c["name"] for c in sa.inspect(conn).get_columns(trials.name)}:
+            if has(conn):
                 return
         exists = "IF NOT EXISTS " if self.dialect == "postgresql" else ""
+        make_index = f"CREATE INDEX IF NOT EXISTS {index} ON {table.name} ({column})" if index else None
         try:
             with self.engine.begin() as conn:
-                conn.execute(sa.text(f"ALTER TABLE {trials.name} ADD COLUMN {exists}participant "
-                                     f"VARCHAR({topics.PSEUDONYM_LEN})"))
-                conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS ix_edgekit_trials_participant "
-                                     f"ON {trials.name} (participant)"))
+                conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {exists}{column} {sql_type}"))
+                if make_index:
+                    conn.execute(sa.text(make_index))
         except sa.exc.OperationalError:  # SQLite: another hub process added it meanwhile
             with self.engine.begin() as conn:
-                if "participant" not in {c["name"] for c in sa.inspect(conn).get_columns(trials.name)}:
+                if not has(conn):
                     raise
-                conn.execute(sa.text(f"CREATE INDEX IF NOT EXISTS ix_edgekit_trials_participant "
-                                     f"ON {trials.name} (participant)"))
-        log.info("hub.db_upgraded table=%s column=participant", trials.name)
+                if make_index:
+                    conn.execute(sa.text(make_index))
+        log.info("hub.db_upgraded table=%s column=%s", table.name, column)
 
     def _many(self, conn: sa.Connection, kind: str, rows: list[dict[str, Any]]) -> int:
         """executemany of a prepared bulk statement on the driver's own cursor; returns rows changed.
@@ -414,7 +432,7 @@ class HubDB:
             history = conn.execute(sa.select(labels).where(labels.c.result_id == result_id)
                                    .order_by(labels.c.labelled_at.desc(), labels.c.id.desc())).all()
         case = dict(row._mapping)
-        for key in ("probs", "second_opinion", "scores", "thresholds", "features", "signal"):
+        for key in ("probs", "second_opinion", "scores", "thresholds", "features", "signal", "attribution"):
             case[key] = _loads(case[key])
         case["reasons"] = _reasons(case["reasons"])
         case["labels"] = [dict(h._mapping) for h in history]
