@@ -158,9 +158,9 @@ def test_queue_case_label_relabel_and_export(hub, tmp_path):
     out = tmp_path / "labels.csv"
     assert export_labels(url, out) == 2
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0])[:9] == ["result_id", "device", "site", "label", "reviewer", "labelled_at", "note",
-                                 "model_label", "reasons"]
-    assert list(rows[0])[9:] == ["acc_rms", "gyro_rms", "cadence_hz"]
+    assert list(rows[0])[:10] == ["result_id", "device", "site", "label", "reviewer", "labelled_at", "note",
+                                  "model_label", "reasons", "attribution"]
+    assert list(rows[0])[10:] == ["acc_rms", "gyro_rms", "cadence_hz"]
     by_id = {r["result_id"]: r for r in rows}
     assert by_id[case_id]["label"] == "sit" and by_id[case_id]["note"] == "second look"
     assert by_id[case_id]["reviewer"] == "ana" and by_id[case_id]["model_label"] == "walk"
