@@ -366,12 +366,17 @@ def device_detect(root: Path) -> None:
 
 @main.group(invoke_without_command=True)
 @click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
-              help="mqtt://[USER@]HOST[:PORT], or mqtts://... for TLS (port 8883 by default).")
+              help="mqtt://[USER@]HOST[:PORT] (an MQTT 5 broker), or mqtts://... for TLS (port 8883 by default); "
+                   "nats://HOST:4222,HOST:4222,... to consume a NATS cluster's JetStream (its MQTT gateway; "
+                   "deploy/cluster/README.md).")
 @click.option("--db", default="sqlite:///hub.db", show_default=True, help="sqlite:///FILE or postgresql://...")
 @click.option("--http", default="127.0.0.1:8080", show_default=True, help="HOST:PORT for the review page; '' for none.")
 @click.option("--share-group", default="edgekit-hub", show_default=True,
-              help="MQTT v5 shared subscription group: hubs in one group split the results; '' for a plain "
-                   "subscription (one hub).")
+              help="MQTT v5 shared subscription group (nats://: the durable consumer's name): hubs in one group "
+                   "split the results; '' for a plain subscription (one hub).")
+@click.option("--ack-wait-s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="nats:// only: seconds before what a dead hub took and never acknowledged goes to another "
+                   "hub [default: 30].")
 @click.option("--client-id", default=None,
               help="Fixed MQTT client id, one per hub process: the broker keeps this hub's session and queues "
                    "results for it while it is down (a day). Without it the session lasts 5 minutes.")
@@ -394,7 +399,8 @@ def device_detect(root: Path) -> None:
                    "cases are the next training's data; set N from your data-protection rules.")
 @click.pass_context
 @handle_errors
-def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str, client_id: str | None,
+def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str, ack_wait_s: float | None,
+        client_id: str | None,
         username: str | None, password_file: Path | None, ca_file: Path | None, cert_file: Path | None,
         key_file: Path | None, secure_cookies: bool, retention_days: int | None) -> None:
     """Collect results from every device and serve the review station."""
@@ -416,7 +422,8 @@ def hub(ctx: click.Context, broker: str, db: str, http: str, share_group: str, c
     click.echo(f"hub: broker {redact_url(broker)}, db {redact_url(db)}, review page http://{http}/" if http
                else "hub: ingest only")
     run_hub(broker, db, http or None, share_group=share_group, client_id=client_id, stop=stop,
-            security=security, secure_cookies=secure_cookies, retention_days=retention_days)
+            security=security, secure_cookies=secure_cookies, retention_days=retention_days,
+            ack_wait_s=ack_wait_s)
 
 
 @hub.command("adduser")

@@ -13,6 +13,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -25,6 +26,8 @@ from edgekit.hub.auth import hash_password
 from edgekit.hub.db import HubDB
 
 if TYPE_CHECKING:
+    from edgekit.hub.ingest import Ingest
+    from edgekit.hub.jetstream import JetStreamIngest
     from edgekit.mqtt import MqttSecurity
 
 log = logging.getLogger(__name__)
@@ -72,15 +75,36 @@ def apply_retention(db: HubDB, days: float, now: float | None = None) -> dict[st
     return counts
 
 
+def make_ingest(broker_url: str, db: HubDB, share_group: str | None = "edgekit-hub",
+                client_id: str | None = None, security: MqttSecurity | None = None,
+                ack_wait_s: float | None = None, on_fatal: Callable[[TransportError], None] | None = None,
+                ) -> Ingest | JetStreamIngest:
+    """The intake the url's scheme names: mqtt:// or mqtts:// an MQTT v5 shared subscription (ingest.py:
+    mosquitto, EMQX, HiveMQ); nats:// or tls:// a JetStream durable consumer on a NATS cluster's MQTT gateway
+    (jetstream.py, the `cluster` extra). Both write through the same BatchWriter."""
+    if broker_url.split("://", 1)[0] in ("nats", "tls"):
+        from edgekit.hub.jetstream import ACK_WAIT_S, JetStreamIngest
+
+        return JetStreamIngest(broker_url, db, share_group=share_group, client_id=client_id, security=security,
+                               ack_wait_s=ACK_WAIT_S if ack_wait_s is None else ack_wait_s, on_fatal=on_fatal)
+    from edgekit.hub.ingest import Ingest
+
+    if ack_wait_s is not None:
+        raise ConfigError("is for a nats:// broker (JetStream); an MQTT broker redelivers on reconnect",
+                          where="hub --ack-wait-s")
+    return Ingest(broker_url, db, share_group=share_group, client_id=client_id, security=security,
+                  on_fatal=on_fatal)
+
+
 def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
             share_group: str = "edgekit-hub", client_id: str | None = None,
             stop: threading.Event | None = None, security: MqttSecurity | None = None,
-            secure_cookies: bool = False, retention_days: float | None = None) -> None:
-    """Ingest (and, unless `http` is None, serve the review pages) until `stop` is set. `security`: the broker
-    account and TLS files (edgekit/mqtt.py). `retention_days`: apply_retention at start and every
-    RETENTION_EVERY_S; None keeps everything."""
-    from edgekit.hub.ingest import Ingest
-
+            secure_cookies: bool = False, retention_days: float | None = None,
+            ack_wait_s: float | None = None) -> None:
+    """Ingest (and, unless `http` is None, serve the review pages) until `stop` is set. `broker_url` picks the
+    intake (make_ingest). `security`: the broker account and TLS files (edgekit/mqtt.py). `retention_days`:
+    apply_retention at start and every RETENTION_EVERY_S; None keeps everything. A broker the hub cannot use
+    (MQTT 3.1.1 only, no shared subscriptions, no JetStream) sets `stop` and raises its TransportError."""
     if retention_days is not None and not retention_days > 0:
         raise ConfigError(f"must be a number of days > 0 (got {retention_days!r})", where="hub --retention-days")
     stop = stop or threading.Event()
@@ -90,7 +114,9 @@ def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
         if retention_days is not None:
             apply_retention(db, retention_days)
         server = thread = None
-        with Ingest(broker_url, db, share_group=share_group, client_id=client_id, security=security):
+        ingest = make_ingest(broker_url, db, share_group=share_group, client_id=client_id, security=security,
+                             ack_wait_s=ack_wait_s, on_fatal=lambda _exc: stop.set())
+        with ingest:
             if listen:
                 import uvicorn
 
@@ -114,6 +140,8 @@ def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
                 if server and thread:
                     server.should_exit = True
                     thread.join(timeout=10)
+        if ingest.error is not None:
+            raise ingest.error
 
 
 def add_user(db_url: str, name: str, password: str) -> None:
@@ -189,5 +217,6 @@ def delete_participant(db_url: str, pseudonym: str) -> dict[str, int]:
         return db.participant_delete(pseudonym)
 
 
-__all__ = ["run_hub", "add_user", "export_labels", "apply_retention", "export_participant", "count_participant",
+__all__ = ["run_hub", "make_ingest", "add_user", "export_labels", "apply_retention", "export_participant",
+           "count_participant",
            "delete_participant"]

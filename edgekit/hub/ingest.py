@@ -7,7 +7,8 @@ Trial summaries (gait bundles) are stored the same way, idempotent by trial id; 
 also becomes a result under the trial's id, so it is reviewed, labelled and exported like any result.
 Identity comes from the topic (which the broker's ACL ties to the account): a payload naming another site,
 device or device's id is rejected (hub.rejected), never stored, so no device can take or shadow another's
-result ids.
+result ids. BatchWriter is that one parse/batch/store/ack path; the JetStream intake (jetstream.py) feeds it
+too. A broker without MQTT 5 (or without shared subscriptions) stops the hub with one TransportError.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import paho.mqtt.client as mqtt
 import sqlalchemy.exc
@@ -30,9 +32,9 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 
 from edgekit import topics
 from edgekit.contract import messages as messages_contract
-from edgekit.errors import DataError, IdentityError
+from edgekit.errors import DataError, IdentityError, TransportError
 from edgekit.hub.db import Batch, HubDB, result_row, review_row, trial_result_row, trial_row
-from edgekit.mqtt import MqttSecurity, make_client, parse_url
+from edgekit.mqtt import Endpoint, MqttSecurity, make_client, parse_url
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +45,12 @@ RANDOM_SESSION_EXPIRY_S = 300  # an unnamed one's survives a broker restart or a
 SEEN_EVERY_S = 1.0  # last-seen writes per device at most this often: the row is a lock two hubs share
 RECONNECT_MAX_S = 2.0  # the hub sits next to its broker: retrying often is cheap, missing results is not
 KEY = "edgekit hub"  # errors about the broker name this command's options
+PROBE_TIMEOUT_S = 3.0  # an MQTT 3.1.1 CONNACK from a broker that dropped our MQTT 5 CONNECT
+UNSUPPORTED_PROTOCOL_VERSION = 0x84  # CONNACK reason; paho reports a 3.1.1 broker's return code 1 as this
+SHARED_SUBSCRIPTIONS_NOT_SUPPORTED = 0x9E  # SUBACK reason (MQTT 5.0, 3.9.3)
+CLUSTER_DOC = "deploy/cluster/README.md"
+
+M = TypeVar("M")
 
 
 @dataclass
@@ -126,106 +134,53 @@ def _add(out: Batch, msg: messages_contract.Message, now: float, retained: bool,
             stats.trials += 1
 
 
-class Ingest:
-    """Subscribe, batch, write, acknowledge. A context manager; `stats` counts what happened.
+class BatchWriter(Generic[M]):
+    """The one write path of every intake (MQTT v5 here, JetStream in jetstream.py): one thread takes what
+    arrived in batches (up to `max_batch` messages or MAX_BATCH_BYTES), parses them with the contract
+    (`to_batch`), stores each batch in one transaction, retrying while the database is away, and only then
+    hands the batch to `ack`. The intake differs only in `unpack` (its message -> topic, payload, retained)
+    and `ack` (how the broker hears that a message is stored)."""
 
-    `security`: the broker account and TLS files (`edgekit hub --username --password-file --ca-file ...`);
-    the url may carry the account. A ConfigError names the `edgekit hub` option at fault."""
-
-    def __init__(self, broker_url: str, db: HubDB, share_group: str | None = "edgekit-hub",
-                 client_id: str | None = None, max_batch: int = MAX_BATCH,
-                 security: MqttSecurity | None = None) -> None:
-        self.endpoint = parse_url(broker_url, where=f"{KEY} --broker")
+    def __init__(self, db: HubDB, stats: IngestStats, unpack: Callable[[M], tuple[str, bytes, bool]],
+                 ack: Callable[[list[M]], None], max_batch: int = MAX_BATCH) -> None:
         self.db = db
-        self.share_group = share_group or None  # "" or None: a plain subscription (one hub only)
+        self.stats = stats
         self.max_batch = max_batch
-        self.named = client_id is not None
-        self.client_id = client_id or f"edgekit-hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.stats = IngestStats()
-        self.connected = threading.Event()
-        self._queue: queue.SimpleQueue[mqtt.MQTTMessage | None] = queue.SimpleQueue()
+        self._unpack = unpack
+        self._ack = ack
+        self._queue: queue.SimpleQueue[M | None] = queue.SimpleQueue()
         self._stop = threading.Event()
-        self._writer: threading.Thread | None = None
+        self._thread: threading.Thread | None = None
         self._seen: dict[tuple[str, str], float] = {}
-        self.client = make_client(self.endpoint, security, client_id=self.client_id, version="5", manual_ack=True,
-                                  key=KEY)
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
-        # Back quickly after a broker restart: mosquitto 2.0.11 does not restore *shared* subscriptions
-        # from persistence (measured), so results published before we re-subscribe are not queued for us.
-        # paho sleeps for these as floats; its annotation says int.
-        self.client.reconnect_delay_set(min_delay=0.25, max_delay=RECONNECT_MAX_S)  # type: ignore[arg-type]
 
-    # paho callbacks run on its network thread: keep them tiny.
-    def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        if reason.is_failure:
-            log.warning("hub.connect_refused broker=%s:%s reason=%s", self.endpoint.host, self.endpoint.port,
-                        reason)
-            return
-        flt = topics.subscription(share_group=self.share_group)
-        client.subscribe(flt, options=SubscribeOptions(qos=topics.QOS))
-        log.info("hub.connected broker=%s:%s client_id=%s subscription=%s", self.endpoint.host,
-                 self.endpoint.port, self.client_id, flt)
-        self.connected.set()
-
-    def _on_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
-        self.connected.clear()
-        if not self._stop.is_set():
-            log.warning("hub.disconnected broker=%s:%s reason=%s", self.endpoint.host, self.endpoint.port,
-                        reason)
-
-    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+    def put(self, msg: M) -> None:
+        """Queue one message (any thread; never blocks)."""
         self._queue.put(msg)
 
+    def backlog(self) -> int:
+        """Messages queued and not yet taken into a batch (approximate)."""
+        return self._queue.qsize()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def start(self) -> None:
-        self.db.create()
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = SESSION_EXPIRY_S if self.named else RANDOM_SESSION_EXPIRY_S
-        props.ReceiveMaximum = 65535
-        # A named hub resumes its session (and what the broker queued for it); an unnamed one starts clean
-        # once, then resumes on reconnects within the same process.
-        clean = False if self.named else mqtt.MQTT_CLEAN_START_FIRST_ONLY
-        self.client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=30, clean_start=clean,
-                                  properties=props)
-        self._writer = threading.Thread(target=self._write_loop, name="hub-ingest-writer", daemon=True)
-        self._writer.start()
-        self.client.loop_start()
+        self._thread = threading.Thread(target=self._loop, name="hub-ingest-writer", daemon=True)
+        self._thread.start()
 
-    def stop(self, end_session: bool | None = None) -> None:
-        """Write and acknowledge what has arrived, then disconnect.
-
-        `end_session` (default: for an unnamed hub, whose session nobody would resume) tells the broker to
-        drop the session and its subscription; otherwise the broker keeps queueing results for it."""
-        if self._stop.is_set():
-            return  # already stopped (stop() then the context manager's exit)
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Write and acknowledge what was queued before this call, then end the thread."""
         self._stop.set()
         self._queue.put(None)
-        if self._writer:
-            self._writer.join(timeout=30)
-        props = None
-        if not self.named if end_session is None else end_session:
-            props = Properties(PacketTypes.DISCONNECT)
-            props.SessionExpiryInterval = 0
-        self.client.disconnect(properties=props)
-        self.client.loop_stop()
-        log.info("hub.ingest_stopped messages=%d results=%d new=%d reviews=%d trials=%d new_trials=%d "
-                 "bad=%d rejected=%d",
-                 self.stats.messages, self.stats.results, self.stats.new_results, self.stats.reviews,
-                 self.stats.trials, self.stats.new_trials, self.stats.bad, self.stats.rejected)
+        if self._thread:
+            self._thread.join(timeout=timeout_s)
 
-    def __enter__(self) -> Ingest:
-        self.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _write_loop(self) -> None:
+    def _loop(self) -> None:
         while True:
             first = self._queue.get()
-            msgs: list[mqtt.MQTTMessage] = [] if first is None else [first]
-            size = len(first.payload) if first is not None else 0
+            msgs: list[M] = [] if first is None else [first]
+            size = len(self._unpack(first)[1]) if first is not None else 0
             done = first is None
             while len(msgs) < self.max_batch and size < MAX_BATCH_BYTES:
                 try:
@@ -236,14 +191,14 @@ class Ingest:
                     done = True
                     break
                 msgs.append(m)
-                size += len(m.payload)
+                size += len(self._unpack(m)[1])
             if msgs:
                 self._write(msgs)
             if done:
                 return
 
-    def _write(self, msgs: list[mqtt.MQTTMessage]) -> None:
-        pairs = [(m.topic, bytes(m.payload), m.retain) for m in msgs]  # bytes() of bytes is the same object
+    def _write(self, msgs: list[M]) -> None:
+        pairs = [self._unpack(m) for m in msgs]
         self.stats.messages += len(msgs)
         batch = to_batch(pairs, time.time(), self.stats)
         batch.seen = {k: t for k, t in batch.seen.items()
@@ -276,12 +231,7 @@ class Ingest:
                 self._write_one_by_one(pairs)
                 break
         self.stats.batches += 1
-        for m in msgs:
-            if m.qos > 0:
-                try:
-                    self.client.ack(m.mid, m.qos)
-                except Exception as exc:  # noqa: BLE001 - a lost connection: the broker redelivers
-                    log.debug("hub.ack_failed mid=%s error=%s", m.mid, exc)
+        self._ack(msgs)
 
     def _write_one_by_one(self, pairs: list[tuple[str, bytes, bool]]) -> None:
         """A batch the database refused: find and skip the message(s) it cannot take."""
@@ -296,3 +246,187 @@ class Ingest:
                 log.warning("hub.bad_payload topic=%s reason=database refused: %s", name,
                             str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
                 self.stats.bad += 1
+
+
+def _unpack_mqtt(m: mqtt.MQTTMessage) -> tuple[str, bytes, bool]:
+    return m.topic, bytes(m.payload), m.retain  # bytes() of bytes is the same object
+
+
+class Ingest:
+    """Subscribe, batch, write, acknowledge. A context manager; `stats` counts what happened.
+
+    `security`: the broker account and TLS files (`edgekit hub --username --password-file --ca-file ...`);
+    the url may carry the account. A ConfigError names the `edgekit hub` option at fault. A broker that
+    cannot serve the hub (it speaks MQTT 3.1.1 only, or refuses shared subscriptions) is a TransportError
+    in `error`, `failed` is set and `on_fatal` called once; the hub then stops instead of retrying."""
+
+    def __init__(self, broker_url: str, db: HubDB, share_group: str | None = "edgekit-hub",
+                 client_id: str | None = None, max_batch: int = MAX_BATCH,
+                 security: MqttSecurity | None = None,
+                 on_fatal: Callable[[TransportError], None] | None = None) -> None:
+        self.endpoint = parse_url(broker_url, where=f"{KEY} --broker")
+        self.db = db
+        self.share_group = share_group or None  # "" or None: a plain subscription (one hub only)
+        self.named = client_id is not None
+        self.client_id = client_id or f"edgekit-hub-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.stats = IngestStats()
+        self.connected = threading.Event()
+        self.failed = threading.Event()
+        self.error: TransportError | None = None
+        self._on_fatal = on_fatal
+        self._security = security
+        self._connack_seen = False
+        self._probed = False
+        self._stop = threading.Event()
+        self.writer = BatchWriter(db, self.stats, _unpack_mqtt, self._ack, max_batch)
+        self.client = make_client(self.endpoint, security, client_id=self.client_id, version="5", manual_ack=True,
+                                  key=KEY)
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self.client.on_subscribe = self._on_subscribe
+        # Back quickly after a broker restart: mosquitto 2.0.11 does not restore *shared* subscriptions
+        # from persistence (measured), so results published before we re-subscribe are not queued for us.
+        # paho sleeps for these as floats; its annotation says int.
+        self.client.reconnect_delay_set(min_delay=0.25, max_delay=RECONNECT_MAX_S)  # type: ignore[arg-type]
+
+    # paho callbacks run on its network thread: keep them tiny.
+    def _on_connect(self, client: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self._connack_seen = True
+        if reason.is_failure:
+            if reason.value == UNSUPPORTED_PROTOCOL_VERSION:  # paho's name for a 3.1.1 CONNACK code 1
+                self._fatal(not_mqtt5(self.endpoint, "it answered MQTT 5 with 'unacceptable protocol version'"))
+                return
+            log.warning("hub.connect_refused broker=%s:%s reason=%s", self.endpoint.host, self.endpoint.port,
+                        reason)
+            return
+        flt = topics.subscription(share_group=self.share_group)
+        client.subscribe(flt, options=SubscribeOptions(qos=topics.QOS))
+        log.info("hub.connected broker=%s:%s client_id=%s subscription=%s", self.endpoint.host,
+                 self.endpoint.port, self.client_id, flt)
+        self.connected.set()
+
+    def _on_subscribe(self, _c: mqtt.Client, _ud: Any, _mid: int, reasons: list[Any], _props: Any) -> None:
+        for reason in reasons:
+            if reason.value == SHARED_SUBSCRIPTIONS_NOT_SUPPORTED:
+                self._fatal(TransportError(
+                    "the broker refuses MQTT 5 shared subscriptions, which the hub subscribes with",
+                    where=f"{KEY} --broker {self.endpoint}",
+                    hint="run one hub with --share-group '' (a plain subscription), or use a broker with "
+                         f"shared subscriptions (mosquitto 2, EMQX, HiveMQ) or NATS JetStream ({CLUSTER_DOC})"))
+            elif reason.is_failure:
+                log.warning("hub.subscribe_refused broker=%s reason=%s", self.endpoint, reason)
+
+    def _on_disconnect(self, _c: mqtt.Client, _ud: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self.connected.clear()
+        if self._stop.is_set() or self.failed.is_set():
+            return
+        if not self._connack_seen and not self._probed:
+            # Closed before any CONNACK: a broker that drops an MQTT 5 CONNECT (RabbitMQ 3.x's MQTT plugin
+            # does) looks like this. Ask it once in MQTT 3.1.1, off paho's network thread; it says what it found.
+            self._probed = True
+            threading.Thread(target=self._probe_311, args=(reason,), name="hub-mqtt-probe", daemon=True).start()
+            return
+        log.warning("hub.disconnected broker=%s:%s reason=%s", self.endpoint.host, self.endpoint.port, reason)
+
+    def _on_message(self, _c: mqtt.Client, _ud: Any, msg: mqtt.MQTTMessage) -> None:
+        self.writer.put(msg)
+
+    def _probe_311(self, reason: Any) -> None:
+        if speaks_mqtt311(self.endpoint, self._security, f"{self.client_id}-probe"):
+            self._fatal(not_mqtt5(self.endpoint, "it closed the MQTT 5 connection and accepts MQTT 3.1.1"))
+        else:
+            log.warning("hub.disconnected broker=%s:%s reason=%s (closed before any CONNACK)", self.endpoint.host,
+                        self.endpoint.port, reason)
+
+    def _fatal(self, error: TransportError) -> None:
+        if self.failed.is_set():
+            return
+        self.error = error
+        self.failed.set()
+        log.info("hub.broker_unusable broker=%s", self.endpoint)  # the CLI prints the error itself, once
+        self.client.disconnect()  # no more reconnects: run_hub stops and raises `error`
+        if self._on_fatal is not None:
+            self._on_fatal(error)
+
+    def start(self) -> None:
+        self.db.create()
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = SESSION_EXPIRY_S if self.named else RANDOM_SESSION_EXPIRY_S
+        props.ReceiveMaximum = 65535
+        # A named hub resumes its session (and what the broker queued for it); an unnamed one starts clean
+        # once, then resumes on reconnects within the same process.
+        clean = False if self.named else mqtt.MQTT_CLEAN_START_FIRST_ONLY
+        self.client.connect_async(self.endpoint.host, self.endpoint.port, keepalive=30, clean_start=clean,
+                                  properties=props)
+        self.writer.start()
+        self.client.loop_start()
+
+    def stop(self, end_session: bool | None = None) -> None:
+        """Write and acknowledge what has arrived, then disconnect.
+
+        `end_session` (default: for an unnamed hub, whose session nobody would resume) tells the broker to
+        drop the session and its subscription; otherwise the broker keeps queueing results for it."""
+        if self._stop.is_set():
+            return  # already stopped (stop() then the context manager's exit)
+        self._stop.set()
+        self.writer.stop()
+        props = None
+        if not self.named if end_session is None else end_session:
+            props = Properties(PacketTypes.DISCONNECT)
+            props.SessionExpiryInterval = 0
+        self.client.disconnect(properties=props)
+        self.client.loop_stop()
+        log_stopped(self.stats)
+
+    def __enter__(self) -> Ingest:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _ack(self, msgs: list[mqtt.MQTTMessage]) -> None:
+        for m in msgs:
+            if m.qos > 0:
+                try:
+                    self.client.ack(m.mid, m.qos)
+                except Exception as exc:  # noqa: BLE001 - a lost connection: the broker redelivers
+                    log.debug("hub.ack_failed mid=%s error=%s", m.mid, exc)
+
+
+def log_stopped(stats: IngestStats) -> None:
+    log.info("hub.ingest_stopped messages=%d results=%d new=%d reviews=%d trials=%d new_trials=%d "
+             "bad=%d rejected=%d", stats.messages, stats.results, stats.new_results, stats.reviews,
+             stats.trials, stats.new_trials, stats.bad, stats.rejected)
+
+
+def not_mqtt5(endpoint: Endpoint, how: str) -> TransportError:
+    """The one line a hub says about a broker without MQTT 5 (NATS's MQTT gateway, RabbitMQ 3.x's plugin)."""
+    return TransportError(f"the broker speaks MQTT 3.1.1 only ({how}); the hub needs MQTT 5 shared "
+                          "subscriptions", where=f"{KEY} --broker {endpoint}",
+                          hint="for NATS, consume its JetStream instead: edgekit hub --broker nats://HOST:4222, "
+                               f"see {CLUSTER_DOC}; else use an MQTT 5 broker: mosquitto 2, EMQX, HiveMQ")
+
+
+def speaks_mqtt311(endpoint: Endpoint, security: MqttSecurity | None, client_id: str,
+                   timeout_s: float = PROBE_TIMEOUT_S) -> bool:
+    """True when the broker answers an MQTT 3.1.1 CONNECT with a CONNACK (accepted or not)."""
+    answered = threading.Event()
+    probe = make_client(endpoint, security, client_id=client_id, version="3.1.1", key=KEY)
+    probe.on_connect = lambda *_a: answered.set()
+    try:
+        probe.connect(endpoint.host, endpoint.port, keepalive=10)
+        deadline = time.monotonic() + timeout_s
+        while not answered.is_set() and time.monotonic() < deadline:
+            if probe.loop(timeout=0.1) != mqtt.MQTT_ERR_SUCCESS:
+                break
+        return answered.is_set()
+    except (OSError, ValueError) as exc:
+        log.debug("hub.probe_failed broker=%s error=%s", endpoint, exc)
+        return False
+    finally:
+        try:
+            probe.disconnect()
+        except Exception:  # noqa: BLE001 - a probe's socket that never opened
+            pass
