@@ -438,6 +438,9 @@ class _Layout:
         self.rate_hz = rate_hz
         self.time_col = header.index(rec.time_column) if rec.time_column else None
         self.stamp = parse_stamp if rec.time_format == "iso" else _stamp_seconds
+        # An ISO stamp is a date: kept as the sample's time (seconds since 1970), so results carry the
+        # recording's own dates (issue 15); a numeric time column counts from its first stamp.
+        self.dated = rec.time_format == "iso"
         self.counter_col = header.index(rec.counter_column) if rec.counter_column else None
         self.counter_name = rec.counter_column or ""
         self.counter_wrap = rec.counter_wrap
@@ -512,7 +515,8 @@ class ReplayReader(BaseReader):
     """Replays a recorded file in a `Recording` layout (the config's source.layout, else the bundle's
     training layout), validating every line.
 
-    Time: with a time column, t = stamp - first stamp, and a stamp that does not advance is quarantined;
+    Time: with an ISO time column, t = the stamp in seconds since 1970 (the recording's own dates reach the
+    results); with a numeric one, t = stamp - first stamp; a stamp that does not advance is quarantined;
     without one, t = (line - first data line) / rate, the clock training read the same files with (a packet
     counter, when the layout names one, is only checked not to go back: real ones have gaps and repeats).
     Clean chunks are parsed with numpy in one go; a chunk with any bad line is re-read line by line.
@@ -574,7 +578,7 @@ class ReplayReader(BaseReader):
         else:
             stamp = lay.stamp(cells[lay.time_col])
             if self._t0 is None:
-                self._t0 = stamp
+                self._t0 = 0.0 if lay.dated else stamp
             t = stamp - self._t0
         check_time(t, self._last_t)
         self._last_t = t
@@ -613,7 +617,7 @@ class ReplayReader(BaseReader):
                 stamps = np.array([lay.stamp(s.split(d)[lay.time_col]) for s in texts])
             except LineRejected:
                 return None
-            t0 = self._t0 if self._t0 is not None else float(stamps[0])
+            t0 = self._t0 if self._t0 is not None else 0.0 if lay.dated else float(stamps[0])
             t = stamps - t0
             if not np.isfinite(t).all() or np.any(np.diff(t) <= 0):
                 return None

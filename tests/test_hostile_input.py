@@ -162,12 +162,10 @@ def test_agent_survives_hostile_recording(skab_bundle: Path, data_dir: Path, tmp
     assert results
     manifest = json.loads((skab_bundle / "manifest.json").read_text())
     assert manifest["input"]["plausible"] is not None
-    t0 = lines[1].split(b";")[0].decode()
-    from datetime import datetime
+    from edgekit.source import parse_stamp
 
-    def at(line_no: int) -> float:
-        stamp = hostile[line_no - 1].split(b";")[0].decode()
-        return (datetime.fromisoformat(stamp) - datetime.fromisoformat(t0)).total_seconds()
+    def at(line_no: int) -> float:  # a window's times are the recording's own (ISO stamps: s since 1970)
+        return parse_stamp(hostile[line_no - 1].split(b";")[0].decode())
 
     implausible_t = [at(huge_line), at(401)]
     covering = [r for r in results if any(r["window"]["start_s"] <= t <= r["window"]["end_s"]

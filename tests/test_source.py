@@ -68,7 +68,9 @@ def test_replay_skab_fault_file_matches_the_training_reader(data_dir: Path) -> N
     assert bad == []
     assert len(samples) == len(table.values) == 1145
     np.testing.assert_array_equal(np.stack([s.values for s in samples]), table.values)
-    np.testing.assert_allclose([s.t_s for s in samples], table.t_s)
+    # ISO stamps are the recording's own dates (issue 15): seconds since 1970, as the training reader's t0 + t
+    np.testing.assert_allclose([s.t_s for s in samples], table.t_s + table.meta["t0"], rtol=0, atol=1e-6)
+    assert samples[0].t_s == 1583750073.0  # 2020-03-09 10:34:33, valve1/1.csv's first line
 
 
 @pytest.mark.data
