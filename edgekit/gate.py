@@ -10,13 +10,15 @@ the same scores (tests/test_gate.py). Checks against thresholds calibrated at ex
     low_confidence  predictor's top probability < min_confidence
     non_finite      a probability or score is NaN or infinite: NaN compares false both ways, so a rule
                     written `score > threshold -> defer` would accept it (FIELD-NOTES.md, "Gates and numbers")
-and one the agent applies before any model runs (edgekit/plausible.py):
-    implausible     a sample outside the bundle's plausible range, or a non-finite feature
+and two the agent applies before any model runs:
+    implausible     a sample outside the bundle's plausible range, or a non-finite feature (edgekit/plausible.py)
+    commissioning   a bundle with a per-machine baseline is still learning this device's normal from its first
+                    windows (edgekit/baseline.py): no model may answer before it knows that normal
 and the input envelope (edgekit/plausible.py EnvelopeCheck, manifest `input.envelope`), whose mask the rule
 takes as `outside`: a window outside what the training data showed is deferred whatever the models say, with
 reasons that name the channel or feature (`stuck:<channel>`, `out_of_range:<channel>`,
 `feature_range:<feature>`) in place of the mask's name `envelope`.
-`non_finite` and `implausible` defer even when the gate is disabled: disabling the gate turns off the
+`non_finite`, `implausible` and `commissioning` defer even when the gate is disabled: disabling the gate turns off the
 judgement calls (the envelope is one), never the refusal to answer from numbers that are not numbers.
 Must not import onnxruntime, paho or torch: it only compares numbers.
 """
@@ -32,7 +34,7 @@ import numpy as np
 from edgekit.values import GateDecision
 
 REASONS = ("implausible", "envelope", "ood", "disagreement", "low_confidence", "non_finite")
-ALWAYS = ("implausible", "non_finite")  # deferred whatever `enabled` says
+ALWAYS = ("implausible", "non_finite", "commissioning")  # deferred whatever `enabled` says
 # Each reason in plain words, for the people who read it (the station screen, the hub's pages); the key is
 # the reason up to its first ':' (a reason may name a channel after it).
 REASON_TEXT = {
@@ -44,6 +46,7 @@ REASON_TEXT = {
     "disagreement": "the model and the second opinion disagreed",
     "low_confidence": "the model was not confident enough",
     "non_finite": "the model's numbers were not numbers (NaN or infinite)",
+    "commissioning": "the device was still learning this machine's normal (its baseline)",
 }
 
 
@@ -196,9 +199,9 @@ class Gate:
         return GateDecision("defer" if reasons else "accept", reasons, scores, self.thresholds)
 
     def refuse(self, reason: str, envelope: tuple[str, ...] = ()) -> GateDecision:
-        """The decision for a window no model may see (`implausible`): deferred, no scores; `envelope` the
-        envelope's reasons naming the channels outside it, after `reason` (left out with the gate disabled,
-        which turns the envelope off)."""
+        """The decision for a window no model may see (`implausible`, `commissioning`): deferred, no scores;
+        `envelope` the envelope's reasons naming the channels outside it, after `reason` (left out with the gate
+        disabled, which turns the envelope off)."""
         if reason not in ALWAYS:
             raise ValueError(f"Gate.refuse takes one of {ALWAYS} (got {reason!r})")
         return GateDecision("defer", (reason, *(envelope if self.enabled else ())), {}, self.thresholds)

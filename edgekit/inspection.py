@@ -78,6 +78,10 @@ def input_contract(inp: InputSpec) -> dict[str, Any]:
                      "params": params.model_dump(mode="json") if params is not None else None},
         "recording": inp.recording.model_dump(mode="json") if inp.recording else None,
         "imputation": inp.imputation, "max_gap_s": inp.max_gap_s,
+        "baseline": None if inp.baseline is None else {
+            "windows": inp.baseline.windows, "std_floor": inp.baseline.std_floor, "basis": inp.baseline.basis,
+            "seconds": _seconds((inp.baseline.windows - 1) * (inp.window_hop or 1) + (inp.window_size or 1),
+                                inp.rate_hz)},
     }
 
 
@@ -144,6 +148,12 @@ def text(report: dict[str, Any], *, list_features: bool = False) -> str:
         section("replay", *_recording_lines(inp["recording"], len(inp["channels"])),
                 *([f"a step over {_num(inp['max_gap_s'])} s splits the stream: no window spans it"]
                   if inp["max_gap_s"] else []))
+    if inp.get("baseline"):
+        b = inp["baseline"]
+        section("baseline", f"each device learns its machine's normal from its first {b['windows']} windows "
+                f"({_num(b['seconds'])} s; deferred as 'commissioning'), or a baseline file, or again on command; "
+                f"the models see features relative to it, its std floored at {_num(b['std_floor'])} x the "
+                "training spread")
     labels = report["labels"]
     section("labels", ", ".join(name + (" (normal)" if name == labels["normal"] else "")
                                 + (" (positive)" if name == labels["positive"] else "")

@@ -85,6 +85,25 @@ class InputEnvelope(_Strict):
     basis: str = Field(description="How the bounds were set (quantiles, margins, splits).")
 
 
+class BaselineSpec(_Strict):
+    """Commissioning (edgekit/baseline.py): the models were trained on each recording's features relative to
+    its own first `windows` windows; the agent learns a device's baseline the same way before it answers."""
+
+    windows: int = Field(ge=2, description="Windows a device's baseline is learned from (deferred as "
+                         "'commissioning' meanwhile).")
+    std_floor: float = Field(gt=0, description="A baseline std is floored at this fraction of the feature's `spread`.")
+    spread: list[float] = Field(description="Per feature (input.feature_names order): its std over the training "
+                                "split's windows, before any baseline.")
+    basis: str = Field(description="How training applied it, in words.")
+
+    @field_validator("spread")
+    @classmethod
+    def _finite(cls, v: list[float]) -> list[float]:
+        if not all(math.isfinite(x) and x >= 0 for x in v):
+            raise ValueError("every spread must be finite and >= 0")
+        return v
+
+
 class Recording(_Strict):
     """How a recorded file holds samples: the training data's layout, so the agent replays a recording in the
     same layout without knowing which dataset it came from (edgekit/source.py ReplayReader). Data lines start
@@ -263,7 +282,7 @@ class FeatureParams(_Strict):
 
 
 # Input keys added after the first bundles: written only when set (InputSpec here, RunInput in run.json).
-OPTIONAL_INPUT_KEYS = ("feature_params", "units", "max_gap_s")
+OPTIONAL_INPUT_KEYS = ("feature_params", "units", "max_gap_s", "baseline")
 
 
 def omit_absent(data: dict[str, Any], model: BaseModel, keys: tuple[str, ...]) -> dict[str, Any]:
@@ -303,6 +322,9 @@ class InputSpec(_Strict):
         None, description="The training data's range per channel and feature and its stuck-channel floor: a "
         "window outside it is deferred with reasons naming the channel or feature (edgekit/plausible.py). "
         "Absent in bundles exported before it (they behave as before).")
+    baseline: BaselineSpec | None = Field(
+        None, description="Each machine's own baseline (commissioning, edgekit/baseline.py): the features are "
+        "made relative to the device's first windows before `normalize`. Absent: absolute features, as before.")
 
     @model_serializer(mode="wrap")
     def _omit_no_params(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
@@ -336,6 +358,16 @@ class InputSpec(_Strict):
         for c, (lo, hi) in enumerate(zip(rng.low, rng.high)):
             if not (math.isfinite(lo) and math.isfinite(hi) and lo <= hi):
                 raise ValueError(f"plausible range of channel {c} must be finite with low <= high (got {lo}, {hi})")
+        return self
+
+    @model_validator(mode="after")
+    def _baseline_fits_features(self) -> InputSpec:
+        if self.baseline is not None:
+            if self.kind != "window":
+                raise ValueError("baseline needs window input (a device's first windows)")
+            if len(self.baseline.spread) != len(self.feature_names):
+                raise ValueError(f"baseline.spread needs one value per feature ({len(self.feature_names)}), got "
+                                 f"{len(self.baseline.spread)}")
         return self
 
     @model_validator(mode="after")

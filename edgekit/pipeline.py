@@ -1,5 +1,7 @@
-"""The edge pipeline: windows -> plausibility -> features -> normalise -> models -> gate -> one `Judged` each.
-With an envelope in the bundle (edgekit/plausible.py EnvelopeCheck) its reasons join the gate's decision.
+"""The edge pipeline: windows -> plausibility -> features -> (baseline) -> normalise -> models -> gate -> one
+`Judged` each. With an envelope in the bundle (edgekit/plausible.py EnvelopeCheck) its reasons join the gate's
+decision; with a baseline (edgekit/baseline.py Commissioning) the device's first windows teach it the machine's
+normal and are deferred as `commissioning`, and every later window's features are made relative to it.
 
 The one copy of what the agent does to a window before it encodes a result: `Agent.process_many` runs it,
 `edgekit bench` times it, and bench/torch_path.py runs it with torch models in place of onnxruntime
@@ -14,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from edgekit.baseline import Commissioning
 from edgekit.features import extractor
 from edgekit.gate import Gate, OodAttribution
 from edgekit.plausible import EnvelopeCheck, Plausibility
@@ -61,11 +64,16 @@ class EdgePipeline:
         self.attribution = (OodAttribution.for_features(self.feature_names, manifest.input.channels or [])
                             if getattr(models, "has_errors", False) else None)
         self.uses_window = "window" in models.input_kind.values()
+        # the device's baseline state (learning, or ready): the agent restores, stores and restarts it
+        self.commissioning = Commissioning.from_manifest(manifest)
 
     def run(self, windows: Sequence[Window]) -> list[Judged]:
         """Judge `windows` in order. A window with an implausible sample is never featurised, one with a
         non-finite feature never reaches a model; both are deferred as `implausible`. One outside the
-        envelope runs through the models and is deferred with the envelope's reasons."""
+        envelope runs through the models and is deferred with the envelope's reasons. While a baseline is
+        being learned, each window is deferred as `commissioning` (with the envelope's reasons, if any) and
+        no model sees it; the plausible ones are what the baseline is learned from, and the windows after the
+        one that completes it are judged against it, in the same call."""
         if not windows:
             return []
         one = len(windows) == 1  # the paced path: no copies into a batch
@@ -79,7 +87,21 @@ class EdgePipeline:
             data = data[keep]
         raw = (self.extract(data, self.rate_hz) if keep
                else np.empty((0, len(self.feature_names))))
-        feats = self.pre.features(raw)
+        learning: dict[int, tuple[str, ...]] = {}  # window index -> envelope reasons, while commissioning
+        comm = self.commissioning
+        if comm is not None and not comm.ready and keep:
+            learning = self._learn(raw, keep, extremes, len(windows))
+        if learning:  # the first len(learning) windows of keep (a non-finite one among them is implausible)
+            first = len(learning)
+            for j, w in enumerate(Plausibility.features(raw[:first], raw[:first], self.feature_names)):
+                if w is not None:
+                    why[keep[j]] = w
+                    del learning[keep[j]]
+            all_raw, all_keep = raw, keep
+            keep, raw = keep[first:], raw[first:]
+        else:
+            all_raw, all_keep = raw, keep
+        feats = self.pre.features(raw if comm is None or not len(raw) else comm.relative(raw))
         for j, w in enumerate(Plausibility.features(feats, raw, self.feature_names)):
             if w is not None:
                 why[keep[j]] = w
@@ -116,16 +138,40 @@ class EdgePipeline:
                 decisions[i] = d
                 probs[i] = out.probs[k]
                 second[i] = None if out.second_probs is None else out.second_probs[k]
-        if len(ok) < len(windows):
+        for i, named_i in learning.items():
+            decisions[i] = self.gate.refuse("commissioning", named_i)
+        if len(ok) + len(learning) < len(windows):
             refused = self.gate.refuse("implausible")
             for i, d in enumerate(decisions):
                 if d is None:  # with channel checks, the refusal also names the channels outside the envelope
                     named = (env.reasons(extremes[0][i:i + 1], extremes[1][i:i + 1], None)[0]
                              if env is not None and extremes is not None else ())
                     decisions[i] = self.gate.refuse("implausible", named) if named else refused
-        features = dict(zip(keep, raw))
+        features = dict(zip(all_keep, all_raw))
         return [Judged(w, features.get(i), probs[i], second[i], decisions[i], why[i],  # type: ignore[arg-type]
                        attribution.get(i)) for i, w in enumerate(windows)]
+
+    def _learn(self, raw: np.ndarray, keep: list[int], extremes: tuple[np.ndarray, np.ndarray] | None,
+               n: int) -> dict[int, tuple[str, ...]]:
+        """Commissioning on one batch: feed the baseline the plausible windows (every sample in the plausible
+        range, every feature finite) in order, until it has all it needs. A window outside the envelope is
+        learned from too (a machine is not the training fleet: that is why it has a baseline), and the
+        envelope's reasons go with its `commissioning` deferral. Returns, for the windows of `keep` up to the
+        one that completed it (or all of them), the window index -> the envelope's reasons (() inside it)."""
+        comm = self.commissioning
+        assert comm is not None
+        env = self.envelope
+        named: list[tuple[str, ...]] = [()] * len(keep)
+        if env is not None:
+            lo = hi = None
+            if extremes is not None:
+                lo, hi = extremes if len(keep) == n else (extremes[0][keep], extremes[1][keep])
+            named = env.reasons(lo, hi, raw)
+        good = np.flatnonzero(np.isfinite(raw).all(axis=1)).tolist()
+        need = comm.needed - comm.learned
+        comm.take(raw[good[:need]])
+        last = good[need - 1] + 1 if len(good) >= need else len(keep)
+        return {keep[j]: named[j] for j in range(last)}
 
     def _attribute(self, judged: list[GateDecision], rows: list[int], feats: np.ndarray
                    ) -> dict[int, dict[str, float]]:

@@ -162,6 +162,22 @@ class WindowSection(Strict):
     hop: int = Field(gt=0, description="Samples between window starts (size = no overlap).")
 
 
+class BaselineSection(Strict):
+    """Commissioning (edgekit/baseline.py): the models see each machine's features relative to its own
+    first windows, in training (each recording's first `windows`) and on the device (its first `windows`,
+    a baseline file, or again on command)."""
+
+    windows: int = Field(
+        ge=2, description="Windows of a machine's normal that make its baseline: each recording's first ones in "
+        "training, the device's first ones on the agent (deferred as 'commissioning', never answered). E.g. "
+        "SKAB's protocol fits on the first 400 rows of a file: with windows of 32 rows every 4, the 93 windows "
+        "that end inside them.")
+    std_floor: float = Field(
+        0.1, gt=0, le=10, description="A baseline std below this fraction of the feature's spread over the "
+        "training split (its std over every train window) is raised to it: a feature that did not move during "
+        "commissioning does not make every later wobble a huge deviation.")
+
+
 class FeaturesSection(Strict):
     extractor: Literal["machine", "gait", "spectral", "table", "trial"] = Field(
         description="edgekit.features extractor for windows ('machine': statistics and thirds of the spectrum per "
@@ -268,6 +284,8 @@ class Recipe(Strict):
         None, validate_default=True, description="Window size and hop in samples (recordings only)."
     )
     features: FeaturesSection = Field(description="Feature extractor.")
+    baseline: BaselineSection | None = Field(
+        None, description="Each machine's own baseline (commissioning): null for models of absolute levels.")
     predictor: PredictorSection = Field(default_factory=PredictorSection, description="The classifier.")
     autoencoder: AutoencoderSection = Field(
         default_factory=AutoencoderSection, description="Out-of-distribution scorer for the gate."
@@ -332,6 +350,26 @@ class Recipe(Strict):
             if unknown:
                 raise ValueError(f"extractor 'trial' needs every data.features column to be a trial feature; not in "
                                  f"the registry: {unknown} (its names: {', '.join(TRIAL_REGISTRY)})")
+        return v
+
+    @field_validator("baseline")
+    @classmethod
+    def _baseline_for_windows(cls, v: BaselineSection | None, info: ValidationInfo) -> BaselineSection | None:
+        data, window = info.data.get("data"), info.data.get("window")
+        if v is None or data is None:
+            return v
+        if data.loader not in WINDOW_LOADERS or window is None:
+            raise ValueError(f"needs windows over recordings (loader 'recordings' and a [window] section); loader "
+                             f"{data.loader!r} gives one row per case, which has no first windows to learn from")
+        for i, fs in enumerate(data.files):
+            if fs.chunk_rows is None:
+                continue
+            per_chunk = max(0, (fs.chunk_rows - window.size) // window.hop + 1)
+            if per_chunk <= v.windows:
+                raise ValueError(f"windows = {v.windows} leaves nothing to train on in data.files[{i}]'s chunks: "
+                                 f"chunk_rows = {fs.chunk_rows} gives {per_chunk} windows of {window.size} every "
+                                 f"{window.hop} per chunk, and each chunk's first {v.windows} are its baseline; "
+                                 "raise chunk_rows or lower windows")
         return v
 
     @field_validator("predictor")

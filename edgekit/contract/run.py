@@ -5,7 +5,9 @@ A run directory holds:
 
     run.json            RunMeta (below); additive keys are kept, nothing is renamed
     splits.npz          for split in SPLITS (train, cal, test):
-                          {split}_features      float32 (n, F) NORMALISED ((raw - mean) / std)
+                          {split}_features      float32 (n, F) NORMALISED ((raw - mean) / std; with an
+                                                input.baseline, of the features relative to their recording's
+                                                baseline, whose own windows are in no split)
                           {split}_features_raw  float32 (n, F) before normalisation (after imputation)
                           {split}_window        float32 (n, C, W) NORMALISED per channel (cnn1d tasks only)
                           {split}_window_min    float64 (n, C) each raw window's per-channel min (window
@@ -43,6 +45,7 @@ from pydantic import (
 from edgekit.errors import ExportError
 from edgekit.manifest import (
     OPTIONAL_INPUT_KEYS,
+    BaselineSpec,
     Extractor,
     FeatureParams,
     InputKind,
@@ -86,6 +89,9 @@ class RunInput(_Part):
     units: dict[str, str] | None = Field(None, description="Unit of each channel, from the recipe's data.units.")
     max_gap_s: float | None = Field(None, description="The longest step in time inside one segment of the "
                                     "recordings (longer ones split them); null for a table.")
+    baseline: BaselineSpec | None = Field(
+        None, description="The recipe's [baseline] as training applied it (each recording relative to its own "
+        "first windows); absent without one. Export copies it into the manifest's input.")
 
     @model_validator(mode="after")
     def _names_follow_params(self) -> RunInput:

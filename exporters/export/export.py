@@ -527,7 +527,7 @@ def write_bundle(run: Run, out: Path, parity: dict[str, Any], calibration: dict[
                   "feature_names": inp.feature_names, "feature_params": inp.feature_params,
                   "imputation": meta.imputation.model_dump() if meta.imputation is not None else None,
                   "plausible": plausible_range(inp.channel_range.model_dump() if inp.channel_range else None),
-                  "envelope": envelope,
+                  "envelope": envelope, "baseline": inp.baseline,
                   "recording": inp.recording, "units": inp.units, "max_gap_s": inp.max_gap_s},
         "normalize": meta.normalize,
         "models": models,

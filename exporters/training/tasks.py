@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from edgekit import baseline as baseline_mod
 from edgekit import datasets
 from edgekit.errors import ConfigError, DataError
 from edgekit.exporters.training import recordings
@@ -46,6 +47,12 @@ class TaskData:
     max_gap_s: float | None = None  # the step in time that split the recordings
     source: str = ""  # where the rows came from, for error messages
     problems: list[str] = field(default_factory=list)  # lines dropped and files skipped while reading
+    # [baseline] recipes (edgekit/baseline.py): each row's recording (file or chunk), whether the row is one of
+    # its recording's first `windows` windows (its commissioning: never a training row), and per recording
+    # the raw features' mean and std over those windows
+    recording_id: np.ndarray | None = None  # (n,) str
+    in_baseline: np.ndarray | None = None  # (n,) bool
+    baselines: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         n = len(self.y)
@@ -107,7 +114,8 @@ def load_recordings(recipe: Recipe, recipe_dir: Path) -> TaskData:
     ctx = recordings.Context(recipe, root)
     size, hop = _size_hop(recipe)
     offset = size - 1 if d.label.at == "last" else size // 2
-    parts: list[tuple[recordings.Part, str, np.ndarray, np.ndarray, np.ndarray]] = []
+    parts: list[tuple[recordings.Part, str, np.ndarray, np.ndarray, np.ndarray, np.ndarray | None]] = []
+    pieces: list[tuple[recordings.Part, str, np.ndarray, np.ndarray, np.ndarray]] = []
     files: list[Path] = []
     for fs in d.files:
         for path in recordings.list_files(root, fs, d.max_files):
@@ -118,7 +126,10 @@ def load_recordings(recipe: Recipe, recipe_dir: Path) -> TaskData:
             for group, a, b in _pieces(part, fs.chunk_rows):
                 win, f = _window_rows(part.values[a:b], recipe, ctx.rate_hz or 1.0)
                 y = part.labels[a:b][np.arange(len(win), dtype=np.int64) * hop + offset]
-                parts.append((part, group, win[y >= 0], f[y >= 0], y[y >= 0]))
+                pieces.append((part, group, win, f, y))
+    base = _baselines(recipe, pieces)
+    for k, (part, group, win, f, y) in enumerate(pieces):
+        parts.append((part, group, win[y >= 0], f[y >= 0], y[y >= 0], base[k][y >= 0] if base else None))
     for line in ctx.problems:
         log.warning("recordings %s", line)
     parts = [p for p in parts if len(p[2])]
@@ -136,7 +147,42 @@ def load_recordings(recipe: Recipe, recipe_dir: Path) -> TaskData:
         channels=list(d.channels), rate_hz=float(ctx.rate_hz or 1.0), source=str(root),
         recording=d.layout.model_dump() if d.layout else None, problems=ctx.problems,
         units=dict(d.units) or None, max_gap_s=ctx.max_gap_s,
+        recording_id=np.concatenate([np.full(len(p[2]), p[1]) for p in parts]) if recipe.baseline else None,
+        in_baseline=np.concatenate([p[5] for p in parts]) if recipe.baseline else None,
+        baselines=_base_stats(recipe, pieces) if recipe.baseline else {},
     )
+
+
+def _baselines(recipe: Recipe, pieces: list[tuple[Any, str, np.ndarray, np.ndarray, np.ndarray]]
+               ) -> list[np.ndarray]:
+    """Per piece, (windows,) True for the windows that are among its recording's (file's or chunk's) first
+    [baseline] windows, counted over every window the agent would see (labelled or not); [] without one."""
+    if recipe.baseline is None:
+        return []
+    seen: dict[str, int] = {}
+    out = []
+    for _, group, win, _, _ in pieces:
+        before = seen.get(group, 0)
+        out.append(before + np.arange(len(win)) < recipe.baseline.windows)
+        seen[group] = before + len(win)
+    return out
+
+
+def _base_stats(recipe: Recipe, pieces: list[tuple[Any, str, np.ndarray, np.ndarray, np.ndarray]]
+               ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per recording with more windows than its baseline, the raw features' mean and std over its first
+    [baseline] windows (edgekit/baseline.py fit, the agent's rule); shorter recordings are baseline only."""
+    assert recipe.baseline is not None
+    n = recipe.baseline.windows
+    feats: dict[str, list[np.ndarray]] = {}
+    for _, group, _, f, _ in pieces:
+        feats.setdefault(group, []).append(f)
+    out = {}
+    for group, fs in feats.items():
+        f = np.concatenate(fs)
+        if len(f) > n:
+            out[group] = baseline_mod.fit(f[:n])
+    return out
 
 
 def _pieces(part: recordings.Part, chunk_rows: int | None) -> list[tuple[str, int, int]]:

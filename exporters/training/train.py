@@ -2,8 +2,12 @@
 
 `train(recipe_path, out)` writes a run directory that the exporter (export/export.py) reads: its layout and
 run.json (`RunMeta`) are the contract in edgekit/contract/run.py, binding for both sides. `_train` runs named
-steps over one typed `Split` per split: load -> split -> impute (-> extra labels) -> normalise -> fit predictor
--> fit autoencoder -> fit second opinion -> score -> write.
+steps over one typed `Split` per split: load -> split (-> baseline) -> impute (-> extra labels) -> normalise ->
+fit predictor -> fit autoencoder -> fit second opinion -> score -> write.
+
+Baseline ([baseline] recipes, edgekit/baseline.py): each recording's first N windows are its commissioning, no
+row of any split; every other row's features are made relative to them (the agent's rule) before the
+normalisation below, which then works on those relative features.
 
 Normalisation: mean/std of the TRAIN split (std floored at 1e-6); test is never used for fitting or
 calibration. Windows (cnn1d): raw (W, C) windows as edgekit.window cuts them, (w - mean[c]) / std[c] with
@@ -42,6 +46,7 @@ from torch import nn
 from tqdm import tqdm
 
 import edgekit
+from edgekit.baseline import relative, std_floor
 from edgekit.contract.run import (
     AutoencoderModel,
     GateTarget,
@@ -57,7 +62,7 @@ from edgekit.errors import ConfigError, DataError
 from edgekit.exporters.metrics import auc, classification_metrics
 from edgekit.exporters.training.models import build, save_checkpoint
 from edgekit.exporters.training.tasks import TaskData, load_task
-from edgekit.manifest import Normalize, Stats
+from edgekit.manifest import BaselineSpec, Normalize, Stats
 from edgekit.recipe import PredictorSection, Recipe, load_recipe
 
 log = logging.getLogger(__name__)
@@ -471,7 +476,8 @@ class Split:
     (group_by) or None; `report`: report group name -> (n,) values; `x` / `w`: the normalised float32 model
     inputs, features (n, F) and windows (n, C, W), set by `_normalise`; `extremes`: (n, 2, C) each raw
     window's per-channel min and max (window tasks; NaN for extra-label rows without a window), from which
-    export sets the input envelope."""
+    export sets the input envelope; `rel`: (n, F) float64 features relative to each row's recording's baseline
+    ([baseline] recipes, edgekit/baseline.py), which the models read in place of `raw`, else None."""
 
     raw: np.ndarray
     y: np.ndarray
@@ -481,15 +487,21 @@ class Split:
     x: np.ndarray | None = None
     w: np.ndarray | None = None
     extremes: np.ndarray | None = None
+    rel: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.y)
         arrays = {"raw": self.raw, "window": self.window, "group": self.group, "x": self.x, "w": self.w,
-                  "extremes": self.extremes,
+                  "extremes": self.extremes, "rel": self.rel,
                   **{f"report.{k}": v for k, v in self.report.items()}}
         for name, a in arrays.items():
             if a is not None and len(a) != n:
                 raise ValueError(f"Split.{name} has {len(a)} rows, y has {n}")
+
+    @property
+    def feats(self) -> np.ndarray:
+        """The features the models read before normalisation: relative to the baseline, or raw."""
+        return self.raw if self.rel is None else self.rel
 
     def model_input(self, kind: str) -> np.ndarray:
         """The normalised input of a model that takes `kind` ("features" or "window")."""
@@ -526,10 +538,13 @@ def _predictor_input(recipe: Recipe) -> str:
     return "window" if recipe.predictor.arch == "cnn1d" else "features"
 
 
-def _load_recipe(recipe_path: Path, epochs: int | None) -> tuple[Recipe, torch.device]:
-    """Step 1: the recipe (with the epochs override), seeds set, the device picked."""
-    overrides = {"predictor.epochs": epochs, "autoencoder.epochs": epochs} if epochs is not None else None
-    recipe = load_recipe(recipe_path, overrides)
+def _load_recipe(recipe_path: Path, epochs: int | None, overrides: dict[str, Any] | None = None
+                 ) -> tuple[Recipe, torch.device]:
+    """Step 1: the recipe (with the epochs and other dotted-key overrides), seeds set, the device picked."""
+    overrides = dict(overrides or {})
+    if epochs is not None:
+        overrides.update({"predictor.epochs": epochs, "autoencoder.epochs": epochs})
+    recipe = load_recipe(recipe_path, overrides or None)
     seed_everything(recipe.seed)
     device = pick_device()
     log.info("train_start task=%s device=%s seed=%d recipe=%s", recipe.task, device.type, recipe.seed,
@@ -547,9 +562,10 @@ def window_extremes(windows: np.ndarray) -> np.ndarray:
     return np.stack([windows.min(axis=1), windows.max(axis=1)], axis=1).astype(np.float64)
 
 
-def _describe_input(recipe: Recipe, data: TaskData, train_rows: np.ndarray) -> RunInput:
+def _describe_input(recipe: Recipe, data: TaskData, train_rows: np.ndarray,
+                    baseline: BaselineSpec | None = None) -> RunInput:
     """run.json's input: what the models' inputs are built from (channel_range: the train split's windows)."""
-    return RunInput(
+    return RunInput(baseline=baseline,
         kind=data.kind, extractor=data.extractor, channels=data.channels, rate_hz=data.rate_hz,
         window_size=recipe.window.size if recipe.window else None,
         window_hop=recipe.window.hop if recipe.window else None,
@@ -558,7 +574,49 @@ def _describe_input(recipe: Recipe, data: TaskData, train_rows: np.ndarray) -> R
         recording=data.recording, units=data.units, max_gap_s=data.max_gap_s)
 
 
-def _impute(recipe: Recipe, data: TaskData, rows: dict[str, np.ndarray]
+def _split(recipe: Recipe, data: TaskData) -> dict[str, np.ndarray]:
+    """Step 2: train/cal/test rows (split_indices). With a [baseline], the rows that are their recording's
+    baseline windows are no cases (the agent answers none of them) and are left out before splitting."""
+    where = f"{data.source} (splits)"
+    if data.in_baseline is None:
+        return split_indices(data.y, data.split_groups, recipe.splits.cal, recipe.splits.test, recipe.seed,
+                             recipe.labels, where=where)
+    rows = np.flatnonzero(~data.in_baseline)
+    if not len(rows):
+        assert recipe.baseline is not None
+        raise DataError(f"every window is a baseline window: no recording has more than [baseline] windows = "
+                        f"{recipe.baseline.windows}", where=where, hint="lower baseline.windows or use longer recordings")
+    groups = data.split_groups[rows] if data.split_groups is not None else None
+    sub = split_indices(data.y[rows], groups, recipe.splits.cal, recipe.splits.test, recipe.seed, recipe.labels,
+                        where=where)
+    return {name: rows[ix] for name, ix in sub.items()}
+
+
+def _commission(recipe: Recipe, data: TaskData, rows: dict[str, np.ndarray]
+                ) -> tuple[BaselineSpec | None, np.ndarray | None]:
+    """Step 2b ([baseline] recipes): every row's features relative to its own recording's first windows
+    (edgekit/baseline.py `relative`, the agent's rule), each baseline std floored at std_floor x the feature's
+    spread over the train split's rows. Returns the manifest's spec and the relative features (n, F)."""
+    cfg = recipe.baseline
+    if cfg is None or data.recording_id is None:
+        return None, None
+    spread = data.features[rows["train"]].std(axis=0)
+    floor = std_floor(spread, cfg.std_floor)
+    rel = np.zeros_like(data.features, dtype=np.float64)
+    for name, (mean, std) in data.baselines.items():
+        at = data.recording_id == name
+        rel[at] = relative(data.features[at], mean, std, floor)
+    log.info("baseline windows=%d std_floor=%g recordings=%d baseline_rows=%d", cfg.windows, cfg.std_floor,
+             len(data.baselines), int(np.sum(data.in_baseline)) if data.in_baseline is not None else 0)
+    spec = BaselineSpec(
+        windows=cfg.windows, std_floor=cfg.std_floor, spread=spread.tolist(),
+        basis=f"each recording (file, or chunk of one) relative to the mean and std of its own first {cfg.windows} "
+              f"windows, which are no training, calibration or test rows; a std below {cfg.std_floor:g} x the "
+              "feature's std over the train split is raised to it")
+    return spec, rel
+
+
+def _impute(recipe: Recipe, data: TaskData, rows: dict[str, np.ndarray], rel: np.ndarray | None = None
             ) -> tuple[Imputation | None, dict[str, Split]]:
     """Step 3: empty cells get the train split's median (recipe data.imputation); one Split per split."""
     values = fit_imputation(data.features[rows["train"]], data.feature_names, recipe.data.imputation,
@@ -577,7 +635,8 @@ def _impute(recipe: Recipe, data: TaskData, rows: dict[str, np.ndarray]
                     window=data.windows[r] if use_window and data.windows is not None else None,
                     group=data.split_groups[r] if data.split_groups is not None else None,
                     report={k: v[r] for k, v in data.report_groups.items()},
-                    extremes=window_extremes(data.windows[r]) if data.windows is not None else None)
+                    extremes=window_extremes(data.windows[r]) if data.windows is not None else None,
+                    rel=rel[r] if rel is not None else None)
         for name, r in rows.items()}
     return imputation, splits
 
@@ -606,16 +665,17 @@ def _join_extra_labels(train: Split, path: Path, recipe: Recipe, data: TaskData
 
 
 def _normalise(splits: dict[str, Split]) -> tuple[dict[str, Split], Normalize]:
-    """Step 4: features (and windows, per channel) standardised with the train split's mean and std."""
+    """Step 4: features (relative to their baseline, with one) and windows (per channel) standardised with the
+    train split's mean and std."""
     train = splits["train"]
-    mean, std = fit_normalizer(train.raw)
+    mean, std = fit_normalizer(train.feats)
     w_stats = fit_normalizer(train.window, axis=(0, 1)) if train.window is not None else None
     out = {}
     for name, s in splits.items():
         w = None
         if s.window is not None and w_stats is not None:
             w = np.ascontiguousarray(((s.window - w_stats[0]) / w_stats[1]).transpose(0, 2, 1)).astype(np.float32)
-        out[name] = dataclasses.replace(s, x=((s.raw - mean) / std).astype(np.float32), w=w)
+        out[name] = dataclasses.replace(s, x=((s.feats - mean) / std).astype(np.float32), w=w)
     window = Stats(mean=w_stats[0].tolist(), std=w_stats[1].tolist()) if w_stats is not None else None
     return out, Normalize(features=Stats(mean=mean.tolist(), std=std.tolist()), window=window)
 
@@ -715,11 +775,12 @@ def _metrics(recipe: Recipe, splits: dict[str, Split], scores: dict[str, Scores]
 
 
 def train(recipe_path: Path, out: Path, *, extra_labels: Path | None = None, epochs: int | None = None,
-          progress: bool = True) -> Path:
+          progress: bool = True, overrides: dict[str, Any] | None = None) -> Path:
     """Train everything a recipe asks for and write the run directory `out` (edgekit/contract/run.py).
 
     `extra_labels`: a labels CSV from the hub, appended to the train split only. `epochs` overrides both
-    predictor.epochs and autoencoder.epochs (validated like the recipe). `progress`: tqdm bars per model.
+    predictor.epochs and autoencoder.epochs; `overrides` other recipe keys by dotted name (an evaluation's
+    fold: {"data.files": [...]}); both validated like the recipe. `progress`: tqdm bars per model.
     Raises ConfigError (recipe), DataError (files, columns, classes, splits). Returns `out`.
 
     On CPU torch runs one intra-op thread while training: these models are small enough that a second
@@ -729,22 +790,27 @@ def train(recipe_path: Path, out: Path, *, extra_labels: Path | None = None, epo
     if not torch.cuda.is_available():
         torch.set_num_threads(1)
     try:
-        return _train(recipe_path, out, extra_labels=extra_labels, epochs=epochs, progress=progress)
+        return _train(recipe_path, out, extra_labels=extra_labels, epochs=epochs, progress=progress,
+                      overrides=overrides)
     finally:
         torch.set_num_threads(threads)
 
 
 def _train(recipe_path: Path, out: Path, *, extra_labels: Path | None, epochs: int | None,
-           progress: bool) -> Path:
+           progress: bool, overrides: dict[str, Any] | None = None) -> Path:
     """The steps in order; the seeds and the order of random draws are part of the result."""
     started = time.perf_counter()
     recipe_path, out = Path(recipe_path), Path(out)
-    recipe, device = _load_recipe(recipe_path, epochs)
+    recipe, device = _load_recipe(recipe_path, epochs, overrides)
     data = load_task(recipe, recipe_path.parent)
-    rows = split_indices(data.y, data.split_groups, recipe.splits.cal, recipe.splits.test, recipe.seed,
-                         recipe.labels, where=f"{data.source} (splits)")
-    imputation, splits = _impute(recipe, data, rows)
+    rows = _split(recipe, data)
+    baseline, rel = _commission(recipe, data, rows)
+    imputation, splits = _impute(recipe, data, rows, rel)
     added, skipped, extra = 0, {}, Path(extra_labels) if extra_labels is not None else None
+    if extra is not None and baseline is not None:
+        raise ConfigError("cannot join extra labels to a recipe with [baseline] yet: the hub's reviewed cases carry "
+                          "each window's raw features, not the device's baseline they must be made relative to",
+                          where=f"{recipe_path}: baseline", hint="train without --extra-labels")
     if extra is not None:
         splits["train"], added, skipped = _join_extra_labels(splits["train"], extra, recipe, data)
     splits, normalize = _normalise(splits)
@@ -760,7 +826,7 @@ def _train(recipe_path: Path, out: Path, *, extra_labels: Path | None, epochs: i
     meta = RunMeta(
         task=recipe.task, recipe=recipe.model_dump(mode="json"), seed=recipe.seed, device=device.type,
         labels=recipe.labels, normal_label=recipe.normal_label, positive_label=recipe.positive_label,
-        input=_describe_input(recipe, data, rows["train"]), normalize=normalize, imputation=imputation,
+        input=_describe_input(recipe, data, rows["train"], baseline), normalize=normalize, imputation=imputation,
         data_fingerprint=fingerprint(data.files, extra),
         models=_model_files(recipe), gate=GateTarget(target_error=recipe.gate.target_error, delta=recipe.gate.delta),
         metrics=metrics, groups_metrics=groups_metrics,
