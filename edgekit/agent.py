@@ -2,6 +2,11 @@
 
 The only module that wires the stages together. Never imports torch (tests/test_no_torch.py).
 
+A bundle with a baseline (manifest input.baseline, edgekit/baseline.py) learns this machine's normal from its
+first windows (deferred as `commissioning`), from a [baseline] file, or again on the command topic's
+`baseline` command, and keeps it in the outbox file's state table: a restart keeps it. A restart while it is
+still learning starts the learning over.
+
 What a crash can lose: samples read but not yet in a completed window, and windows completed but not yet
 written (at most one source block, <= 2,048 samples at replay speed 0; one window when paced) are lost like
 unread samples; replay the source to get them back. Whatever `process_many` has written (one outbox
@@ -25,6 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 
 from edgekit import topics
 from edgekit.config import AgentConfig
@@ -57,6 +63,7 @@ GAIT_CHANNELS = 6  # gait.segment reads acc xyz (m/s^2) then gyr xyz (rad/s)
 # to see each step (~0.5 s) on the clinician's plot; 6 x 400 numbers are ~17 KB of JSON.
 TRIAL_POINTS = 400
 COMMAND_MAX_AGE_S = 60.0  # an operator's trial command older than this is dropped (see _mqtt_command)
+BASELINE_STATE = "baseline"  # the outbox state key of this device's baseline (edgekit/outbox.py put_state)
 
 
 @dataclass
@@ -66,6 +73,7 @@ class Counters:
     deferred: int = 0
     quarantined: int = 0
     implausible: int = 0  # windows deferred before the models (edgekit/plausible.py)
+    commissioning: int = 0  # windows deferred while the baseline was learned (edgekit/baseline.py)
     samples: int = 0
     rate_drift: int = 0  # measurements of a live source's rate off the bundle's (source.RateWatch)
     source_rate_hz: float | None = None  # a live source's last measured rate
@@ -126,6 +134,8 @@ class Agent:
         self._seq_end = 0
         self._stack = contextlib.ExitStack()
         self._implausible_seen: set[str] = set()
+        self._relearn = threading.Event()  # a baseline command (paho's thread), applied before the next windows
+        self._baseline_file_sha: str | None = None  # the [baseline] file's sha256 when it was last loaded
         self.source: Any = None  # the source while run() reads it (its rate_watch, an mqtt source's subscribed)
 
     # --- setup -------------------------------------------------------------------------------------
@@ -181,12 +191,16 @@ class Agent:
         self.model_version = f"{m.task}@{m.data_fingerprint[:12]}"
         self.outbox = Outbox(Path(cfg.outbox.path), max_rows=cfg.outbox.max_rows)
         stack.callback(_close_quietly, self.outbox)
+        self.commissioning = self.pipeline.commissioning if self.pipeline is not None else None
+        if self.commissioning is not None:
+            self._restore_baseline()
         self.transport = Transport(
             cfg.mqtt.url, site=cfg.site, device=cfg.device_id, outbox=self.outbox,
             security=cfg.mqtt, keepalive_s=cfg.mqtt.keepalive_s,
             batch_interval_s=cfg.mqtt.batch_interval_s, max_batch=cfg.mqtt.max_batch,
             max_inflight=cfg.mqtt.max_inflight, reconnect_max_s=cfg.mqtt.reconnect_max_s,
-            status_extra=self._status_extra, on_command=self._mqtt_command if self.trial_mode else None,
+            status_extra=self._status_extra,
+            on_command=self._mqtt_command if self.trial_mode or self.commissioning is not None else None,
         )
         stack.callback(_close_quietly, self.transport)
         self.transport.__enter__()
@@ -230,8 +244,87 @@ class Agent:
         return tuple(self.manifest.input.channels or ())
 
     def _status_extra(self) -> dict[str, Any]:
-        return {"model_version": self.model_version, "queued": self.outbox.backlog(),
-                "dropped": self.outbox.dropped, "signature": "verified" if self.cfg.public_key else "unchecked"}
+        extra = {"model_version": self.model_version, "queued": self.outbox.backlog(),
+                 "dropped": self.outbox.dropped, "signature": "verified" if self.cfg.public_key else "unchecked"}
+        state = self.baseline_state()
+        if state is not None:
+            extra["baseline"] = state
+        return extra
+
+    # --- the machine's baseline (commissioning) ----------------------------------------------------
+
+    def baseline_state(self) -> dict[str, Any] | None:
+        """The baseline as the status says it: {"state": "learning", "windows": k, "of": N, "source"} or
+        {"state": "ready", "windows", "of", "source": learned | command | file, "since": unix time}; None for a
+        bundle without one."""
+        return None if self.commissioning is None else self.commissioning.state()
+
+    def _restore_baseline(self) -> None:
+        """At start: a new or changed [baseline] file wins; else the baseline the outbox keeps for this bundle's
+        features; else learn it from the first windows (or go on learning again, if a command asked for it)."""
+        from edgekit import baseline as baseline_mod
+
+        comm = self.commissioning
+        assert comm is not None
+        names = list(self.manifest.input.feature_names)
+        where = f"{self.cfg.outbox.path} (state {BASELINE_STATE})"
+        kept = self.outbox.state(BASELINE_STATE)
+        record = orjson.loads(kept) if kept else {}
+        self._baseline_file_sha = record.get("file_sha256")
+        if self.cfg.baseline.file is not None:
+            filed, sha = baseline_mod.read_file(self.cfg.baseline.file, comm.key, names)
+            if sha != self._baseline_file_sha:
+                comm.use(filed)
+                self._baseline_file_sha = sha
+                self._store_baseline()
+                log.info("agent.baseline state=ready source=file path=%s windows=%d", self.cfg.baseline.file,
+                         filed.windows)
+                return
+        stored = record.get("baseline")
+        if stored is not None:
+            b = baseline_mod.Baseline.from_obj(stored, where)
+            if b.key == comm.key and len(b.mean) == len(names):
+                comm.use(b)
+                log.info("agent.baseline state=ready source=%s since=%.3f windows=%d restored_from=%s", b.source,
+                         b.since, b.windows, self.cfg.outbox.path)
+                return
+            log.warning("agent.baseline_relearn reason=the kept baseline is of other features or another window "
+                        "count than this bundle's (key %s, bundle %s)", b.key, comm.key)
+        comm.restart(record.get("learning", "learned"))
+        log.info("agent.baseline state=learning source=%s windows_needed=%d", comm.source, comm.needed)
+
+    def _store_baseline(self) -> None:
+        """Keep the baseline state in the outbox file (its own transaction): the ready baseline, or that one is
+        being learned again on command (so a restart goes on learning rather than using the old one)."""
+        comm = self.commissioning
+        assert comm is not None
+        record: dict[str, Any] = {"file_sha256": self._baseline_file_sha}
+        if comm.baseline is not None:
+            record["baseline"] = comm.baseline.to_obj(list(self.manifest.input.feature_names))
+        else:
+            record["learning"] = comm.source
+        self.outbox.put_state(BASELINE_STATE, orjson.dumps(record))
+
+    def _baseline_due(self) -> None:
+        """Before a batch: a baseline command that arrived meanwhile starts the learning again."""
+        comm = self.commissioning
+        if comm is None or not self._relearn.is_set():
+            return
+        self._relearn.clear()
+        comm.restart("command")
+        self._store_baseline()
+        log.info("agent.baseline state=learning source=command windows_needed=%d", comm.needed)
+
+    def _baseline_learned(self) -> None:
+        """After a batch: a baseline it completed is kept in the outbox file."""
+        comm = self.commissioning
+        if comm is None or not comm.completed:
+            return
+        comm.completed = False
+        self._store_baseline()
+        assert comm.baseline is not None
+        log.info("agent.baseline state=ready source=%s windows=%d since=%.3f", comm.baseline.source,
+                 comm.baseline.windows, comm.baseline.since)
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -265,7 +358,9 @@ class Agent:
         """
         if not windows:
             return
+        self._baseline_due()
         judged = self.pipeline.run(windows)
+        self._baseline_learned()
         ts = time.time()
         results: list[tuple[SendKind, bytes]] = []
         reviews: list[tuple[SendKind, bytes]] = []
@@ -281,6 +376,7 @@ class Agent:
         c.windows += len(results)
         c.deferred += len(reviews)
         c.accepted += len(results) - len(reviews)
+        c.commissioning += sum("commissioning" in j.decision.reasons for j in deferred)
 
     def _log_implausible(self, window: Window, why: str) -> None:
         """Count the window; log the first of each channel or feature as a warning, the rest at debug (a
@@ -462,6 +558,12 @@ class Agent:
                     "uptime_s": time.monotonic() - c.started_s, "rate_drift": c.rate_drift}
         if c.source_rate_hz is not None:
             counters["source_rate_hz"] = c.source_rate_hz
+        state = self.baseline_state()
+        if state is not None:  # numbers only, as every counter: learned k of N, ready since (unix time)
+            counters.update(commissioning=c.commissioning, baseline_windows=state["windows"],
+                            baseline_needed=state["of"], baseline_ready=int(state["state"] == "ready"))
+            if "since" in state:
+                counters["baseline_since"] = state["since"]
         return messages.Metrics(self.cfg.site, self.cfg.device_id, time.time(), self.outbox.backlog(),
                                 self.outbox.dropped, counters)
 
@@ -559,16 +661,20 @@ class Agent:
         self.trials.command(cmd)
 
     def _mqtt_command(self, name: str, payload: bytes) -> None:
-        """A message on this device's command topic (paho's thread): a trial command, or one line saying why
-        not. Commands older than COMMAND_MAX_AGE_S (queued while the device was away) are dropped: an
-        operator's start is for now, not for whenever the network comes back."""
+        """A message on this device's command topic (paho's thread): a trial command, a baseline command, or
+        one line saying why not. Commands older than COMMAND_MAX_AGE_S (queued while the device was away) are
+        dropped: an operator's start, or a machine's new normal, is for now, not for whenever the network
+        comes back."""
         where = f"topic {topics.command(self.cfg.site, self.cfg.device_id, name)!r}"
-        if name != topics.TRIAL_COMMAND:
-            log.warning("agent.command_refused where=%s reason=unknown command (this agent takes %r)", where,
-                        topics.TRIAL_COMMAND)
+        parsers: dict[str, type[messages.TrialCommand] | type[messages.BaselineCommand]] = {
+            topics.TRIAL_COMMAND: messages.TrialCommand, topics.BASELINE_COMMAND: messages.BaselineCommand}
+        kind = parsers.get(name)
+        if kind is None:
+            log.warning("agent.command_refused where=%s reason=unknown command (this agent takes %s)", where,
+                        " and ".join(repr(n) for n in parsers))
             return
         try:
-            cmd = messages.TrialCommand.decode(payload, where)
+            cmd = kind.decode(payload, where)
         except DataError as exc:
             log.warning("agent.command_refused %s", exc)
             return
@@ -576,6 +682,14 @@ class Agent:
         if cmd.ts and age_s > COMMAND_MAX_AGE_S:
             log.warning("agent.command_refused where=%s reason=stale: sent %.0f s ago (> %g s)", where, age_s,
                         COMMAND_MAX_AGE_S)
+            return
+        if isinstance(cmd, messages.BaselineCommand):
+            if self.commissioning is None:
+                log.warning("agent.command_refused where=%s reason=this agent's bundle has no baseline to learn",
+                            where)
+                return
+            log.info("agent.command where=%s action=%s (learning starts before the next window)", where, cmd.action)
+            self._relearn.set()
             return
         self._on_command(cmd)
 

@@ -217,6 +217,18 @@ class RuntimeConfig(Strict):
     intra_op_threads: int | None = Field(None, ge=1, description="Override the profile's thread count.")
 
 
+class BaselineConfig(Strict):
+    """A bundle that compares each machine with its own baseline (manifest input.baseline, edgekit/baseline.py)
+    learns it from the device's first windows, keeps it in the outbox file, and learns it again on the command
+    topic's `baseline` command; this section can give it one instead."""
+
+    file: Path | None = Field(
+        None, description="A baseline file (JSON, edgekit.baseline/1, edgekit.baseline.write_file) for this "
+        "machine, e.g. learned on it before: used at start instead of learning from the first windows. Loaded "
+        "again whenever the file changes; a baseline learned on command since the file was loaded is kept until "
+        "then. Ignored by a bundle without a baseline.")
+
+
 MAX_TRIAL_LIMIT_S = 300.0  # agent.MAX_TRIAL_S: the longest trial kept in memory
 
 
@@ -276,6 +288,8 @@ class AgentConfig(Strict):
     trial: TrialConfig | None = Field(None, description="For a trial bundle: the IMU channels, the operator's "
                                       "entries, how trials begin and end, and the station screen.")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="onnxruntime settings.")
+    baseline: BaselineConfig = Field(default_factory=BaselineConfig, description="This machine's baseline, for a "
+                                     "bundle that needs one (commissioning).")
     metrics_interval_s: float = Field(10.0, gt=0, description="How often metrics are published.")
 
     @field_validator("device_id", "site")
@@ -427,5 +441,6 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
             "source": source,
             "mqtt": files(cfg.mqtt),
             "outbox": cfg.outbox.model_copy(update={"path": fix(cfg.outbox.path)}),
+            "baseline": cfg.baseline.model_copy(update={"file": fix(cfg.baseline.file)}),
         }
     )

@@ -1,7 +1,8 @@
 """The durable outbox: every message is written here before it is published, and deleted on PUBACK.
 
 One SQLite file in WAL mode, one table of messages plus a small meta table (row count, drop counter, the
-persistent sequence for result ids). Each Outbox is used from any thread: each thread gets its own
+persistent sequence for result ids) and a state table (the device's state that must survive a restart with
+its unsent results: its baseline, edgekit/baseline.py). Each Outbox is used from any thread: each thread gets its own
 connection (check_same_thread stays on), so a connection never crosses threads.
 Must not import paho, onnxruntime or torch.
 
@@ -37,6 +38,7 @@ CREATE TABLE IF NOT EXISTS outbox (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO meta (key, value) VALUES ('rows', 0), ('dropped', 0), ('seq', 0);
+CREATE TABLE IF NOT EXISTS state (key TEXT PRIMARY KEY, value BLOB NOT NULL);
 """
 
 # SQLite caps bound parameters per statement (32766 since 3.32, 999 before); stay far below it.
@@ -220,6 +222,27 @@ class Outbox:
             db.execute("ROLLBACK")
             raise
         return n
+
+    # -- the device's state --------------------------------------------------------------------------
+    def put_state(self, key: str, value: bytes | None) -> None:
+        """Keep `value` under `key` durably (None deletes it), in its own transaction."""
+        db = self._conn()
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            if value is None:
+                db.execute("DELETE FROM state WHERE key = ?", (key,))
+            else:
+                db.execute("INSERT INTO state (key, value) VALUES (?, ?) ON CONFLICT (key) DO UPDATE SET "
+                           "value = excluded.value", (key, value))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def state(self, key: str) -> bytes | None:
+        """The value kept under `key`, or None."""
+        row = self._conn().execute("SELECT value FROM state WHERE key = ?", (key,)).fetchone()
+        return None if row is None else bytes(row[0])
 
     # -- reading -----------------------------------------------------------------------------------
     def pending(self, limit: int, *, after_id: int = 0) -> list[OutboxRow]:

@@ -12,7 +12,8 @@ field "edgekit.<kind>/<version>". Must not import paho, onnxruntime or torch.
              times, phase durations, steps, cadence), or its `error` / `reason`; the participant's
              pseudonym (edgekit/privacy.py) when the station has one
     command  to the device: an order for one device (the screening station's trial start and stop,
-             from the hub side or the station's own button), one topic level per command name
+             from the hub side or the station's own button; a machine's baseline learned again), one
+             topic level per command name
 
 A participant is only ever a pseudonym on the wire: `parse_pseudonym` is the format's one definition.
 """
@@ -49,6 +50,9 @@ SCHEMA_TRIAL_V1 = "edgekit.trial/1"
 # To the device on command/trial (messages.TrialCommand): start, stop or cancel the station's trial.
 SCHEMA_TRIAL_COMMAND = "edgekit.trial-command/1"
 TRIAL_COMMAND = "trial"  # the command name (topic level) of trial commands
+# To the device on command/baseline (messages.BaselineCommand): learn this machine's baseline again (issue 14).
+SCHEMA_BASELINE_COMMAND = "edgekit.baseline-command/1"
+BASELINE_COMMAND = "baseline"
 SCHEMAS = {SCHEMA_RESULT, SCHEMA_RESULT_BATCH, SCHEMA_REVIEW, SCHEMA_STATUS, SCHEMA_METRICS, SCHEMA_METRICS_V1,
            SCHEMA_TRIAL, SCHEMA_TRIAL_V2, SCHEMA_TRIAL_V1}
 

@@ -174,3 +174,55 @@ def test_pipeline_learns_the_device_baseline_in_any_batch(baseline_runs, batch) 
     x = pre.features(bl.relative(raw[5:], mean, std, comm.floor))
     probs = models.infer(x, None).probs
     assert np.array_equal(np.stack([j.probs for j in judged[5:]]), probs)
+
+
+def test_the_baseline_command_contract() -> None:
+    from edgekit import topics
+    from edgekit.contract.messages import BaselineCommand
+    from edgekit.errors import DataError
+
+    cmd = BaselineCommand(ts=12.5)
+    assert cmd.encode() == b'{"schema":"edgekit.baseline-command/1","action":"learn","ts":12.5}'
+    assert BaselineCommand.decode(cmd.encode(), "t") == BaselineCommand("learn", 12.5, origin="t")
+    where = f"topic {topics.command('plant1', 'pump7', topics.BASELINE_COMMAND)!r}"
+    assert where == "topic 'edgekit/v1/plant1/pump7/command/baseline'"
+    for payload, message in ((b'{"schema":"edgekit.baseline-command/1","action":"forget"}', "action must be one of"),
+                             (b'{"schema":"edgekit.baseline-command/1","action":"learn","by":"x"}',
+                              "'by' is not a field of edgekit.baseline-command/1"),
+                             (b'{"schema":"edgekit.trial-command/1","action":"start"}', "payload schema must be")):
+        with pytest.raises(DataError, match=message) as exc:
+            BaselineCommand.decode(payload, where)
+        assert exc.value.where == where
+
+
+def test_the_agent_takes_a_fresh_baseline_command_and_refuses_others(baseline_runs, stream_bundle, tmp_path,
+                                                                      caplog) -> None:
+    import time
+
+    from edgekit import topics
+    from edgekit.agent import Agent
+    from edgekit.config import AgentConfig, validate
+    from edgekit.contract.messages import BaselineCommand
+
+    def agent(bundle: Path) -> Agent:
+        rec = baseline_runs["recipe"].parent / "recordings" / "machine-0" / "run-0.csv"
+        return Agent(validate(AgentConfig, {
+            "bundle": str(bundle), "allow_unsigned": True, "source": {"kind": "replay", "path": str(rec)},
+            "mqtt": {"url": None}, "outbox": {"path": str(tmp_path / f"{bundle.name}.db")}}, "test"))
+
+    name = topics.BASELINE_COMMAND
+    with agent(baseline_runs["bundle-baseline"]) as a:
+        assert a.baseline_state() == {"state": "learning", "windows": 0, "of": 5, "source": "learned"}
+        a._mqtt_command(name, BaselineCommand(ts=time.time() - 3600).encode())
+        assert not a._relearn.is_set() and "stale" in caplog.text
+        a._mqtt_command(name, b'{"schema":"edgekit.baseline-command/1","action":"forget"}')
+        assert not a._relearn.is_set() and "action must be one of" in caplog.text
+        a._mqtt_command(name, BaselineCommand(ts=time.time()).encode())
+        assert a._relearn.is_set()
+    caplog.clear()
+    with agent(stream_bundle) as a:  # a bundle without a baseline has none to learn
+        assert a.baseline_state() is None
+        a._mqtt_command(name, BaselineCommand(ts=time.time()).encode())
+        assert not a._relearn.is_set() and "has no baseline to learn" in caplog.text
+        a._mqtt_command("reboot", b"{}")
+        assert "unknown command (this agent takes 'trial' and 'baseline')" in caplog.text

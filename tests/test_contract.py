@@ -55,7 +55,7 @@ CASES = {
         full_trial(), error="too short: 3.2 s < 4 s", walk_start_s=None, walk_end_s=None, turn_start_s=None,
         turn_end_s=None, steps=None, cadence_spm=None, phase_s={}, step_times_s=[], reason=None, answer=None,
         not_scored="too_short: needs at least 4 s of samples"),
-    "status": lambda: m.Status(SITE, DEVICE, "online", 3.0, "skab@abc", 12, 1, "birth"),
+    "status": lambda: m.Status(SITE, DEVICE, "online", 3.0, "skab@abc", 12, 1, "birth", signature="verified"),
     "metrics": lambda: m.Metrics(SITE, DEVICE, 4.0, 7, 2, {"windows": 9, "quarantine_reasons": {"not a number": 2},
                                                            "uptime_s": 1.5}),
     "batch": lambda: m.ResultBatch(SITE, DEVICE, [full_result(1), dataclasses.replace(full_result(2), replayed=False)],
@@ -104,6 +104,15 @@ def test_schema_1_bytes_are_pinned() -> None:
     assert m.Status(SITE, DEVICE, "offline", 2.0, reason="lost").encode() == (
         b'{"schema":"edgekit.status/1","site":"plant1","device":"pump7","state":"offline","ts":2.0,'
         b'"reason":"lost"}')
+
+
+def test_a_status_says_whether_the_agent_checked_its_bundle_and_older_statuses_still_read() -> None:
+    """The agent's transport builds its birth with topics.status and the agent's status_extra (issue 16)."""
+    st = topics.topic(SITE, DEVICE, "status")
+    birth = topics.status(SITE, DEVICE, "online", ts=1.0, model_version="skab@abc", signature="unchecked", queued=3)
+    assert m.parse(st, birth).signature == "unchecked"
+    assert m.parse(st, topics.status(SITE, DEVICE, "offline", ts=1.0, reason="lost")).signature is None
+    assert m.parse(st, topics.status(SITE, DEVICE, "online", ts=1.0, signature="maybe")).signature is None
 
 
 def test_metrics_1_is_still_read() -> None:

@@ -535,6 +535,48 @@ class TrialCommand:
         return cls(action, code, origin=origin)  # type: ignore[arg-type]
 
 
+BaselineAction = Literal["learn"]
+BASELINE_ACTIONS: tuple[BaselineAction, ...] = ("learn",)
+
+
+@dataclass(frozen=True, slots=True)
+class BaselineCommand:
+    """An order to a device whose bundle compares each machine with its own baseline (edgekit/baseline.py):
+    `learn` forgets the baseline it has and learns it again from its next windows (after maintenance, a new
+    machine, a sensor moved), deferring them as `commissioning` meanwhile. On the command topic
+    `edgekit/v1/{site}/{device}/command/baseline`. `ts` is the sender's clock (0 when unknown); `origin` where
+    it came from, for the log (not sent)."""
+
+    action: BaselineAction = "learn"
+    ts: float = 0.0
+    origin: str = ""
+
+    SCHEMA = topics.SCHEMA_BASELINE_COMMAND
+    KEYS = frozenset({"schema", "action", "ts"})
+
+    def __post_init__(self) -> None:
+        if self.action not in BASELINE_ACTIONS:
+            raise DataError(f"action must be one of {list(BASELINE_ACTIONS)} (got {self.action!r:.40})")
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"schema": self.SCHEMA, "action": self.action, "ts": self.ts}
+
+    def encode(self) -> bytes:
+        return topics.encode(self.to_obj())
+
+    @classmethod
+    def decode(cls, payload: bytes, where: str) -> BaselineCommand:
+        """A command topic's payload; DataError (naming `where`) when it is not a baseline command."""
+        obj = topics.decode(payload, where, schemas={cls.SCHEMA})
+        try:
+            unknown = next((k for k in obj if k not in cls.KEYS), None)
+            if unknown is not None:
+                raise DataError(f"{unknown!r:.40} is not a field of {cls.SCHEMA}")
+            return cls(obj.get("action"), _num(obj, "ts") or 0.0, origin=where)  # type: ignore[arg-type]
+        except DataError as exc:
+            raise DataError(exc.message, where=where) from None
+
+
 def _known(obj: dict[str, Any], keys: frozenset[str], what: str) -> None:
     """DataError naming the first key of `obj` that `keys` does not hold (the key, never its value)."""
     for key in obj:
@@ -544,7 +586,10 @@ def _known(obj: dict[str, Any], keys: frozenset[str], what: str) -> None:
 
 @dataclass(slots=True)
 class Status:
-    """Retained `online` (birth, with what the agent runs and what waits), `offline` (close, last will)."""
+    """Retained `online` (birth, with what the agent runs and what waits), `offline` (close, last will).
+    `signature`: whether the agent verified its bundle's signature (`verified`) or runs it under allow_unsigned
+    (`unchecked`); absent from older agents' statuses and from the last will, and dropped (None) when it is
+    neither word, as the other optional fields are."""
 
     site: str
     device: str
@@ -554,9 +599,10 @@ class Status:
     queued: int | None = None
     dropped: int | None = None
     reason: str | None = None
+    signature: Literal["verified", "unchecked"] | None = None
 
     SCHEMA = topics.SCHEMA_STATUS
-    OPTIONAL = ("model_version", "queued", "dropped", "reason")
+    OPTIONAL = ("model_version", "queued", "dropped", "reason", "signature")
 
     def to_obj(self) -> dict[str, Any]:
         obj: dict[str, Any] = {"schema": self.SCHEMA, "site": self.site, "device": self.device,
@@ -577,7 +623,11 @@ class Status:
         return cls(site, device, state, _num(obj, "ts", required=True),
                    model_version=mv if isinstance(mv, str) and len(mv) <= TEXT_MAX else None,
                    queued=_lenient_int(obj, "queued"), dropped=_lenient_int(obj, "dropped"),
-                   reason=obj["reason"] if isinstance(obj.get("reason"), str) else None)
+                   reason=obj["reason"] if isinstance(obj.get("reason"), str) else None,
+                   signature=obj["signature"] if obj.get("signature") in SIGNATURES else None)
+
+
+SIGNATURES = ("verified", "unchecked")  # Status.signature's words
 
 
 def _lenient_int(obj: dict[str, Any], key: str) -> int | None:

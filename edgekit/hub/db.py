@@ -86,6 +86,7 @@ devices = sa.Table(
     sa.Column("dropped", sa.BigInteger),
     sa.Column("metrics", sa.Text),
     sa.Column("metrics_ts", sa.Float),
+    sa.Column("signature", sa.String(16)),  # verified | unchecked, from the status; added after (ADDED_COLUMNS)
 )
 
 trials = sa.Table(
@@ -115,6 +116,7 @@ settings = sa.Table(
 ADDED_COLUMNS = (
     (trials, "participant", f"VARCHAR({topics.PSEUDONYM_LEN})", "ix_edgekit_trials_participant"),  # issue 13
     (results, "attribution", "TEXT", None),  # issue 14: an ood deferral's make-up (JSON)
+    (devices, "signature", "VARCHAR(16)", None),  # issue 16: whether the device checks its bundle's signature
 )
 
 
@@ -370,18 +372,19 @@ class HubDB:
                     where=sa.or_(devices.c.last_seen.is_(None), devices.c.last_seen < ts)))
             for (site, device), st in sorted(batch.status.items()):
                 values = {"state": st["state"], "status_ts": st["ts"], "model_version": st.get("model_version"),
-                          "queued": st.get("queued"), "dropped": st.get("dropped")}
+                          "queued": st.get("queued"), "dropped": st.get("dropped"), "signature": st.get("signature")}
                 values = {k: v for k, v in values.items() if v is not None}
                 stmt = ins(devices).values(site=site, device=device, **values)
-                conn.execute(stmt.on_conflict_do_update(index_elements=["site", "device"], set_=values))
+                conn.execute(stmt.on_conflict_do_update(
+                    index_elements=["site", "device"], set_=_backlog_if_newer(values, devices.c.metrics_ts, st["ts"])))
             for (site, device), m in sorted(batch.metrics.items()):
                 values = {"metrics": _dumps(m), "metrics_ts": m["ts"]}
-                for key in ("queued", "dropped"):
+                for key in BACKLOG:
                     if isinstance(m.get(key), int):
                         values[key] = m[key]
                 stmt = ins(devices).values(site=site, device=device, **values)
                 conn.execute(stmt.on_conflict_do_update(
-                    index_elements=["site", "device"], set_=values,
+                    index_elements=["site", "device"], set_=_backlog_if_newer(values, devices.c.status_ts, m["ts"]),
                     where=sa.or_(devices.c.metrics_ts.is_(None), devices.c.metrics_ts <= m["ts"])))
         return out
 
@@ -589,6 +592,20 @@ class HubDB:
         with self.engine.begin() as conn:
             conn.execute(stmt.on_conflict_do_nothing(index_elements=["key"]))
             return conn.execute(sa.select(settings.c.value).where(settings.c.key == key)).scalar_one()
+
+
+BACKLOG = ("queued", "dropped")  # a device's outbox facts, which its status and its metrics both report
+
+
+def _backlog_if_newer(values: dict[str, Any], other_ts: sa.ColumnElement[Any], ts: float) -> dict[str, Any]:
+    """The update of a device's row by its status or its metrics (`values`), whose queued and dropped apply only
+    when the message is at least as new (device clock) as the device's latest report of the other kind: the
+    fleet's backlog is the latest report's. A retained status (the broker's copy of the birth, with the
+    backlog the device had when it connected, delivered again on every subscribe) or a metrics message replayed
+    from the device's outbox must not undo a newer report's queued=0 (issue 16)."""
+    newer = sa.or_(other_ts.is_(None), other_ts <= ts)
+    return {k: sa.case((newer, sa.literal(v, sa.BigInteger)), else_=devices.c[k]) if k in BACKLOG else v
+            for k, v in values.items()}
 
 
 def _unique(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -113,7 +113,7 @@ def _add(out: Batch, msg: messages_contract.Message, now: float, retained: bool,
         # Arrival order, not ts: a last will carries the ts of the connect that registered it,
         # older than the "online" sent after that connect, yet it is the newer news.
         out.status[key] = {"state": msg.state, "ts": msg.ts, "queued": msg.queued, "dropped": msg.dropped,
-                           "model_version": msg.model_version}
+                           "model_version": msg.model_version, "signature": msg.signature}
         out.see(*key, msg.ts if retained else now)
     elif isinstance(msg, messages_contract.Metrics):
         m = msg.to_obj()
