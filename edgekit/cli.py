@@ -27,7 +27,7 @@ EXIT_CODES = {"ExportError": 3}
 # the command imports anything, so an agent-only install answers with one line instead of a traceback.
 EXTRA_PACKAGES: dict[str, tuple[str, ...]] = {
     "train": ("torch", "sklearn", "onnx", "skl2onnx", "matplotlib", "tqdm", "scipy"),
-    "hub": ("fastapi", "uvicorn", "sqlalchemy", "jinja2", "itsdangerous"),
+    "hub": ("fastapi", "uvicorn", "sqlalchemy", "jinja2", "itsdangerous", "prometheus_client"),
 }
 COMMAND_EXTRAS = {"train": "train", "export": "train", "eval": "train", "demo": "train", "hub": "hub",
                   "labels": "hub"}

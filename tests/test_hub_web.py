@@ -21,7 +21,7 @@ from edgekit.hub.db import HubDB
 from edgekit.hub.ingest import to_batch
 from edgekit.hub.web import create_app, gate_rows, signal_svg
 
-OPEN = {"/login", "/healthz", "/static"}
+OPEN = {"/login", "/healthz", "/metrics", "/static"}  # /healthz and /metrics: edgekit/hub/observe.py
 
 
 @pytest.fixture

@@ -105,6 +105,8 @@ def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
     intake (make_ingest). `security`: the broker account and TLS files (edgekit/mqtt.py). `retention_days`:
     apply_retention at start and every RETENTION_EVERY_S; None keeps everything. A broker the hub cannot use
     (MQTT 3.1.1 only, no shared subscriptions, no JetStream) sets `stop` and raises its TransportError."""
+    from edgekit.hub.observe import HubWatch
+
     if retention_days is not None and not retention_days > 0:
         raise ConfigError(f"must be a number of days > 0 (got {retention_days!r})", where="hub --retention-days")
     stop = stop or threading.Event()
@@ -116,14 +118,15 @@ def run_hub(broker_url: str, db_url: str, http: str | None = "127.0.0.1:8080",
         server = thread = None
         ingest = make_ingest(broker_url, db, share_group=share_group, client_id=client_id, security=security,
                              ack_wait_s=ack_wait_s, on_fatal=lambda _exc: stop.set())
-        with ingest:
+        with ingest, HubWatch(db, ingest, broker_url) as watch:  # /healthz, /metrics, hub.broker_unreachable
             if listen:
                 import uvicorn
 
                 from edgekit.hub.web import create_app
 
                 sock = listen_socket(*listen)
-                config = uvicorn.Config(create_app(db, secure_cookies=secure_cookies), host=listen[0], port=listen[1], log_level="warning",
+                app = create_app(db, secure_cookies=secure_cookies, watch=watch)
+                config = uvicorn.Config(app, host=listen[0], port=listen[1], log_level="warning",
                                         access_log=False, lifespan="off")
                 server = uvicorn.Server(config)
                 thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="hub-web",

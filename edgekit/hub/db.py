@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import logging
 import secrets
+import sqlite3
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import orjson
 import sqlalchemy as sa
@@ -275,6 +277,8 @@ class HubDB:
             .on_conflict_do_nothing(index_elements=["id"]),
         }
         self._bulk_sql: dict[str, tuple[str, tuple[str, ...] | None]] = {}
+        # Called after each committed store(batch) with its seconds (the hub's /metrics, edgekit/hub/observe.py).
+        self.on_store: Callable[[Batch, float], None] | None = None
 
     def __enter__(self) -> HubDB:
         return self
@@ -351,6 +355,7 @@ class HubDB:
         """Write one batch in one transaction; safe to repeat (duplicates change nothing)."""
         out = Stored()
         now = time.time() if now is None else now
+        t0 = time.perf_counter()
         ins = self._insert
         with self.engine.begin() as conn:
             if batch.results:
@@ -386,6 +391,8 @@ class HubDB:
                 conn.execute(stmt.on_conflict_do_update(
                     index_elements=["site", "device"], set_=_backlog_if_newer(values, devices.c.status_ts, m["ts"]),
                     where=sa.or_(devices.c.metrics_ts.is_(None), devices.c.metrics_ts <= m["ts"])))
+        if self.on_store is not None:
+            self.on_store(batch, time.perf_counter() - t0)
         return out
 
     # --- review ------------------------------------------------------------------------------------
@@ -484,6 +491,39 @@ class HubDB:
             r["results"] = int(r["results"] or 0)
             r["deferred"] = int(r["deferred"] or 0)
         return rows
+
+    def ping(self) -> None:
+        """One round trip on a fresh connection; an OperationalError when the database cannot be reached. A
+        SQLite file is opened anew (read-write, never created), so a file moved away or deleted fails here
+        although the pool's open handles would still answer."""
+        if self.dialect == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
+            path = str(self.engine.url.database)
+            try:
+                with closing(sqlite3.connect(f"file:{quote(path)}?mode=rw", uri=True, timeout=5)) as conn:
+                    conn.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            except sqlite3.Error as exc:
+                raise sa.exc.OperationalError("SELECT count(*) FROM sqlite_master", None, exc) from None
+            return
+        with self.engine.connect() as conn:  # pool_pre_ping replaces a connection the server dropped
+            conn.execute(sa.text("SELECT 1"))
+
+    def watch_counts(self) -> dict[str, Any]:
+        """What the hub's /metrics reads from its tables: devices per state (online, offline, unknown), the
+        review queue (deferred results without a label) and the fleet's backlog and drops (each device's
+        latest report, summed)."""
+        labelled = sa.exists().where(labels.c.result_id == results.c.id)
+        with self.engine.connect() as conn:
+            states = conn.execute(sa.select(devices.c.state, sa.func.count(),
+                                            sa.func.coalesce(sa.func.sum(devices.c.queued), 0),
+                                            sa.func.coalesce(sa.func.sum(devices.c.dropped), 0))
+                                  .group_by(devices.c.state)).all()
+            queue = conn.execute(sa.select(sa.func.count()).select_from(results)
+                                 .where(results.c.decision == "defer", ~labelled)).scalar_one()
+        by_state = {"online": 0, "offline": 0, "unknown": 0}
+        for state, n, _, _ in states:
+            by_state[state if state in by_state else "unknown"] += int(n)
+        return {"devices": by_state, "review_queue": int(queue), "queued": sum(int(r[2]) for r in states),
+                "dropped": sum(int(r[3]) for r in states)}
 
     def count(self, decision: str | None = None) -> int:
         q = sa.select(sa.func.count()).select_from(results)

@@ -20,8 +20,9 @@ import socket
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 import paho.mqtt.client as mqtt
@@ -65,6 +66,15 @@ class IngestStats:
     rejected: int = 0  # messages refused for identity, not counted in bad: a site, device, id or seq that is
     #                    missing or not the topic device's own (a spoof, or a device_id unlike its account)
     batches: int = 0
+    # (topic kind, ok | bad | rejected) -> messages: the hub's /metrics (edgekit/hub/observe.py)
+    by_kind: Counter[tuple[str, str]] = field(default_factory=Counter)
+
+
+def message_kind(topic_name: str) -> str:
+    """The kind a topic names (result, review, trial, status, metrics), "other" for any other last level: a
+    bounded label for the hub's metrics whatever a device publishes."""
+    kind = topic_name.rpartition("/")[2]
+    return kind if kind in messages_contract.PARSERS else "other"
 
 
 def to_batch(messages: list[tuple[str, bytes]] | list[tuple[str, bytes, bool]], now: float,
@@ -85,12 +95,16 @@ def to_batch(messages: list[tuple[str, bytes]] | list[tuple[str, bytes, bool]], 
             log.warning("hub.rejected topic=%s reason=%s", name, exc.message)
             if stats:
                 stats.rejected += 1
+                stats.by_kind[message_kind(name), "rejected"] += 1
             continue
         except DataError as exc:
             log.warning("hub.bad_payload topic=%s reason=%s", name, exc.message)
             if stats:
                 stats.bad += 1
+                stats.by_kind[message_kind(name), "bad"] += 1
             continue
+        if stats:
+            stats.by_kind[message_kind(name), "ok"] += 1
         _add(out, msg, now, retained, stats)
     return out
 

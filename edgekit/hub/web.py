@@ -29,6 +29,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from edgekit.errors import DataError
 from edgekit.gate import REASON_TEXT
+from edgekit.hub import observe
 from edgekit.hub.auth import csrf_ok, new_csrf_token, verify_password
 from edgekit.hub.db import HubDB
 
@@ -142,14 +143,9 @@ def _pages(filters: dict[str, Any], offset: int, more: bool) -> Pages:
             "older": urlencode({**filters, "offset": offset + PAGE_SIZE}) if more else None}
 
 
-# --- login: /healthz, /login, /logout ---------------------------------------------------------------
+# --- login: /login, /logout (/healthz and /metrics, without a login: edgekit/hub/observe.py) ------------
 
 auth = APIRouter()
-
-
-@auth.get("/healthz", include_in_schema=False)
-def healthz() -> dict[str, bool]:
-    return {"ok": True}
 
 
 @auth.get("/login", response_class=HTMLResponse)
@@ -356,7 +352,7 @@ def api_me(request: Request, user: str = Depends(api_user)) -> dict[str, str]:
 
 # --- the app --------------------------------------------------------------------------------------------
 
-ROUTERS = (auth, review, fleet, trials, api)
+ROUTERS = (auth, review, fleet, trials, api, observe.router)
 
 
 async def _headers(request: Request, call_next: Any) -> Response:
@@ -378,9 +374,10 @@ async def _to_login(request: Request, _exc: Exception) -> Response:
     return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
 
 
-def create_app(db: HubDB, *, secure_cookies: bool = False) -> FastAPI:
-    """The app for one database. `secure_cookies` when served over HTTPS (behind a proxy). The routers find
-    the database and the templates on app.state."""
+def create_app(db: HubDB, *, secure_cookies: bool = False, watch: observe.HubWatch | None = None) -> FastAPI:
+    """The app for one database. `secure_cookies` when served over HTTPS (behind a proxy). `watch`: the running
+    hub's (its intake's connection for /healthz, its counters for /metrics); without one, /healthz asks the
+    database alone. The routers find the database, the templates and the watch on app.state."""
     app = FastAPI(title="edgekit hub", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(SessionMiddleware, secret_key=db.secret(), session_cookie="edgekit_hub",
                        max_age=SESSION_MAX_AGE_S, same_site="strict", https_only=secure_cookies)
@@ -391,6 +388,7 @@ def create_app(db: HubDB, *, secure_cookies: bool = False) -> FastAPI:
                                  reason_text=reason_text, short_pseudonym=short_pseudonym, pct=fmt_pct, sig=fmt_sig,
                                  not_scored_text=lambda s: (not_scored_view(s) or {}).get("text", ""))
     app.state.db = db
+    app.state.watch = watch or observe.HubWatch(db)
     app.state.templates = templates
     app.add_exception_handler(LoginRequired, _to_login)
     for router in ROUTERS:
