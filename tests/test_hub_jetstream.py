@@ -65,6 +65,11 @@ def publish(port: int, msgs: list[tuple[str, bytes]], client_id: str = "dev-pub"
         c.loop_stop()
 
 
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 def ids_by_device(db: HubDB) -> dict[str, list[str]]:
     with db.engine.connect() as conn:
         rows = conn.execute(sa.select(results.c.id, results.c.device)).all()
@@ -322,3 +327,61 @@ def test_every_result_stored_once_when_a_node_and_a_hub_are_killed_mid_ingest(na
                 h.proc.terminate()
                 h.proc.wait(30)
     assert all(h.proc.returncode == 0 for h in hubs), [h.text()[-2000:] for h in hubs]
+
+
+def test_accounts_as_the_deploy_note_sets_them_on_a_lone_server(tmp_path):
+    """deploy/cluster/README.md's permissions on one nats-server (the hub creates an R1 stream there): the hub's
+    account consumes, a device's own results are stored, its writes to another device's topic are not, and its
+    command subscription is granted."""
+    from edgekit.broker import free_port
+    from edgekit.hub.jetstream import JetStreamIngest
+    from edgekit.mqtt import MqttSecurity
+
+    if installed() is None:
+        pytest.skip("nats-server is not installed (apt-get install nats-server)")
+    pytest.importorskip("nats", reason="the JetStream intake needs nats-py (pip install 'edgekit[cluster]')")
+    client_port, mqtt_port = free_port(), free_port()
+    conf = tmp_path / "nats.conf"
+    conf.write_text(f"""server_name: lone
+listen: 127.0.0.1:{client_port}
+jetstream {{ store_dir: "{tmp_path / 'js'}" }}
+mqtt {{ listen: 127.0.0.1:{mqtt_port} }}
+authorization {{ users: [
+  {{ user: hub, password: hubpw, permissions: {{ publish: ["$JS.API.>", "$JS.ACK.>"], subscribe: ["_INBOX.>"] }} }}
+  {{ user: pump7, password: p7pw, permissions: {{ publish: ["edgekit.v1.plant1.pump7.*"],
+     subscribe: ["edgekit.v1.plant1.pump7.command.*", "$MQTT.sub.>"] }} }}
+] }}
+""")
+    (tmp_path / "hub.pw").write_text("hubpw\n")
+    server = subprocess.Popen([installed(), "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    db = HubDB(f"sqlite:///{tmp_path / 'hub.db'}")
+    try:
+        wait_for(lambda: listening(mqtt_port), 10, "the server")
+        security = MqttSecurity(username="hub", password_file=tmp_path / "hub.pw")
+        with JetStreamIngest(f"nats://127.0.0.1:{client_port}", db, security=security) as hub:
+            assert hub.connected.wait(20)  # before any device: the hub made $MQTT_msgs (R1 on a lone server)
+            granted: list[str] = []
+            dev = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="pump7", protocol=mqtt.MQTTv311)
+            dev.username_pw_set("pump7", "p7pw")
+            dev.on_subscribe = lambda _c, _u, _mid, codes, _p: granted.extend(str(c) for c in codes)
+            dev.connect("127.0.0.1", mqtt_port)
+            dev.loop_start()
+            try:
+                dev.subscribe(topics.command("plant1", "pump7", "+"), qos=1)
+                sent = [dev.publish(topics.topic("plant1", dev_id, "result"),
+                                    result(dev_id, s, site="plant1").encode(), qos=1)
+                        for dev_id in ("pump7", "pump8") for s in range(1, 6)]
+                for info in sent:
+                    info.wait_for_publish(timeout=10)
+                wait_for(lambda: db.count() >= 5, 10, "pump7's results")
+                time.sleep(0.5)
+            finally:
+                dev.disconnect()
+                dev.loop_stop()
+            assert set(ids_by_device(db)) == {"pump7"} and db.count() == 5
+            assert granted == ["Granted QoS 1"]
+            hub.stop(end_session=True)
+    finally:
+        db.close()
+        server.terminate()
+        server.wait(10)

@@ -166,14 +166,19 @@ class BatchWriter(Generic[M]):
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._seen: dict[tuple[str, str], float] = {}
+        self._lock = threading.Lock()
+        self._queued_bytes = 0
 
     def put(self, msg: M) -> None:
         """Queue one message (any thread; never blocks)."""
+        with self._lock:
+            self._queued_bytes += len(self._unpack(msg)[1])
         self._queue.put(msg)
 
-    def backlog(self) -> int:
-        """Messages queued and not yet taken into a batch (approximate)."""
-        return self._queue.qsize()
+    def backlog(self) -> tuple[int, int]:
+        """Messages and payload bytes queued and not yet written: how far an intake that pulls (JetStream) may
+        run ahead of the database."""
+        return self._queue.qsize(), self._queued_bytes
 
     @property
     def stopping(self) -> bool:
@@ -213,6 +218,8 @@ class BatchWriter(Generic[M]):
 
     def _write(self, msgs: list[M]) -> None:
         pairs = [self._unpack(m) for m in msgs]
+        with self._lock:
+            self._queued_bytes -= sum(len(p[1]) for p in pairs)
         self.stats.messages += len(msgs)
         batch = to_batch(pairs, time.time(), self.stats)
         batch.seen = {k: t for k, t in batch.seen.items()

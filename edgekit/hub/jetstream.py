@@ -28,7 +28,15 @@ from urllib.parse import unquote, urlsplit
 from edgekit import topics
 from edgekit.errors import ConfigError, TransportError
 from edgekit.hub.db import HubDB
-from edgekit.hub.ingest import CLUSTER_DOC, KEY, MAX_BATCH, BatchWriter, IngestStats, log_stopped
+from edgekit.hub.ingest import (
+    CLUSTER_DOC,
+    KEY,
+    MAX_BATCH,
+    MAX_BATCH_BYTES,
+    BatchWriter,
+    IngestStats,
+    log_stopped,
+)
 from edgekit.mqtt import TLS_FIELDS, MqttSecurity, label, read_password, tls_context
 
 if TYPE_CHECKING:
@@ -41,8 +49,11 @@ STREAM = "$MQTT_msgs"  # the gateway's stream of QoS 1 messages (nats-server mqt
 SUBJECT_PREFIX = "$MQTT.msgs."  # + the topic as a NATS subject ('/' -> '.'; the gateway refuses '.' and ' ')
 ACK_WAIT_S = 30.0  # a dead hub's unacknowledged messages go to another hub after this
 MAX_ACK_PENDING = 20_000  # per consumer, all hubs together: ~10 batches of MAX_BATCH in flight
+FETCH_BATCH = 256  # messages per pull: small enough that two hubs share a backlog of 100-result messages
 FETCH_TIMEOUT_S = 1.0  # one pull request waits this long for messages (and the stop flag is read as often)
 RETRY_S = 0.5  # after a failed connect, JetStream API call or pull (a node down, a leader election)
+JS_REPLICAS_NOT_CLUSTERED = 10074  # JetStream API err_code: "replicas > 1 not supported in non-clustered mode"
+JS_STREAM_NAME_IN_USE = 10058  # "stream name already in use with a different configuration"
 URL_HINT = "nats://[USER@]HOST[:PORT][,HOST[:PORT]...] (the cluster's client ports), or tls://... for TLS"
 EXTRA_HINT = "pip install 'edgekit[cluster]' (nats-py)"
 
@@ -301,7 +312,7 @@ class JetStreamIngest:
 
     async def _create_stream(self) -> None:
         from nats.js import api
-        from nats.js.errors import BadRequestError
+        from nats.js.errors import APIError
 
         replicas = self.replicas
         while True:
@@ -311,11 +322,11 @@ class JetStreamIngest:
                 await self._js.add_stream(config)
                 log.info("hub.stream_created stream=%s replicas=%d", STREAM, replicas)
                 return
-            except BadRequestError as exc:
-                if replicas > 1 and "replicas" in str(exc).lower():  # a lone server: R1 is all there is
+            except APIError as exc:
+                if exc.err_code == JS_REPLICAS_NOT_CLUSTERED and replicas > 1:  # a lone server: R1 is all
                     replicas = 1
                     continue
-                if "already in use" in str(exc).lower():  # the gateway (or another hub) made it meanwhile
+                if exc.err_code == JS_STREAM_NAME_IN_USE:  # the gateway (or another hub) made it meanwhile
                     return
                 raise
 
@@ -323,10 +334,11 @@ class JetStreamIngest:
         import nats
 
         sub = await self._js.pull_subscribe_bind(self.durable, stream=STREAM)
-        batch = min(self.max_batch, MAX_ACK_PENDING // 4)
+        batch = min(self.max_batch, FETCH_BATCH)
         while not self._stopping.is_set():
-            if self.writer.backlog() >= 2 * self.max_batch:  # the database is behind: pull no further ahead
-                await asyncio.sleep(0.01)
+            queued, queued_bytes = self.writer.backlog()
+            if queued >= self.max_batch or queued_bytes >= MAX_BATCH_BYTES:  # a transaction's worth is waiting:
+                await asyncio.sleep(0.005)  # pull no further ahead (their ack_wait runs from delivery)
                 continue
             try:
                 msgs = await sub.fetch(batch, timeout=FETCH_TIMEOUT_S)
