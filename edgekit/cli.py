@@ -38,10 +38,10 @@ COMMAND_EXTRAS = {"train": "train", "export": "train", "eval": "train", "demo": 
 EXIT_QUEUED = 4
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * verbose
-    logging.basicConfig(level=max(level, logging.DEBUG), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def _setup_logging(verbose: int, fmt: str = "text") -> None:
+    from edgekit import logs
+
+    logs.setup(max(logging.WARNING - 10 * verbose, logging.DEBUG), fmt)
 
 
 def handle_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -95,7 +95,10 @@ def stop_on_signals() -> threading.Event:
 @click.version_option(__version__, prog_name="edgekit")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 @click.option("--debug", is_flag=True, help="Show tracebacks instead of one-line errors.")
-def main(verbose: int, debug: bool) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True,
+              envvar="EDGEKIT_LOG_FORMAT", help="Log lines as text (event key=value) or one JSON object each "
+              "(ts, level, logger, event, the line's fields, msg), for agent and hub alike.")
+def main(verbose: int, debug: bool, log_format: str) -> None:
     """edgekit: train a sensor model, ship it to edge devices as a signed bundle, run it there, and hand the
     doubtful cases to a person.
 
@@ -107,7 +110,7 @@ def main(verbose: int, debug: bool) -> None:
       edgekit hub --broker mqtt://127.0.0.1:1883                # collect + review web page
       edgekit demo                                              # all of it, end to end
     """
-    _setup_logging(verbose + (1 if debug else 0))
+    _setup_logging(verbose + (1 if debug else 0), log_format)
 
 
 # --- training side -------------------------------------------------------------------------------
