@@ -204,6 +204,10 @@ class Agent:
         )
         stack.callback(_close_quietly, self.transport)
         self.transport.__enter__()
+        if cfg.prometheus.port is not None:  # the agent's /metrics (issue 16): prometheus_client only when asked
+            from edgekit.telemetry import serve
+
+            self.metrics_port = stack.enter_context(serve(self, cfg.prometheus.host, cfg.prometheus.port))
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()

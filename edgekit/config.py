@@ -271,6 +271,16 @@ class TrialConfig(Strict):
         return value
 
 
+class PrometheusConfig(Strict):
+    """The agent's own /metrics for Prometheus (edgekit/telemetry.py): off unless `port` is set."""
+
+    port: int | None = Field(None, ge=0, le=65535, description="Serve http://HOST:PORT/metrics (windows, deferrals, "
+                             "outbox depth, publish latency, ...); 0 picks a free port (logged). Needs the "
+                             "prometheus_client package: pip install 'edgekit[metrics]'. Unset (default): off.")
+    host: str = Field("127.0.0.1", min_length=1, description="Address to listen on; 0.0.0.0 for every "
+                      "interface (the counts say nothing personal, but limit who can reach the port).")
+
+
 class AgentConfig(Strict):
     device_id: str = Field("edge-1", min_length=1, description="This device's id, used in topics and result ids.")
     site: str = Field("default", min_length=1, description="Site name, used in topics.")
@@ -291,6 +301,8 @@ class AgentConfig(Strict):
     baseline: BaselineConfig = Field(default_factory=BaselineConfig, description="This machine's baseline, for a "
                                      "bundle that needs one (commissioning).")
     metrics_interval_s: float = Field(10.0, gt=0, description="How often metrics are published.")
+    prometheus: PrometheusConfig = Field(default_factory=PrometheusConfig, description="The agent's own "
+                                         "Prometheus endpoint, off by default.")
 
     @field_validator("device_id", "site")
     @classmethod

@@ -15,6 +15,7 @@ is idle (each wake-up is a GIL hand-off; bench/README.md measured 10 % of the ag
 
 from __future__ import annotations
 
+import bisect
 import errno
 import logging
 import queue
@@ -48,6 +49,22 @@ _COALESCE_S = 0.002
 # The publisher's longest sleep without a wake-up (unbatched): a safety net, never the way rows get sent.
 _IDLE_WAIT_S = 1.0
 _STATUS_KEYS = {"schema", "site", "device", "state", "ts"}
+PUBLISH_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Latency:
+    """Seconds from handing a message to paho to its PUBACK (a resend after a reconnect counts from the first
+    send), as a cumulative histogram: counts[i] for values <= bounds[i], the last for the rest. Written by the
+    publisher thread only; read by the agent's /metrics (edgekit/telemetry.py)."""
+
+    def __init__(self, bounds: Sequence[float] = PUBLISH_BUCKETS_S) -> None:
+        self.bounds = tuple(bounds)
+        self.counts = [0] * (len(self.bounds) + 1)
+        self.sum_s = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, seconds)] += 1
+        self.sum_s += seconds
 # What to check, per cause of a failed connection (the log line carries it next to the cause).
 _HINTS = {
     "tls_verify_failed": "the broker's certificate must be signed by a CA this device trusts and name this host",
@@ -150,6 +167,8 @@ class Transport:
         self._stop = threading.Event()
         self._acks: queue.SimpleQueue[tuple[int, ReasonCode]] = queue.SimpleQueue()
         self._inflight: dict[int, list[int]] = {}  # mid -> row ids (publisher thread only)
+        self._sent_at: dict[int, float] = {}  # mid -> monotonic time of its first send (publisher thread only)
+        self.publish_latency = Latency()
         self._cursor = 0                 # highest row id handed to paho (publisher thread only)
         self._next_tick = 0.0
         self._flush_requests = 0
@@ -478,6 +497,9 @@ class Transport:
             except queue.Empty:
                 break
             rows = self._inflight.pop(mid, None)
+            sent = self._sent_at.pop(mid, None)
+            if sent is not None:
+                self.publish_latency.observe(time.monotonic() - sent)
             if rows is None:
                 continue  # a status message
             if reason.is_failure:
@@ -540,6 +562,7 @@ class Transport:
         # Whatever rc says (even "no connection"), paho keeps a QoS 1 message and resends it after reconnect;
         # the rows stay in the outbox until its PUBACK either way.
         self._inflight[info.mid] = [r.id for r in rows]
+        self._sent_at[info.mid] = time.monotonic()
         self._cursor = rows[-1].id
         self._counts["messages"] += 1
         self._counts["published"] += len(rows)
