@@ -1,9 +1,11 @@
-"""One hub ingest process for bench/hub_ingest.py: edgekit.hub.ingest.Ingest with a named client id (a
-persistent session on the shared subscription) writing to DB_URL. Says "loaded" once imported, connects when
-"go" arrives on stdin (so several consumers start together), says "ready" once connected and subscribed,
-ingests until the next stdin line, then prints its stats (CPU seconds counted from "go"). That line is
-"stop" (keep the broker session: it queues for the next start) or "end" (drop the session and its
-subscription, so a finished case's consumers do not make the broker queue every later case's messages).
+"""One hub ingest process for bench/hub_ingest.py and bench/hub_cluster.py: the intake `edgekit hub` picks for
+BROKER_URL (edgekit.hub.make_ingest: mqtt:// an MQTT v5 shared subscription with a named client id, a
+persistent session; nats:// a JetStream durable consumer named SHARE_GROUP) writing to DB_URL. Says "loaded"
+once imported, connects when "go" arrives on stdin (so several consumers start together), says "ready" once
+connected and subscribed, ingests until the next stdin line, then prints its stats (CPU seconds counted from
+"go"). That line is "stop" (keep the broker session: it queues for the next start) or "end" (drop the session
+and its subscription, so a finished case's consumers do not make the broker queue every later case's
+messages).
 
     python bench/hub_consumer.py DB_URL BROKER_URL CLIENT_ID SHARE_GROUP
 """
@@ -19,8 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from edgekit.hub import make_ingest  # noqa: E402
 from edgekit.hub.db import HubDB  # noqa: E402
-from edgekit.hub.ingest import Ingest  # noqa: E402
 
 SUBACK_SETTLE_S = 0.3  # Ingest subscribes from on_connect; give the SUBACK time before saying "ready"
 
@@ -28,7 +30,7 @@ SUBACK_SETTLE_S = 0.3  # Ingest subscribes from on_connect; give the SUBACK time
 def main() -> None:
     db_url, broker_url, client_id, group = sys.argv[1:5]
     with HubDB(db_url) as db:
-        ingest = Ingest(broker_url, db, share_group=group, client_id=client_id)
+        ingest = make_ingest(broker_url, db, share_group=group, client_id=client_id)
         print(json.dumps({"event": "loaded", "client_id": client_id}), flush=True)
         sys.stdin.readline()
         cpu0 = _cpu_s()
@@ -44,7 +46,7 @@ def main() -> None:
         finally:
             ingest.stop(end_session=end)
         print(json.dumps({"event": "stopped", "client_id": client_id, "cpu_s": _cpu_s() - cpu0,
-                          **asdict(ingest.stats)}), flush=True)
+                          **{k: v for k, v in asdict(ingest.stats).items() if isinstance(v, int)}}), flush=True)
 
 
 def _cpu_s() -> float:

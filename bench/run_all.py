@@ -25,6 +25,7 @@ FULL = {
     "e2e": ["--windows", "10000", "--results", "100000"],
     "drain": ["--rows", "100000"],
     "hub_ingest": ["--results", "20000"],
+    "hub_cluster": ["--results", "20000"],
     "stream_khz": ["--seconds", "20", "--burst-seconds", "200"],
 }
 QUICK = {
@@ -33,6 +34,7 @@ QUICK = {
     "e2e": ["--windows", "1000", "--results", "10000"],
     "drain": ["--rows", "10000"],
     "hub_ingest": ["--results", "2000", "--db", "sqlite"],
+    "hub_cluster": ["--results", "2000", "--batch-results", "10000", "--db", "sqlite"],
     "stream_khz": ["--seconds", "5", "--burst-seconds", "30"],
 }
 
