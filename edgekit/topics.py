@@ -57,6 +57,10 @@ SCHEMAS = {SCHEMA_RESULT, SCHEMA_RESULT_BATCH, SCHEMA_REVIEW, SCHEMA_STATUS, SCH
            SCHEMA_TRIAL, SCHEMA_TRIAL_V2, SCHEMA_TRIAL_V1}
 
 COMMAND = "command"
+# To the device on command/bundle, retained (messages.BundleCommand): the bundle it should run, where to fetch it
+# and its credential for that (issue 16). The device reports how the rollout went in its status (`rollout`).
+SCHEMA_BUNDLE_COMMAND = "edgekit.bundle-command/1"
+BUNDLE_COMMAND = "bundle"
 
 QOS = 1
 

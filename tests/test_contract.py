@@ -4,6 +4,7 @@ real agent writes and the real hub reads (issue 11: one encode, one parse, both 
 from __future__ import annotations
 
 import dataclasses
+import re
 import sqlite3
 from pathlib import Path
 
@@ -60,9 +61,74 @@ CASES = {
                                                            "uptime_s": 1.5}),
     "batch": lambda: m.ResultBatch(SITE, DEVICE, [full_result(1), dataclasses.replace(full_result(2), replayed=False)],
                                    replayed=True),
+    "status-rollout": lambda: m.Status(SITE, DEVICE, "online", 3.0, rollout=full_rollout()),
 }
 KIND = {"result": "result", "review": "review", "trial": "trial", "trial-error": "trial", "status": "status",
-        "metrics": "metrics", "batch": "result"}
+        "metrics": "metrics", "batch": "result", "status-rollout": "status"}
+
+
+def full_rollout() -> m.Rollout:
+    return m.Rollout("rolled_back", running="a" * 16, previous="b" * 16, target="c" * 16,
+                     deployment="20261201-101010-abcdef", reason="failed on-device parity: labels agree on 0/150",
+                     since=1700000001.5)
+
+
+def full_bundle_command() -> m.BundleCommand:
+    return m.BundleCommand(deployment="20261201-101010-abcdef", version="c" * 16,
+                           url="https://hub.example:8443/bundles/20261201-101010-abcdef", token="T" * 43,
+                           sha256="d" * 64, size=123456, model_version="stream@222222222222", watch_s=30.0,
+                           min_windows=50, deferral_band=(0.0, 0.25), quarantine_band=(0.0, 0.01), ts=1700000000.5,
+                           origin="topic 'edgekit/v1/plant1/pump7/command/bundle'")
+
+
+def _not_default(obj: object) -> set[str]:
+    """The fields of a dataclass instance that differ from their defaults."""
+    out = set()
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+        if getattr(obj, f.name) != default:
+            out.add(f.name)
+    return out
+
+
+def test_the_rollout_tests_cover_every_field() -> None:
+    """The rollout's two contract classes (issue 16) are set in full above: a field added without a value there
+    fails here, and then the round trips below cover it."""
+    for obj in (full_rollout(), full_bundle_command()):
+        assert _not_default(obj) == {f.name for f in dataclasses.fields(obj)}, type(obj).__name__
+    status = CASES["status-rollout"]()
+    assert status.rollout == full_rollout() and "rollout" in _not_default(status)
+
+
+def test_a_bundle_command_round_trips_and_never_names_its_token_when_refused() -> None:
+    cmd = full_bundle_command()
+    where = cmd.origin
+    assert m.BundleCommand.decode(cmd.encode(), where) == cmd
+    assert topics.decode(cmd.encode(), where, {topics.SCHEMA_BUNDLE_COMMAND})["band"] == {
+        "deferral": [0.0, 0.25], "quarantine": [0.0, 0.01]}
+    for change, words in ((("band", {"deferral": [0.5, 0.2], "quarantine": [0, 1]}), "band.deferral must be"),
+                          (("url", "ftp://hub/b"), "url must be an http:// or https://"),
+                          (("sha256", "D" * 64), "sha256 must be 64 lower-case hex digits"),
+                          (("token", "short"), "token must be 16-256 printable ASCII"),
+                          (("size", -1), "size and min_windows must be integers >= 0"),
+                          (("watch_s", None), "watch_s is missing"),
+                          (("name", "x"), "'name' is not a field of edgekit.bundle-command/1")):
+        obj = cmd.to_obj() | dict([change])
+        with pytest.raises(DataError, match=re.escape(words)) as err:
+            m.BundleCommand.decode(orjson.dumps(obj), where)
+        assert err.value.where == where and cmd.token not in str(err.value)
+
+
+def test_a_status_carries_the_rollout_and_drops_a_malformed_one() -> None:
+    st = topics.topic(SITE, DEVICE, "status")
+    birth = topics.status(SITE, DEVICE, "online", ts=1.0, rollout=full_rollout().to_obj())
+    assert m.parse(st, birth).rollout == full_rollout()
+    for bad in ({"state": "maybe"}, {"state": "healthy", "running": 5}, {"state": "healthy", "extra": 1}, "healthy"):
+        assert m.parse(st, topics.status(SITE, DEVICE, "online", ts=1.0, rollout=bad)).rollout is None
+    idle = m.Rollout("idle", running="a" * 16)
+    assert idle.to_obj() == {"state": "idle", "running": "a" * 16}  # what an agent without a rollout yet says
+
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

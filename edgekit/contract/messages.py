@@ -8,6 +8,8 @@ and one parse (the hub), so a field exists once and a change to it breaks both s
                  and the participant's pseudonym
     Status       retained online/offline (and the last will)                            status topic
     Metrics      the agent's counters                                                   metrics topic
+    BundleCommand  the bundle a device should run, retained (issue 16; Status.rollout     command/bundle
+                 says how its rollout went)
 
 Encoding keeps the key order and the optional keys the agent always wrote, so payloads of schema /1 are
 byte-for-byte what they were (tests/test_contract.py). Parsing is the hub's validation: `parse(topic,
@@ -19,6 +21,7 @@ or torch.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -600,6 +603,9 @@ class Status:
     dropped: int | None = None
     reason: str | None = None
     signature: Literal["verified", "unchecked"] | None = None
+    # The model rollout on the device (issue 16): what it runs, ran before, was told to run, and how that went.
+    # Absent from older agents' statuses and the last will; dropped (None) when malformed.
+    rollout: Rollout | None = None
 
     SCHEMA = topics.SCHEMA_STATUS
     OPTIONAL = ("model_version", "queued", "dropped", "reason", "signature")
@@ -608,6 +614,8 @@ class Status:
         obj: dict[str, Any] = {"schema": self.SCHEMA, "site": self.site, "device": self.device,
                                "state": self.state, "ts": self.ts}
         obj.update({k: getattr(self, k) for k in self.OPTIONAL if getattr(self, k) is not None})
+        if self.rollout is not None:
+            obj["rollout"] = self.rollout.to_obj()
         return obj
 
     def encode(self) -> bytes:
@@ -624,7 +632,8 @@ class Status:
                    model_version=mv if isinstance(mv, str) and len(mv) <= TEXT_MAX else None,
                    queued=_lenient_int(obj, "queued"), dropped=_lenient_int(obj, "dropped"),
                    reason=obj["reason"] if isinstance(obj.get("reason"), str) else None,
-                   signature=obj["signature"] if obj.get("signature") in SIGNATURES else None)
+                   signature=obj["signature"] if obj.get("signature") in SIGNATURES else None,
+                   rollout=Rollout.lenient(obj.get("rollout")))
 
 
 SIGNATURES = ("verified", "unchecked")  # Status.signature's words
@@ -672,6 +681,149 @@ class Metrics:
         counters.pop("replayed", None)  # the transport's re-send flag, not a counter
         return cls(site, device, _num(obj, "ts", required=True), _lenient_int(obj, "queued"),
                    _lenient_int(obj, "dropped"), counters)
+
+
+# --- model rollout (issue 16) -------------------------------------------------------------------------
+
+RolloutState = Literal["idle", "fetching", "checking", "watching", "healthy", "rolled_back", "refused", "failed"]
+ROLLOUT_STATES: tuple[RolloutState, ...] = ("idle", "fetching", "checking", "watching", "healthy", "rolled_back",
+                                            "refused", "failed")
+# Where a device's rollout of one version ends: it runs the version through its watch (healthy), or it does not
+# run it (rolled back: it failed to load, on-device parity or its band; refused: signature, input contract,
+# archive; failed: the hub refused the download).
+ROLLOUT_DONE: tuple[RolloutState, ...] = ("healthy", "rolled_back", "refused", "failed")
+VERSION_MAX = 64  # a bundle version (edgekit/contract/archive.py: 16 hex digits) or a deployment id
+
+
+def _band(obj: dict[str, Any], key: str) -> tuple[float, float]:
+    """A rate band [low, high] with 0 <= low <= high <= 1."""
+    pair: Any = obj.get(key)
+    numbers = isinstance(pair, list) and len(pair) == 2 and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in pair)
+    if not (numbers and 0.0 <= pair[0] <= pair[1] <= 1.0):
+        raise DataError(f"band.{key} must be [low, high] with 0 <= low <= high <= 1 (got {pair!r:.60})")
+    return float(pair[0]), float(pair[1])
+
+
+@dataclass(frozen=True, slots=True)
+class BundleCommand:
+    """The bundle a device should run: retained on `edgekit/v1/{site}/{device}/command/bundle`, which only that
+    device may read (the broker's ACL), so `token` is its credential for the hub's `url` (GET with
+    `Authorization: Bearer TOKEN`). `sha256` and `size` are the archive's (edgekit/contract/archive.py);
+    `version` its manifest's. After the swap the device watches the new bundle for `watch_s` (and at least
+    `min_windows` windows) and rolls back when its deferral or quarantine rate leaves its band. Not stale with
+    age, unlike the operator's commands: it is the fleet's wanted state. `origin` is for the log (not sent)."""
+
+    deployment: str
+    version: str
+    url: str
+    token: str
+    sha256: str
+    size: int
+    model_version: str | None = None
+    watch_s: float = 120.0
+    min_windows: int = 20
+    deferral_band: tuple[float, float] = (0.0, 1.0)
+    quarantine_band: tuple[float, float] = (0.0, 1.0)
+    ts: float = 0.0
+    origin: str = ""
+
+    SCHEMA = topics.SCHEMA_BUNDLE_COMMAND
+    KEYS = frozenset({"schema", "deployment", "version", "model_version", "url", "token", "sha256", "size",
+                      "watch_s", "min_windows", "band", "ts"})
+
+    def __post_init__(self) -> None:
+        for key in ("deployment", "version"):
+            value = getattr(self, key)
+            if not isinstance(value, str) or not 0 < len(value) <= VERSION_MAX or not value.isprintable():
+                raise DataError(f"{key} must be 1-{VERSION_MAX} printable characters (got {value!r:.80})")
+        if not isinstance(self.url, str) or not self.url.startswith(("http://", "https://")) \
+                or len(self.url) > LONG_TEXT_MAX:
+            raise DataError(f"url must be an http:// or https:// address (got {self.url!r:.80})")
+        if not isinstance(self.token, str) or not 16 <= len(self.token) <= 256 or not self.token.isascii() \
+                or not self.token.isprintable():
+            raise DataError("token must be 16-256 printable ASCII characters")
+        if not isinstance(self.sha256, str) or len(self.sha256) != 64 \
+                or set(self.sha256) - set("0123456789abcdef"):
+            raise DataError(f"sha256 must be 64 lower-case hex digits (got {self.sha256!r:.80})")
+        if not 0 <= self.size <= INT_MAX or not 0 <= self.min_windows <= INT_MAX:
+            raise DataError("size and min_windows must be integers >= 0")
+        if not (math.isfinite(self.watch_s) and self.watch_s >= 0):
+            raise DataError(f"watch_s must be a number of seconds >= 0 (got {self.watch_s!r:.40})")
+
+    def to_obj(self) -> dict[str, Any]:
+        return {"schema": self.SCHEMA, "deployment": self.deployment, "version": self.version,
+                "model_version": self.model_version, "url": self.url, "token": self.token, "sha256": self.sha256,
+                "size": self.size, "watch_s": self.watch_s, "min_windows": self.min_windows,
+                "band": {"deferral": list(self.deferral_band), "quarantine": list(self.quarantine_band)},
+                "ts": self.ts}
+
+    def encode(self) -> bytes:
+        return topics.encode(self.to_obj())
+
+    @classmethod
+    def decode(cls, payload: bytes, where: str) -> BundleCommand:
+        """A command topic's payload; DataError (naming `where`, never the token) when it is not a bundle
+        command."""
+        obj = topics.decode(payload, where, schemas={cls.SCHEMA})
+        try:
+            unknown = next((k for k in obj if k not in cls.KEYS), None)
+            if unknown is not None:
+                raise DataError(f"{unknown!r:.40} is not a field of {cls.SCHEMA}")
+            band = _object(obj, "band") or {}
+            return cls(
+                deployment=obj.get("deployment"), version=obj.get("version"), url=obj.get("url"),  # type: ignore[arg-type]
+                token=obj.get("token"), sha256=obj.get("sha256"),  # type: ignore[arg-type]
+                size=_num(obj, "size", int, required=True), model_version=_text(obj, "model_version"),
+                watch_s=_num(obj, "watch_s", required=True), min_windows=_num(obj, "min_windows", int, required=True),
+                deferral_band=_band(band, "deferral"), quarantine_band=_band(band, "quarantine"),
+                ts=_num(obj, "ts") or 0.0, origin=where)
+        except DataError as exc:
+            raise DataError(exc.message, where=where) from None
+
+
+@dataclass(slots=True)
+class Rollout:
+    """A device's rollout, in its status: the bundle version it `running`, the one it ran before (`previous`,
+    kept on disk for a rollback), the one the newest bundle command asked for (`target`, of `deployment`), how
+    that went (`state`, ROLLOUT_STATES; `reason` in words when it did not), and since when (`since`, unix time).
+    """
+
+    state: RolloutState
+    running: str | None = None
+    previous: str | None = None
+    target: str | None = None
+    deployment: str | None = None
+    reason: str | None = None
+    since: float | None = None
+
+    KEYS = ("state", "running", "previous", "target", "deployment", "reason", "since")
+
+    def to_obj(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.KEYS if getattr(self, k) is not None}
+
+    @classmethod
+    def from_obj(cls, obj: Any) -> Rollout:
+        if not isinstance(obj, dict):
+            raise DataError(f"rollout must be an object (got {obj!r:.60})")
+        unknown = next((k for k in obj if k not in cls.KEYS), None)
+        if unknown is not None:
+            raise DataError(f"rollout.{unknown:.40} is not a field")
+        state = obj.get("state")
+        if state not in ROLLOUT_STATES:
+            raise DataError(f"rollout.state must be one of {list(ROLLOUT_STATES)} (got {state!r:.40})")
+        versions = {k: _text(obj, k, VERSION_MAX) for k in ("running", "previous", "target", "deployment")}
+        return cls(state, **versions, reason=_text(obj, "reason", LONG_TEXT_MAX), since=_num(obj, "since"))
+
+    @classmethod
+    def lenient(cls, obj: Any) -> Rollout | None:
+        """As from_obj, None when absent or malformed (Status's optional fields are dropped, not refused)."""
+        if obj is None:
+            return None
+        try:
+            return cls.from_obj(obj)
+        except DataError:
+            return None
 
 
 Message = Result | ResultBatch | Review | Trial | Status | Metrics
