@@ -157,6 +157,7 @@ class Transport:
         self._gen = 0                    # bumped by each accepted CONNACK (network thread)
         self._seen_gen = 0               # the last connection the publisher announced (publisher thread)
         self._watermark: int | None = None  # last row id queued before the newest CONNACK
+        self._status_due = False         # refresh_status() asked for the retained status again
         self._wake = threading.Event()
         # True while the publisher is between passes (about to wait or waiting): only then do senders and
         # PUBACKs set _wake. _work counts sends that need a pass; the publisher re-reads it before waiting.
@@ -261,6 +262,17 @@ class Transport:
             self._unsignalled = 0
         self._work += 1  # read by the publisher before it sleeps: a pass that missed these rows runs again
         if self._connected and self._idle:  # disconnected: _on_connect wakes it and it drains everything
+            self._idle = False
+            self._wake.set()
+
+    def refresh_status(self) -> None:
+        """Publish the retained "online" status again, with status_extra's values now (the agent's rollout state
+        changed), at the publisher's next pass. Any thread. While disconnected the next connect's birth says it."""
+        if self._client is None:
+            return
+        self._status_due = True
+        self._work += 1
+        if self._connected and self._idle:
             self._idle = False
             self._wake.set()
 
@@ -445,6 +457,8 @@ class Transport:
                 if self._connected:
                     if self._gen != self._seen_gen:
                         self._announce()
+                    elif self._status_due:
+                        self._publish_status()
                     self._publish_some()
                     if len(self._inflight) >= self._max_inflight // 2:
                         # Draining with a busy window: let PUBACKs pile up so one DELETE and one SELECT
@@ -476,6 +490,13 @@ class Transport:
         if not first:
             self._counts["reconnects"] += 1
         replaying = self.outbox.mark_all_replayed(self._watermark)
+        self._publish_status()
+        log.info("transport.connected endpoint=%s reconnect=%s replaying=%d inflight_resent=%d",
+                 self.endpoint, not first, replaying, len(self._inflight))
+
+    def _publish_status(self) -> None:
+        """The retained "online" status with status_extra's values, queued and dropped."""
+        self._status_due = False
         extra: dict[str, Any] = {}
         if self._status_extra is not None:
             try:
@@ -486,8 +507,6 @@ class Transport:
         payload = topics.status(self.site, self.device, "online", ts=time.time(), **extra)
         assert self._client is not None
         self._client.publish(self._topics["status"], payload, qos=topics.QOS, retain=True)
-        log.info("transport.connected endpoint=%s reconnect=%s replaying=%d inflight_resent=%d",
-                 self.endpoint, not first, replaying, len(self._inflight))
 
     def _take_acks(self) -> None:
         ids: list[int] = []
