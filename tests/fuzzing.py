@@ -521,7 +521,7 @@ def _metrics(site: str, device: str) -> dict[str, Any]:
         cfg=SimpleNamespace(site=site, device_id=device),
         counters=Counters(windows=12, accepted=9, deferred=3, quarantined=2, samples=400),
         transport=SimpleNamespace(stats=lambda: {"acked": 10, "replayed": 1}),
-        outbox=SimpleNamespace(backlog=lambda: 2, dropped=0))
+        outbox=SimpleNamespace(backlog=lambda: 2, dropped=0), baseline_state=lambda: None)
     agent.counters.quarantine_reasons["wrong width"] += 2
     return Agent.metrics(agent).to_obj()  # type: ignore[arg-type]
 
