@@ -154,6 +154,7 @@ class Agent:
         from edgekit.devices import profile as profile_mod
         from edgekit.outbox import Outbox
         from edgekit.pipeline import EdgePipeline
+        from edgekit.review import ReviewBuilder
         from edgekit.runtime import ModelSet, Preprocess
         from edgekit.transport import Transport
 
@@ -179,6 +180,7 @@ class Agent:
         threads = cfg.runtime.intra_op_threads or profile.intra_op_threads
         self.models = ModelSet(Path(cfg.bundle), m, providers, threads)
         self.pre = Preprocess.from_manifest(m)
+        self.reviews = ReviewBuilder(m)  # units, training ranges and percentiles for deferred windows (issue 15)
         th = m.thresholds
         self.gate = Gate(th.ood_max_score, th.min_confidence, th.max_disagreement, enabled=cfg.gate.enabled,
                          defer_all=th.defer_all)
@@ -414,10 +416,7 @@ class Agent:
             implausible=judged.implausible, attribution=judged.attribution)
         results.append(("result", result.encode()))
         if decision.action == "defer":
-            inp = self.manifest.input
-            features = {} if judged.features is None else dict(zip(inp.feature_names, judged.features.tolist()))
-            signal = messages.Signal(list(inp.channels or []), inp.rate_hz, window.start_s, points or [])
-            reviews.append(("review", messages.Review(result, features, signal).encode()))
+            reviews.append(("review", self.reviews.review(result, judged.features, points or [], window.start_s).encode()))
 
     def _trial_control(self, channels: int) -> TrialControl | None:
         """What cuts the stream into trials when the bundle reads gait or answers per trial, else None: a trial

@@ -2,7 +2,8 @@
 
 Every command imports its stage lazily, so `edgekit run` never pulls in torch and `--help` is instant.
 Exit codes: 0 ok, 1 unexpected error, 2 bad input (config, data, bundle, broker), 3 parity/export failed,
-4 `run`'s source ended with results still queued for a broker that did not take them (see EXIT_QUEUED).
+4 `run`'s source ended with results still queued for a broker that did not take them (see EXIT_QUEUED),
+5 `deploy`'s rollout stopped (EXIT_ROLLOUT_STOPPED).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ EXTRA_PACKAGES: dict[str, tuple[str, ...]] = {
     "hub": ("fastapi", "uvicorn", "sqlalchemy", "jinja2", "itsdangerous", "prometheus_client"),
 }
 COMMAND_EXTRAS = {"train": "train", "export": "train", "eval": "train", "demo": "train", "hub": "hub",
-                  "labels": "hub"}
+                  "labels": "hub", "deploy": "hub"}
 # `edgekit run`: the source ended on its own and results stay in the outbox because the broker was unreachable
 # (or the drain timed out). Nothing is lost (they go after the next start), but the run did not deliver: a
 # script or CI job can tell this from 0. A stop asked for by SIGTERM/SIGINT exits 0 whatever stays queued
@@ -548,6 +549,80 @@ def labels_export(db: str, out: Path) -> None:
 
     n = export_labels(db, out)
     click.echo(f"{n} labelled cases written to {out}")
+
+
+# `edgekit deploy`: the rollout stopped (a device rolled back, refused the bundle or did not answer in time).
+EXIT_ROLLOUT_STOPPED = 5
+
+
+@main.command()
+@click.argument("bundle", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--site", required=True, help="The devices' site.")
+@click.option("--url", "hub_url", required=True,
+              help="The hub's web address as the devices reach it (http(s)://HOST:PORT); they fetch the bundle from "
+                   "URL/bundles/DEPLOYMENT.")
+@click.option("--devices", default="", help="Comma-separated device ids, canaries first [default: every device of "
+                                            "the site the hub has heard from, by name].")
+@click.option("--canary", type=click.IntRange(min=0), default=1, show_default=True,
+              help="How many of the devices go first; the rest follow once each runs the bundle healthy through its "
+                   "watch. 0: all at once.")
+@click.option("--watch-s", type=click.FloatRange(min=0), default=120.0, show_default=True,
+              help="Seconds each device watches the new bundle's deferral and quarantine rates after the swap.")
+@click.option("--min-windows", type=click.IntRange(min=0), default=20, show_default=True,
+              help="Windows the watch needs at least, however long that takes.")
+@click.option("--deferral-band", default="0,0.5", show_default=True,
+              help="LOW,HIGH: a deferral rate (deferred / windows) outside it during the watch rolls the device back.")
+@click.option("--quarantine-band", default="0,0.05", show_default=True,
+              help="LOW,HIGH: the same for the quarantine rate (quarantined / items read).")
+@click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Seconds each phase may take before a silent device stops the rollout [default: watch-s + 300].")
+@click.option("--public-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Also check the bundle's signature here before sending it (each device checks it anyway).")
+@click.option("--db", default="sqlite:///hub.db", show_default=True, help="The hub's database URL.")
+@click.option("--broker", default="mqtt://127.0.0.1:1883", show_default=True,
+              help="mqtt://[USER@]HOST[:PORT] or mqtts://..., as the hub's account (it writes command topics).")
+@click.option("--username", default=None, help="Broker account (the hub's: 'hub').")
+@click.option("--password-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="File whose first line is the broker password (or EDGEKIT_MQTT_PASSWORD).")
+@click.option("--ca-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="CA certificate (PEM) for an mqtts:// broker with a private CA.")
+@click.option("--cert-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Client certificate (PEM), with --key-file.")
+@click.option("--key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Client certificate's private key (PEM).")
+@handle_errors
+def deploy(bundle: Path, site: str, hub_url: str, devices: str, canary: int, watch_s: float, min_windows: int,
+           deferral_band: str, quarantine_band: str, timeout_s: float | None, public_key: Path | None, db: str,
+           broker: str, username: str | None, password_file: Path | None, ca_file: Path | None,
+           cert_file: Path | None, key_file: Path | None) -> None:
+    """Roll BUNDLE out to the devices of a site through the hub: canaries first, then the rest.
+
+    Each device gets a retained bundle command with its own token, fetches the bundle from the hub, checks its
+    signature, input contract and on-device parity, swaps it in while it runs and watches it; it rolls back by
+    itself. Prints progress; exits 0 when every device runs the bundle healthy, 5 when the rollout stopped.
+    The hub (edgekit hub, with --http) must be running on the same database and broker.
+    """
+    require_extra("deploy")
+    import os
+
+    from edgekit.config import validate
+    from edgekit.hub.deploy import DeploySpec, parse_band
+    from edgekit.hub.deploy import deploy as run_deploy
+    from edgekit.mqtt import MqttSecurity
+
+    given = {"username": username, "password_file": password_file, "ca_file": ca_file, "cert_file": cert_file,
+             "key_file": key_file, "password": None if password_file else os.environ.get("EDGEKIT_MQTT_PASSWORD")}
+    security = validate(MqttSecurity, {k: v for k, v in given.items() if v is not None}, "edgekit deploy")
+    spec = DeploySpec(bundle=bundle, site=site, url=hub_url,
+                      devices=tuple(d.strip() for d in devices.split(",") if d.strip()), canary=canary,
+                      watch_s=watch_s, min_windows=min_windows,
+                      deferral_band=parse_band(deferral_band, "deploy --deferral-band"),
+                      quarantine_band=parse_band(quarantine_band, "deploy --quarantine-band"), timeout_s=timeout_s,
+                      public_key=public_key)
+    outcome = run_deploy(db, broker, spec, lambda line: click.echo(line, nl=True), security=security,
+                         stop=stop_on_signals())
+    if outcome.state != "done":
+        sys.exit(EXIT_ROLLOUT_STOPPED)
 
 
 @main.command()

@@ -91,6 +91,12 @@ def test_one_result_per_window_and_reviews_for_deferred(which, request, mosquitt
             assert {r.split(":")[0] for r in review["reasons"]} <= {"ood", "disagreement", "low_confidence", "stuck",
                                                                    "out_of_range", "feature_range"}
             assert review["signal"]["points"] and review["features"]
+            # issue 15: each channel's unit and training range, each feature's percentile among training windows
+            sig = review["signal"]
+            assert len(sig["units"]) == len(sig["ranges"]) == len(sig["channels"]) and all(sig["units"])
+            assert all(lo <= hi for lo, hi in sig["ranges"])
+            assert set(review["percentiles"]) == set(review["features"])
+            assert all(0 <= p <= 100 for p in review["percentiles"].values())
         for r in results:
             assert r["schema"] == "edgekit.result/1" and r["model_version"] and "replayed" not in r
         assert f"windows={expected}" in out.stdout and "queued=0" in out.stdout

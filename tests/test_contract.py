@@ -50,7 +50,8 @@ def full_trial() -> m.Trial:
 CASES = {
     "result": lambda: full_result(),
     "review": lambda: m.Review(full_result(), {"mean": 1.5, "energy": None},
-                               m.Signal(["a", "b"], 1.0, 10.0, [[1.0, None], [2.0, 3.0]])),
+                               m.Signal(["a", "b"], 1.0, 10.0, [[1.0, None], [2.0, 3.0]], units=["g", ""],
+                                        ranges=[[-0.5, 1.5], [2.0, 2.0]]), percentiles={"mean": 97.5}),
     "trial": full_trial,
     "trial-error": lambda: dataclasses.replace(
         full_trial(), error="too short: 3.2 s < 4 s", walk_start_s=None, walk_end_s=None, turn_start_s=None,
@@ -130,7 +131,6 @@ def test_a_status_carries_the_rollout_and_drops_a_malformed_one() -> None:
     assert idle.to_obj() == {"state": "idle", "running": "a" * 16}  # what an agent without a rollout yet says
 
 
-
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_every_field_round_trips(case: str) -> None:
     msg = CASES[case]()
@@ -146,15 +146,17 @@ def test_the_tests_cover_every_field() -> None:
     covered: dict[type, set[str]] = {}
     for build in CASES.values():
         msg = build()
-        for f in dataclasses.fields(msg):
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-            if getattr(msg, f.name) != default:
-                covered.setdefault(type(msg), set()).add(f.name)
+        nested = [getattr(msg, "signal", None)]  # a Signal travels inside reviews and trials
+        for part in [msg, *(n for n in nested if n is not None)]:
+            for f in dataclasses.fields(part):
+                default = f.default if f.default is not dataclasses.MISSING else (
+                    f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
+                if getattr(part, f.name) != default:
+                    covered.setdefault(type(part), set()).add(f.name)
     for cls, names in covered.items():
         missing = {f.name for f in dataclasses.fields(cls)} - names
         assert not missing, f"{cls.__name__}: {sorted(missing)} keep their defaults in every case"
-    assert set(covered) == {m.Result, m.Review, m.Trial, m.Status, m.Metrics, m.ResultBatch}
+    assert set(covered) == {m.Result, m.Review, m.Trial, m.Status, m.Metrics, m.ResultBatch, m.Signal}
 
 
 def test_schema_1_bytes_are_pinned() -> None:
@@ -246,6 +248,36 @@ def test_a_trial_with_a_key_the_contract_does_not_know_is_refused_naming_the_key
     with pytest.raises(DataError, match=f"'{key}' is not a field of edgekit.trial/3") as err:
         m.parse(topics.topic(SITE, DEVICE, "trial"), orjson.dumps(obj))
     assert "Jane" not in str(err.value)
+
+
+@pytest.mark.parametrize(("where", "value", "expected"), [
+    ("units", ["g"], "signal.units must be one text"),
+    ("units", ["g", 5], "signal.units must be one text"),
+    ("ranges", [[0.0, 1.0]], "signal.ranges must be one [low, high]"),
+    ("ranges", [[2.0, 1.0], [0.0, 1.0]], "signal.ranges must be one [low, high]"),
+    ("ranges", [[0.0, 1.0], [0.0, "x"]], "signal.ranges must be one [low, high]"),
+    ("percentiles", {"mean": 101.0}, "percentiles['mean'] must be from 0 to 100"),
+    ("percentiles", {"mean": "high"}, "mean must be a number"),
+])
+def test_a_review_with_malformed_units_ranges_or_percentiles_is_refused(where: str, value: object,
+                                                                       expected: str) -> None:
+    obj = CASES["review"]().to_obj()
+    if where == "percentiles":
+        obj[where] = value
+    else:
+        obj["signal"][where] = value
+    with pytest.raises(DataError, match=re.escape(expected)):
+        m.parse(topics.topic(SITE, DEVICE, "review"), orjson.dumps(obj))
+
+
+def test_a_review_without_units_ranges_or_percentiles_reads_and_sends_none_of_them() -> None:
+    """What agents before issue 15 send, and what a bundle without an envelope or population sends."""
+    full = CASES["review"]()
+    bare = dataclasses.replace(full, percentiles=None,
+                               signal=dataclasses.replace(full.signal, units=None, ranges=None))
+    obj = bare.to_obj()
+    assert "percentiles" not in obj and set(obj["signal"]) == {"channels", "rate_hz", "start_s", "points"}
+    assert m.parse(topics.topic(SITE, DEVICE, "review"), bare.encode()) == bare
 
 
 @pytest.mark.parametrize("case", ["result", "review", "trial", "batch"])

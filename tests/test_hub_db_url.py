@@ -23,6 +23,8 @@ COMMANDS = {
     "hub participant delete": ["hub", "participant", "delete", "p" * 16, "--db", "URL"],
     "hub participant delete --yes": ["hub", "participant", "delete", "p" * 16, "--db", "URL", "--yes"],
     "labels export": ["labels", "export", "--db", "URL", "--out", "OUT"],
+    "deploy": ["deploy", "OUT", "--site", "plant", "--url", "http://127.0.0.1:1", "--db", "URL", "--broker",
+               "mqtt://127.0.0.1:1"],
 }
 NO_DATABASE = {"hub add-device"}  # writes the broker's password file and ACL, opens no database
 
@@ -38,6 +40,7 @@ def test_every_hub_and_labels_command_is_tried() -> None:
     """A new hub or labels command joins COMMANDS (or NO_DATABASE), so it is tried with bad URLs too."""
     groups = {n: main.commands[n] for n in ("hub", "labels")}
     found = set().union(*(_leaves(g, n) for n, g in groups.items())) - {"labels", "hub participant"}
+    found.add("deploy")  # edgekit deploy opens the hub's database too (issue 16)
     assert found == {c.split(" --")[0] for c in COMMANDS} | NO_DATABASE
 
 

@@ -22,6 +22,7 @@ from edgekit.hub.ingest import to_batch
 from edgekit.hub.web import create_app, gate_rows, signal_svg
 
 OPEN = {"/login", "/healthz", "/metrics", "/static"}  # /healthz and /metrics: edgekit/hub/observe.py
+OPEN |= {"/bundles"}  # a device's token instead of a login: tests/test_hub_deploy.py
 
 
 @pytest.fixture

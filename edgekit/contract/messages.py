@@ -198,15 +198,26 @@ def _attribution(obj: dict[str, Any]) -> dict[str, float] | None:
 
 @dataclass(slots=True)
 class Signal:
-    """The deferred window for the reviewer's plot: per channel, at most `gate.downsample_points` means."""
+    """The deferred window for the reviewer's plot: per channel, at most `gate.downsample_points` means.
+    `units` (per channel, '' when unknown) and `ranges` (per channel [low, high]: what the training windows
+    covered, the bundle's input envelope) let the page name and shade them; both absent when None (an older
+    hub ignores them)."""
 
     channels: list[str]
     rate_hz: float | None
     start_s: float | None
     points: list[list[float | None]]
+    units: list[str] | None = None
+    ranges: list[list[float]] | None = None
 
     def to_obj(self) -> dict[str, Any]:
-        return {"channels": self.channels, "rate_hz": self.rate_hz, "start_s": self.start_s, "points": self.points}
+        obj: dict[str, Any] = {"channels": self.channels, "rate_hz": self.rate_hz, "start_s": self.start_s,
+                               "points": self.points}
+        if self.units is not None:
+            obj["units"] = self.units
+        if self.ranges is not None:
+            obj["ranges"] = self.ranges
+        return obj
 
     @classmethod
     def from_obj(cls, signal: Any) -> Signal:
@@ -215,16 +226,37 @@ class Signal:
         channels = signal.get("channels") or []
         if not isinstance(channels, list):
             raise DataError(f"signal.channels must be a list (got {channels!r:.80})")
-        return cls(channels, _num(signal, "rate_hz"), _num(signal, "start_s"), signal["points"])
+        units = signal.get("units")
+        if units is not None and (not isinstance(units, list) or len(units) != len(channels) or
+                                  not all(isinstance(u, str) and len(u) <= UNIT_MAX for u in units)):
+            raise DataError(f"signal.units must be one text of at most {UNIT_MAX} characters per channel "
+                            f"(got {units!r:.80})")
+        ranges = signal.get("ranges")
+        if ranges is not None and (not isinstance(ranges, list) or len(ranges) != len(channels) or
+                                   not all(_low_high(r) for r in ranges)):
+            raise DataError(f"signal.ranges must be one [low, high] of finite numbers per channel (got {ranges!r:.80})")
+        return cls(channels, _num(signal, "rate_hz"), _num(signal, "start_s"), signal["points"], units, ranges)
+
+
+UNIT_MAX = 32  # a channel's unit ("m/s^2", "l/min")
+
+
+def _low_high(pair: Any) -> bool:
+    return (isinstance(pair, list) and len(pair) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in pair)
+            and pair[0] <= pair[1])
 
 
 @dataclass(slots=True)
 class Review:
-    """A deferred result with what a person needs to judge it; stored as a result with its review."""
+    """A deferred result with what a person needs to judge it; stored as a result with its review.
+    `percentiles`: each feature's place in the bundle's training population (0-100, edgekit/population.py),
+    absent when None (a bundle without a population; an older hub ignores the key)."""
 
     result: Result
     features: dict[str, float | None]
     signal: Signal
+    percentiles: dict[str, float] | None = None
 
     SCHEMA = topics.SCHEMA_REVIEW
 
@@ -241,6 +273,8 @@ class Review:
         obj["schema"] = self.SCHEMA
         obj["features"] = self.features
         obj["signal"] = self.signal.to_obj()
+        if self.percentiles is not None:
+            obj["percentiles"] = self.percentiles
         return obj
 
     def encode(self) -> bytes:
@@ -252,7 +286,13 @@ class Review:
         features, signal = obj.get("features"), obj.get("signal")
         if not isinstance(features, dict):
             raise DataError(f"features must be an object (got {features!r:.80})")
-        return cls(result, features, Signal.from_obj(signal))
+        placed = _object(obj, "percentiles")
+        if placed is not None:
+            for key in placed:
+                value = _num(placed, key)
+                if value is None or not 0.0 <= value <= 100.0:
+                    raise DataError(f"percentiles[{key!r:.40}] must be from 0 to 100 (got {value!r:.20})")
+        return cls(result, features, Signal.from_obj(signal), placed)
 
 
 @dataclass(slots=True)

@@ -89,6 +89,7 @@ devices = sa.Table(
     sa.Column("metrics", sa.Text),
     sa.Column("metrics_ts", sa.Float),
     sa.Column("signature", sa.String(16)),  # verified | unchecked, from the status; added after (ADDED_COLUMNS)
+    sa.Column("rollout", sa.Text),  # JSON messages.Rollout from the status (issue 16); added after (ADDED_COLUMNS)
 )
 
 trials = sa.Table(
@@ -112,6 +113,38 @@ settings = sa.Table(
     sa.Column("value", sa.Text, nullable=False),
 )
 
+# Model rollouts (issue 16, edgekit/hub/deploy.py): one row per `edgekit deploy`, one per device it updates.
+deployments = sa.Table(
+    "edgekit_deployments", metadata,
+    sa.Column("id", sa.String(64), primary_key=True),  # UTC time and 6 random hex digits
+    sa.Column("site", sa.String(128), nullable=False),
+    sa.Column("version", sa.String(64), nullable=False),  # edgekit/contract/archive.py bundle_version
+    sa.Column("model_version", sa.String(128)),
+    sa.Column("sha256", sa.String(64), nullable=False),  # of the archive
+    sa.Column("size", sa.BigInteger, nullable=False),
+    sa.Column("archive", sa.LargeBinary, nullable=False),  # what /bundles/{id} serves
+    sa.Column("canary", sa.Integer, nullable=False),
+    sa.Column("watch_s", sa.Float, nullable=False),
+    sa.Column("min_windows", sa.Integer, nullable=False),
+    sa.Column("band", sa.Text, nullable=False),  # JSON {"deferral": [lo, hi], "quarantine": [lo, hi]}
+    sa.Column("state", sa.String(16), nullable=False),  # canary | rolling | done | stopped
+    sa.Column("reason", sa.Text),
+    sa.Column("created_at", sa.Float, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+deployment_devices = sa.Table(
+    "edgekit_deployment_devices", metadata,
+    sa.Column("deployment", sa.String(64), sa.ForeignKey("edgekit_deployments.id"), primary_key=True),
+    sa.Column("device", sa.String(128), primary_key=True),
+    sa.Column("phase", sa.String(8), nullable=False),  # canary | rest
+    sa.Column("token_sha256", sa.String(64), nullable=False, index=True),  # the token itself is never stored
+    sa.Column("state", sa.String(16), nullable=False),  # waiting | sent | a messages.ROLLOUT_STATES word | timed_out
+    sa.Column("reason", sa.Text),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+
 
 # Columns added after their table was first made: (table, column, SQL type, index name or None). HubDB.create
 # adds each to a database made before it.
@@ -119,6 +152,7 @@ ADDED_COLUMNS = (
     (trials, "participant", f"VARCHAR({topics.PSEUDONYM_LEN})", "ix_edgekit_trials_participant"),  # issue 13
     (results, "attribution", "TEXT", None),  # issue 14: an ood deferral's make-up (JSON)
     (devices, "signature", "VARCHAR(16)", None),  # issue 16: whether the device checks its bundle's signature
+    (devices, "rollout", "TEXT", None),  # issue 16: the device's model rollout (JSON messages.Rollout)
 )
 
 
@@ -379,6 +413,8 @@ class HubDB:
                 values = {"state": st["state"], "status_ts": st["ts"], "model_version": st.get("model_version"),
                           "queued": st.get("queued"), "dropped": st.get("dropped"), "signature": st.get("signature")}
                 values = {k: v for k, v in values.items() if v is not None}
+                if st.get("rollout") is not None:  # the last will carries none: the device's last word stands
+                    values["rollout"] = _dumps(st["rollout"])
                 stmt = ins(devices).values(site=site, device=device, **values)
                 conn.execute(stmt.on_conflict_do_update(
                     index_elements=["site", "device"], set_=_backlog_if_newer(values, devices.c.metrics_ts, st["ts"])))
@@ -488,6 +524,7 @@ class HubDB:
             rows = [dict(r._mapping) for r in conn.execute(q)]
         for r in rows:
             r["metrics"] = _loads(r["metrics"])
+            r["rollout"] = _loads(r["rollout"])
             r["results"] = int(r["results"] or 0)
             r["deferred"] = int(r["deferred"] or 0)
         return rows

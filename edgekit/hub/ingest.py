@@ -128,6 +128,8 @@ def _add(out: Batch, msg: messages_contract.Message, now: float, retained: bool,
         # older than the "online" sent after that connect, yet it is the newer news.
         out.status[key] = {"state": msg.state, "ts": msg.ts, "queued": msg.queued, "dropped": msg.dropped,
                            "model_version": msg.model_version, "signature": msg.signature}
+        if msg.rollout is not None:
+            out.status[key]["rollout"] = msg.rollout.to_obj()
         out.see(*key, msg.ts if retained else now)
     elif isinstance(msg, messages_contract.Metrics):
         m = msg.to_obj()

@@ -29,6 +29,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from edgekit.errors import DataError
 from edgekit.gate import REASON_TEXT
+from edgekit.hub import deploy as deploy_mod
 from edgekit.hub import observe
 from edgekit.hub.auth import csrf_ok, new_csrf_token, verify_password
 from edgekit.hub.db import HubDB
@@ -236,7 +237,8 @@ fleet = APIRouter()
 
 @fleet.get("/fleet", response_class=HTMLResponse)
 def fleet_page(request: Request, user: str = Depends(page_user)) -> HTMLResponse:
-    return render(request, "fleet.html", user, devices=_db(request).fleet(), now=time.time())
+    db = _db(request)
+    return render(request, "fleet.html", user, devices=db.fleet(), now=time.time(), rollouts=deploy_mod.summaries(db))
 
 
 # --- trials: /trials, /trials/{id} and its label form -------------------------------------------------
@@ -352,7 +354,28 @@ def api_me(request: Request, user: str = Depends(api_user)) -> dict[str, str]:
 
 # --- the app --------------------------------------------------------------------------------------------
 
-ROUTERS = (auth, review, fleet, trials, api, observe.router)
+# --- bundles: /bundles/{deployment}, for devices (issue 16) ---------------------------------------------
+
+bundles = APIRouter()
+
+
+@bundles.get("/bundles/{deployment}", include_in_schema=False)
+def bundle_download(request: Request, deployment: str) -> Response:
+    """A deployment's bundle archive, for a device that brings its token from its bundle command as
+    `Authorization: Bearer TOKEN` (edgekit/hub/deploy.py). No login: a device has none. An unknown deployment and
+    a wrong token get the same 403."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    found = deploy_mod.archive_for(_db(request), deployment, token) if scheme.lower() == "bearer" and token else None
+    client = request.client.host if request.client else "-"
+    if found is None:
+        log.warning("hub.bundle_refused deployment=%.64r client=%s", deployment, client)
+        raise HTTPException(status_code=403, detail="not a device of this deployment")
+    blob, device = found
+    log.info("hub.bundle_served deployment=%s device=%s client=%s bytes=%d", deployment, device, client, len(blob))
+    return Response(blob, media_type="application/x-tar")
+
+
+ROUTERS = (auth, review, fleet, trials, api, observe.router, bundles)
 
 
 async def _headers(request: Request, call_next: Any) -> Response:
