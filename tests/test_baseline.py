@@ -13,6 +13,7 @@ import pytest
 
 from edgekit import baseline as bl
 from edgekit.errors import ConfigError
+from edgekit.paths import shipped
 from edgekit.recipe import load_recipe
 
 
@@ -68,6 +69,21 @@ def test_baseline_file_round_trip_and_refusals(tmp_path: Path) -> None:
         bl.read_file(tmp_path / "bad.json", "key1", ["a.mean", "b.mean"])
     with pytest.raises(ConfigError, match="cannot read"):
         bl.read_file(tmp_path / "missing.json", "key1", [])
+
+
+def test_recipe_baseline_is_checked_where_it_is_read() -> None:
+    skab = shipped("recipes", "skab.toml")
+    recipe = load_recipe(skab)
+    assert recipe.baseline is not None and recipe.window is not None
+    # the shipped recipe's baseline is the windows inside SKAB's 400 fit rows
+    assert (recipe.baseline.windows - 1) * recipe.window.hop + recipe.window.size == 400
+    with pytest.raises(ConfigError, match="baseline.windows: Input should be greater than or equal to 2"):
+        load_recipe(skab, {"baseline.windows": 1})
+    with pytest.raises(ConfigError, match=r"windows = 600 leaves nothing to train on in data.files\[1\]'s chunks: "
+                                          r"chunk_rows = 1000 gives 497 windows"):
+        load_recipe(skab, {"baseline.windows": 600})
+    with pytest.raises(ConfigError, match="loader 'table' gives one row per case"):
+        load_recipe(shipped("recipes", "tug_seed.toml"), {"baseline": {"windows": 5}})
 
 
 @pytest.fixture(scope="module")

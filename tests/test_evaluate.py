@@ -117,11 +117,8 @@ def test_violation_bound() -> None:
 
 
 def test_gate_confidences() -> None:
-    c = skab_confidence(np.array([1.0, 4.0, 0.25]), np.array([2.0, 2.0, 2.0]))
-    assert c[0] == pytest.approx(np.log(2)) and c[1] == pytest.approx(np.log(2)) and c[2] > c[1]
-    # the predictor caps it: agreeing at p = 0.9 -> 2 * 0.8 = 1.6; disagreeing -> negative
-    c = skab_confidence(np.array([20.0, 20.0]), np.array([2.0, 2.0]), np.array([0.9, 0.1]), weight=2.0)
-    assert c[0] == pytest.approx(1.6) and c[1] == pytest.approx(-1.6)
+    c = skab_confidence(np.array([0.5, 0.9, 0.1, 1.0]))
+    assert c.tolist() == pytest.approx([0.0, 0.8, 0.8, 1.0])  # sure of 'normal' as of 'anomaly'
     g = gate_confidence(np.array([0.9, 0.9]), np.array([0.5, 0.5]), np.array([True, False]))
     assert g[0] == pytest.approx(0.4) and g[1] < 0  # a disagreement is deferred before any agreement
 
@@ -135,7 +132,7 @@ def test_youden_threshold_separates() -> None:
 
 
 def test_skab_error_sources_hand_computed() -> None:
-    from edgekit.exporters.evaluation.skab import FIT_ROWS, error_sources, level_shift
+    from edgekit.exporters.evaluation.skab import error_sources
 
     files = np.array(["a"] * 10 + ["b"] * 6)
     y = np.array([0, 0, 1, 1, 1, 1, 0, 0, 0, 0] + [0, 1, 1, 1, 0, 0])
@@ -144,68 +141,61 @@ def test_skab_error_sources_hand_computed() -> None:
     assert (e["normal_before"], e["fa_before"], e["normal_after"], e["fa_after"], e["fa_between"]) == (3, 1, 6, 2, 0)
     assert (e["miss_lag"], e["miss_later"]) == (3, 1)  # a: row 2 (onset); b: rows 1, 2 (onset) and 3
     assert e["files_f1_below_half"] == ["b"]  # a: F1 6/10
-    # baseline rows alternate -1/+1 (mean 0, sd 1); normal rows before the fault at 0, after it at 5
-    values = np.zeros((FIT_ROWS + 30 + 10 + 30, 2))
-    values[:FIT_ROWS, 0] = np.tile([-1.0, 1.0], FIT_ROWS // 2)
-    values[:FIT_ROWS, 1] = np.tile([-1.0, 1.0], FIT_ROWS // 2)
-    values[FIT_ROWS + 40:, 0] = 5.0
-    anomaly = np.zeros(len(values), dtype=int)
-    anomaly[FIT_ROWS + 30:FIT_ROWS + 40] = 1
-    before, after = level_shift(values, anomaly, [0, 1])
-    assert before == pytest.approx(0.0) and after == pytest.approx(5.0)
-    assert level_shift(values[: FIT_ROWS + 45], anomaly[: FIT_ROWS + 45], [0, 1])[1] is None  # 5 rows after
 
 
 @pytest.mark.data
-def test_fall_rows_and_skab_features_on_real_data(data_dir) -> None:
-    from edgekit import datasets
+def test_fall_rows_on_real_data(data_dir) -> None:
     from edgekit.exporters.evaluation.fall_screening import load_fall
-    from edgekit.exporters.evaluation.skab import FIT_ROWS, SkabDesign, row_features
 
     x, y = load_fall()
     assert x.shape == (73, 9) and int(y.sum()) == 20  # the study's usable participants and fallers
-    design = SkabDesign()
-    table = datasets.read_skab(datasets.skab_files("valve1")[0])
-    feats = row_features(table.values, design)
-    assert feats.shape == (len(table.values) - design.window + 1, len(design.channels))
-    # baseline-normalised: window means over the first 400 rows sit near 0 (the on-device baseline)
-    assert np.abs(feats[: FIT_ROWS - design.window + 1].mean(axis=0)).max() < 0.5
+
+
+def test_skab_rows_take_the_agents_latest_result() -> None:
+    """Each row takes the result of the last window that ended at or before it; the alarm is the anomaly label
+    or a refusal naming a channel; commissioning and rows before any result are no alarm."""
+    from edgekit.contract.messages import Result
+    from edgekit.exporters.evaluation.skab import row_decisions
+
+    def res(end_s: float, decision: str, label: str | None, reasons: list[str], p: float | None) -> Result:
+        probs = {} if p is None else {"normal": 1 - p, "anomaly": p}
+        return Result(id="d:1", seq=1, site="s", device="d", ts=0.0, start_s=end_s - 7, end_s=end_s,
+                      model_version="m", task="skab", label=label, confidence=None, probs=probs, decision=decision,
+                      reasons=reasons, scores={}, thresholds={})
+
+    results = [res(10, "defer", None, ["commissioning"], None), res(12, "accept", "normal", [], 0.1),
+               res(14, "defer", "anomaly", ["low_confidence"], 0.6), res(16, "defer", "normal", ["stuck:Current"], 0.2),
+               res(18, "defer", "normal", ["ood"], 0.3), res(20, "defer", None, ["implausible"], None)]
+    rows = row_decisions(results, np.array([9.0, 10, 11, 12, 13.5, 14, 16, 17, 18, 20, 25]), "anomaly")
+    assert rows["alarm"].tolist() == [False, False, False, False, False, True, True, True, False, True, True]
+    assert rows["state"].tolist() == [0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2]
+    assert rows["ood"].tolist() == [False] * 8 + [True, False, False]
+    assert np.isnan(rows["p"][[0, 1, 9]]).all() and rows["p"][5] == pytest.approx(0.6)
 
 
 @pytest.mark.data
 @pytest.mark.torch
 @pytest.mark.slow
-def test_skab_eval_scores_the_recipes_predictor(data_dir, tmp_path) -> None:
-    """The predictor beside the SKAB gate is edgekit/recipes/skab.toml's (its widths and window, trained as `edgekit
-    train` trains it; an earlier copy of its settings went stale), and its scores line up with test rows."""
+def test_skab_eval_replays_each_file_through_a_fresh_agent(data_dir) -> None:
+    """`edgekit eval skab` on 8 valve1 files (1 epoch): the shipped recipe trained per fold without the files it
+    scores, exported signed and INT8, each file replayed through a fresh Agent whose first windows (inside the 400
+    fit rows) are its commissioning; one decision per test row."""
     pytest.importorskip("torch")
-    import onnx
-
     from edgekit import datasets
-    from edgekit.exporters.evaluation.skab import FIT_ROWS, SkabDesign, _predictor_probs
-    from edgekit.features import feature_names
-    from edgekit.paths import shipped as shipped_file
-    from edgekit.recipe import load_recipe
+    from edgekit.exporters.evaluation.skab import FIT_ROWS, SkabEval, evaluate_skab, table
 
-    recipe_file = shipped_file("recipes", "skab.toml")
-    shipped = load_recipe(recipe_file)
-    text = recipe_file.read_text()
-    fast = text.replace(f"epochs = {shipped.predictor.epochs}\n", "epochs = 2\n", 1)  # the first: [predictor]
-    assert fast != text
-    (tmp_path / "skab.toml").write_text(fast)
-    files = datasets.skab_files("valve1")[:4]
-    out, fitted = _predictor_probs(files, SkabDesign(predictor_recipe=str(tmp_path / "skab.toml")), tmp_path)
-
-    n_features = len(feature_names(shipped.features.extractor, list(datasets.SKAB_CHANNELS)))
-    assert fitted["hidden"] == shipped.predictor.hidden and fitted["window"] == shipped.window.size
-    assert fitted["n_features"] == n_features and len(fitted["folds"]) == 2
-    dims = {tuple(t.dims) for t in onnx.load(str(tmp_path / "skab_mlp0.onnx")).graph.initializer}
-    assert {(shipped.predictor.hidden[0], n_features), (n_features, shipped.predictor.hidden[0])} & dims
-    for i, path in enumerate(files):  # one probability per test row (rows 400..T-1), fp32 and INT8
-        rows = len(datasets.read_skab(path).values) - FIT_ROWS
-        for kind in ("fp32", "int8"):
-            assert out[kind][i].shape == (rows,)
-            assert np.all((out[kind][i] >= 0) & (out[kind][i] <= 1))
+    files = datasets.skab_files("valve1")[:8]
+    names = tuple(f"valve1/{p.name}" for p in files)
+    result = evaluate_skab(progress=False, config=SkabEval(files=names, epochs=1))
+    rows = result["rows"]
+    assert result["n_files"] == 8 and result["n_held_out_files"] == 4
+    assert len(rows["y"]) == sum(len(datasets.read_skab(p).values) - FIT_ROWS for p in files)
+    # row 400 still waits for the first answered window (ending at row 401): one row per file
+    assert result["rows_by_state"]["commissioning or none"] == 8
+    assert len(result["bundles"]) == 2 and all(set(b) == {"predictor", "gate", "second_opinion"}
+                                                for b in result["bundles"])
+    text = table(result)
+    assert "agent on the shipped recipe's bundle (ours)" in text and "Conv-AE" in text and "target F1" in text
 
 
 @pytest.mark.data

@@ -204,10 +204,12 @@ def test_skab_window_labels_follow_the_last_row(data_dir: Path, tmp_path: Path) 
     table = read_skab(data_dir / "skab" / "data" / "valve2" / "0.csv")
     rows = data.split_groups == "valve2/0.csv"
     n = int(rows.sum())
-    assert n == (len(table.values) - 32) // 4 + 1
-    last = np.arange(n) * 4 + 31
+    assert recipe.window is not None
+    size, hop = recipe.window.size, recipe.window.hop
+    assert n == (len(table.values) - size) // hop + 1
+    last = np.arange(n) * hop + size - 1
     assert data.y[rows].tolist() == table.labels["anomaly"][last].astype(int).tolist()
-    assert data.features.shape[1] == 8 * 13
+    assert data.features.shape[1] == 8  # each channel's mean (the recipe's spectral time = ["mean"])
     assert any(g.startswith("anomaly-free/anomaly-free.csv#") for g in set(data.split_groups))
 
 

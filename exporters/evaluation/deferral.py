@@ -108,38 +108,24 @@ def summarise(raw: dict[str, dict[str, np.ndarray]], *, delta: float, cal_fracti
     return out
 
 
-PREDICTOR_WEIGHT = 2.0  # chosen among 2, 5, 10 on the design files (even positions) only
-
-
-def skab_confidence(score: np.ndarray, threshold: np.ndarray, prob: np.ndarray | None = None,
-                    weight: float = PREDICTOR_WEIGHT) -> np.ndarray:
-    """The SKAB gate's confidence in its anomaly decision (score > threshold).
-
-    The autoencoder's margin |log(score / threshold)|; with the predictor's P(anomaly) `prob`, the smaller
-    of that margin and `weight` x the predictor's support for the same decision (2 |p - 0.5|, negative when
-    it disagrees): like calibrate.gate_score, a case is only as sure as its least sure witness.
-    """
-    eps = 1e-12
-    score, threshold = np.asarray(score, np.float64), np.asarray(threshold, np.float64)
-    margin = np.abs(np.log((score + eps) / (threshold + eps)))
-    if prob is None:
-        return margin
-    prob = np.asarray(prob, np.float64)
-    support = np.where(score > threshold, prob - 0.5, 0.5 - prob) * 2.0
-    return np.minimum(margin, weight * support)
+def skab_confidence(prob: np.ndarray) -> np.ndarray:
+    """The agent's confidence in a SKAB row's answer: its predictor's probability of the label it gave,
+    rescaled to 0..1 (2 |p - 0.5| for a binary task)."""
+    return np.abs(2.0 * np.asarray(prob, np.float64) - 1.0)
 
 
 def evaluate_deferral(progress: bool = True, splits: int = SPLITS) -> dict[str, Any]:
-    """SKAB (INT8 gate's per-row decisions; row-level and file-level splits) and fall screening
+    """SKAB (the agent's per-row alarms, edgekit eval skab; row-level and file-level splits) and fall screening
     (out-of-fold decisions of the recipe's predictor + second opinion, one CV repeat per split); delta is
     each task's recipe gate.delta (edgekit/recipes/skab.toml, fall_screening.toml)."""
     t0 = time.perf_counter()
-    skab_delta = skab.predictor_recipe(skab.SkabDesign())[1].gate.delta
+    skab_delta = skab.shipped_recipe(skab.SkabEval().recipe)[1].gate.delta
     fall_delta = fall_screening.fall_recipe(fall_screening.FallDesign())[1].gate.delta
     rows = skab.evaluate_skab(progress=progress)["rows"]
-    decision = rows["score"] > rows["threshold"]
-    errors = decision != rows["y"].astype(bool)
-    conf = skab_confidence(rows["score"], rows["threshold"], rows["prob"])
+    answered = np.isfinite(rows["p"])  # rows whose latest result a model answered (not commissioning)
+    rows = {k: v[answered] for k, v in rows.items()}
+    errors = rows["alarm"] != rows["y"].astype(bool)
+    conf = skab_confidence(rows["p"])
     out: dict[str, Any] = {"delta": {"skab": skab_delta, "fall": fall_delta}, "splits": splits}
     out["skab"] = split_trials(conf, errors, delta=skab_delta, splits=splits, seed=1)
     out["skab_by_file"] = split_trials(conf, errors, delta=skab_delta, splits=splits, seed=2, groups=rows["file"])
@@ -171,8 +157,8 @@ def _merge(trials: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 LABELS = {
-    "skab": "SKAB INT8 AE gate, rows split at random",
-    "skab_by_file": "SKAB INT8 AE gate, files split (stress)",
+    "skab": "SKAB agent's alarms, rows split at random",
+    "skab_by_file": "SKAB agent's alarms, files split (stress)",
     "fall": "fall screening combined, participants split",
 }
 
@@ -202,8 +188,8 @@ def table(result: dict[str, Any]) -> str:
                  "target; > t+noise: share where it exceeded it by more than the test half's own 95 % binomial "
                  "noise (LTT bounds the true risk, which a finite test half measures with noise); bound: 95 % "
                  "quantile of Binomial(splits, delta) / splits; holds: > t+noise <= bound. A split with no "
-                 "valid threshold defers everything (coverage 0). SKAB decisions are the INT8 AE gate's; its "
-                 "confidence is min(|log(score/threshold)|, 2 x the cross-fitted predictor's support). Fall: "
+                 "valid threshold defers everything (coverage 0). SKAB decisions are the agent's alarms (edgekit eval "
+                 "skab, cross-fitted by file); their confidence is its predictor's, 2 |P(anomaly) - 0.5|. Fall: "
                  "the recipe's predictor + second opinion (mean probability), confidence = margin from the in-fold cut, "
                  "disagreements deferred first.", 110)
     return "\n".join(lines)
