@@ -195,7 +195,7 @@ def test_skab_eval_replays_each_file_through_a_fresh_agent(data_dir) -> None:
     assert len(result["bundles"]) == 2 and all(set(b) == {"predictor", "gate", "second_opinion"}
                                                 for b in result["bundles"])
     text = table(result)
-    assert "agent on the shipped recipe's bundle (ours)" in text and "Conv-AE" in text and "target F1" in text
+    assert "the agent, shipped recipe (ours)" in text and "Conv-AE" in text and "target F1" in text
 
 
 @pytest.mark.data

@@ -323,7 +323,7 @@ def table(result: dict[str, Any]) -> str:
              f"first {FIT_ROWS} rows; rows {FIT_ROWS}.. scored, pooled per-row F1)",
              f"{'algorithm':<40}{'F1':>6}{'FAR %':>8}{'MAR %':>8}"]
     ho = result["n_held_out_files"]
-    for key, label in (("all", "agent on the shipped recipe's bundle (ours)"),
+    for key, label in (("all", "the agent, shipped recipe (ours)"),
                        ("held_out", f"  the {ho} held-out files *"),
                        ("design", f"  the {result['n_files'] - ho} design files"),
                        ("label_only", "  its label alone"),
