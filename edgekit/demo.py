@@ -17,7 +17,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Callable
 
-from edgekit import topics
+from edgekit import incidents, topics
 from edgekit.errors import DataError, EdgekitError
 from edgekit.paths import shipped
 
@@ -62,6 +62,15 @@ class _Collector:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
+
+
+def _when(t: float) -> str:
+    """A window time as the recording wrote it: a date (an ISO-stamped recording's replay) or seconds."""
+    from datetime import datetime, timezone
+
+    if t >= 1e8:
+        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return f"t={t:.0f}s"
 
 
 def run_demo(workdir: Path, say: Callable[[str], None], *, fault_file: str = "valve1/1.csv",
@@ -112,7 +121,10 @@ def run_demo(workdir: Path, say: Callable[[str], None], *, fault_file: str = "va
         say("  labels:    " + ", ".join(f"{k}={v}" for k, v in Counter(r["label"] for r in results).items()))
         reasons = Counter(x for m in reviews for x in m["reasons"])
         say("  deferred because: " + (", ".join(f"{k}={v}" for k, v in reasons.items()) or "nothing deferred"))
+        found = incidents.group(incidents.Deferred(m["id"], m["site"], m["device"], m["window"]["start_s"],
+                                                   m["window"]["end_s"], tuple(m["reasons"])) for m in reviews)
+        say(f"  {len(reviews)} review cases are {len(found)} incidents for a person to open (edgekit/incidents.py)")
         for m in reviews[:5]:
             scores = ", ".join(f"{k}={v:.3g}" for k, v in m["scores"].items())
-            say(f"  review {m['id']} t={m['window']['start_s']:.0f}-{m['window']['end_s']:.0f}s "
+            say(f"  review {m['id']} {_when(m['window']['start_s'])}-{_when(m['window']['end_s'])} "
                 f"label={m['label']} reasons={'+'.join(m['reasons'])} ({scores})")

@@ -5,6 +5,7 @@ and labels it; the label is in the database with the reviewer's name and in the 
 from __future__ import annotations
 
 import csv
+import struct
 import threading
 from pathlib import Path
 
@@ -21,6 +22,104 @@ from edgekit.hub.db import HubDB
 CHROMIUM = Path("/usr/bin/chromium")
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
+
+
+T0 = 1583750073.0  # 2020-03-09 10:34:33: a replayed recording's own time (sensor time), not the hub's clock
+PHONE = {"width": 390, "height": 844}
+
+
+def png_width(path: Path) -> int:
+    """The pixel width a PNG's header gives (a full-page screenshot is as wide as the page's content)."""
+    return struct.unpack(">I", path.read_bytes()[16:20])[0]
+
+
+def no_sideways_scroll(page, path: Path) -> None:
+    """The page fits a 390 px phone: nothing is wider than the viewport, in the DOM and in the full-page
+    screenshot."""
+    page.screenshot(path=str(path), full_page=True)
+    widths = page.evaluate("[document.documentElement.scrollWidth, document.body.scrollWidth, window.innerWidth]")
+    assert widths[0] <= widths[2] and widths[1] <= widths[2], (path.name, widths)
+    assert png_width(path) == PHONE["width"], (path.name, png_width(path))
+
+
+@pytest.mark.browser
+@pytest.mark.broker
+def test_reviewer_labels_an_incident_in_the_browser_on_a_phone(mosquitto, tmp_path):
+    """Issue 15, acceptance 2 (and 3): deferred windows arrive over a real mosquitto; the queue shows one incident
+    with the recording's own dates; the reviewer opens it on a 390 px phone, sees the signal, the reasons in
+    plain words, labels it with the keyboard (2, Enter), and every window carries the label with who and when;
+    one window is relabelled on its own page. Queue, incident and window pages fit the phone."""
+    if not CHROMIUM.exists():
+        pytest.skip("Debian chromium not found at /usr/bin/chromium (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
+    db_url = f"sqlite:///{tmp_path / 'hub.db'}"
+    add_user(db_url, "ana", "correct horse")
+    port = free_port()
+    stop = threading.Event()
+    hub = threading.Thread(target=run_hub, args=(mosquitto.url, db_url),
+                           kwargs={"http": f"127.0.0.1:{port}", "stop": stop}, daemon=True)
+    hub.start()
+    try:
+        hub_listening(db_url, mosquitto.port)
+        pub = publisher(mosquitto.port)
+        res = [result("edge-7", s, site="clinic", start_s=T0 + 2.0 * s, end_s=T0 + 2.0 * s + 2) for s in range(1, 21)]
+        msgs = [(topics.topic("clinic", "edge-7", "result"), m.ResultBatch("clinic", "edge-7", res).encode())]
+        msgs += [(topics.topic("clinic", "edge-7", "review"), review(r).encode()) for r in res if r.decision == "defer"]
+        publish_all(pub, msgs)
+        pub.disconnect()
+        pub.loop_stop()
+        windows = [r.id for r in res if r.decision == "defer"]  # seq 5, 10, 15, 20: 8 s apart, one incident
+        with HubDB(db_url) as db:
+            wait_for(lambda: all((db.case(w) or {}).get("signal") for w in windows), 20, "the reviews")
+
+        base = f"http://127.0.0.1:{port}"
+        with sync_api.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
+            page = browser.new_page(viewport=PHONE)
+            page.goto(f"{base}/queue")
+            page.fill("input[name=name]", "ana")
+            page.fill("input[name=password]", "correct horse")
+            page.click("button[type=submit]")
+            page.wait_for_url(f"{base}/queue")
+            links = page.locator("a.incident-link")
+            assert links.count() == 1
+            assert "1 incident waiting" in page.locator("#queue-totals").inner_text()
+            assert "2020-03-09 10:34:43 – 10:35:15" in page.locator("li.incident .when").inner_text()
+            no_sideways_scroll(page, tmp_path / "queue-390.png")
+            links.first.click()
+            page.wait_for_selector("#incident-signal-narrow")
+            assert page.locator("#incident-signal-narrow").is_visible()
+            assert not page.locator("#incident-signal").is_visible()  # the wide plot is for wider screens
+            assert "4 deferred windows" in page.locator("#incident-meta").inner_text()
+            assert page.locator("#incident-why li[data-reason=low_confidence]").inner_text().startswith(
+                "The model was not confident enough.")
+            no_sideways_scroll(page, tmp_path / "incident-390.png")
+            page.keyboard.press("2")  # the second label choice ...
+            assert page.locator("input[name=label][data-key='2']").is_checked()
+            page.keyboard.press("Enter")  # ... saved for the whole incident
+            page.wait_for_selector("p.saved")
+            label = page.locator("input[name=label][data-key='2']").get_attribute("value")
+            assert f"Saved: {label} on 4 windows" in page.locator("p.saved").inner_text()
+            page.goto(f"{base}/cases/{windows[1]}")
+            page.wait_for_selector(".plot.narrow svg.signal")
+            assert page.locator("#case-incident").get_attribute("href") == f"/incidents/{windows[0]}"
+            no_sideways_scroll(page, tmp_path / "case-390.png")
+            page.keyboard.press("1")
+            page.keyboard.press("Enter")  # one window relabelled on its own
+            page.wait_for_selector("p.saved")
+            browser.close()
+
+        with HubDB(db_url) as db:
+            history = {w: db.case(w)["labels"] for w in windows}
+        for w in windows:
+            first = history[w][-1]  # the incident's label, kept under any relabel
+            assert (first["label"], first["reviewer"]) == (label, "ana") and first["labelled_at"] > 0
+        assert len({history[w][-1]["labelled_at"] for w in windows}) == 1  # one label, one time, every window
+        assert len(history[windows[1]]) == 2 and history[windows[1]][0]["reviewer"] == "ana"
+    finally:
+        stop.set()
+        hub.join(timeout=30)
+    assert not hub.is_alive()
 
 
 @pytest.mark.browser
@@ -63,13 +162,11 @@ def test_reviewer_labels_a_case_in_the_browser(mosquitto, tmp_path):
             page.click("button[type=submit]")
             page.wait_for_url(f"{base}/queue")
             page.screenshot(path=str(tmp_path / "queue.png"), full_page=True)
-            links = page.locator("a.case-link")
-            assert links.count() == 4  # seq 5, 10, 15, 20 were deferred
-            assert links.first.inner_text() == topics.result_id("edge-7", 20)  # newest first
-            page.click(f"a.case-link:text('{case_id}')")
+            assert page.locator("a.incident-link").count() == 1  # seq 5, 10, 15, 20 deferred: one incident
+            page.goto(f"{base}/cases/{case_id}")  # one of its windows
             page.wait_for_selector("svg.signal")
-            assert page.locator("svg.signal polyline").count() == 3
-            box = page.locator("svg.signal").bounding_box()
+            assert page.locator(".plot.wide svg.signal polyline").count() == 3
+            box = page.locator(".plot.wide svg.signal").bounding_box()
             assert box and box["width"] > 600 and box["height"] > 200
             reasons = page.locator("p.reasons .reason").all_inner_texts()
             assert reasons == ["low_confidence", "disagreement"]

@@ -112,17 +112,46 @@ def test_ingest_web_and_export_on_postgres(pg_url, mosquitto, tmp_path):
             login(client, "bo", "long enough")
             case_id = topics.result_id("edge-9", 50)
             page = client.get(f"/cases/{case_id}").text
-            assert page.count("<polyline") == 3
+            assert page.count("<polyline") == 6  # the wide plot and the phone's
             client.post(f"/cases/{case_id}/label", data={"label": "sit", "csrf": csrf_of(page)})
             page = client.get(f"/cases/{case_id}").text
             client.post(f"/cases/{case_id}/label", data={"label": "turn", "note": "on second look",
                                                          "csrf": csrf_of(page)})
             assert [h["label"] for h in db.case(case_id)["labels"]] == ["turn", "sit"]
             assert len(client.get("/api/cases", params={"status": "unlabelled"}).json()["cases"]) == 19
+            # The 20 deferred windows (8 s apart) are one incident; one label reaches every window.
+            [inc] = client.get("/api/incidents").json()["incidents"]
+            assert inc["windows"] == 20 and inc["unlabelled"] == 19
+            page = client.get(f"/incidents/{inc['id']}").text
+            r = client.post(f"/incidents/{inc['id']}/label", data={
+                "label": "walk", "windows": ",".join(inc["window_ids"]), "csrf": csrf_of(page)}, follow_redirects=False)
+            assert r.status_code == 303
+            assert client.get("/api/incidents").json()["incidents"] == []
+            assert [h["label"] for h in db.case(case_id)["labels"]] == ["walk", "turn", "sit"]
         out = tmp_path / "labels.csv"
-        assert export_labels(pg_url, out) == 1
-        [row] = csv.DictReader(out.open())
-        assert (row["result_id"], row["label"], row["reviewer"], row["site"]) == (case_id, "turn", "bo", "ward")
+        assert export_labels(pg_url, out) == 20
+        rows = {r["result_id"]: r for r in csv.DictReader(out.open())}
+        assert (rows[case_id]["label"], rows[case_id]["reviewer"], rows[case_id]["site"]) == ("walk", "bo", "ward")
+        assert {r["label"] for r in rows.values()} == {"walk"} and len({r["labelled_at"] for r in rows.values()}) == 1
     finally:
         stop.set()
         hub.join(timeout=30)
+
+
+def test_incidents_are_the_same_on_postgres_and_sqlite_when_two_hubs_store_at_once(pg_url, tmp_path):
+    """Incidents are grouped when asked, from the stored rows: two hub processes storing one device's windows in
+    interleaved batches, in any order, on either database, give the same incidents as the rule on the windows."""
+    from test_hub_incidents import incident_messages, stored_by_two_hubs
+
+    from edgekit.incidents import group
+
+    msgs, deferred = incident_messages()
+    found = {}
+    for name, url in (("postgres", pg_url), ("sqlite", f"sqlite:///{tmp_path / 'hub.db'}")):
+        stored_by_two_hubs(url, msgs)
+        with HubDB(url) as db:
+            got = db.incidents(status="all", now=0.0)
+            found[name] = [(i["id"], i["window_ids"], i["priority"]) for i in got["incidents"]]
+    expected = sorted((i.id, list(i.window_ids)) for i in group(deferred))
+    assert sorted((i, w) for i, w, _ in found["postgres"]) == expected
+    assert found["postgres"] == found["sqlite"]

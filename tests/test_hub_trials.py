@@ -191,9 +191,11 @@ def test_trial_page_without_turn_answer_or_signal(station):
 def test_a_deferred_trial_is_in_the_queue_and_its_case_opens_the_trial(station):
     _url, _db, client, day = station
     tid = day["deferred"].id
-    assert re.findall(r'class="case-link" href="/cases/([^"]+)"', client.get("/queue").text) == [tid]
-    r = client.get(f"/cases/{tid}", follow_redirects=False)
-    assert r.status_code == 303 and r.headers["location"] == f"/trials/{tid}"
+    # an incident of its own (one person's walk), opened on the trial's page
+    assert re.findall(r'class="incident-link trial-link" href="([^"]+)"', client.get("/queue").text) == [f"/trials/{tid}"]
+    for page in (f"/cases/{tid}", f"/incidents/{tid}"):
+        r = client.get(page, follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"] == f"/trials/{tid}"
 
 
 def test_api_trial_returns_the_page_facts(station):

@@ -5,6 +5,7 @@ gait trials page."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 import time
 
@@ -66,10 +67,14 @@ def test_every_page_and_api_route_refuses_anonymous_requests(hub):
     assert {r.path for r in routes} >= {"/", "/queue", "/fleet", "/cases/{result_id}", "/cases/{result_id}/label",
                                         "/api/cases", "/api/cases/{result_id}", "/api/cases/{result_id}/labels",
                                         "/api/fleet", "/api/me", "/logout", "/trials", "/api/trials",
-                                        "/trials/{trial_id}", "/trials/{trial_id}/label", "/api/trials/{trial_id}"}
+                                        "/trials/{trial_id}", "/trials/{trial_id}/label", "/api/trials/{trial_id}",
+                                        "/incidents/{window_id}", "/incidents/{window_id}/label", "/api/incidents",
+                                        "/api/incidents/{window_id}", "/api/incidents/{window_id}/labels",
+                                        "/fleet/settings"}
     checked = 0
     for route in routes:
-        path = route.path.replace("{result_id}", case_id).replace("{trial_id}", topics.result_id("edge-1", 21))
+        path = (route.path.replace("{result_id}", case_id).replace("{window_id}", case_id)
+                .replace("{trial_id}", topics.result_id("edge-1", 21)))
         for method in route.methods - {"HEAD"}:
             r = client.request(method, path, follow_redirects=False,
                                data={"label": "walk", "csrf": "x"} if method == "POST" and "/api/" not in path else None,
@@ -118,18 +123,20 @@ def test_queue_case_label_relabel_and_export(hub, tmp_path):
     url, db, client = hub
     login(client)
     page = client.get("/queue").text
-    ids = re.findall(r'class="case-link" href="/cases/([^"]+)"', page)
-    # Deferred only (every 5th of 20 per device), newest first.
-    assert len(ids) == 8 and ids[0] in (topics.result_id("edge-1", 20), topics.result_id("edge-2", 20))
-    assert "edge-1:000000000001" not in page
+    ids = re.findall(r'class="incident-link" href="/incidents/([^"]+)"', page)
+    # Deferred windows only (every 5th of 20 per device, 8 s apart in sensor time): one incident per device,
+    # named by its first window.
+    assert sorted(ids) == [topics.result_id("edge-1", 5), topics.result_id("edge-2", 5)]
+    assert "<b>2</b> incidents waiting" in page and "(8 deferred windows without a label)" in page
     lab = client.get("/queue", params={"site": "lab"}).text
-    assert set(re.findall(r'href="/cases/([^"]+)"', lab)) == {topics.result_id("edge-1", s) for s in (5, 10, 15, 20)}
-    assert client.get("/queue", params={"reason": "ood"}).text.count('class="case-link"') == 0
-    assert client.get("/queue", params={"reason": "disagreement"}).text.count('class="case-link"') == 8
+    assert re.findall(r'href="/incidents/([^"]+)"', lab) == [topics.result_id("edge-1", 5)]
+    assert client.get("/queue", params={"reason": "ood"}).text.count('class="incident-link"') == 0
+    assert client.get("/queue", params={"reason": "disagreement"}).text.count('class="incident-link"') == 2
 
     case_id = topics.result_id("edge-1", 10)
     page = client.get(f"/cases/{case_id}").text
-    assert "<svg" in page and page.count("<polyline") == 3 and "acc_x" in page and "gyro_z" in page
+    # the wide plot and the phone's, three channels each
+    assert "<svg" in page and page.count("<polyline") == 6 and "acc_x" in page and "gyro_z" in page
     assert "low_confidence" in page and "disagreement" in page and "cadence_hz" in page
     assert re.search(r"min_confidence|≥ 0\.600", page) and "fail" in page
     # Forged CSRF: refused and nothing stored.
@@ -159,14 +166,21 @@ def test_queue_case_label_relabel_and_export(hub, tmp_path):
     out = tmp_path / "labels.csv"
     assert export_labels(url, out) == 2
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0])[:10] == ["result_id", "device", "site", "label", "reviewer", "labelled_at", "note",
-                                  "model_label", "reasons", "attribution"]
-    assert list(rows[0])[10:] == ["acc_rms", "gyro_rms", "cadence_hz"]
+    assert list(rows[0])[:14] == ["result_id", "device", "site", "label", "reviewer", "labelled_at", "note",
+                                  "model_label", "reasons", "attribution", "incident_id", "window_start_s",
+                                  "window_end_s", "window"]
+    assert list(rows[0])[14:] == ["acc_rms", "gyro_rms", "cadence_hz"]
     by_id = {r["result_id"]: r for r in rows}
     assert by_id[case_id]["label"] == "sit" and by_id[case_id]["note"] == "second look"
     assert by_id[case_id]["reviewer"] == "ana" and by_id[case_id]["model_label"] == "walk"
     assert by_id[case_id]["reasons"] == "low_confidence;disagreement"
     assert float(by_id[case_id]["acc_rms"]) == pytest.approx(1.10)
+    # issue 15: its incident (edge-1's deferred windows 8 s apart: one, named by its first window), its sensor
+    # times, and its signal as rows of channel values (the raw window: 128 points, three channels)
+    assert by_id[case_id]["incident_id"] == topics.result_id("edge-1", 5)
+    assert (float(by_id[case_id]["window_start_s"]), float(by_id[case_id]["window_end_s"])) == (20.0, 22.0)
+    window = json.loads(by_id[case_id]["window"])
+    assert len(window) == 128 and all(len(row) == 3 for row in window)
     assert by_id[other_id]["label"] == "stumble" and by_id[other_id]["site"] == "ward"
 
 

@@ -23,7 +23,7 @@ import sqlalchemy as sa
 
 from edgekit.errors import ConfigError, TransportError
 from edgekit.hub.auth import hash_password
-from edgekit.hub.db import HubDB
+from edgekit.hub.db import HubDB, signal_window
 
 if TYPE_CHECKING:
     from edgekit.hub.ingest import Ingest
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 DAY_S = 86400.0
 RETENTION_EVERY_S = 3600.0  # a running hub applies --retention-days at start and then this often
 EXPORT_COLUMNS = ("result_id", "device", "site", "label", "reviewer", "labelled_at", "note", "model_label",
-                  "reasons", "attribution")
+                  "reasons", "attribution", "incident_id", "window_start_s", "window_end_s", "window")
 
 
 def parse_http(http: str) -> tuple[str, int]:
@@ -165,6 +165,7 @@ def export_labels(db_url: str, out: Path) -> int:
     with HubDB(db_url) as db:
         db.create()
         rows = list(db.labelled())
+        incident_of = db.incident_ids()  # issue 15: the incident each window was labelled in, and its raw window
     names: dict[str, None] = {}
     for r in rows:
         names.update(dict.fromkeys(r["features"]))
@@ -177,9 +178,15 @@ def export_labels(db_url: str, out: Path) -> int:
             at = datetime.fromtimestamp(r["labelled_at"], timezone.utc).isoformat(timespec="seconds")
             writer.writerow([r["id"], r["device"], r["site"], r["review_label"], r["reviewer"], at, r["note"],
                              r["label"] or "", ";".join(r["reasons"]), _attribution_cell(r["attribution"]),
+                             incident_of.get(r["id"], ""), _cell(r["window_start_s"]), _cell(r["window_end_s"]),
+                             signal_window(r["signal"]),
                              *(r["features"].get(n, "") for n in names)])
     log.info("hub.labels_exported rows=%d path=%s", len(rows), out)
     return len(rows)
+
+
+def _cell(value: float | None) -> str:
+    return "" if value is None else repr(float(value))
 
 
 def _attribution_cell(stored: str | None) -> str:

@@ -13,7 +13,7 @@ import logging
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,6 +23,7 @@ import orjson
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 
+from edgekit import incidents as incidents_mod
 from edgekit import topics
 from edgekit.contract.messages import Result, Review, Trial
 from edgekit.errors import ConfigError, DataError
@@ -55,6 +56,7 @@ results = sa.Table(
     sa.Column("replayed", sa.Boolean, nullable=False),
     sa.Column("received_at", sa.Float, nullable=False),
     sa.Column("attribution", sa.Text),  # JSON {channel or feature: share}; added after the table (ADDED_COLUMNS)
+    sa.Column("percentiles", sa.Text),  # JSON {feature: 0-100} from the review; added after the table (issue 15)
     sa.Index("ix_edgekit_results_decision_ts", "decision", "ts"),
     sa.Index("ix_edgekit_results_device", "site", "device"),
 )
@@ -145,7 +147,6 @@ deployment_devices = sa.Table(
 )
 
 
-
 # Columns added after their table was first made: (table, column, SQL type, index name or None). HubDB.create
 # adds each to a database made before it.
 ADDED_COLUMNS = (
@@ -153,6 +154,7 @@ ADDED_COLUMNS = (
     (results, "attribution", "TEXT", None),  # issue 14: an ood deferral's make-up (JSON)
     (devices, "signature", "VARCHAR(16)", None),  # issue 16: whether the device checks its bundle's signature
     (devices, "rollout", "TEXT", None),  # issue 16: the device's model rollout (JSON messages.Rollout)
+    (results, "percentiles", "TEXT", None),  # issue 15: a review's features in the training population (JSON)
 )
 
 
@@ -225,7 +227,7 @@ def result_row(msg: Result, now: float) -> dict[str, Any]:
         "second_opinion": _dumps(None if second is None else {"label": second.label, "probs": second.probs}),
         "scores": _dumps(msg.scores), "thresholds": _dumps(msg.thresholds), "features": None, "signal": None,
         "replayed": msg.replayed, "received_at": now,
-        "attribution": None if msg.attribution is None else _dumps(msg.attribution),
+        "attribution": None if msg.attribution is None else _dumps(msg.attribution), "percentiles": None,
     }
 
 
@@ -234,6 +236,7 @@ def review_row(msg: Review, now: float) -> dict[str, Any]:
     row = result_row(msg.result, now)
     row["features"] = _dumps(msg.features)
     row["signal"] = _dumps(msg.to_obj()["signal"])
+    row["percentiles"] = None if msg.percentiles is None else _dumps(msg.percentiles)
     return row
 
 
@@ -261,6 +264,7 @@ def trial_result_row(msg: Trial, now: float) -> dict[str, Any] | None:
         "second_opinion": _dumps(None), "scores": _dumps(a.scores), "thresholds": _dumps({}),
         "features": _dumps(a.features), "signal": None if msg.signal is None else _dumps(msg.signal.to_obj()),
         "replayed": msg.replayed, "received_at": now, "attribution": None,
+        "percentiles": _dumps(a.percentiles) if a.percentiles else None,
     }
 
 
@@ -305,7 +309,8 @@ class HubDB:
             "results": new.on_conflict_do_nothing(index_elements=["id"]),
             # A review merges into its result's row (whichever came first); a repeated review changes nothing.
             "reviews": new.on_conflict_do_update(
-                index_elements=["id"], set_={"features": new.excluded.features, "signal": new.excluded.signal},
+                index_elements=["id"], set_={"features": new.excluded.features, "signal": new.excluded.signal,
+                                             "percentiles": new.excluded.percentiles},
                 where=results.c.features.is_(None)),
             "trials": self._insert(trials).values({c.name: sa.bindparam(c.name) for c in trials.columns})
             .on_conflict_do_nothing(index_elements=["id"]),
@@ -478,7 +483,8 @@ class HubDB:
             history = conn.execute(sa.select(labels).where(labels.c.result_id == result_id)
                                    .order_by(labels.c.labelled_at.desc(), labels.c.id.desc())).all()
         case = dict(row._mapping)
-        for key in ("probs", "second_opinion", "scores", "thresholds", "features", "signal", "attribution"):
+        for key in ("probs", "second_opinion", "scores", "thresholds", "features", "signal", "attribution",
+                    "percentiles"):
             case[key] = _loads(case[key])
         case["reasons"] = _reasons(case["reasons"])
         case["labels"] = [dict(h._mapping) for h in history]
@@ -496,6 +502,176 @@ class HubDB:
             return conn.execute(labels.insert().values(
                 result_id=result_id, label=label.strip(), reviewer=reviewer, note=note.strip(),
                 labelled_at=time.time() if at is None else at).returning(labels.c.id)).scalar_one()
+
+    # --- incidents (issue 15): deferred windows grouped at query time by edgekit/incidents.py ----------
+    # Grouped when asked, from the stored rows alone: every hub process and both databases give the same
+    # incidents for the same rows, and nothing needs updating when a late window joins or bridges two.
+
+    def deferred_windows(self, *, site: str | None = None, device: str | None = None,
+                         ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Deferred results that a person reviews (incidents.for_review: not those deferred only while the
+        device learned its baseline), each with decoded scores and thresholds, its latest label
+        (review_label, reviewer, labelled_at) and whether its review arrived; by site, device and start."""
+        latest = _latest_labels()
+        q = (sa.select(results.c.id, results.c.site, results.c.device, results.c.ts, results.c.window_start_s,
+                       results.c.window_end_s, results.c.label, results.c.confidence, results.c.reasons,
+                       results.c.scores, results.c.thresholds, results.c.received_at, results.c.model_version,
+                       results.c.features.is_not(None).label("has_review"), trials.c.id.is_not(None).label("trial"),
+                       latest.c.label.label("review_label"), latest.c.reviewer, latest.c.labelled_at)
+             .select_from(results.outerjoin(latest, latest.c.result_id == results.c.id)
+                          .outerjoin(trials, trials.c.id == results.c.id))
+             .where(results.c.decision == "defer"))
+        if site:
+            q = q.where(results.c.site == site)
+        if device:
+            q = q.where(results.c.device == device)
+        if ids is not None:
+            q = q.where(results.c.id.in_(list(ids)))
+        q = q.order_by(results.c.site, results.c.device, results.c.window_start_s, results.c.id)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+        out = []
+        for r in rows:
+            r["reasons"] = _reasons(r["reasons"])
+            if not incidents_mod.for_review(r["reasons"]):
+                continue
+            r["scores"], r["thresholds"] = _loads(r["scores"]) or {}, _loads(r["thresholds"]) or {}
+            r["has_review"], r["trial"] = bool(r["has_review"]), bool(r["trial"])
+            out.append(r)
+        return out
+
+    def incidents(self, *, site: str | None = None, device: str | None = None, reason: str | None = None,
+                  status: str = "unlabelled", gap_s: float | None = None,
+                  now: float | None = None) -> dict[str, Any]:
+        """The queue: incidents (edgekit/incidents.py `group` at `gap_s`, default the hub's setting) highest
+        priority first, each with its windows' labels counted; kept when one of its windows gave `reason`
+        and by `status` (unlabelled: some window has no label yet; labelled: every window has one; all).
+        `totals`: incidents and windows waiting (unlabelled) over every incident of the site and device
+        filters, and incidents and windows in all."""
+        now = time.time() if now is None else now
+        gap = self.incident_gap_s() if gap_s is None else gap_s
+        rows = self.deferred_windows(site=site, device=device)
+        by_id = {r["id"]: r for r in rows}
+        found = incidents_mod.ranked(incidents_mod.group((_deferred(r) for r in rows), gap), now)
+        out, waiting, waiting_windows = [], 0, 0
+        for inc in found:
+            view = _incident_view(inc, [by_id[i] for i in inc.window_ids], now)
+            if view["unlabelled"]:
+                waiting += 1
+                waiting_windows += view["unlabelled"]
+            if reason and not any(reason == r or reason == incidents_mod.reason_kind(r) for r in inc.reasons):
+                continue
+            if (status == "unlabelled" and not view["unlabelled"]) or (status == "labelled" and view["unlabelled"]):
+                continue
+            out.append(view)
+        return {"incidents": out, "gap_s": gap,
+                "totals": {"incidents": len(found), "windows": len(rows), "waiting": waiting,
+                           "waiting_windows": waiting_windows}}
+
+    def incident(self, window_id: str, gap_s: float | None = None, now: float | None = None) -> dict[str, Any] | None:
+        """The incident holding the deferred window `window_id` (found by any of its windows: an incident's
+        id is its first window's, which a late earlier window changes), with every window's row in sensor
+        time order (`members`: HubDB.deferred_windows' rows, plus signal, features, percentiles and
+        attribution). None when `window_id` is no deferred window for review."""
+        now = time.time() if now is None else now
+        with self.engine.connect() as conn:
+            where = conn.execute(sa.select(results.c.site, results.c.device)
+                                 .where(results.c.id == window_id)).first()
+        if where is None:
+            return None
+        gap = self.incident_gap_s() if gap_s is None else gap_s
+        rows = self.deferred_windows(site=where.site, device=where.device)
+        by_id = {r["id"]: r for r in rows}
+        found = next((inc for inc in incidents_mod.group((_deferred(r) for r in rows), gap)
+                      if window_id in inc.window_ids), None)
+        if found is None:
+            return None
+        members = [by_id[i] for i in found.window_ids]
+        extra = {}
+        with self.engine.connect() as conn:
+            for chunk in range(0, len(members), 500):
+                ids = [m["id"] for m in members[chunk:chunk + 500]]
+                for r in conn.execute(sa.select(results.c.id, results.c.signal, results.c.features,
+                                                results.c.percentiles, results.c.attribution, results.c.probs)
+                                      .where(results.c.id.in_(ids))):
+                    extra[r.id] = {k: _loads(v) for k, v in r._mapping.items() if k != "id"}
+        for m in members:
+            m.update(extra.get(m["id"], {}))
+        return {**_incident_view(found, members, now), "gap_s": gap, "members": members}
+
+    def incident_ids(self) -> dict[str, str]:
+        """Each deferred window a person reviews -> the id of its incident (at the hub's gap), for export."""
+        found = incidents_mod.group((_deferred(r) for r in self.deferred_windows()), self.incident_gap_s())
+        return {w: inc.id for inc in found for w in inc.window_ids}
+
+    def add_labels(self, result_ids: Sequence[str], label: str, reviewer: str, note: str = "",
+                   at: float | None = None) -> int:
+        """One label for many windows (an incident's), in one transaction: every window gets its own label
+        row with the same reviewer and time, so each carries who and when and can be relabelled alone.
+        DataError (nothing stored) when the label is empty or a window is no deferred result. Returns the
+        number of windows labelled."""
+        if not label.strip():
+            raise DataError("label must not be empty", where="incident")
+        ids = list(dict.fromkeys(result_ids))
+        if not ids:
+            raise DataError("no windows to label", where="incident")
+        when = time.time() if at is None else at
+        with self.engine.begin() as conn:
+            found: set[str] = set()
+            for chunk in range(0, len(ids), 500):
+                found.update(conn.execute(sa.select(results.c.id).where(
+                    results.c.id.in_(ids[chunk:chunk + 500]), results.c.decision == "defer")).scalars())
+            missing = [i for i in ids if i not in found]
+            if missing:
+                raise DataError(f"no such deferred result: {missing[0]}"
+                                f"{f' (and {len(missing) - 1} more)' if len(missing) > 1 else ''}",
+                                where=f"incident {ids[0]}")
+            conn.execute(labels.insert(), [{"result_id": i, "label": label.strip(), "reviewer": reviewer,
+                                            "note": note.strip(), "labelled_at": when} for i in ids])
+        return len(ids)
+
+    def deferral_rates(self, hours: int = 24) -> list[dict[str, Any]]:
+        """Per device, windows and deferred windows (for review) per hour of sensor time over the last
+        `hours` hours before its newest window, newest hour first: {site, device, hours: [{hour_s, windows,
+        deferred}]}. Sensor time: a replayed recording's hours are its own."""
+        hour = (sa.func.floor(results.c.window_end_s / 3600.0) if self.dialect == "postgresql"
+                else sa.cast(results.c.window_end_s / 3600.0, sa.BigInteger))  # SQLite: positive times, cast floors
+        review = sa.and_(results.c.decision == "defer", results.c.reasons != ",commissioning,")
+        newest = (sa.select(results.c.site, results.c.device, sa.func.max(results.c.window_end_s).label("newest"))
+                  .group_by(results.c.site, results.c.device).subquery())
+        q = (sa.select(results.c.site, results.c.device, hour.label("hour"), sa.func.count().label("windows"),
+                       sa.func.sum(sa.case((review, 1), else_=0)).label("deferred"))
+             .join(newest, sa.and_(newest.c.site == results.c.site, newest.c.device == results.c.device))
+             .where(results.c.window_end_s.is_not(None), results.c.window_end_s >= 0,
+                    results.c.window_end_s > newest.c.newest - hours * 3600.0)
+             .group_by(results.c.site, results.c.device, hour))
+        with self.engine.connect() as conn:
+            rows = conn.execute(q).all()
+        out: dict[tuple[str, str], list[dict[str, Any]]] = {}
+        for r in rows:
+            out.setdefault((r.site, r.device), []).append(
+                {"hour_s": float(r.hour) * 3600.0, "windows": int(r.windows), "deferred": int(r.deferred or 0)})
+        return [{"site": k[0], "device": k[1], "hours": sorted(v, key=lambda h: -h["hour_s"])}
+                for k, v in sorted(out.items())]
+
+    def setting(self, key: str) -> str | None:
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(settings.c.value).where(settings.c.key == key)).scalar_one_or_none()
+
+    def set_setting(self, key: str, value: str) -> None:
+        stmt = self._insert(settings).values(key=key, value=value)
+        with self.engine.begin() as conn:
+            conn.execute(stmt.on_conflict_do_update(index_elements=["key"], set_={"value": value}))
+
+    def incident_gap_s(self) -> float:
+        """The operator's gap between windows of one incident (setting `incident_gap_s`), else the default."""
+        value = self.setting(INCIDENT_GAP_KEY)
+        return incidents_mod.DEFAULT_GAP_S if value is None else float(value)
+
+    def deferral_budget_per_h(self) -> float | None:
+        """The operator's deferral budget: deferred windows per device and hour (None: not set)."""
+        value = self.setting(BUDGET_KEY)
+        return float(value) if value else None  # '' when the operator cleared it
 
     def labelled(self) -> Iterable[dict[str, Any]]:
         """Each labelled result with its latest label, oldest label first (for export)."""
@@ -735,3 +911,50 @@ def _latest_labels() -> sa.Subquery:
         partition_by=labels.c.result_id, order_by=(labels.c.labelled_at.desc(), labels.c.id.desc()),
     ).label("rank")).subquery()
     return sa.select(ranked).where(ranked.c.rank == 1).subquery()
+
+
+INCIDENT_GAP_KEY = "incident_gap_s"  # settings keys the operator sets on /settings (issue 15)
+BUDGET_KEY = "deferral_budget_per_h"
+
+
+def _deferred(row: dict[str, Any]) -> incidents_mod.Deferred:
+    """A deferred row for incidents.group; a screening trial's answer is an incident of its own."""
+    return incidents_mod.Deferred(row["id"], row["site"], row["device"], row["window_start_s"], row["window_end_s"],
+                                  tuple(row["reasons"]), row["scores"], row["thresholds"], row["received_at"],
+                                  alone=row["trial"])
+
+
+def _incident_view(inc: incidents_mod.Incident, members: list[dict[str, Any]], now: float) -> dict[str, Any]:
+    """An incident as the queue and the incident page show it: the grouping's facts, its priority and the
+    terms behind it, and its windows' labels (count per label; unlabelled windows) and model labels."""
+    labelled = [m["review_label"] for m in members if m["review_label"] is not None]
+    counts: dict[str, int] = {}
+    for label in labelled:
+        counts[label] = counts.get(label, 0) + 1
+    said: dict[str, int] = {}
+    for m in members:
+        key = m["label"] or "-"
+        said[key] = said.get(key, 0) + 1
+    last = max(members, key=lambda m: (m["labelled_at"] or 0.0)) if labelled else None
+    return {
+        "id": inc.id, "site": inc.site, "device": inc.device, "start_s": inc.start_s, "end_s": inc.end_s,
+        "windows": inc.windows, "window_ids": list(inc.window_ids), "reasons": inc.reasons, "worst": inc.worst,
+        "thresholds": inc.thresholds, "severity": inc.severity, "risk": inc.risk, "age": inc.age(now),
+        "priority": inc.priority(now), "last_received": inc.last_received,
+        "unlabelled": inc.windows - len(labelled), "labels": counts, "model_labels": said,
+        "has_review": all(m["has_review"] for m in members), "trial": any(m["trial"] for m in members),
+        "model_version": members[0]["model_version"],
+        "last_label": None if last is None else {"label": last["review_label"], "reviewer": last["reviewer"],
+                                                 "labelled_at": last["labelled_at"]},
+    }
+
+
+def signal_window(stored: str | None) -> str:
+    """A stored review signal as the labels export's `window` cell: JSON, one row per point of the channels'
+    values (what `edgekit train --extra-labels` reads for a window model: the raw window when the agent sent
+    every sample, gate.downsample_points >= the window's size); '' without a signal."""
+    signal = _loads(stored)
+    points = (signal or {}).get("points") or []
+    if not points or not all(isinstance(ch, list) and len(ch) == len(points[0]) for ch in points):
+        return ""
+    return _dumps([list(row) for row in zip(*points)])

@@ -32,7 +32,7 @@ from edgekit.gate import REASON_TEXT
 from edgekit.hub import deploy as deploy_mod
 from edgekit.hub import observe
 from edgekit.hub.auth import csrf_ok, new_csrf_token, verify_password
-from edgekit.hub.db import HubDB
+from edgekit.hub.db import BUDGET_KEY, INCIDENT_GAP_KEY, HubDB
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,22 @@ def render(request: Request, template: str, user: str | None, status_code: int =
         request, template, {"user": user, "csrf": _csrf(request), **context}, status_code=status_code)
 
 
+def _label_incident(db: HubDB, window_id: str, ids: list[str], label: str, user: str, note: str) -> int:
+    """Label the windows `ids` of the incident holding `window_id` (each must be one of its windows)."""
+    found = db.incident(window_id)
+    if found is None:
+        raise HTTPException(404, f"no incident holds {window_id}")
+    outside = [i for i in ids if i not in set(found["window_ids"])]
+    if not ids or outside:
+        raise HTTPException(400, f"not windows of this incident: {outside[:3] or 'none given'}")
+    try:
+        n = db.add_labels(ids, label, user, note)
+    except DataError as exc:
+        raise HTTPException(400, str(exc)) from None
+    log.info("hub.incident_labelled incident=%s windows=%d label=%s reviewer=%s", found["id"], n, label, user)
+    return n
+
+
 def _label(db: HubDB, result_id: str, label: str, user: str, note: str) -> int:
     """Store a reviewer's label (the case page's form and the API); HTTP 404/400 when the database refuses."""
     try:
@@ -191,14 +207,55 @@ def home(user: str = Depends(page_user)) -> Response:
 @review.get("/queue", response_class=HTMLResponse)
 def queue_page(request: Request, site: str = "", device: str = "", reason: str = "", status: str = "unlabelled",
                offset: int = 0, user: str = Depends(page_user)) -> HTMLResponse:
+    """Incidents (edgekit/incidents.py), highest priority first, with the totals waiting."""
     status = status if status in ("unlabelled", "labelled", "all") else "unlabelled"
     offset = max(offset, 0)
     db = _db(request)
-    cases = db.cases(site=site or None, device=device or None, reason=reason or None, status=status,
-                     limit=PAGE_SIZE + 1, offset=offset)
+    found = db.incidents(site=site or None, device=device or None, reason=reason or None, status=status)
+    shown = found["incidents"][offset:offset + PAGE_SIZE]
+    for inc in shown:
+        inc["reason_words"] = [{"reason": r, "text": reason_text(r), "windows": n} for r, n in inc["reasons"].items()]
     filters = {"site": site, "device": device, "reason": reason, "status": status}
-    return render(request, "queue.html", user, cases=cases[:PAGE_SIZE], facets=db.facets(), filters=filters,
-                  offset=offset, page_size=PAGE_SIZE, **_pages(filters, offset, len(cases) > PAGE_SIZE))
+    return render(request, "queue.html", user, incidents=shown, totals=found["totals"], gap_s=found["gap_s"],
+                  matching=len(found["incidents"]), facets=db.facets(), filters=filters, offset=offset,
+                  page_size=PAGE_SIZE, **_pages(filters, offset, len(found["incidents"]) > offset + PAGE_SIZE))
+
+
+@review.get("/incidents/{window_id}", response_class=HTMLResponse)
+def incident_page(request: Request, window_id: str, saved: int = 0, user: str = Depends(page_user)) -> Response:
+    """One incident, found by any of its windows' ids; labelled as a whole (every window it shows)."""
+    db = _db(request)
+    found = db.incident(window_id)
+    if found is None:
+        return render(request, "missing.html", user, 404, result_id=window_id)
+    if found["trial"]:  # a screening trial's answer: its own page shows the trial around it
+        return RedirectResponse(f"/trials/{quote(found['id'], safe=':@')}", status_code=303)
+    if found["id"] != window_id and not saved:  # one address per incident: its first window's
+        return RedirectResponse(f"/incidents/{quote(found['id'], safe=':@')}", status_code=303)
+    view = incident_view(found)
+    waiting = [i for i in db.incidents(status="unlabelled")["incidents"] if i["id"] != found["id"]]
+    span = (view["start_s"], view["end_s"])
+    return render(request, "incident.html", user, inc=view, saved=bool(saved),
+                  plot=signal_svg(view["signal"], span, svg_id="incident-signal", times=view["signal_times"]),
+                  plot_narrow=signal_svg(view["signal"], span, NARROW_W, NARROW_STRIP_H,
+                                         svg_id="incident-signal-narrow", times=view["signal_times"]),
+                  next_incident=waiting[0]["id"] if waiting else None)
+
+
+@review.post("/incidents/{window_id}/label")
+def incident_label_form(request: Request, window_id: str, label: str = Form(""), other: str = Form(""),
+                        note: str = Form(""), windows: str = Form(""), csrf: str = Form(""),
+                        user: str = Depends(page_user)) -> Response:
+    """The label for every window the page showed (`windows`, the ids it listed: a window that joined the
+    incident since is not labelled unseen)."""
+    if not csrf_ok(request.session.get("csrf"), csrf):
+        raise HTTPException(403, "bad CSRF token")
+    chosen = (other.strip() if label == "__other__" else label.strip())[:128]
+    if not chosen:
+        raise HTTPException(400, "choose a label or type one")
+    ids = [i for i in windows.split(",") if i]
+    _label_incident(_db(request), window_id, ids, chosen, user, note[:2000])
+    return RedirectResponse(f"/incidents/{quote(window_id, safe=':@')}?saved=1", status_code=303)
 
 
 @review.get("/cases/{result_id}", response_class=HTMLResponse)
@@ -210,12 +267,19 @@ def case_page(request: Request, result_id: str, saved: int = 0, user: str = Depe
     if case is None:
         return render(request, "missing.html", user, 404, result_id=result_id)
     nxt = [c for c in db.cases(status="unlabelled", limit=2) if c["id"] != result_id]
+    incident = db.incident(result_id) if case["decision"] == "defer" else None
+    span = (case["window_start_s"], case["window_end_s"])
     return render(request, "case.html", user, case=case, saved=bool(saved),
-                  plot=signal_svg(case["signal"], (case["window_start_s"], case["window_end_s"])),
+                  plot=signal_svg(case["signal"], span),
+                  plot_narrow=signal_svg(case["signal"], span, NARROW_W, NARROW_STRIP_H),
                   gate=gate_rows(case["scores"], case["thresholds"]),
                   outputs=model_outputs(case), choices=label_choices(case),
                   current=case["labels"][0]["label"] if case["labels"] else None,
-                  next_case=nxt[0]["id"] if nxt else None)
+                  next_case=nxt[0]["id"] if nxt else None,
+                  reasons=[{"reason": r, "text": reason_text(r)} for r in case["reasons"]],
+                  attribution=attribution_rows(case["attribution"]),
+                  features=feature_rows(case["features"], case["percentiles"], case["signal"]),
+                  incident=None if incident is None else {"id": incident["id"], "windows": incident["windows"]})
 
 
 @review.post("/cases/{result_id}/label")
@@ -236,9 +300,36 @@ fleet = APIRouter()
 
 
 @fleet.get("/fleet", response_class=HTMLResponse)
-def fleet_page(request: Request, user: str = Depends(page_user)) -> HTMLResponse:
+def fleet_page(request: Request, saved: int = 0, user: str = Depends(page_user)) -> HTMLResponse:
     db = _db(request)
-    return render(request, "fleet.html", user, devices=db.fleet(), now=time.time(), rollouts=deploy_mod.summaries(db))
+    budget = db.deferral_budget_per_h()
+    return render(request, "fleet.html", user, devices=fleet_rows(db.fleet(), db.deferral_rates(), budget),
+                  now=time.time(), budget=budget, gap_s=db.incident_gap_s(), saved=bool(saved),
+                  rollouts=deploy_mod.summaries(db))
+
+
+@fleet.post("/fleet/settings")
+def fleet_settings(request: Request, budget: str = Form(""), gap_s: str = Form(""), csrf: str = Form(""),
+                   user: str = Depends(page_user)) -> Response:
+    """The operator's deferral budget (deferred windows per device and hour; empty: none) and incident gap."""
+    if not csrf_ok(request.session.get("csrf"), csrf):
+        raise HTTPException(403, "bad CSRF token")
+    db = _db(request)
+    for key, text, empty_ok in ((BUDGET_KEY, budget, True), (INCIDENT_GAP_KEY, gap_s, False)):
+        text = text.strip()
+        if not text:
+            if empty_ok:
+                db.set_setting(key, "")
+            continue
+        try:
+            value = float(text)
+        except ValueError:
+            raise HTTPException(400, f"{key} must be a number (got {text[:40]!r})") from None
+        if not (math.isfinite(value) and 0 <= value <= 1e7):
+            raise HTTPException(400, f"{key} must be from 0 to 10,000,000 (got {text[:40]!r})")
+        db.set_setting(key, repr(value))
+    log.info("hub.settings budget=%s gap_s=%s by=%s", budget.strip() or "none", gap_s.strip() or "unchanged", user)
+    return RedirectResponse("/fleet?saved=1", status_code=303)
 
 
 # --- trials: /trials, /trials/{id} and its label form -------------------------------------------------
@@ -320,9 +411,46 @@ def api_label(request: Request, result_id: str, body: LabelIn, user: str = Depen
                         status_code=201)
 
 
+@api.get("/incidents")
+def api_incidents(request: Request, site: str | None = None, device: str | None = None, reason: str | None = None,
+                  status: str = "unlabelled", user: str = Depends(api_user)) -> dict[str, Any]:
+    """The queue as data: incidents highest priority first, the totals waiting and the gap used."""
+    if status not in ("unlabelled", "labelled", "all"):
+        raise HTTPException(422, "status must be unlabelled, labelled or all")
+    return _db(request).incidents(site=site, device=device, reason=reason, status=status)
+
+
+@api.get("/incidents/{window_id}")
+def api_incident(request: Request, window_id: str, user: str = Depends(api_user)) -> dict[str, Any]:
+    found = _db(request).incident(window_id)
+    if found is None:
+        raise HTTPException(404, f"no incident holds {window_id}")
+    view = incident_view(found)
+    return {k: v for k, v in view.items() if k != "members"} | {
+        "members": [{k: m.get(k) for k in ("id", "window_start_s", "window_end_s", "reasons", "label", "review_label",
+                                            "reviewer", "labelled_at")} for m in found["members"]]}
+
+
+class IncidentLabelIn(LabelIn):
+    windows: list[str] = Field(min_length=1, max_length=100_000)
+
+
+@api.post("/incidents/{window_id}/labels", status_code=201)
+def api_incident_label(request: Request, window_id: str, body: IncidentLabelIn,
+                       user: str = Depends(api_user)) -> JSONResponse:
+    if not csrf_ok(request.session.get("csrf"), request.headers.get("x-csrf-token")):
+        raise HTTPException(403, "bad or missing X-CSRF-Token header")
+    n = _label_incident(_db(request), window_id, body.windows, body.label.strip(), user, body.note)
+    return JSONResponse({"incident": window_id, "labelled": n, "label": body.label.strip(), "reviewer": user},
+                        status_code=201)
+
+
 @api.get("/fleet")
 def api_fleet(request: Request, user: str = Depends(api_user)) -> dict[str, Any]:
-    return {"devices": _db(request).fleet(), "now": time.time()}
+    db = _db(request)
+    budget = db.deferral_budget_per_h()
+    return {"devices": fleet_rows(db.fleet(), db.deferral_rates(), budget), "budget_per_h": budget,
+            "now": time.time()}
 
 
 @api.get("/trials")
@@ -408,6 +536,7 @@ def create_app(db: HubDB, *, secure_cookies: bool = False, watch: observe.HubWat
     app.middleware("http")(_headers)
     templates = Jinja2Templates(directory=HERE / "templates")
     templates.env.filters.update(when=fmt_time, ago=fmt_ago, num=fmt_num, pathq=lambda s: quote(str(s), safe=":@"),
+                                 sensor=fmt_sensor_time, span=fmt_sensor_span, duration=fmt_duration,
                                  reason_text=reason_text, short_pseudonym=short_pseudonym, pct=fmt_pct, sig=fmt_sig,
                                  not_scored_text=lambda s: (not_scored_view(s) or {}).get("text", ""))
     app.state.db = db
@@ -506,6 +635,180 @@ def reason_text(reason: str) -> str:
     this hub does not know it."""
     words = REASON_TEXT.get(reason.partition(":")[0])
     return reason if words is None else words[:1].upper() + words[1:] + "."
+
+
+# Sensor times at or past this (1973) are seconds since 1970: a date (a replayed ISO recording, a gateway's
+# clock); smaller ones are a device's own clock from its start, shown as seconds.
+SENSOR_EPOCH_MIN_S = 1e8
+# A phone's plot: drawn again at this viewBox width (the page shows one of the two by its width), so its
+# text stays readable at 390 px where the wide one would shrink to a third.
+NARROW_W, NARROW_STRIP_H = 400, 64
+MAX_INCIDENT_POINTS = 600  # per channel on an incident's plot (a long incident's windows are averaged down)
+# A window feature's statistic (edgekit/features.py, `<channel>.<stat>`) in words, and whether it carries the
+# channel's unit ("/s": per second).
+STAT_TEXT = {"mean": ("mean", ""), "std": ("standard deviation", ""), "min": ("minimum", ""),
+             "max": ("maximum", ""), "ptp": ("peak to peak", ""), "rms": ("RMS", ""),
+             "kurtosis": ("kurtosis (peakedness)", None), "skewness": ("skewness", None),
+             "crest": ("crest factor (peak / RMS)", None), "slope": ("trend", "/s"),
+             "band_low": ("share of power, low third of the spectrum", None),
+             "band_mid": ("share of power, middle third", None), "band_high": ("share of power, high third", None)}
+
+
+def _date(t: float) -> str:
+    return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d")
+
+
+def _clock(t: float, span_s: float = 0.0) -> str:
+    fmt = "%H:%M:%S" if span_s < 2 * 86400 else "%m-%d %H:%M"
+    return datetime.fromtimestamp(t, timezone.utc).strftime(fmt)
+
+
+def fmt_sensor_time(t: Any) -> str:
+    """A sensor time as the sensor wrote it: a date and time (seconds since 1970, no time zone conversion: a
+    recording's stamps are shown as recorded), or seconds on the device's own clock."""
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        return "-"
+    if t >= SENSOR_EPOCH_MIN_S:
+        return datetime.fromtimestamp(t, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{t:.1f} s (device clock)"
+
+
+def fmt_duration(seconds: Any) -> str:
+    if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not math.isfinite(seconds):
+        return "-"
+    s = max(float(seconds), 0.0)
+    if s < 120:
+        return f"{s:.0f} s" if s >= 10 else f"{s:.1f} s"
+    if s < 7200:
+        return f"{s // 60:.0f} min {s % 60:.0f} s"
+    return f"{s / 3600:.1f} h"
+
+
+def fmt_sensor_span(start: Any, end: Any = None) -> str:
+    """`2020-03-09 10:14:33 - 10:19:01 (4 min 28 s)` in sensor time (the date once when it does not change)."""
+    first = fmt_sensor_time(start)
+    if end is None or fmt_sensor_time(end) == "-" or first == "-":
+        return first
+    last = fmt_sensor_time(end)
+    if start >= SENSOR_EPOCH_MIN_S and last[:10] == first[:10]:
+        last = last[11:]
+    elif start < SENSOR_EPOCH_MIN_S:
+        first, last = f"{start:.1f}", f"{end:.1f} s (device clock)"
+    return f"{first} – {last} ({fmt_duration(end - start)})"
+
+
+def feature_rows(features: dict[str, Any] | None, percentiles: dict[str, Any] | None,
+                 signal: dict[str, Any] | None, top: int | None = None) -> list[dict[str, Any]]:
+    """A window's features, most unusual first (percentile furthest from 50; those without one last), each
+    with its channel, its statistic in words, its unit (the channel's, from the signal) and its percentile
+    among the training windows (None: the agent sent none). `top`: only that many."""
+    placed = percentiles or {}
+    units = dict(zip((signal or {}).get("channels") or [], (signal or {}).get("units") or []))
+    rows = []
+    for name, value in (features or {}).items():
+        channel, _, stat = name.rpartition(".")
+        words, suffix = STAT_TEXT.get(stat, (stat or name, None))
+        unit = units.get(channel, "")
+        pct = placed.get(name)
+        rows.append({"name": name, "channel": channel or None, "stat": words, "value": value,
+                     "unit": "" if suffix is None or not unit else unit + suffix, "percentile": pct,
+                     "bar_pct": None if pct is None else min(max(float(pct), 0.0), 100.0),
+                     "outside": pct is not None and (pct <= 0.5 or pct >= 99.5)})
+    rows.sort(key=lambda r: (r["percentile"] is None, -abs((r["percentile"] or 50.0) - 50.0)))
+    return rows[:top] if top else rows
+
+
+def attribution_rows(attribution: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """An ood deferral's make-up: channel or feature and its share of the autoencoder's error, largest first."""
+    items = sorted(((k, v) for k, v in (attribution or {}).items() if isinstance(v, (int, float))),
+                   key=lambda kv: -kv[1])
+    return [{"name": k, "share": float(v), "pct": 100 * min(max(float(v), 0.0), 1.0)} for k, v in items]
+
+
+def incident_signal(members: Sequence[dict[str, Any]]) -> tuple[dict[str, Any] | None, list[float]]:
+    """The incident's windows' signals on one sensor time axis: each window's points spread over its start..end,
+    a time two overlapping windows share kept once (the earlier window's), then averaged down to at most
+    MAX_INCIDENT_POINTS per channel. (signal dict with the first window's channels, units and ranges; times)"""
+    base = next((m["signal"] for m in members if m.get("signal") and m["signal"].get("points")), None)
+    if base is None:
+        return None, []
+    channels = len(base["points"])
+    at: dict[float, list[Any]] = {}
+    for m in members:
+        sig, a, b = m.get("signal"), m.get("window_start_s"), m.get("window_end_s")
+        if not sig or len(sig.get("points") or []) != channels or not isinstance(a, (int, float)) \
+                or not isinstance(b, (int, float)):
+            continue
+        n = len(sig["points"][0])
+        for i in range(n):
+            t = round(a + (b - a) * (i / (n - 1) if n > 1 else 0.5), 6)
+            if t not in at:
+                at[t] = [ch[i] if i < len(ch) else None for ch in sig["points"]]
+    times = sorted(at)
+    step = max(1, math.ceil(len(times) / MAX_INCIDENT_POINTS))
+    out_t: list[float] = []
+    out_p: list[list[Any]] = [[] for _ in range(channels)]
+    for k in range(0, len(times), step):
+        chunk = times[k:k + step]
+        out_t.append(sum(chunk) / len(chunk))
+        for c in range(channels):
+            vals = [at[t][c] for t in chunk if isinstance(at[t][c], (int, float)) and math.isfinite(at[t][c])]
+            out_p[c].append(sum(vals) / len(vals) if vals else None)
+    signal = {"channels": base.get("channels") or [], "units": base.get("units"), "ranges": base.get("ranges"),
+              "rate_hz": None, "start_s": out_t[0] if out_t else None, "points": out_p}
+    return signal, out_t
+
+
+def incident_view(found: dict[str, Any]) -> dict[str, Any]:
+    """Everything the incident page and /api/incidents/{id} show, from HubDB.incident: the priority and its
+    terms, each reason in plain words with its windows, the worst gate scores against their thresholds, the
+    signal across the incident, the attribution (mean share over its ood windows), the features of its most
+    unusual window (the highest ood score) against the training population, the label choices and the
+    windows with their labels."""
+    members = found["members"]
+    signal, times = incident_signal(members)
+    scored = [m for m in members if m.get("features")]
+    worst = max(scored, key=lambda m: (m["scores"].get("ood") or 0.0)) if scored else None
+    shares: dict[str, float] = {}
+    ood = [m for m in members if m.get("attribution")]
+    for m in ood:
+        for k, v in m["attribution"].items():
+            shares[k] = shares.get(k, 0.0) + float(v) / len(ood)
+    probs_keys: list[str] = []
+    for m in members:
+        for k in (m.get("probs") or {}):
+            if k not in probs_keys:
+                probs_keys.append(k)
+    return {
+        **{k: v for k, v in found.items() if k != "members"},
+        "reason_words": [{"reason": r, "text": reason_text(r), "windows": n} for r, n in found["reasons"].items()],
+        "gate": gate_rows(found["worst"], found["thresholds"]),
+        "signal": signal, "signal_times": times, "attribution": attribution_rows(shares), "ood_windows": len(ood),
+        "features": feature_rows(worst["features"], worst.get("percentiles"), worst.get("signal") or signal)
+        if worst else [],
+        "features_of": None if worst is None else worst["id"],
+        "choices": probs_keys, "members": members,
+    }
+
+
+def fleet_rows(devices: list[dict[str, Any]], rates: list[dict[str, Any]], budget: float | None
+               ) -> list[dict[str, Any]]:
+    """Each device with its deferral rate (deferred windows for review per hour of sensor time: its newest
+    hour, and the mean over the last 24 hours it reported) against the operator's budget; `over` when the
+    newest hour or the mean is above it. The budget is a flag for people: the gate never accepts a case to
+    meet it."""
+    by = {(r["site"], r["device"]): r["hours"] for r in rates}
+    out = []
+    for d in devices:
+        hours = by.get((d["site"], d["device"]), [])
+        last = hours[0]["deferred"] if hours else None
+        mean = sum(h["deferred"] for h in hours) / len(hours) if hours else None
+        windows = sum(h["windows"] for h in hours)
+        share = sum(h["deferred"] for h in hours) / windows if windows else None
+        over = budget is not None and any(v is not None and v > budget for v in (last, mean))
+        out.append({**d, "rate_last_h": last, "rate_mean_h": mean, "rate_hours": len(hours),
+                    "deferred_share_24h": share, "over_budget": over})
+    return out
 
 
 def short_pseudonym(value: str | None) -> str:
@@ -621,37 +924,60 @@ def trial_svg(view: dict[str, Any]) -> str:
 
 def signal_svg(signal: dict[str, Any] | None, span_s: tuple[Any, Any] | None = None, width: int = 960,
                strip_h: int = 84, *, svg_id: str | None = None, bands: Sequence[dict[str, Any]] = (),
-               ticks_s: Sequence[float] = ()) -> str:
-    """One strip per channel (own y range; channels differ in units), shared time axis in seconds.
+               ticks_s: Sequence[float] = (), times: Sequence[float] | None = None) -> str:
+    """One strip per channel (own y range; channels differ in units), shared time axis.
 
-    The time axis runs over `span_s` (the result's window) when given, else from the signal's start_s at
-    rate_hz per point (the points may be downsampled from the sensor's rate). `bands` ({name, text, start_s,
-    end_s} on that axis: a trial's phases) are shaded across every strip and named above them; `ticks_s`
-    (a trial's steps) are marked under the last strip."""
+    Each strip is titled with the channel's full name and unit (the signal's `units`) and shades the range
+    the training windows covered (its `ranges`, the bundle's envelope; the strip's y range takes it in, so a
+    reading outside it shows as outside). The time axis runs over `span_s` (the result's window or the
+    incident's span, sensor time) when given, else from the signal's start_s at rate_hz per point (the
+    points may be downsampled from the sensor's rate); `times` (one per point) places points unevenly (an
+    incident's windows, with gaps between them: the line breaks where a step is over 5x the median). Sensor
+    times past 1973 are dates: the axis shows clock times and the date. `bands` ({name, text, start_s, end_s}
+    on that axis: a trial's phases) are shaded across every strip and named above them; `ticks_s` (a trial's
+    steps) are marked under the last strip."""
     if not signal or not signal.get("points"):
         return '<p class="muted">No signal was sent with this case.</p>'
     points = [list(ch) for ch in signal["points"]]
     names = list(signal.get("channels") or [])
     names += [f"ch{i}" for i in range(len(names), len(points))]
+    units = list(signal.get("units") or [])
+    trained = list(signal.get("ranges") or [])
     n = max((len(ch) for ch in points), default=0)
     rate = float(signal.get("rate_hz") or 1.0)
     t0, duration = float(signal.get("start_s") or 0.0), max((n - 1) / rate, 1e-9)
     if span_s and all(isinstance(v, (int, float)) for v in span_s) and span_s[1] > span_s[0]:
         t0, duration = float(span_s[0]), float(span_s[1] - span_s[0])
-    frame = _Frame(left=110, top=22 if bands else 8, plot_w=width - 126, strip_h=strip_h, strips=len(points),
+    frame = _Frame(left=64, top=22 if bands else 8, plot_w=width - 64 - 36, strip_h=strip_h, strips=len(points),
                    t0=t0, duration=duration)
     height = frame.bottom + 44
     id_attr = f' id="{html.escape(svg_id)}"' if svg_id else ""
     out = [f'<svg{id_attr} class="signal" xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" '
            f'width="100%" role="img" aria-label="signal, {len(points)} channels">']
-    ranges = [_value_range(values) for values in points]
-    for c, name in enumerate(names[:len(points)]):
-        out += _strip(frame, c, str(name), ranges[c])
-    out += _time_axis(frame, len(points), n) + _bands(frame, bands) + _ticks(frame, ticks_s)  # under the lines
+    ranges = []
     for c, values in enumerate(points):
-        out += _polylines(frame, c, values, n, ranges[c])
+        band = trained[c] if c < len(trained) and isinstance(trained[c], list) and len(trained[c]) == 2 else None
+        ranges.append(_value_range(values, band))
+    xs = _xs(frame, n, times)
+    for c, name in enumerate(names[:len(points)]):
+        unit = units[c] if c < len(units) and units[c] else ""
+        band = trained[c] if c < len(trained) and isinstance(trained[c], list) and len(trained[c]) == 2 else None
+        out += _strip(frame, c, str(name), unit, ranges[c], band)
+    out += _time_axis(frame, len(points), n, bool(trained)) + _bands(frame, bands) + _ticks(frame, ticks_s)
+    for c, values in enumerate(points):
+        out += _polylines(frame, c, values, xs, ranges[c])
     out.append("</svg>")
     return "".join(out)
+
+
+def _xs(frame: _Frame, n: int, times: Sequence[float] | None) -> list[tuple[float, bool]]:
+    """Each point's (x, whether a gap comes before it): evenly over the plot, or at `times`, where a step
+    over 5x the median is a gap."""
+    if times is None or len(times) != n:
+        return [(frame.left + frame.plot_w * (i / (n - 1) if n > 1 else 0.5), False) for i in range(n)]
+    steps = sorted(b - a for a, b in zip(times, times[1:]))
+    limit = 5 * steps[len(steps) // 2] if steps else math.inf
+    return [(frame.x(t), bool(i) and t - times[i - 1] > limit) for i, t in enumerate(times)]
 
 
 @dataclass(frozen=True)
@@ -680,29 +1006,46 @@ class _Frame:
         return self.left + self.plot_w * min(max((t_s - self.t0) / self.duration, 0.0), 1.0)
 
 
-def _value_range(values: list[Any]) -> tuple[float, float]:
+def _value_range(values: list[Any], band: Sequence[Any] | None = None) -> tuple[float, float]:
     finite = [v for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
+    if band is not None:
+        finite += [float(v) for v in band if isinstance(v, (int, float)) and math.isfinite(v)]
     lo, hi = (min(finite), max(finite)) if finite else (0.0, 1.0)
     return (lo - 0.5, hi + 0.5) if hi - lo < 1e-12 else (lo, hi)
 
 
-def _strip(frame: _Frame, c: int, name: str, lo_hi: tuple[float, float]) -> list[str]:
-    y0, h, left, color = frame.strip_y(c), frame.strip_h, frame.left, PALETTE[c % len(PALETTE)]
-    return [f'<rect x="{left}" y="{y0}" width="{frame.plot_w}" height="{h}" class="strip"/>',
-            f'<text x="{left - 8}" y="{y0 + h / 2 + 4:.1f}" text-anchor="end" class="chan" fill="{color}">'
-            f'{html.escape(name)}</text>',
-            f'<text x="{left - 8}" y="{y0 + 11}" text-anchor="end" class="tick">{fmt_num(lo_hi[1])}</text>',
-            f'<text x="{left - 8}" y="{y0 + h - 2}" text-anchor="end" class="tick">{fmt_num(lo_hi[0])}</text>']
-
-
-def _polylines(frame: _Frame, c: int, values: list[Any], n: int, lo_hi: tuple[float, float]) -> list[str]:
-    """The channel's line, broken where a value is missing or not finite."""
+def _y(frame: _Frame, c: int, v: float, lo_hi: tuple[float, float]) -> float:
     (lo, hi), y0, h = lo_hi, frame.strip_y(c), frame.strip_h
+    return y0 + h - 4 - (h - 8) * (v - lo) / (hi - lo)
+
+
+def _strip(frame: _Frame, c: int, name: str, unit: str, lo_hi: tuple[float, float],
+           band: Sequence[Any] | None) -> list[str]:
+    """The strip, its training range shaded, its title (full name and unit) and its y extremes."""
+    y0, h, left, color = frame.strip_y(c), frame.strip_h, frame.left, PALETTE[c % len(PALETTE)]
+    title = f"{name} ({unit})" if unit else name
+    out = [f'<rect x="{left}" y="{y0}" width="{frame.plot_w}" height="{h}" class="strip"/>']
+    if band is not None:
+        top, bottom = _y(frame, c, float(band[1]), lo_hi), _y(frame, c, float(band[0]), lo_hi)
+        out.append(f'<rect x="{left}" y="{top:.1f}" width="{frame.plot_w}" height="{max(bottom - top, 1.0):.1f}" '
+                   f'class="train-range" data-channel="{html.escape(name)}"><title>{html.escape(name)}: the range '
+                   f'the training windows covered, {fmt_num(float(band[0]))} to {fmt_num(float(band[1]))}'
+                   f'{" " + html.escape(unit) if unit else ""}</title></rect>')
+    out += [f'<text x="{left + 6}" y="{y0 + 14}" class="chan" fill="{color}">{html.escape(title)}</text>',
+            f'<text x="{left - 6}" y="{y0 + 11}" text-anchor="end" class="tick">{fmt_num(lo_hi[1])}</text>',
+            f'<text x="{left - 6}" y="{y0 + h - 2}" text-anchor="end" class="tick">{fmt_num(lo_hi[0])}</text>']
+    return out
+
+
+def _polylines(frame: _Frame, c: int, values: list[Any], xs: list[tuple[float, bool]],
+               lo_hi: tuple[float, float]) -> list[str]:
+    """The channel's line, broken where a value is missing or not finite, or at a gap in time."""
     segments: list[list[str]] = [[]]
-    for i, v in enumerate(values):
+    for v, (x, gap) in zip(values, xs):
+        if gap and segments[-1]:
+            segments.append([])
         if isinstance(v, (int, float)) and math.isfinite(v):
-            x = frame.left + frame.plot_w * (i / (n - 1) if n > 1 else 0.5)
-            segments[-1].append(f"{x:.1f},{y0 + h - 4 - (h - 8) * (v - lo) / (hi - lo):.1f}")
+            segments[-1].append(f"{x:.1f},{_y(frame, c, v, lo_hi):.1f}")
         elif segments[-1]:
             segments.append([])
     color = PALETTE[c % len(PALETTE)]
@@ -728,13 +1071,17 @@ def _ticks(frame: _Frame, ticks_s: Sequence[float]) -> list[str]:
             for t in ticks_s if frame.t0 <= t <= frame.t0 + frame.duration]
 
 
-def _time_axis(frame: _Frame, channels: int, n: int) -> list[str]:
+def _time_axis(frame: _Frame, channels: int, n: int, shaded: bool = False) -> list[str]:
     out, axis_y = [], frame.bottom + frame.GAP
+    dated = frame.t0 >= SENSOR_EPOCH_MIN_S
     for k in range(6):
         x = frame.left + frame.plot_w * k / 5
+        t = frame.t0 + frame.duration * k / 5
+        label = _clock(t, frame.duration) if dated else f"{t:.2f}"
         out.append(f'<line x1="{x:.1f}" y1="{frame.top}" x2="{x:.1f}" y2="{frame.bottom}" class="grid"/>')
-        out.append(f'<text x="{x:.1f}" y="{axis_y + 10}" text-anchor="middle" class="tick">'
-                   f'{frame.t0 + frame.duration * k / 5:.2f}</text>')
+        out.append(f'<text x="{x:.1f}" y="{axis_y + 10}" text-anchor="middle" class="tick">{label}</text>')
+    what = (f"sensor time, {_date(frame.t0)}" if dated else "time (s)")
     out.append(f'<text x="{frame.left + frame.plot_w / 2:.1f}" y="{axis_y + 26}" text-anchor="middle" '
-               f'class="tick">time (s) · {channels} channels · {n} points</text>')
+               f'class="tick">{what} · {channels} channels · {n} points'
+               f'{" · shaded: the range training covered" if shaded else ""}</text>')
     return out
