@@ -273,6 +273,17 @@ class GateSection(Strict):
     delta: float = Field(0.1, gt=0, lt=1, description="Allowed probability that the guarantee fails.")
 
 
+class ExtraLabelsSection(Strict):
+    """What a reviewer's labels mean to this recipe (`edgekit train --extra-labels`, issue 15). A label that is
+    neither one of the recipe's labels, nor mapped, nor skipped here stops training with a list of them: a
+    typed label is never guessed."""
+
+    map: dict[str, str] = Field(default_factory=dict, description="A reviewer's label -> one of the recipe's "
+                                "labels, e.g. { \"valve closed\" = \"anomaly\" }.")
+    skip: list[str] = Field(default_factory=list, description="Reviewers' labels left out of training (counted), "
+                            "e.g. [\"sensor fault\"]: a broken sensor is no example of the machine's states.")
+
+
 class Recipe(Strict):
     """A whole recipe. Field order matters: later validators look at earlier sections."""
 
@@ -295,6 +306,20 @@ class Recipe(Strict):
     )
     splits: SplitsSection = Field(default_factory=SplitsSection, description="Train / cal / test split.")
     gate: GateSection = Field(default_factory=GateSection, description="What the gate promises.")
+    extra_labels: ExtraLabelsSection = Field(
+        default_factory=ExtraLabelsSection, description="Reviewers' labels this recipe maps or skips.")
+
+    @field_validator("extra_labels")
+    @classmethod
+    def _mapped_to_labels(cls, v: ExtraLabelsSection, info: ValidationInfo) -> ExtraLabelsSection:
+        labels = info.data.get("labels") or []
+        bad = {k: t for k, t in v.map.items() if t not in labels}
+        if bad:
+            raise ValueError(f"map sends {bad} to labels the recipe does not have (labels: {labels})")
+        both = sorted(set(v.map) & set(v.skip))
+        if both:
+            raise ValueError(f"{both} both mapped and skipped")
+        return v
 
     @field_validator("task")
     @classmethod

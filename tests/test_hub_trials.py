@@ -262,7 +262,8 @@ def test_labels_from_the_trial_page_retrain_the_table_recipe(tmp_path):
     run = train(recipe, tmp_path / "run", extra_labels=out, epochs=5, progress=False)
     meta = json.loads((run / "run.json").read_text())
     assert meta["extra_labels_added"] == len(people)
-    assert meta["extra_labels_skipped"] == {"unknown_label": {}, "unreadable_features": 0}
+    assert meta["extra_labels_skipped"] == {"unknown_label": {}, "mapped_label": {}, "skipped_label": {},
+                                            "unreadable_features": 0}
 
 
 def test_presentation_helpers():

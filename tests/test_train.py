@@ -120,20 +120,29 @@ def test_extra_labels_join_the_train_split_only(tmp_path: Path) -> None:
              for i, lab in enumerate(["no_risk", "balance_risk", "balance_risk"])]
     rows.append("r7,sensor fault," + ",".join("1" for _ in names))  # a reviewer's free-text label
     rows.append("r8,no_risk," + ",".join(["1"] * (len(names) - 1) + [""]))  # another model's case
+    rows.append("r9,fell twice," + ",".join("2" for _ in names))  # the clinic's word for balance_risk
     extra.write_text("\n".join(rows) + "\n")
-    out = train(EXAMPLES / "tug_seed.toml", tmp_path / "extra", extra_labels=extra, epochs=2, progress=False)
+    # Labels the recipe does not know stop training, listed, until the recipe maps or skips them (issue 15).
+    with pytest.raises(DataError, match=r"labels the recipe does not know: 'sensor fault' \(1 rows\); "
+                                        r"'fell twice' \(1 rows\).*\[extra_labels\] map"):
+        train(EXAMPLES / "tug_seed.toml", tmp_path / "unmapped", extra_labels=extra, epochs=1, progress=False)
+    recipe = tmp_path / "tug_seed.toml"
+    recipe.write_text((EXAMPLES / "tug_seed.toml").read_text().replace("path = \"", f"path = \"{EXAMPLES}/", 1)
+                      + '\n[extra_labels]\nmap = { "fell twice" = "balance_risk" }\nskip = ["sensor fault"]\n')
+    out = train(recipe, tmp_path / "extra", extra_labels=extra, epochs=2, progress=False)
     run_x, arrays = check_contract(out)
-    assert run_x["extra_labels_added"] == 3
-    assert run_x["extra_labels_skipped"] == {"unknown_label": {"sensor fault": 1}, "unreadable_features": 1}
+    assert run_x["extra_labels_added"] == 4
+    assert run_x["extra_labels_skipped"] == {"unknown_label": {}, "mapped_label": {"fell twice": 1},
+                                             "skipped_label": {"sensor fault": 1}, "unreadable_features": 1}
     assert "skipped 2" in (out / "report" / "index.html").read_text()
-    assert run_x["split_sizes"]["train"] == run["split_sizes"]["train"] + 3
+    assert run_x["split_sizes"]["train"] == run["split_sizes"]["train"] + 4
     assert run_x["split_sizes"]["test"] == run["split_sizes"]["test"]
-    assert arrays["train_y"][-3:].tolist() == [0, 1, 1]
-    assert arrays["train_features_raw"][-1, 0] == pytest.approx(12.0)
+    assert arrays["train_y"][-4:].tolist() == [0, 1, 1, 1]
+    assert arrays["train_features_raw"][-2, 0] == pytest.approx(12.0)
     assert run_x["data_fingerprint"] != run["data_fingerprint"]
 
-    extra.write_text("label," + ",".join(names) + "\nrisky," + ",".join("1" for _ in names) + "\n")
-    with pytest.raises(DataError, match=r"labels\.csv: none of 1 rows is usable .*'risky': 1"):
+    extra.write_text("label," + ",".join(names) + "\nno_risk," + ",".join("" for _ in names) + "\n")
+    with pytest.raises(DataError, match=r"labels\.csv: none of 1 rows is usable .*unreadable features or windows: 1"):
         train(EXAMPLES / "tug_seed.toml", tmp_path / "bad", extra_labels=extra, epochs=1, progress=False)
 
 

@@ -166,45 +166,71 @@ def fit_normalizer(x: np.ndarray, axis: int | tuple[int, ...] = 0) -> tuple[np.n
 
 
 def read_extra_labels(path: Path, labels: list[str], names: list[str], need_window: bool,
-                      channels: list[str] | None, window_size: int | None
+                      channels: list[str] | None, window_size: int | None, extra: Any = None
                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
     """Reviewed results exported by the hub (`edgekit labels export`): column `label` (a label name) and the
     raw features, either as one column per feature name or as a `features` column holding a JSON list
     (feature order) or object (name -> value). cnn1d tasks also need `window`: JSON list of W rows of C
-    values. `result_id` and other columns are ignored.
+    values (the hub's export writes the review's signal there: the raw window when the agent's
+    gate.downsample_points is at least the window's size). `result_id`, `incident_id` and other columns are
+    ignored.
 
-    Reviewers may type labels the recipe does not know ("sensor fault") and a hub may hold cases of other
-    models: such rows (a label not in `labels`, an empty or unreadable feature) are skipped and counted,
-    never guessed. A file with rows but none usable is a DataError (probably another task's file).
-    Returns raw features (n, F), y (n,), windows (n, W, C) or None, and the skipped counts.
+    A label the recipe does not know ("sensor fault", "valve closed") is a DataError listing every such
+    label with its rows, unless the recipe's [extra_labels] (`extra`, recipe.ExtraLabelsSection) maps it to
+    one of `labels` or skips it (counted): a typed label is never guessed. A hub may hold cases of other
+    models: rows whose features or window are empty, unreadable or of another shape are skipped and counted.
+    A file with rows but none usable is a DataError (probably another task's file).
+    Returns raw features (n, F), y (n,), windows (n, W, C) or None, and the counts: unknown_label (always
+    empty: kept for run.json readers), mapped_label and skipped_label per label, unreadable_features.
     """
     rows, per_column = _read_labels_csv(path, names, need_window)
     shape = (window_size, len(channels or [])) if need_window else None
+    mapping: dict[str, str] = dict(getattr(extra, "map", None) or {})
+    skip = set(getattr(extra, "skip", None) or ())
     xs, ys, ws = [], [], []
     unknown: dict[str, int] = {}
+    mapped: dict[str, int] = {}
+    skipped: dict[str, int] = {}
     unreadable: list[int] = []
+    for row in rows:
+        lab = row["label"]
+        if lab not in labels and lab not in mapping and lab not in skip:
+            unknown[lab] = unknown.get(lab, 0) + 1
+    if unknown:
+        hints = {lab: difflib.get_close_matches(lab, labels, n=1) for lab in unknown}
+        listed = "; ".join(f"{lab!r} ({n} rows{f', did you mean {hints[lab][0]!r}?' if hints[lab] else ''})"
+                           for lab, n in sorted(unknown.items(), key=lambda kv: -kv[1]))
+        raise DataError(f"labels the recipe does not know: {listed}", where=str(path),
+                        hint=f"the recipe's labels are {labels}; map the others to one of them or skip them in "
+                             "the recipe: [extra_labels] map = { \"valve closed\" = \"anomaly\" }, "
+                             "skip = [\"sensor fault\"]")
     for i, row in enumerate(rows, start=2):
-        if row["label"] not in labels:
-            unknown[row["label"]] = unknown.get(row["label"], 0) + 1
+        lab = row["label"]
+        if lab in skip and lab not in labels:
+            skipped[lab] = skipped.get(lab, 0) + 1
             continue
+        if lab not in labels:
+            mapped[lab] = mapped.get(lab, 0) + 1
+            lab = mapping[lab]
         try:
             vec, win = _labelled_row(row, names, per_column, shape)
         except (ValueError, KeyError, TypeError):
             unreadable.append(i)
             continue
         xs.append(vec)
-        ys.append(labels.index(row["label"]))
+        ys.append(labels.index(lab))
         if win is not None:
             ws.append(win)
-    _log_skipped(path, labels, unknown, unreadable)
+    _log_skipped(path, skipped, mapped, unreadable)
     if rows and not xs:
-        raise DataError(f"none of {len(rows)} rows is usable (labels not in {labels}: {unknown}; "
-                        f"unreadable features: {len(unreadable)})", where=str(path))
+        raise DataError(f"none of {len(rows)} rows is usable (skipped by the recipe: {skipped}; "
+                        f"unreadable features or windows: {len(unreadable)})", where=str(path))
     x = np.asarray(xs, dtype=np.float64).reshape(len(xs), len(names))
     w = None
     if need_window:
         w = np.stack(ws) if ws else np.empty((0, window_size or 0, len(channels or [])))
-    return x, np.asarray(ys, dtype=np.int64), w, {"unknown_label": unknown, "unreadable_features": len(unreadable)}
+    return x, np.asarray(ys, dtype=np.int64), w, {"unknown_label": {}, "mapped_label": mapped,
+                                                  "skipped_label": skipped, "unreadable_features": len(unreadable)}
 
 
 def _read_labels_csv(path: Path, names: list[str], need_window: bool) -> tuple[list[dict[str, str]], bool]:
@@ -249,11 +275,11 @@ def _labelled_row(row: dict[str, str], names: list[str], per_column: bool, windo
     return vec, win
 
 
-def _log_skipped(path: Path, labels: list[str], unknown: dict[str, int], unreadable: list[int]) -> None:
-    for lab, n in unknown.items():
-        close = difflib.get_close_matches(lab, labels, n=1)
-        log.warning("extra_labels_skipped reason=unknown_label label=%r rows=%d file=%s%s", lab, n, path,
-                    f" did_you_mean={close[0]!r}" if close else "")
+def _log_skipped(path: Path, skipped: dict[str, int], mapped: dict[str, int], unreadable: list[int]) -> None:
+    for lab, n in skipped.items():
+        log.info("extra_labels_skipped reason=recipe_skips label=%r rows=%d file=%s", lab, n, path)
+    for lab, n in mapped.items():
+        log.info("extra_labels_mapped label=%r rows=%d file=%s", lab, n, path)
     if unreadable:
         log.warning("extra_labels_skipped reason=unreadable_features rows=%d first_line=%d file=%s",
                     len(unreadable), unreadable[0], path)
@@ -647,7 +673,7 @@ def _join_extra_labels(train: Split, path: Path, recipe: Recipe, data: TaskData
     "extra_labels"). Returns the new train split, the rows added and the skipped counts."""
     ex_x, ex_y, ex_w, skipped = read_extra_labels(path, recipe.labels, data.feature_names,
                                                   _predictor_input(recipe) == "window", data.channels,
-                                                  recipe.window.size if recipe.window else None)
+                                                  recipe.window.size if recipe.window else None, recipe.extra_labels)
     added = len(ex_y)
     extremes = train.extremes
     if extremes is not None:
