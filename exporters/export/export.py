@@ -34,6 +34,7 @@ from edgekit.manifest import Manifest, bundle_files, sign_bundle, write_manifest
 
 from . import calibrate as calibrate_mod
 from . import parity as parity_mod
+from . import tradeoff
 from .quantize import calibration_sample, quantize_model
 
 log = logging.getLogger(__name__)
@@ -586,6 +587,8 @@ def export(run_dir: Path, out: Path, *, int8: bool = True, sign_key: Path | None
     envelope = input_envelope(run)
     calibration = recalibrate(run, outputs, target, delta, envelope)
     parity["gate_calibration"] = {**calibration["calibration"], "thresholds": calibration["thresholds"]}
+    tradeoff.write(out, outputs, calibration, {s: envelope_outside(run, envelope, s) for s in ("cal", "test")},
+                   run.meta.input)  # issue 15: error on accepted against share deferred, in the bundle's report
     steps.update()
     steps.set_postfix_str("bundle")
     manifest = write_bundle(run, out, parity, calibration, outputs, sign_key, envelope)
