@@ -42,6 +42,7 @@ from edgekit.values import Quarantined, SampleBlock, Window
 
 if TYPE_CHECKING:
     from edgekit.pipeline import Judged
+    from edgekit.rollout import BundleStore, RolloutControl
     from edgekit.transport import SendKind
     from edgekit.trials import ClosedTrial, TrialControl
 
@@ -115,6 +116,24 @@ def _downsample_many(windows: list[np.ndarray], points: int) -> list[list[list[f
     return [_downsample(w, points) for w in windows]
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """What the agent runs of one bundle; a rollout swaps it whole (Agent._swap_bundle)."""
+
+    manifest: Any
+    models: Any
+    pre: Any
+    gate: Gate
+    pipeline: Any
+    reviews: Any
+    bundle: Path
+
+
+def rollout_store_default(outbox: Path) -> Path:
+    """[rollout] store's default: a folder beside the outbox file, named after it (outbox.db -> outbox.bundles)."""
+    return outbox.with_suffix(".bundles")
+
+
 def _close_quietly(resource: Any) -> None:
     """Close `resource`; a failure is logged, not raised: closing must not hide the error that led here."""
     try:
@@ -137,6 +156,7 @@ class Agent:
         self._relearn = threading.Event()  # a baseline command (paho's thread), applied before the next windows
         self._baseline_file_sha: str | None = None  # the [baseline] file's sha256 when it was last loaded
         self.source: Any = None  # the source while run() reads it (its rate_watch, an mqtt source's subscribed)
+        self.rollout: RolloutControl | None = None  # model rollout (edgekit/rollout.py): with a broker, unless off
 
     # --- setup -------------------------------------------------------------------------------------
 
@@ -159,6 +179,12 @@ class Agent:
         from edgekit.transport import Transport
 
         cfg = self.cfg
+        self._configured_bundle = cfg.bundle
+        store = self._rollout_store()
+        if store is not None:  # a rollout may have left a newer bundle than the configured one
+            from edgekit.rollout import start_bundle
+
+            cfg = self.cfg = cfg.model_copy(update={"bundle": start_bundle(store, cfg.bundle)})
         self.manifest = manifest_mod.load_bundle(cfg.bundle, public_key=cfg.public_key)
         m = self.manifest
         # A trial bundle: a table of trial features (edgekit/trial_features.py) that the agent computes
@@ -178,6 +204,7 @@ class Agent:
 
         providers = profile_mod.available_providers(profile, ort.get_available_providers())
         threads = cfg.runtime.intra_op_threads or profile.intra_op_threads
+        self._runtime = (list(providers), threads)  # for a bundle that a rollout swaps in
         self.models = ModelSet(Path(cfg.bundle), m, providers, threads)
         self.pre = Preprocess.from_manifest(m)
         self.reviews = ReviewBuilder(m)  # units, training ranges and percentiles for deferred windows (issue 15)
@@ -196,13 +223,17 @@ class Agent:
         self.commissioning = self.pipeline.commissioning if self.pipeline is not None else None
         if self.commissioning is not None:
             self._restore_baseline()
+        if store is not None:
+            self.rollout = self._open_rollout(store)
+            stack.callback(self.rollout.close)
         self.transport = Transport(
             cfg.mqtt.url, site=cfg.site, device=cfg.device_id, outbox=self.outbox,
             security=cfg.mqtt, keepalive_s=cfg.mqtt.keepalive_s,
             batch_interval_s=cfg.mqtt.batch_interval_s, max_batch=cfg.mqtt.max_batch,
             max_inflight=cfg.mqtt.max_inflight, reconnect_max_s=cfg.mqtt.reconnect_max_s,
             status_extra=self._status_extra,
-            on_command=self._mqtt_command if self.trial_mode or self.commissioning is not None else None,
+            on_command=(self._mqtt_command if self.trial_mode or self.commissioning is not None
+                        or self.rollout is not None else None),
         )
         stack.callback(_close_quietly, self.transport)
         self.transport.__enter__()
@@ -255,6 +286,8 @@ class Agent:
         state = self.baseline_state()
         if state is not None:
             extra["baseline"] = state
+        if self.rollout is not None:
+            extra["rollout"] = self.rollout.status().to_obj()
         return extra
 
     # --- the machine's baseline (commissioning) ----------------------------------------------------
@@ -331,6 +364,78 @@ class Agent:
         assert comm.baseline is not None
         log.info("agent.baseline state=ready source=%s windows=%d since=%.3f", comm.baseline.source,
                  comm.baseline.windows, comm.baseline.since)
+
+    # --- model rollout (edgekit/rollout.py) --------------------------------------------------------
+
+    def _rollout_store(self) -> BundleStore | None:
+        """The bundle store when this agent takes bundle commands: a broker, and [rollout] enabled."""
+        r = self.cfg.rollout
+        if not (r.enabled and self.cfg.mqtt.url):
+            return None
+        from edgekit.rollout import BundleStore
+
+        return BundleStore(r.store or rollout_store_default(Path(self.cfg.outbox.path)))
+
+    def _open_rollout(self, store: BundleStore) -> RolloutControl:
+        from edgekit.rollout import RolloutControl
+
+        r = self.cfg.rollout
+        return RolloutControl(store, Path(self.cfg.bundle), self.manifest, configured=self._configured_bundle,
+                              public_key=self.cfg.public_key, ca_file=r.ca_file or self.cfg.mqtt.ca_file,
+                              timeout_s=r.timeout_s, max_bytes=r.max_bytes, prepare=self._prepare_bundle,
+                              on_change=self._rollout_changed, providers=tuple(self._runtime[0]))
+
+    def _rollout_changed(self) -> None:
+        transport = getattr(self, "transport", None)  # a command comes through the transport: it exists then
+        if transport is not None:
+            transport.refresh_status()
+
+    def _prepare_bundle(self, path: Path, m: Any) -> Loaded:
+        """(The rollout's thread.) The models, preprocessing, gate and pipeline of the checked bundle at `path`,
+        built as `_open` builds them; raises when they do not load."""
+        from edgekit.pipeline import EdgePipeline
+        from edgekit.review import ReviewBuilder
+        from edgekit.runtime import ModelSet, Preprocess
+
+        if self.trial_mode:
+            raise ConfigError("a screening station takes a new trial bundle at its next start, not while it runs",
+                              where="rollout")
+        providers, threads = self._runtime
+        models = ModelSet(path, m, providers, threads)
+        pre = Preprocess.from_manifest(m)
+        th = m.thresholds
+        gate = Gate(th.ood_max_score, th.min_confidence, th.max_disagreement, enabled=self.cfg.gate.enabled,
+                    defer_all=th.defer_all)
+        return Loaded(m, models, pre, gate, EdgePipeline(m, models, pre, gate), ReviewBuilder(m), path)
+
+    def _loaded(self) -> Loaded:
+        return Loaded(self.manifest, self.models, self.pre, self.gate, self.pipeline, self.reviews,
+                      Path(self.cfg.bundle))
+
+    def _swap_bundle(self, new: Loaded, path: Path) -> Loaded:
+        """(The agent's thread, between two source items.) Run `new` from the next window on; the windower and the
+        source stay (the input contract is the same: edgekit/rollout.py CONTRACT). Returns what ran before."""
+        old = self._loaded()
+        m = new.manifest
+        self.manifest, self.models, self.pre, self.gate, self.pipeline, self.reviews = (
+            m, new.models, new.pre, new.gate, new.pipeline, new.reviews)
+        self.labels = list(m.labels)
+        self.model_version = f"{m.task}@{m.data_fingerprint[:12]}"
+        self.cfg = self.cfg.model_copy(update={"bundle": path})
+        self.commissioning = self.pipeline.commissioning if self.pipeline is not None else None
+        if self.commissioning is not None:
+            self._restore_baseline()
+        log.info("agent.bundle_swapped bundle=%s model_version=%s", path, self.model_version)
+        return old
+
+    def _rollout_step(self, now: float) -> None:
+        from edgekit.rollout import Counts
+
+        assert self.rollout is not None
+        c = self.counters
+        # Windows deferred only while a baseline is learned are neither windows nor deferrals of the bundle.
+        self.rollout.step(now, Counts(c.windows - c.commissioning, c.deferred - c.commissioning, c.quarantined,
+                                      c.samples), self._swap_bundle)
 
     # --- the loop ----------------------------------------------------------------------------------
 
@@ -650,6 +755,8 @@ class Agent:
                 for closed in self.trials.push_many(t_s, values):
                     self.transport.send("trial", self.trial_payload(closed).encode())
             now = time.monotonic()
+            if self.rollout is not None and self.rollout.due(now):
+                self._rollout_step(now)
             if now >= next_metrics:
                 self._publish_metrics()
                 next_metrics = now + self.cfg.metrics_interval_s
@@ -669,6 +776,9 @@ class Agent:
         dropped: an operator's start, or a machine's new normal, is for now, not for whenever the network
         comes back."""
         where = f"topic {topics.command(self.cfg.site, self.cfg.device_id, name)!r}"
+        if name == topics.BUNDLE_COMMAND and self.rollout is not None:  # retained: the bundle to run, not stale
+            self.rollout.command(payload, where)
+            return
         parsers: dict[str, type[messages.TrialCommand] | type[messages.BaselineCommand]] = {
             topics.TRIAL_COMMAND: messages.TrialCommand, topics.BASELINE_COMMAND: messages.BaselineCommand}
         kind = parsers.get(name)

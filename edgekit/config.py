@@ -229,6 +229,22 @@ class BaselineConfig(Strict):
         "then. Ignored by a bundle without a baseline.")
 
 
+class RolloutConfig(Strict):
+    """Model rollout (issue 16, edgekit/rollout.py): with a broker, the agent takes the hub's retained bundle
+    command, fetches the bundle over HTTP(S), checks it (signature under public_key, input contract, on-device
+    parity) and swaps it in while it runs, rolling back on failure."""
+
+    enabled: bool = Field(True, description="false: ignore bundle commands; the agent runs the configured bundle.")
+    store: Path | None = Field(None, description="Folder of the bundles a rollout unpacked, the `current` and "
+                               "`previous` links and rollout.json (default: beside the outbox file, named after "
+                               "it: outbox.db -> outbox.bundles). After a rollout the agent starts from its "
+                               "`current` bundle, until the configured bundle itself changes.")
+    ca_file: Path | None = Field(None, description="CA certificate (PEM) for an https:// hub (default: "
+                                 "mqtt.ca_file, else the system's CAs).")
+    timeout_s: float = Field(30.0, gt=0, description="Seconds an HTTP request for the bundle may stall.")
+    max_bytes: int = Field(512 * 1024 * 1024, gt=0, description="Largest bundle accepted, archived and unpacked.")
+
+
 MAX_TRIAL_LIMIT_S = 300.0  # agent.MAX_TRIAL_S: the longest trial kept in memory
 
 
@@ -294,6 +310,7 @@ class AgentConfig(Strict):
     source: SourceConfig = Field(description="Where samples come from.")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
     outbox: OutboxConfig = Field(default_factory=OutboxConfig, description="Disk outbox.")
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Model rollout from the hub.")
     gate: GateConfig = Field(default_factory=GateConfig, description="Human hand-off.")
     trial: TrialConfig | None = Field(None, description="For a trial bundle: the IMU channels, the operator's "
                                       "entries, how trials begin and end, and the station screen.")
@@ -453,6 +470,7 @@ def _resolve_paths(cfg: AgentConfig, base: Path) -> AgentConfig:
             "source": source,
             "mqtt": files(cfg.mqtt),
             "outbox": cfg.outbox.model_copy(update={"path": fix(cfg.outbox.path)}),
+            "rollout": cfg.rollout.model_copy(update={"store": fix(cfg.rollout.store), "ca_file": fix(cfg.rollout.ca_file)}),
             "baseline": cfg.baseline.model_copy(update={"file": fix(cfg.baseline.file)}),
         }
     )

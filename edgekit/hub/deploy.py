@@ -305,7 +305,7 @@ def run(db: HubDB, dep: Deployment, publisher: CommandPublisher, on_progress: Ca
             reason = f"{failed.device} {failed.state}: {failed.reason or 'no reason given'}"
             _set_deployment(db, dep.id, "stopped", reason)
             on_progress(f"stopped: {reason}")
-            log.warning("deploy.stopped id=%s reason=%r", dep.id, reason)
+            log.info("deploy.stopped id=%s reason=%r", dep.id, reason)
             return Outcome(dep.id, "stopped", reason, {t.device: t.state for t in dep.targets})
     _set_deployment(db, dep.id, "done")
     on_progress(f"done: {len(dep.targets)} device(s) run {dep.version}")
