@@ -63,6 +63,7 @@ GAIT_CHANNELS = 6  # gait.segment reads acc xyz (m/s^2) then gyr xyz (rad/s)
 # Points per channel of a referred or deferred trial's signal: a 30 s TUG at 100 Hz in 0.075 s blocks, enough
 # to see each step (~0.5 s) on the clinician's plot; 6 x 400 numbers are ~17 KB of JSON.
 TRIAL_POINTS = 400
+FIRST_CONNECT_WAIT_S = 5.0  # at start, the longest wait for the broker before reading (see _await_first_connect)
 COMMAND_MAX_AGE_S = 60.0  # an operator's trial command older than this is dropped (see _mqtt_command)
 BASELINE_STATE = "baseline"  # the outbox state key of this device's baseline (edgekit/outbox.py put_state)
 
@@ -718,6 +719,8 @@ class Agent:
             log.warning("agent.unsigned bundle=%s signature=unchecked reason=allow_unsigned", self.cfg.bundle)
         if not self.cfg.mqtt.url:
             log.warning("agent.offline reason=no-broker results stay in the outbox path=%s", self.cfg.outbox.path)
+        else:
+            self._await_first_connect()
         try:
             self._items(source, windower, select, next_metrics)
         finally:
@@ -760,6 +763,17 @@ class Agent:
             if now >= next_metrics:
                 self._publish_metrics()
                 next_metrics = now + self.cfg.metrics_interval_s
+
+    def _await_first_connect(self) -> None:
+        """Before the first item: wait up to FIRST_CONNECT_WAIT_S for the broker's first CONNACK, and no longer
+        than its first failed attempt. Results queued while not connected are marked replayed (they wait in the
+        outbox as after an outage); without this wait, a run with the broker up began by marking the results of
+        its first milliseconds replayed whenever reading outran the connect (seen on a loaded CI machine)."""
+        tr = self.transport
+        deadline = time.monotonic() + FIRST_CONNECT_WAIT_S
+        while not tr.connected and tr.last_failure is None and time.monotonic() < deadline:
+            if self.stop.wait(0.01):
+                return
 
     def _on_command(self, cmd: messages.TrialCommand) -> None:
         """An operator's trial command, from any thread (MQTT, the screen) or the serial line: to the trial
