@@ -128,6 +128,7 @@ class Loaded:
     pipeline: Any
     reviews: Any
     bundle: Path
+    fresh: bool = True  # built for a swap; False: what ran before (its baseline is in memory, as it was)
 
 
 def rollout_store_default(outbox: Path) -> Path:
@@ -411,7 +412,7 @@ class Agent:
 
     def _loaded(self) -> Loaded:
         return Loaded(self.manifest, self.models, self.pre, self.gate, self.pipeline, self.reviews,
-                      Path(self.cfg.bundle))
+                      Path(self.cfg.bundle), fresh=False)
 
     def _swap_bundle(self, new: Loaded, path: Path) -> Loaded:
         """(The agent's thread, between two source items.) Run `new` from the next window on; the windower and the
@@ -425,7 +426,12 @@ class Agent:
         self.cfg = self.cfg.model_copy(update={"bundle": path})
         self.commissioning = self.pipeline.commissioning if self.pipeline is not None else None
         if self.commissioning is not None:
-            self._restore_baseline()
+            # A new bundle takes the machine's kept baseline if it fits its features (else learns one); the one
+            # swapped back after a rollback has its own still in memory: it is kept in the outbox file again.
+            if new.fresh:
+                self._restore_baseline()
+            else:
+                self._store_baseline()
         log.info("agent.bundle_swapped bundle=%s model_version=%s", path, self.model_version)
         return old
 

@@ -43,7 +43,7 @@ import orjson
 
 from edgekit.contract import archive
 from edgekit.contract.messages import BundleCommand, Rollout, RolloutState
-from edgekit.errors import DataError, EdgekitError, ModelError
+from edgekit.errors import ConfigError, DataError, EdgekitError, ModelError
 
 log = logging.getLogger(__name__)
 
@@ -427,6 +427,8 @@ class RolloutControl:
         try:
             try:
                 loaded = self._prepare(path, manifest)
+            except ConfigError as exc:  # this agent cannot swap such a bundle in (a screening station)
+                raise Refusal("refused", str(exc), final=True) from None
             except Exception as exc:
                 raise Refusal("rolled_back", f"failed to load: {exc}", final=True) from None
             try:
