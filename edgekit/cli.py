@@ -662,7 +662,8 @@ def bench(bundle: Path, rounds: int, json_out: Path | None) -> None:
 
 
 @main.command("eval")
-@click.argument("name", type=click.Choice(["skab", "fall-screening", "ipol", "deferral", "trials", "sensor-faults"]))
+@click.argument("name", type=click.Choice(["skab", "fall-screening", "ipol", "deferral", "trials", "sensor-faults",
+                                                "incidents", "review-loop"]))
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="Write results as JSON.")
 @click.option("--plot", "plot_out", type=click.Path(path_type=Path), default=None,
               help="Where the plot (PNG) goes [default: STATE_DIR/eval/NAME.png, STATE_DIR being "

@@ -32,9 +32,10 @@ SEVERITY = {
     "commissioning": 0.1,  # the device is still learning its baseline: expected, rarely urgent
 }
 UNKNOWN_SEVERITY = 0.5
-# Deferred for these reasons alone, a window asks nothing of a person (the agent sends no review for it while
-# the device learns its baseline): no incident holds it.
-NOT_FOR_REVIEW = frozenset({"commissioning"})
+# Deferred for these reasons alone, a window was deferred while the device learned its baseline: in an incident
+# like any deferred window (a person may confirm the machine was healthy then), but no judgement of the model,
+# so the review loop's rates and the hub's deferral budget leave it out.
+LEARNING = frozenset({"commissioning"})
 # score key -> (threshold key, rule): "max" fails above the threshold, "min" below it (edgekit/gate.py).
 RISK_RULES = {"ood": ("ood_max_score", "max"), "confidence": ("min_confidence", "min"),
               "disagreement": ("max_disagreement", "max")}
@@ -100,10 +101,10 @@ def reason_kind(reason: str) -> str:
     return reason.partition(":")[0]
 
 
-def for_review(reasons: Iterable[str]) -> bool:
-    """Whether a deferred window with these reasons is one a person reviews (not NOT_FOR_REVIEW alone)."""
+def learning_only(reasons: Iterable[str]) -> bool:
+    """Whether a deferred window's reasons are LEARNING's alone (deferred while a baseline was learned)."""
     kinds = {reason_kind(r) for r in reasons}
-    return not kinds or not kinds <= NOT_FOR_REVIEW
+    return bool(kinds) and kinds <= LEARNING
 
 
 def severity(reasons: Iterable[str]) -> float:

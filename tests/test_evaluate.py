@@ -59,7 +59,7 @@ def test_coverage_risk_curve_ties_accepted_together() -> None:
 
 def test_registry_has_a_table_for_every_evaluation() -> None:
     assert set(evaluate.EVALUATIONS) == set(evaluate.TABLES) == {"skab", "fall-screening", "ipol", "deferral", "trials",
-                                                                   "sensor-faults"}
+                                                                   "sensor-faults", "incidents", "review-loop"}
     from edgekit.cli import evaluate as eval_cmd
 
     assert set(eval_cmd.params[0].type.choices) == set(evaluate.EVALUATIONS)  # `edgekit eval NAME` offers them all

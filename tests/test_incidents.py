@@ -69,10 +69,11 @@ def test_reasons_worst_scores_and_the_documented_priority() -> None:
     assert [i.device for i in ranked([f, o, inc], now)] == ["pump-1", "c", "b"]
 
 
-def test_every_gate_reason_has_a_severity_and_commissioning_alone_is_not_for_review() -> None:
+def test_every_gate_reason_has_a_severity_and_a_baseline_being_learned_comes_last() -> None:
     assert set(REASON_TEXT) <= set(incidents.SEVERITY)
-    assert not incidents.for_review(["commissioning"])
-    assert incidents.for_review(["commissioning", "stuck:Current"]) and incidents.for_review(["ood"])
+    assert incidents.learning_only(["commissioning"])
+    assert not incidents.learning_only(["commissioning", "stuck:Current"]) and not incidents.learning_only(["ood"])
+    assert incidents.SEVERITY["commissioning"] == min(incidents.SEVERITY.values())
     with pytest.raises(ValueError, match="gap_s"):
         group([], gap_s=-1.0)
 

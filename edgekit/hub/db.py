@@ -509,9 +509,9 @@ class HubDB:
 
     def deferred_windows(self, *, site: str | None = None, device: str | None = None,
                          ids: Sequence[str] | None = None) -> list[dict[str, Any]]:
-        """Deferred results that a person reviews (incidents.for_review: not those deferred only while the
-        device learned its baseline), each with decoded scores and thresholds, its latest label
-        (review_label, reviewer, labelled_at) and whether its review arrived; by site, device and start."""
+        """Deferred results, each with decoded scores and thresholds, its latest label (review_label, reviewer,
+        labelled_at), whether its review arrived and whether it is a screening trial's answer; by site, device
+        and start."""
         latest = _latest_labels()
         q = (sa.select(results.c.id, results.c.site, results.c.device, results.c.ts, results.c.window_start_s,
                        results.c.window_end_s, results.c.label, results.c.confidence, results.c.reasons,
@@ -533,8 +533,6 @@ class HubDB:
         out = []
         for r in rows:
             r["reasons"] = _reasons(r["reasons"])
-            if not incidents_mod.for_review(r["reasons"]):
-                continue
             r["scores"], r["thresholds"] = _loads(r["scores"]) or {}, _loads(r["thresholds"]) or {}
             r["has_review"], r["trial"] = bool(r["has_review"]), bool(r["trial"])
             out.append(r)

@@ -2,8 +2,8 @@
 
 EVALUATIONS maps each name to `run_<name>(json_out, plot_out, progress) -> dict`; TABLES maps it to the
 plain-text table the README shows unedited. The metrics are edgekit.exporters.metrics'; this module only
-runs the evaluations (skab, fall_screening, ipol, deferral, trials, sensor_faults), which never import it
-back.
+runs the evaluations (skab, fall_screening, ipol, deferral, trials, sensor_faults, review_load, review_loop),
+which never import it back.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from . import deferral, fall_screening, ipol, sensor_faults, skab, trials
+from . import deferral, fall_screening, ipol, review_load, review_loop, sensor_faults, skab, trials
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +103,18 @@ def run_sensor_faults(json_out: Path | None, plot_out: Path | None, progress: bo
     return result
 
 
+def run_incidents(json_out: Path | None, plot_out: Path | None, progress: bool = True) -> dict[str, Any]:
+    result = review_load.evaluate(progress=progress)  # a table of counts: no plot
+    write_json(result, json_out)
+    return result
+
+
+def run_review_loop(json_out: Path | None, plot_out: Path | None, progress: bool = True) -> dict[str, Any]:
+    result = review_loop.evaluate(progress=progress)  # a table per round: no plot
+    write_json(result, json_out)
+    return result
+
+
 EVALUATIONS: dict[str, Callable[[Path | None, Path | None, bool], dict[str, Any]]] = {
     "skab": run_skab,
     "fall-screening": run_fall,
@@ -110,6 +122,8 @@ EVALUATIONS: dict[str, Callable[[Path | None, Path | None, bool], dict[str, Any]
     "deferral": run_deferral,
     "trials": run_trials,
     "sensor-faults": run_sensor_faults,
+    "incidents": run_incidents,
+    "review-loop": run_review_loop,
 }
 
 
@@ -120,4 +134,6 @@ TABLES: dict[str, Callable[[dict[str, Any]], str]] = {
     "deferral": deferral.table,
     "trials": trials.table,
     "sensor-faults": sensor_faults.table,
+    "incidents": review_load.table,
+    "review-loop": review_loop.table,
 }
