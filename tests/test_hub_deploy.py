@@ -110,6 +110,7 @@ def test_the_canary_goes_first_and_the_rest_after_it_is_healthy(db, bundle):
         assert conn.execute(sa.select(deployments.c.state)).scalar_one() == "done"
     page = _fleet_page(db)
     assert f"<code>{cmd.version}</code>" in page and "3</b> of 3 healthy" in page
+    assert _metrics(db) == {("edgekit_hub_rollout_devices", "healthy"): 3.0, ("edgekit_hub_deployments", "done"): 1.0}
 
 
 @pytest.mark.parametrize(("state", "reason"), [("rolled_back", "failed on-device parity: labels agree on 0/150"),
@@ -144,6 +145,17 @@ def test_bad_requests_are_one_line_each(db, bundle, tmp_path):
     report(db, "d9", Rollout("idle", running="a" * 16))  # a device the hub has heard from is picked by default
     assert [t.device for t in deploy.create(db, deploy.DeploySpec(bundle=bundle, site=SITE, url="http://h")).targets] \
         == ["d9"]
+
+
+def _metrics(db: HubDB) -> dict[tuple[str, str], float]:
+    """The rollout gauges of the hub's /metrics, read back by Prometheus' own parser."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from edgekit.hub.observe import HubWatch
+
+    text = HubWatch(db).metrics_text().decode()
+    return {(s.name, s.labels["state"]): s.value for family in text_string_to_metric_families(text)
+            for s in family.samples if s.name in ("edgekit_hub_rollout_devices", "edgekit_hub_deployments")}
 
 
 def _fleet_page(db: HubDB) -> str:

@@ -369,3 +369,18 @@ def summaries(db: HubDB, limit: int = 5) -> list[dict[str, Any]]:
         out.append({**dict(d._mapping), "devices": mine, "total": len(mine),
                     "healthy": sum(r["state"] == "healthy" for r in mine)})
     return out
+
+
+def rollout_counts(db: HubDB) -> dict[str, dict[str, int]]:
+    """For the hub's /metrics: devices by the state of their rollout ('none': no rollout reported) and
+    deployments by theirs (canary, rolling, done, stopped)."""
+    with db.engine.connect() as conn:
+        reported = conn.execute(sa.select(devices.c.rollout)).scalars().all()
+        by_deployment = conn.execute(sa.select(deployments.c.state, sa.func.count())
+                                     .group_by(deployments.c.state)).all()
+    states: dict[str, int] = {}
+    for text in reported:
+        found = Rollout.lenient(orjson.loads(text)) if text else None
+        key = found.state if found is not None else "none"
+        states[key] = states.get(key, 0) + 1
+    return {"devices": states, "deployments": {state: int(n) for state, n in by_deployment}}

@@ -287,6 +287,26 @@ class _HubCollector(Collector):
                                 "device's latest report, summed)", value=counts["queued"])
         yield GaugeMetricFamily("edgekit_hub_fleet_dropped", "Results the devices' outboxes dropped when full "
                                 "(each device's latest report, summed)", value=counts["dropped"])
+        yield from _rollout_families(w.db)
+
+
+def _rollout_families(db: HubDB) -> Iterator[Any]:
+    """Model rollouts (issue 16, edgekit/hub/deploy.py): devices by their rollout state, deployments by theirs."""
+    from edgekit.hub.deploy import rollout_counts
+
+    try:
+        counts = rollout_counts(db)
+    except sa.exc.SQLAlchemyError as exc:
+        log.debug("hub.metrics_db_failed error=%s", _first_line(exc))
+        return
+    for name, doc, key in (("edgekit_hub_rollout_devices", "Devices by the state of their model rollout (their "
+                            "status's rollout; none: not reported)", "devices"),
+                           ("edgekit_hub_deployments", "Deployments (edgekit deploy) by state: canary, rolling, "
+                            "done, stopped", "deployments")):
+        family = GaugeMetricFamily(name, doc, labels=["state"])
+        for state, n in sorted(counts[key].items()):
+            family.add_metric([state], n)
+        yield family
 
 
 def _intake_families(stats: IngestStats) -> Iterator[Any]:
