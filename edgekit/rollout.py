@@ -175,13 +175,21 @@ class BundleStore:
                 entry.unlink(missing_ok=True)
 
 
+def configured_version(store: BundleStore, configured: Path) -> str | None:
+    """The configured bundle's version, or None when the config names the store's own `current` link (the
+    store then decides what runs, and a rollout changes what the link names, not the config)."""
+    if Path(configured).absolute() == (store.root / CURRENT).absolute():
+        return None
+    return archive.bundle_version(configured)
+
+
 def start_bundle(store: BundleStore, configured: Path) -> Path:
     """The bundle the agent loads at start: the store's `current` when a rollout put one there for this
-    configured bundle, else `configured`. A restart during a watch is that bundle's failure: the links go back
-    first, and the version is remembered as rolled back."""
+    configured bundle (or the config names that link), else `configured`. A restart during a watch is that
+    bundle's failure: the links go back first, and the version is remembered as rolled back."""
     state = store.read()
-    mine = archive.bundle_version(configured)
-    if state.get("configured") not in (None, mine):
+    mine = configured_version(store, configured)
+    if mine is not None and state.get("configured") not in (None, mine):
         log.warning("rollout.config_changed configured=%s was=%s store=%s (the config's bundle wins; the store "
                     "starts afresh)", mine, state.get("configured"), store.root)
         store.point(CURRENT, None)
@@ -306,7 +314,7 @@ class RolloutControl:
         self._thread: threading.Thread | None = None
         state = store.read()
         version = archive.bundle_version(running)
-        state.setdefault("configured", archive.bundle_version(configured))
+        state.setdefault("configured", configured_version(store, configured))
         state.setdefault("refused", {})
         if state.get("running") != version:
             state.update(running=version, previous=store.link(PREVIOUS) if store.link(CURRENT) == version else None)

@@ -205,6 +205,30 @@ def test_the_configured_bundle_wins_when_it_changed(bundles, tmp_path):
     assert store.link(CURRENT) is None
 
 
+def test_a_config_that_names_the_stores_current_link_follows_it(device, bundles, key, tmp_path):
+    """bundle = STORE/current (deploy/systemd/agent.example.toml): what the link names runs, and a rollout
+    moving the link is not a changed config."""
+    store = device.store
+    v1, v2 = archive.bundle_version(bundles["v1"]), archive.bundle_version(bundles["v2"])
+    store.adopt(bundles["v1"], v1)
+    store.point(CURRENT, v1)
+    link = store.root / CURRENT
+    assert start_bundle(store, link) == store.path(v1)
+    managed = Device(store.root, link, key[1])
+    try:
+        with BundleServer() as server:
+            cmd, server.archives["d-1"] = command(bundles["v2"], f"{server.url}/bundles/d-1", watch_s=0.0)
+            managed.send(cmd)
+            assert managed.settle() == "checking"
+            managed.step(Counts(0, 0, 0, 0))
+            time.sleep(0.01)
+            managed.step(Counts(10, 0, 0, 1280))
+        assert managed.control.status().state == "healthy"
+    finally:
+        managed.control.close()
+    assert start_bundle(store, link) == store.path(v2) and store.link(CURRENT) == v2
+
+
 def test_contract_changes_and_band_verdict(bundles):
     m1 = load_bundle(bundles["v1"])
     assert contract_changes(m1, load_bundle(bundles["v2"])) == []
