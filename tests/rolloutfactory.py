@@ -67,10 +67,10 @@ def command(bundle: Path, url: str, token: str = "t" * 32, *, deployment: str = 
 
 
 class BundleServer:
-    """http://127.0.0.1:PORT/bundles/ID answers `archives[ID]` to `Authorization: Bearer TOKEN`, 403 otherwise.
-    A context manager; `requests` counts what it answered."""
+    """http://127.0.0.1:PORT/bundles/ID answers `archives[ID]` to `Authorization: Bearer TOKEN`, 403 otherwise
+    (https:// with `tls`, a certificate and its key). A context manager; `requests` counts what it answered."""
 
-    def __init__(self, token: str = "t" * 32) -> None:
+    def __init__(self, token: str = "t" * 32, tls: tuple[Path, Path] | None = None) -> None:
         self.token = token
         self.archives: dict[str, bytes] = {}
         self.requests: list[tuple[str, int]] = []
@@ -91,7 +91,15 @@ class BundleServer:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        scheme = "http"
+        if tls is not None:  # (certificate, key): https
+            import ssl
+
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*tls)
+            self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
     def __enter__(self) -> BundleServer:

@@ -58,12 +58,12 @@ def bundles(stream_bundle, key, tmp_path_factory) -> dict[str, Path]:
 class Device:
     """A RolloutControl as the agent wires it, with stand-ins for the agent's models (`prepare`, `swap`)."""
 
-    def __init__(self, store_dir: Path, running: Path, public_key: Path | None) -> None:
+    def __init__(self, store_dir: Path, running: Path, public_key: Path | None, ca_file: Path | None = None) -> None:
         self.swaps: list[Path] = []
         self.store = BundleStore(store_dir)
         self.control = RolloutControl(
             self.store, running, load_bundle(running, public_key=public_key), configured=running,
-            public_key=public_key, ca_file=None, timeout_s=10.0, max_bytes=archive.MAX_BYTES,
+            public_key=public_key, ca_file=ca_file, timeout_s=10.0, max_bytes=archive.MAX_BYTES,
             prepare=lambda path, manifest: ("models of", path), on_change=lambda: None)
 
     def swap(self, loaded: tuple[str, Path], path: Path) -> tuple[str, Path]:
@@ -173,6 +173,27 @@ def test_a_wrong_token_or_archive_fails_this_command_only(device, bundles):
         good = BundleCommand(**{**_fields(cmd), "token": "right" * 4})
         device.send(good)
         assert device.settle() == "checking"  # neither failure was remembered against the version
+
+
+def test_an_https_hub_is_trusted_through_the_configured_ca_only(device, bundles, key, tmp_path):
+    from test_transport import _tls_files
+
+    (tmp_path / "tls").mkdir()
+    tls = _tls_files(tmp_path / "tls")
+    with BundleServer(tls=(tls["cert"], tls["key"])) as server:
+        cmd, server.archives["d-1"] = command(bundles["v2"], f"{server.url}/bundles/d-1")
+        device.send(cmd)  # the system's CAs do not know the test's CA: retried, said in the status
+        deadline = time.monotonic() + 20
+        while "CERTIFICATE_VERIFY_FAILED" not in (device.control.status().reason or ""):
+            assert time.monotonic() < deadline, device.control.status()
+            time.sleep(0.05)
+        assert device.control.status().state == "fetching" and server.requests == []
+        trusting = Device(tmp_path / "store-2", bundles["v1"], key[1], ca_file=tls["ca"])
+        try:
+            trusting.send(cmd)
+            assert trusting.settle() == "checking"
+        finally:
+            trusting.control.close()
 
 
 def test_a_restart_while_watching_rolls_back(device, bundles, key, tmp_path):
