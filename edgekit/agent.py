@@ -649,7 +649,7 @@ class Agent:
 
     def _screen_answer(self, msg: messages.Trial, closed: ClosedTrial) -> dict[str, Any]:
         """The answer as the station screen shows it: the outcome and its reasons in plain words."""
-        from edgekit.gate import REASON_TEXT
+        from edgekit.gate import reason_words
 
         a = msg.answer
         out: dict[str, Any] = {"id": msg.id, "participant": closed.participant, "seconds": msg.trial.samples
@@ -657,7 +657,7 @@ class Agent:
         if a is None:
             reason, _, detail = (msg.not_scored or "not_scored: no answer").partition(": ")
             return out | {"outcome": "not_scored", "label": None, "words": [detail or reason]}
-        words = [REASON_TEXT.get(r.split(":")[0], r) for r in a.reasons]
+        words = [reason_words(r) for r in a.reasons]
         if a.decision == "accept" and a.referred:
             words = [f"the model answered {a.label} with confidence {a.confidence or 0:.0%}"]
         return out | {"outcome": "referred" if a.referred else "not_referred", "label": a.label,

@@ -50,6 +50,17 @@ REASON_TEXT = {
 }
 
 
+def reason_words(reason: str) -> str:
+    """One reason in plain words (REASON_TEXT), with what it names after its ':' (a channel or a feature):
+    'out_of_range:Pressure' -> 'a channel read outside the range the training data showed: Pressure'. A
+    reason this version does not know is returned as sent."""
+    key, _, named = reason.partition(":")
+    words = REASON_TEXT.get(key)
+    if words is None:
+        return reason
+    return f"{words}: {named}" if named else words
+
+
 def confidence(probs: np.ndarray) -> np.ndarray:
     """Top-class probability per row."""
     return probs.max(axis=-1)

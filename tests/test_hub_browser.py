@@ -5,6 +5,7 @@ and labels it; the label is in the database with the reviewer's name and in the 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import struct
 import threading
 from pathlib import Path
@@ -139,6 +140,9 @@ def test_reviewer_labels_a_case_in_the_browser(mosquitto, tmp_path):
         hub_listening(db_url, mosquitto.port)
         pub = publisher(mosquitto.port)
         res = [result("edge-7", s, site="clinic") for s in range(1, 21)]
+        # window 15: the input envelope named a channel, and the autoencoder's error is attributed (issue 14)
+        res[14] = dataclasses.replace(res[14], reasons=["low_confidence", "disagreement", "ood", "out_of_range:acc_x"],
+                                      attribution={"acc_x": 0.7, "gyro_z": 0.2, "acc_y": 0.1})
         msgs = [(topics.topic("clinic", "edge-7", "result"), m.ResultBatch("clinic", "edge-7", res).encode())]
         msgs += [(topics.topic("clinic", "edge-7", "review"), review(r).encode()) for r in res if r.decision == "defer"]
         msgs.append((topics.topic("clinic", "edge-7", "status"),
@@ -169,7 +173,10 @@ def test_reviewer_labels_a_case_in_the_browser(mosquitto, tmp_path):
             box = page.locator(".plot.wide svg.signal").bounding_box()
             assert box and box["width"] > 600 and box["height"] > 200
             reasons = page.locator("p.reasons .reason").all_inner_texts()
-            assert reasons == ["low_confidence", "disagreement"]
+            assert reasons == ["low_confidence", "disagreement", "ood", "out_of_range:acc_x"]
+            assert "acc_x" in page.locator("#case-reasons li[data-reason='out_of_range:acc_x']").inner_text()
+            shares = page.locator("#case-attribution tr").all_inner_texts()
+            assert [t.split()[0] for t in shares] == ["acc_x", "gyro_z", "acc_y"] and "70 %" in shares[0]
             assert page.locator("table.gate tr.fail").count() == 2  # confidence and disagreement
             assert page.locator("table.features td", has_text="cadence_hz").count() == 1
             page.screenshot(path=str(tmp_path / "case.png"), full_page=True)
@@ -191,6 +198,8 @@ def test_reviewer_labels_a_case_in_the_browser(mosquitto, tmp_path):
         assert export_labels(db_url, out) == 1
         [row] = list(csv.DictReader(out.open()))
         assert (row["result_id"], row["label"], row["reviewer"]) == (case_id, "turn", "ana")
+        assert row["reasons"] == "low_confidence;disagreement;ood;out_of_range:acc_x"
+        assert row["attribution"] == "acc_x=0.700;gyro_z=0.200;acc_y=0.100"
     finally:
         stop.set()
         hub.join(timeout=30)

@@ -28,7 +28,7 @@ from pydantic import BaseModel, Field
 from starlette.middleware.sessions import SessionMiddleware
 
 from edgekit.errors import DataError
-from edgekit.gate import REASON_TEXT
+from edgekit.gate import reason_words
 from edgekit.hub import deploy as deploy_mod
 from edgekit.hub import observe
 from edgekit.hub.auth import csrf_ok, new_csrf_token, verify_password
@@ -633,8 +633,8 @@ def reason_text(reason: str) -> str:
     """A gate reason as a sentence in plain words (gate.REASON_TEXT, which the station screen shows too; keyed
     by the reason up to its first ':', after which a reason may name a channel), or the reason as sent when
     this hub does not know it."""
-    words = REASON_TEXT.get(reason.partition(":")[0])
-    return reason if words is None else words[:1].upper() + words[1:] + "."
+    words = reason_words(reason)
+    return reason if words == reason else words[:1].upper() + words[1:] + "."
 
 
 # Sensor times at or past this (1973) are seconds since 1970: a date (a replayed ISO recording, a gateway's
