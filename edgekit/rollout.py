@@ -309,6 +309,7 @@ class RolloutControl:
         self._idle = threading.Event()  # set while no watch runs: the worker takes the next command only then
         self._idle.set()
         self._wanted: BundleCommand | None = None
+        self._withdrawn = False  # the hub cleared the retained command: work not yet swapped in is dropped
         self._ready: _Ready | None = None
         self._watch: _Watch | None = None
         self._thread: threading.Thread | None = None
@@ -345,9 +346,14 @@ class RolloutControl:
     # --- commands (paho's thread) ---
 
     def command(self, payload: bytes, where: str) -> None:
-        """A retained bundle command: taken by the worker (the newest wins); an empty payload (the hub cleared
-        it) or a malformed one changes nothing."""
+        """A retained bundle command: taken by the worker (the newest wins). An empty payload (the hub cleared it:
+        the rollout stopped) drops a command not yet swapped in, and leaves a swapped-in one to its watch; a
+        malformed one changes nothing."""
         if not payload:
+            if self._thread is not None:
+                log.info("rollout.command_withdrawn (what is not swapped in yet is dropped)")
+                self._wanted, self._withdrawn = None, True
+                self._wake.set()
             return
         try:
             cmd = BundleCommand.decode(payload, where)
@@ -381,8 +387,11 @@ class RolloutControl:
             cmd, self._wanted = self._wanted, None
             if cmd is None:
                 continue
+            self._withdrawn = False
             try:
                 self._apply(cmd)
+                if self._withdrawn and self._ready is None and self._watch is None and not self._stop.is_set():
+                    self._set(state="idle", reason="the hub withdrew the bundle command before it ran")
             except Refusal as exc:
                 if exc.final:
                     self._state["refused"][cmd.version] = exc.message
@@ -398,7 +407,7 @@ class RolloutControl:
         """The agent stops, or a command for another version came meanwhile (the same one again, as the broker
         resends a retained command after each reconnect, does not interrupt the work)."""
         wanted = self._wanted
-        return self._stop.is_set() or (wanted is not None and wanted.version != cmd.version)
+        return self._stop.is_set() or self._withdrawn or (wanted is not None and wanted.version != cmd.version)
 
     def _apply(self, cmd: BundleCommand) -> None:
         if cmd.version == self.running:

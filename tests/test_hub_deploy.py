@@ -57,6 +57,10 @@ class Fleet:
     def __init__(self, db: HubDB, script: dict[str, list[tuple[str, str | None]]]) -> None:
         self.db, self.script, self.sent = db, script, []
         self.threads: list[threading.Thread] = []
+        self.cleared: list[str] = []
+
+    def clear(self, site: str, device: str) -> None:
+        self.cleared.append(device)
 
     def send(self, site: str, device: str, payload: bytes) -> None:
         cmd = BundleCommand.decode(payload, device)
@@ -100,7 +104,7 @@ def test_the_canary_goes_first_and_the_rest_after_it_is_healthy(db, bundle):
     dep = deploy.create(db, spec(bundle, canary=1))
     outcome = deploy.run(db, dep, fleet, lines.append, poll_s=0.02)
     assert outcome.state == "done" and outcome.devices == dict.fromkeys(("d1", "d2", "d3"), "healthy")
-    assert [d for d, _ in fleet.sent] == ["d1", "d2", "d3"]
+    assert [d for d, _ in fleet.sent] == ["d1", "d2", "d3"] and fleet.cleared == []
     assert lines.index("canary: sent to d1") < lines.index("  d1: healthy") < lines.index("rest: sent to d2, d3")
     cmd = fleet.sent[0][1]
     assert (cmd.version, cmd.url, cmd.watch_s, cmd.deferral_band) == (
@@ -121,7 +125,8 @@ def test_a_canary_that_fails_stops_the_rollout_and_the_rest_get_nothing(db, bund
     outcome = deploy.run(db, deploy.create(db, spec(bundle)), fleet, lines.append, poll_s=0.02)
     assert outcome.state == "stopped" and outcome.reason == f"d1 {state}: {reason}"
     assert [d for d, _ in fleet.sent] == ["d1"] and outcome.devices == {"d1": state, "d2": "waiting", "d3": "waiting"}
-    assert lines[-1] == f"stopped: d1 {state}: {reason}"
+    assert lines[-2:] == ["withdrew the bundle command of d1", f"stopped: d1 {state}: {reason}"]
+    assert fleet.cleared == ["d1"]
     page = _fleet_page(db)
     assert "0</b> of 3 healthy" in page and reason in page
 
@@ -131,6 +136,7 @@ def test_a_silent_device_stops_the_rollout_at_the_timeout(db, bundle):
     outcome = deploy.run(db, deploy.create(db, spec(bundle, timeout_s=0.5)), fleet, lambda _l: None, poll_s=0.02)
     assert outcome.state == "stopped" and "d1 timed_out: not healthy within 0.5 s (last said: fetching)" == \
         outcome.reason
+    assert fleet.cleared == ["d1"]  # a device that comes back later does not take the stopped rollout's bundle
 
 
 def test_bad_requests_are_one_line_each(db, bundle, tmp_path):

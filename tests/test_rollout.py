@@ -196,6 +196,22 @@ def test_an_https_hub_is_trusted_through_the_configured_ca_only(device, bundles,
             trusting.control.close()
 
 
+def test_a_withdrawn_command_drops_the_work_not_yet_swapped_in(device, bundles):
+    cmd, _ = command(bundles["v2"], "http://127.0.0.1:1/bundles/d-1")  # nothing listens: fetching, retried
+    device.send(cmd)
+    deadline = time.monotonic() + 20
+    while "cannot fetch the bundle" not in (device.control.status().reason or ""):
+        assert time.monotonic() < deadline, device.control.status()
+        time.sleep(0.05)
+    device.sent_at = time.time()
+    device.control.command(b"", "topic 'edgekit/v1/s/d/command/bundle'")  # the hub cleared it: the rollout stopped
+    while device.control.status().state != "idle":
+        assert time.monotonic() < deadline, device.control.status()
+        time.sleep(0.05)
+    assert device.control.status().reason == "the hub withdrew the bundle command before it ran"
+    assert device.swaps == [] and cmd.version not in device.store.read()["refused"]
+
+
 def test_a_restart_while_watching_rolls_back(device, bundles, key, tmp_path):
     with BundleServer() as server:
         cmd, server.archives["d-1"] = command(bundles["v2"], f"{server.url}/bundles/d-1", watch_s=60)

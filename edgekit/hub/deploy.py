@@ -242,6 +242,11 @@ class CommandPublisher:
             raise TransportError(f"the broker did not acknowledge the bundle command for {device} within "
                                  f"{PUBLISH_TIMEOUT_S:g} s", where=f"deploy --broker {self.endpoint}")
 
+    def clear(self, site: str, device: str) -> None:
+        """Remove the device's retained bundle command (an empty retained message): a device that has not taken
+        it yet never will, one that is fetching or checking drops it."""
+        self.send(site, device, b"")
+
 
 # --- driving the rollout ------------------------------------------------------------------------------
 
@@ -303,6 +308,13 @@ def run(db: HubDB, dep: Deployment, publisher: CommandPublisher, on_progress: Ca
         failed = _follow(db, dep, targets, timeout_s, poll_s, on_progress, stop)
         if failed is not None:
             reason = f"{failed.device} {failed.state}: {failed.reason or 'no reason given'}"
+            # The commands of devices that did not get as far as healthy are withdrawn: an offline or slow one
+            # must not take the bundle later, after the rollout stopped.
+            withdrawn = [t.device for t in dep.targets if t.state not in (WAITING, "healthy")]
+            for device in withdrawn:
+                publisher.clear(dep.site, device)
+            if withdrawn:
+                on_progress(f"withdrew the bundle command of {', '.join(withdrawn)}")
             _set_deployment(db, dep.id, "stopped", reason)
             on_progress(f"stopped: {reason}")
             log.info("deploy.stopped id=%s reason=%r", dep.id, reason)
