@@ -242,3 +242,25 @@ def test_the_agent_takes_a_fresh_baseline_command_and_refuses_others(baseline_ru
         assert not a._relearn.is_set() and "has no baseline to learn" in caplog.text
         a._mqtt_command("reboot", b"{}")
         assert "unknown command (this agent takes 'trial' and 'baseline')" in caplog.text
+
+
+def test_sensor_fault_eval_commissions_each_recording_on_its_own_first_windows(baseline_runs, tmp_path) -> None:
+    """`edgekit eval sensor-faults` feeds several recordings through one pipeline: each is a fresh device that
+    learns its baseline from its own first windows (not the first recording's), and those are not scored."""
+    from edgekit.exporters.evaluation.sensor_faults import _agent, _judge, _windows
+    from edgekit.features import extractor
+
+    folder = baseline_runs["recipe"].parent / "recordings"
+    values = [_read(folder / "machine-2" / "run-0.csv")[1], _read(folder / "machine-3" / "run-1.csv")[1]]
+    with _agent(baseline_runs["bundle-baseline"], tmp_path) as agent:
+        m = agent.manifest
+        recordings = _windows(values, int(m.input.window_size), int(m.input.window_hop))
+        judged = _judge(agent.pipeline, recordings)
+        comm = agent.pipeline.commissioning
+    assert len(judged) == sum(len(r) - 5 for r in recordings)
+    assert not any("commissioning" in j.decision.reasons for j in judged)
+    assert [j.window for j in judged] == recordings[0][5:] + recordings[1][5:]
+    raw = extractor(m.input.extractor, m.input.feature_params)(np.stack([w.data for w in recordings[1][:5]]),
+                                                              1000.0)
+    assert comm is not None and comm.baseline is not None
+    assert np.array_equal(comm.baseline.mean, bl.fit(raw)[0])  # the last recording's own first windows

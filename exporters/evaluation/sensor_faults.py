@@ -7,7 +7,10 @@ agent's replay decoding), one fault is injected into one channel of the whole re
 the agent's Windower cuts go through a real `Agent`'s pipeline (`Agent.pipeline.run`, what
 `Agent.process_many` runs before it encodes each result: the decision's reasons are the result's reasons),
 in batches of the agent's MAX_WINDOWS_PER_CALL. The same windows also go through the same models and gate
-without the bundle's envelope: what the gate did before issue 14.
+without the bundle's envelope: what the gate did before issue 14. Each recording is a fresh device: a bundle
+with a per-machine baseline (the recipe's [baseline] windows = N) commissions again on each recording's own
+first N windows (faulty ones too: the fault is there from the first sample, as a miswired or broken sensor at
+installation), and only the windows from position N on are scored.
 
 Faults (FAULTS), each on channel c of every test recording, sized from the train split's recordings:
     stuck      the channel holds its first value          dead       it reads 0
@@ -158,14 +161,14 @@ def _recordings(recipe_path: Path, run_dir: Path) -> tuple[list[np.ndarray], lis
     return out["test"], train, Scales(stacked.std(axis=0), np.median(np.concatenate(motion), axis=0))
 
 
-def _windows(segments: list[np.ndarray], size: int, hop: int) -> list[Any]:
-    """The agent's Windower over each segment (a fresh one per segment: no window spans a gap)."""
+def _windows(segments: list[np.ndarray], size: int, hop: int) -> list[list[Any]]:
+    """Per segment, the agent's Windower over it (a fresh one per segment: no window spans a gap)."""
     from edgekit.window import Windower
 
     out = []
     for values in segments:
         w = Windower(size, hop, values.shape[1])
-        out.extend(w.push_many(np.arange(len(values), dtype=np.float64), values))
+        out.append(w.push_many(np.arange(len(values), dtype=np.float64), values))
     return out
 
 
@@ -185,12 +188,23 @@ def _agent(bundle: Path, work: Path) -> Any:
     return Agent(cfg)
 
 
-def _judge(pipeline: Any, windows: list[Any]) -> list[Any]:
+def _judge(pipeline: Any, recordings: list[list[Any]]) -> list[Any]:
+    """Each recording's windows through `pipeline` as a fresh device would judge them. With a baseline (the
+    recipe's [baseline] windows = N) commissioning starts again at each recording, which learns from its own
+    first plausible windows (deferred as `commissioning`: no model judges them); the windows from position N
+    on are returned, the same ones for every fault and the clean recording (a fault that makes windows
+    implausible makes commissioning take longer: such a window after N is scored as the device judged it)."""
     from edgekit.agent import MAX_WINDOWS_PER_CALL
 
     out: list[Any] = []
-    for a in range(0, len(windows), MAX_WINDOWS_PER_CALL):
-        out.extend(pipeline.run(windows[a:a + MAX_WINDOWS_PER_CALL]))
+    comm = pipeline.commissioning
+    for windows in recordings:
+        if comm is not None:
+            comm.restart("learned")
+        judged: list[Any] = []
+        for a in range(0, len(windows), MAX_WINDOWS_PER_CALL):
+            judged.extend(pipeline.run(windows[a:a + MAX_WINDOWS_PER_CALL]))
+        out.extend(judged[comm.needed:] if comm is not None else judged)
     return out
 
 
