@@ -240,6 +240,7 @@ def evaluate_bundle(bundle: Path, run_dir: Path, recipe_path: Path, work: Path,
         clean = _windows(test, size, hop)
         result: dict[str, Any] = {
             "bundle": str(bundle), "channels": names, "recordings": len(test),
+            "commissioning": agent.pipeline.commissioning.needed if agent.pipeline.commissioning else 0,
             "envelope": m.input.envelope.model_dump() if m.input.envelope else None,
             "clean": {k: _count(_judge(p, clean), set(), names) for k, p in pipelines.items()}, "faults": {}}
         for fault in faults:
@@ -297,7 +298,9 @@ def table(result: dict[str, Any]) -> str:
     lines = []
     for name, r in result["recipes"].items():
         lines.append(f"{name}: {r['recordings']} held-out recordings, {len(r['channels'])} channels, "
-                     "one channel broken at a time")
+                     "one channel broken at a time"
+                     + (f"; each a fresh device commissioned on its first {r['commissioning']} windows (not "
+                        "scored)" if r.get("commissioning") else ""))
         lines.append(f"{'fault':<16}{'windows':>9}{'deferred before':>17}{'deferred':>10}{'named':>8}"
                      f"{'named+attr':>12}")
         for fault, f in [("clean", r["clean"]), *r["faults"].items()]:
