@@ -268,7 +268,7 @@ def test_labels_from_the_trial_page_retrain_the_table_recipe(tmp_path):
 
 def test_presentation_helpers():
     assert reason_text("low_confidence") == "The model was not confident enough."  # gate.REASON_TEXT's words
-    assert reason_text("ood:acc_x") == reason_text("ood")  # a reason may name a channel after ':'
+    assert reason_text("ood:acc_x") == reason_text("ood")[:-1] + ": acc_x."  # a reason may name a channel after ":"
     assert reason_text("a_newer_reason") == "a_newer_reason"
     svg = signal_svg({"channels": ["a"], "rate_hz": 100, "start_s": 50.0, "points": [[0, 1, 0, 1, 0]]},
                      (0.0, 10.0), svg_id="s", ticks_s=[5.0, 12.0],
