@@ -17,7 +17,7 @@ and two the agent applies before any model runs:
 and the input envelope (edgekit/plausible.py EnvelopeCheck, manifest `input.envelope`), whose mask the rule
 takes as `outside`: a window outside what the training data showed is deferred whatever the models say, with
 reasons that name the channel or feature (`stuck:<channel>`, `out_of_range:<channel>`,
-`feature_range:<feature>`) in place of the mask's name `envelope`.
+`feature_range:<feature>`, `relation:<channel>`) in place of the mask's name `envelope`.
 `non_finite`, `implausible` and `commissioning` defer even when the gate is disabled: disabling the gate turns off the
 judgement calls (the envelope is one), never the refusal to answer from numbers that are not numbers.
 Must not import onnxruntime, paho or torch: it only compares numbers.
@@ -42,6 +42,7 @@ REASON_TEXT = {
     "stuck": "a channel stopped moving, unlike in any training recording (a stuck or dead sensor?)",
     "out_of_range": "a channel read outside the range the training data showed",
     "feature_range": "a feature of the window was outside the range the training data showed",
+    "relation": "a channel did not move with the others as in the training data (a gain, a swapped wire?)",
     "ood": "the input was unlike anything the model learned from",
     "disagreement": "the model and the second opinion disagreed",
     "low_confidence": "the model was not confident enough",

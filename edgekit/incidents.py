@@ -26,6 +26,7 @@ DEFAULT_GAP_S = 60.0  # deferred windows this close (sensor time, end to next st
 SEVERITY = {
     "implausible": 1.0, "non_finite": 1.0,  # numbers no model may answer from
     "stuck": 0.9, "out_of_range": 0.9,  # a channel that broke or left what training saw: a sensor or a process
+    "relation": 0.8,  # a channel out of step with the others: a miswired or mis-scaled sensor, or a process
     "feature_range": 0.7,
     "ood": 0.6,  # unlike the training data as a whole
     "disagreement": 0.4, "low_confidence": 0.3,  # the models' doubts about a familiar-looking input

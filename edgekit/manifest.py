@@ -63,8 +63,16 @@ class ChannelEnvelope(_Strict):
     high: list[float] = Field(description="Per channel: a window with a sample above this is deferred as "
                               "'out_of_range:<channel>'.")
     stuck_below: list[float] = Field(description="Per channel: a window whose spread (max - min) is below this is "
-                                     "deferred as 'stuck:<channel>'; 0 for a channel that does not always move "
-                                     "in training (never stuck).")
+                                     "still; still in `stuck_after` windows in a row, it is deferred as "
+                                     "'stuck:<channel>'; 0: never stuck.")
+    stuck_after: list[int] | None = Field(None, description="Per channel: how many still windows in a row make it "
+                                          "stuck: 1 for a channel that always moves in training, more for one "
+                                          "that is still now and then (twice its longest still run there, plus "
+                                          "one); absent: 1 for every channel.")
+
+    @model_serializer(mode="wrap")
+    def _omit_no_runs(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> dict[str, Any]:
+        return omit_absent(handler(self), self, ("stuck_after",))  # older bundles keep their bytes
 
 
 class FeatureEnvelope(_Strict):
@@ -72,6 +80,63 @@ class FeatureEnvelope(_Strict):
                              "the window as 'feature_range:<feature>'.")
     high: list[float] = Field(description="Per feature: a raw feature above this defers the window as "
                               "'feature_range:<feature>'.")
+
+
+class RelationEnvelope(_Strict):
+    """How the channels move together in training (edgekit/plausible.py ChannelRelations): per channel, linear
+    models of its window level and log spread (relation_stats) from the other channels', and the range of
+    their residuals; a window outside one is deferred as 'relation:<channel>', naming the channel that best
+    explains it. C channels; model set 0 uses every other channel, set e + 1 leaves channel e out too."""
+
+    log_level: list[bool] = Field(description="Per channel: its level is taken as a log (its training windows "
+                                  "never reached 0).")
+    level_floor: list[float] = Field(description="Per channel: a level (of a log_level channel) is at least "
+                                     "this before its log.")
+    spread_floor: list[float] = Field(description="Per channel: a spread is at least this before its log.")
+    mean: list[float] = Field(description="2C: each statistic's mean over the train split (levels, then spreads).")
+    std: list[float] = Field(description="2C: each statistic's standard deviation there (> 0).")
+    weights: list[list[list[list[float]]]] = Field(description="(C + 1) x C x 2 x (2C + 1): per model set, "
+                                                   "channel and statistic (level, spread), the coefficients on "
+                                                   "the 2C standardised statistics, then the intercept.")
+    low: list[list[list[float]]] = Field(description="(C + 1) x C x 2: the lowest residual; set e + 1's "
+                                         "channel e unused.")
+    high: list[list[list[float]]] = Field(description="(C + 1) x C x 2: the highest residual.")
+
+    @model_validator(mode="after")
+    def _shapes(self) -> RelationEnvelope:
+        c = len(self.log_level)
+        want = {"level_floor": (c,), "spread_floor": (c,), "mean": (2 * c,), "std": (2 * c,),
+                "weights": (c + 1, c, 2, 2 * c + 1), "low": (c + 1, c, 2), "high": (c + 1, c, 2)}
+        for key, shape in want.items():
+            value = getattr(self, key)
+            got = _shape(value, len(shape))
+            if got != shape:
+                raise ValueError(f"relations.{key} must be {' x '.join(map(str, shape))} for {c} channels "
+                                 f"(got {' x '.join(map(str, got)) or 'ragged'})")
+            if not all(math.isfinite(v) for v in _flat(value)):
+                raise ValueError(f"relations.{key} must be finite")
+        if not all(v > 0 for v in self.std) or not all(v > 0 for v in self.spread_floor):
+            raise ValueError("relations.std and relations.spread_floor must be > 0")
+        if not all(lo <= hi for lo, hi in zip(_flat(self.low), _flat(self.high))):
+            raise ValueError("relations: every low must be <= its high")
+        return self
+
+
+def _shape(value: Any, depth: int) -> tuple[int, ...]:
+    """A nested list's shape to `depth`, () when ragged."""
+    shape = []
+    level = [value]
+    for _ in range(depth):
+        sizes = {len(v) if isinstance(v, list) else -1 for v in level}
+        if len(sizes) != 1 or -1 in sizes:
+            return ()
+        shape.append(sizes.pop())
+        level = [x for v in level for x in v]
+    return tuple(shape) if all(not isinstance(v, list) for v in level) else ()
+
+
+def _flat(value: Any) -> list[float]:
+    return [x for v in value for x in _flat(v)] if isinstance(value, list) else [value]
 
 
 class InputEnvelope(_Strict):
@@ -82,7 +147,14 @@ class InputEnvelope(_Strict):
     channels: ChannelEnvelope | None = Field(None, description="Per-channel range and stuck detection; null "
                                              "when the run recorded no window extremes.")
     features: FeatureEnvelope | None = Field(None, description="Per-feature range; null: none.")
+    relations: RelationEnvelope | None = Field(None, description="How the channels move together; absent: not "
+                                               "checked (a bundle exported before it, or fewer than 2 channels).")
     basis: str = Field(description="How the bounds were set (quantiles, margins, splits).")
+
+    @model_serializer(mode="wrap")
+    def _omit_no_relations(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo
+                           ) -> dict[str, Any]:
+        return omit_absent(handler(self), self, ("relations",))  # older bundles keep their bytes
 
 
 class BaselineSpec(_Strict):
@@ -392,6 +464,13 @@ class InputSpec(_Strict):
                 raise ValueError(f"envelope.{key}: every bound must be finite with low <= high")
         if env.channels is not None and not all(math.isfinite(s) and s >= 0 for s in env.channels.stuck_below):
             raise ValueError("envelope.channels.stuck_below must be finite and >= 0")
+        after = env.channels.stuck_after if env.channels is not None else None
+        if after is not None and (len(after) != len(self.channels or []) or min(after, default=1) < 1):
+            raise ValueError(f"envelope.channels.stuck_after needs one value >= 1 per channel "
+                             f"({len(self.channels or [])}), got {after}")
+        if env.relations is not None and len(env.relations.log_level) != len(self.channels or []):
+            raise ValueError(f"envelope.relations is of {len(env.relations.log_level)} channels, the input has "
+                             f"{len(self.channels or [])}")
         return self
 
 

@@ -19,7 +19,7 @@ import numpy as np
 from edgekit.baseline import Commissioning
 from edgekit.features import extractor
 from edgekit.gate import Gate, OodAttribution
-from edgekit.plausible import EnvelopeCheck, Plausibility
+from edgekit.plausible import EnvelopeCheck, Plausibility, StillRuns
 from edgekit.values import GateDecision, Window
 
 
@@ -61,6 +61,9 @@ class EdgePipeline:
         self.gate = gate
         self.plausible = Plausibility.from_manifest(manifest)
         self.envelope = EnvelopeCheck.from_manifest(manifest)
+        # how long each channel has been still, for a channel stuck only after a run of still windows
+        self.still = (StillRuns(len(manifest.input.channels or ()))
+                      if self.envelope is not None and self.envelope.counts_runs else None)
         self.attribution = (OodAttribution.for_features(self.feature_names, manifest.input.channels or [])
                             if getattr(models, "has_errors", False) else None)
         self.uses_window = "window" in models.input_kind.values()
@@ -81,6 +84,9 @@ class EdgePipeline:
         env = self.envelope
         # per-channel extremes, once, for both checks
         extremes = (data.min(axis=1), data.max(axis=1)) if env is not None and env.checks_channels else None
+        runs = None  # every window counts, in order, plausible or not: a stuck sensor is stuck in all of them
+        if self.still is not None and env is not None and extremes is not None:
+            runs = self.still.update(env.still(*extremes))
         why = self.plausible.windows(data, extremes)
         keep = [i for i, w in enumerate(why) if w is None]
         if len(keep) < len(windows):
@@ -90,7 +96,7 @@ class EdgePipeline:
         learning: dict[int, tuple[str, ...]] = {}  # window index -> envelope reasons, while commissioning
         comm = self.commissioning
         if comm is not None and not comm.ready and keep:
-            learning = self._learn(raw, keep, extremes, len(windows))
+            learning = self._learn(raw, keep, extremes, runs, len(windows))
         if learning:  # the first len(learning) windows of keep (a non-finite one among them is implausible)
             first = len(learning)
             for j, w in enumerate(Plausibility.features(raw[:first], raw[:first], self.feature_names)):
@@ -117,7 +123,8 @@ class EdgePipeline:
                 lo = hi = None
                 if extremes is not None:
                     lo, hi = extremes if len(rows) == len(windows) else (extremes[0][rows], extremes[1][rows])
-                named = env.reasons(lo, hi, raw if len(ok) == len(raw) else raw[ok])
+                named = env.reasons(lo, hi, raw if len(ok) == len(raw) else raw[ok],
+                                    None if runs is None else runs if len(rows) == len(windows) else runs[rows])
             if len(ok) < len(keep):
                 feats = feats[ok]
             win = None
@@ -144,15 +151,22 @@ class EdgePipeline:
             refused = self.gate.refuse("implausible")
             for i, d in enumerate(decisions):
                 if d is None:  # with channel checks, the refusal also names the channels outside the envelope
-                    named = (env.reasons(extremes[0][i:i + 1], extremes[1][i:i + 1], None)[0]
+                    named = (env.reasons(extremes[0][i:i + 1], extremes[1][i:i + 1], None,
+                                         None if runs is None else runs[i:i + 1])[0]
                              if env is not None and extremes is not None else ())
                     decisions[i] = self.gate.refuse("implausible", named) if named else refused
         features = dict(zip(all_keep, all_raw))
         return [Judged(w, features.get(i), probs[i], second[i], decisions[i], why[i],  # type: ignore[arg-type]
                        attribution.get(i)) for i, w in enumerate(windows)]
 
+    def restart_stream(self) -> None:
+        """Forget what earlier windows said about the next ones (how long each channel has been still): a
+        new recording or another device's stream follows. The baseline is the agent's (`commissioning`)."""
+        if self.still is not None:
+            self.still.reset()
+
     def _learn(self, raw: np.ndarray, keep: list[int], extremes: tuple[np.ndarray, np.ndarray] | None,
-               n: int) -> dict[int, tuple[str, ...]]:
+               runs: np.ndarray | None, n: int) -> dict[int, tuple[str, ...]]:
         """Commissioning on one batch: feed the baseline the plausible windows (every sample in the plausible
         range, every feature finite) in order, until it has all it needs. A window outside the envelope is
         learned from too (a machine is not the training fleet: that is why it has a baseline), and the
@@ -166,7 +180,7 @@ class EdgePipeline:
             lo = hi = None
             if extremes is not None:
                 lo, hi = extremes if len(keep) == n else (extremes[0][keep], extremes[1][keep])
-            named = env.reasons(lo, hi, raw)
+            named = env.reasons(lo, hi, raw, None if runs is None else runs if len(keep) == n else runs[keep])
         good = np.flatnonzero(np.isfinite(raw).all(axis=1)).tolist()
         need = comm.needed - comm.learned
         comm.take(raw[good[:need]])

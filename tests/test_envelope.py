@@ -145,4 +145,58 @@ def test_sensor_fault_table_on_a_small_run(built, tmp_path: Path) -> None:
     lines = text.splitlines()
     assert lines[0] == "factory: 2 held-out recordings, 3 channels, one channel broken at a time"
     assert lines[3].split()[:4] == ["dead", "*", str(3 * windows), "100.0"]
-    assert lines[-2].startswith("gross faults (*): ") and lines[-1].startswith("clean: deferred ")
+    assert lines[-3].startswith("gross faults (*): ") and lines[-1].startswith("clean: deferred ")
+    # the gross faults' windows by their recipe label (the factory's: normal, fault), each counted once
+    assert lines[-2].startswith("  named by the window's label: normal ") and ", fault " in lines[-2]
+    by_label = [result["faults"][g]["envelope"]["by_label"] for g in GROSS]
+    assert sum(b["windows"] for x in by_label for b in x.values()) == 4 * 3 * windows
+
+
+def test_bundle_relations_and_calibration_use_the_agents_rule(built) -> None:
+    """Export writes the relations between channels into the envelope, and what calibration leaves out of
+    acceptance on each split is what the agent's EnvelopeCheck defers there (without still runs)."""
+    from edgekit.exporters.export.export import envelope_outside, load_run
+    from edgekit.manifest import read_manifest
+    from edgekit.plausible import EnvelopeCheck
+
+    bundle, run, _ = built
+    m = read_manifest(bundle)
+    env = m.input.envelope
+    assert env is not None and env.relations is not None and len(env.relations.log_level) == len(CHANNELS)
+    assert "relations: each channel's window level and log spread" in env.basis
+    check = EnvelopeCheck.from_manifest(m)
+    assert check is not None and check.relations is not None
+    r = load_run(run)
+    envelope = m.input.envelope.model_dump(mode="json")
+    with np.load(run / "splits.npz") as s:
+        for split in ("cal", "test"):
+            want = check.outside(s[f"{split}_window_min"], s[f"{split}_window_max"], s[f"{split}_features_raw"])
+            np.testing.assert_array_equal(envelope_outside(r, envelope, split), want)
+        # the relations hold on every calibration window (their ranges were widened to them)
+        assert not check.relations.outside(s["cal_window_min"], s["cal_window_max"]).any()
+
+
+def test_still_runs_in_the_pipeline_are_alike_in_any_batch(built) -> None:
+    """A channel given stuck_after = 5 (as export gives one that is flat now and then) is named stuck from its
+    fifth still window in a row, whatever the batch sizes; restart_stream forgets the run."""
+    from edgekit.exporters.evaluation.sensor_faults import _agent, _windows
+    from edgekit.pipeline import EdgePipeline
+
+    bundle, run, recipe = built
+    t, values, state = read_recording(held_out(run, recipe.parent))
+    values[:, 1] = values[0, 1]
+    with _agent(bundle, Path(recipe.parent)) as agent:
+        m = agent.manifest
+        ch = m.input.envelope.channels
+        env = m.input.envelope.model_copy(update={"channels": ch.model_copy(update={"stuck_after": [1, 5, 1]})})
+        five = m.model_copy(update={"input": m.input.model_copy(update={"envelope": env})})
+        windows = _windows([values], int(m.input.window_size or 0), int(m.input.window_hop or 0))[0]
+        got = {}
+        for batch in (1, 3, 256):
+            pipe = EdgePipeline(five, agent.models, agent.pre, agent.gate)
+            got[batch] = [j.decision.reasons for a in range(0, len(windows), batch)
+                          for j in pipe.run(windows[a:a + batch])]
+            pipe.restart_stream()
+            assert "stuck:vib_y" not in pipe.run(windows[:1])[0].decision.reasons
+    assert got[1] == got[3] == got[256]
+    assert [("stuck:vib_y" in r) for r in got[1]] == [False] * 4 + [True] * (len(windows) - 4)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgekit.plausible import MAX_NAMED, NAME_MAX, EnvelopeCheck, Plausibility
+from edgekit.plausible import MAX_NAMED, NAME_MAX, EnvelopeCheck, Plausibility, StillRuns
 
 
 def test_windows_outside_the_range_or_not_finite_are_named():
@@ -108,3 +108,41 @@ def test_envelope_on_a_batch_is_the_envelope_on_each_window_bit_for_bit():
     assert not only_features.checks_channels
     assert only_features.reasons(None, None, raw) == [
         only_features.reasons(None, None, raw[i:i + 1])[0] for i in range(500)]
+
+
+def test_still_runs_count_across_batches_as_in_one():
+    rng = np.random.default_rng(5)
+    still = rng.random((200, 3)) < np.array([0.1, 0.7, 1.0])
+    whole = StillRuns(3).update(still)
+    runs = StillRuns(3)
+    parts = [runs.update(still[a:a + k]) for a, k in ((0, 1), (1, 7), (8, 0), (8, 100), (108, 92))]
+    np.testing.assert_array_equal(np.concatenate(parts), whole)
+    for c in range(3):  # by hand: the still windows in a row up to each one
+        run, want = 0, []
+        for v in still[:, c]:
+            run = run + 1 if v else 0
+            want.append(run)
+        np.testing.assert_array_equal(whole[:, c], want)
+    runs.reset()
+    np.testing.assert_array_equal(runs.update(np.ones((2, 3), dtype=bool)), [[1, 1, 1], [2, 2, 2]])
+
+
+def test_a_channel_flat_now_and_then_is_stuck_only_after_a_longer_run():
+    """b is still below 0.1 now and then in training (stuck_after 4: more than twice its longest still run);
+    a is stuck in one still window, as before."""
+    env = EnvelopeCheck(CHANNELS, FEATURES, np.zeros(3), np.array([10.0, 10.0, 1.0]), np.array([0.1, 0.1, 0.0]),
+                        stuck_after=np.array([1, 4, 1]))
+    assert env.counts_runs
+    data = np.random.default_rng(1).uniform(0.2, 0.8, size=(8, 8, 3))
+    data[1:7, :, 1] = 0.5  # b flat for 6 windows
+    data[2, :, 0] = 0.5  # a flat once
+    lo, hi = extremes(data)
+    runs = StillRuns(3)
+    got = [env.reasons(lo[i:i + 1], hi[i:i + 1], None, runs.update(env.still(lo[i:i + 1], hi[i:i + 1])))[0]
+           for i in range(8)]
+    assert got == [(), (), ("stuck:a",), (), ("stuck:b",), ("stuck:b",), ("stuck:b",), ()]
+    all_runs = StillRuns(3).update(env.still(lo, hi))
+    assert env.reasons(lo, hi, None, all_runs) == got
+    np.testing.assert_array_equal(env.outside(lo, hi, None, all_runs), [bool(r) for r in got])
+    # without runs (export calibration: a split is not one stream) b is never stuck, a still is
+    assert env.reasons(lo, hi, None) == [("stuck:a",) if i == 2 else () for i in range(8)]

@@ -21,7 +21,7 @@ Faults (FAULTS), each on channel c of every test recording, sized from the train
     dropout    5 % and 20 % of the samples read 0
 Per fault (over every channel and window): the share deferred with and without the envelope, and the share
 deferred with the fault's channel named first, by the envelope's reasons (`stuck:<c>`, `out_of_range:<c>`,
-`feature_range:<c>.<stat>`) and, for an `ood` deferral the envelope did not name, by the attribution's
+`feature_range:<c>.<stat>`, `relation:<c>`) and, for an `ood` deferral the envelope did not name, by the attribution's
 largest share (gate.OodAttribution). Gross faults (GROSS): dead, stuck, gain x10, swapped. Nothing is tuned
 here or on these recordings: the recipes, export's envelope and the agent are the shipped ones.
 """
@@ -114,7 +114,7 @@ def named_channel(reasons: Sequence[str], attribution: dict[str, float] | None, 
     with `attributed` and an `ood` reason, the attribution's largest share when it is a channel."""
     for r in reasons:
         kind, _, name = r.partition(":")
-        if kind in ("stuck", "out_of_range") and name in channels:
+        if kind in ("stuck", "out_of_range", "relation") and name in channels:
             return name
         if kind == "feature_range":
             head = name.rsplit(".", 1)[0]
@@ -129,9 +129,11 @@ def named_channel(reasons: Sequence[str], attribution: dict[str, float] | None, 
 # --- the recordings ---------------------------------------------------------------------------------
 
 
-def _recordings(recipe_path: Path, run_dir: Path) -> tuple[list[np.ndarray], list[np.ndarray], Scales]:
-    """The test split's recordings (segments without a gap, each (n, C)), the train split's, and the
-    channel scales from the train ones. Groups are the run's own (splits.npz)."""
+def _recordings(recipe_path: Path, run_dir: Path
+                ) -> tuple[list[np.ndarray], list[np.ndarray], Scales, list[np.ndarray]]:
+    """The test split's recordings (segments without a gap, each (n, C)), the train split's, the channel
+    scales from the train ones, and the test recordings' per-sample label indices (the recipe's labels).
+    Groups are the run's own (splits.npz)."""
     from edgekit.exporters.training import recordings, tasks
     from edgekit.recipe import load_recipe
 
@@ -142,6 +144,7 @@ def _recordings(recipe_path: Path, run_dir: Path) -> tuple[list[np.ndarray], lis
     ctx = recordings.Context(recipe, tasks._resolve(recipe, recipe_path.parent))
     key = recipe.splits.group_by
     out: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+    test_labels: list[np.ndarray] = []
     for fs in d.files:
         for path in recordings.list_files(ctx.root, fs, d.max_files):
             part = recordings.read_part(ctx, path, fs.label)
@@ -153,12 +156,27 @@ def _recordings(recipe_path: Path, run_dir: Path) -> tuple[list[np.ndarray], lis
                 for split, names in groups.items():
                     if group in names:
                         out[split].append(part.values[a:b])
+                        if split == "test":
+                            test_labels.append(part.labels[a:b])
     train = [v for v in out["train"] if len(v)]
     size = int(recipe.window.size) if recipe.window else 1
     stacked = np.concatenate(train)
     motion = [np.std(v[: len(v) // size * size].reshape(-1, size, v.shape[1]), axis=1) for v in train
               if len(v) >= size]
-    return out["test"], train, Scales(stacked.std(axis=0), np.median(np.concatenate(motion), axis=0))
+    return (out["test"], train, Scales(stacked.std(axis=0), np.median(np.concatenate(motion), axis=0)),
+            test_labels)
+
+
+def _window_labels(recordings: list[list[Any]], labels: list[np.ndarray], names: Sequence[str], at: str,
+                   skip: int) -> list[str]:
+    """The recipe's label of each window `_judge` scores (each recording's from position `skip` on), in its
+    order: the sample's at the window's last row (`at` = 'last') or centre, as training labels them."""
+    out = []
+    for windows, lab in zip(recordings, labels):
+        for w in windows[skip:]:
+            size = len(w.data)
+            out.append(names[int(lab[int(w.start_s) + (size - 1 if at == "last" else size // 2)])])
+    return out
 
 
 def _windows(segments: list[np.ndarray], size: int, hop: int) -> list[list[Any]]:
@@ -199,6 +217,7 @@ def _judge(pipeline: Any, recordings: list[list[Any]]) -> list[Any]:
     out: list[Any] = []
     comm = pipeline.commissioning
     for windows in recordings:
+        pipeline.restart_stream()
         if comm is not None:
             comm.restart("learned")
         judged: list[Any] = []
@@ -208,17 +227,28 @@ def _judge(pipeline: Any, recordings: list[list[Any]]) -> list[Any]:
     return out
 
 
-def _count(judged: list[Any], right: set[str], channels: Sequence[str]) -> dict[str, int]:
+def _count(judged: list[Any], right: set[str], channels: Sequence[str],
+           labels: Sequence[str] | None = None) -> dict[str, Any]:
     """Windows, deferred, deferred with a `right` channel named first (by the reasons; by the reasons or the
-    attribution), and deferred with any envelope reason (on clean recordings: the envelope's false alarms)."""
-    n = {"windows": len(judged), "deferred": 0, "named": 0, "named_or_attributed": 0, "enveloped": 0}
-    for j in judged:
-        if j.decision.action != "defer":
-            continue
-        n["deferred"] += 1
-        n["enveloped"] += any(r.partition(":")[0] in ENVELOPE_REASONS for r in j.decision.reasons)
-        n["named"] += named_channel(j.decision.reasons, None, channels, False) in right
-        n["named_or_attributed"] += named_channel(j.decision.reasons, j.attribution, channels, True) in right
+    attribution), and deferred with any envelope reason (on clean recordings: the envelope's false alarms);
+    with `labels` (each window's, in order) also windows and named per label (`by_label`)."""
+    n: dict[str, Any] = {"windows": len(judged), "deferred": 0, "named": 0, "named_or_attributed": 0,
+                         "enveloped": 0}
+    by_label: dict[str, dict[str, int]] = {}
+    for i, j in enumerate(judged):
+        named = False
+        if j.decision.action == "defer":
+            n["deferred"] += 1
+            n["enveloped"] += any(r.partition(":")[0] in ENVELOPE_REASONS for r in j.decision.reasons)
+            named = named_channel(j.decision.reasons, None, channels, False) in right
+            n["named"] += named
+            n["named_or_attributed"] += named_channel(j.decision.reasons, j.attribution, channels, True) in right
+        if labels is not None:
+            b = by_label.setdefault(labels[i], {"windows": 0, "named": 0})
+            b["windows"] += 1
+            b["named"] += named
+    if labels is not None:
+        n["by_label"] = by_label
     return n
 
 
@@ -228,8 +258,10 @@ def evaluate_bundle(bundle: Path, run_dir: Path, recipe_path: Path, work: Path,
     """Every fault on every channel (or those in `channels`) of the test recordings, through the bundle's
     agent with and without its envelope; counts per fault and channel, and the clean recordings'."""
     from edgekit.pipeline import EdgePipeline
+    from edgekit.recipe import load_recipe
 
-    test, _, scales = _recordings(recipe_path, run_dir)
+    test, _, scales, test_labels = _recordings(recipe_path, run_dir)
+    recipe = load_recipe(recipe_path)
     rng = np.random.default_rng(SEED)
     with _agent(bundle, work) as agent:
         m = agent.manifest
@@ -238,9 +270,13 @@ def evaluate_bundle(bundle: Path, run_dir: Path, recipe_path: Path, work: Path,
         bare = m.model_copy(update={"input": m.input.model_copy(update={"envelope": None})})
         pipelines = {"envelope": agent.pipeline, "none": EdgePipeline(bare, agent.models, agent.pre, agent.gate)}
         clean = _windows(test, size, hop)
+        comm = agent.pipeline.commissioning
+        # every fault keeps the recordings' lengths: the scored windows and their labels are the clean ones'
+        at = recipe.data.label.at if recipe.data.label is not None else "last"
+        labels = _window_labels(clean, test_labels, recipe.labels, at, comm.needed if comm else 0)
         result: dict[str, Any] = {
             "bundle": str(bundle), "channels": names, "recordings": len(test),
-            "commissioning": agent.pipeline.commissioning.needed if agent.pipeline.commissioning else 0,
+            "commissioning": comm.needed if comm else 0,
             "envelope": m.input.envelope.model_dump() if m.input.envelope else None,
             "clean": {k: _count(_judge(p, clean), set(), names) for k, p in pipelines.items()}, "faults": {}}
         for fault in faults:
@@ -248,7 +284,7 @@ def evaluate_bundle(bundle: Path, run_dir: Path, recipe_path: Path, work: Path,
             for c in (range(len(names)) if channels is None else channels):
                 wins = _windows([inject(v, fault, c, scales, rng) for v in test], size, hop)
                 right = {names[i] for i in faulty_channels(fault, c, len(names))}
-                per[names[c]] = {k: _count(_judge(p, wins), right, names) for k, p in pipelines.items()}
+                per[names[c]] = {k: _count(_judge(p, wins), right, names, labels) for k, p in pipelines.items()}
             result["faults"][fault.name] = {"per_channel": per, **_total(per)}
             if progress:
                 log.info("eval_sensor_faults bundle=%s fault=%s %s", bundle.name, fault.name,
@@ -261,6 +297,14 @@ def _total(per: dict[str, Any]) -> dict[str, Any]:
     for variant in ("envelope", "none"):
         keys = ("windows", "deferred", "named", "named_or_attributed", "enveloped")
         total[variant] = {k: sum(v[variant][k] for v in per.values()) for k in keys}
+        by_label: dict[str, dict[str, int]] = {}
+        for v in per.values():
+            for label, b in v[variant].get("by_label", {}).items():
+                t = by_label.setdefault(label, {"windows": 0, "named": 0})
+                t["windows"] += b["windows"]
+                t["named"] += b["named"]
+        if by_label:
+            total[variant]["by_label"] = by_label
     return total
 
 
@@ -316,6 +360,14 @@ def table(result: dict[str, Any]) -> str:
             lines.append(f"gross faults (*): {_pct(sum(g['named'] for g in gross), w).strip()} % deferred with "
                          f"the channel named by the reasons, {_pct(sum(g['named_or_attributed'] for g in gross), w).strip()} "
                          "% by the reasons or the attribution")
+            labels = list(dict.fromkeys(k for g in gross for k in g.get("by_label", {})))
+            if labels:
+                parts = []
+                for label in labels:
+                    b = [g["by_label"].get(label, {"windows": 0, "named": 0}) for g in gross]
+                    n = sum(x["windows"] for x in b)
+                    parts.append(f"{label} {_pct(sum(x['named'] for x in b), n).strip()} % of {n}")
+                lines.append("  named by the window's label: " + ", ".join(parts))
         c = r["clean"]
         e = c["envelope"]
         lines.append(f"clean: deferred {_pct(c['none']['deferred'], c['none']['windows']).strip()} % without the "

@@ -68,8 +68,18 @@ ENVELOPE_MIN_MARGIN = 0.1
 #    ENVELOPE_QUANTILE spread and the least spread of those calibration windows: a live sensor's window never
 #    moves less than its noise floor, which the quietest training windows show; ten times less is a sensor
 #    that stopped reporting (dead or frozen), not a quieter machine. A channel flat in more than that share
-#    of the training windows never counts as stuck.
+#    of the training windows (a quantised pressure reading that repeats for a few seconds) is still in a
+#    window moving less than that share of its quietest moving windows, and stuck only after more still
+#    windows in a row than STUCK_RUNS times its longest still run in the train and calibration recordings:
+#    a live sensor repeats itself no longer than it ever did, a dead or frozen one forever.
 STUCK_FRACTION = 0.1
+STUCK_RUNS = 2
+#  - relations between channels (edgekit/plausible.py ChannelRelations): ridge least squares on the train
+#    split's standardised statistics (RELATION_RIDGE x rows on the diagonal: two channels that read alike,
+#    like SKAB's two accelerometers, are collinear), residual ranges by the bounds above; a log level for a
+#    channel whose train windows never reach 0, floored at RELATION_LEVEL_FLOOR x its lowest level there.
+RELATION_RIDGE = 1e-3
+RELATION_LEVEL_FLOOR = 0.1
 
 
 @dataclass
@@ -448,9 +458,22 @@ def input_envelope(run: Run) -> dict[str, Any] | None:
             if len(cal_lo):
                 floor = np.fmin(floor, np.nanmin(cal_hi - cal_lo, axis=0))
         stuck = np.where(floor > 0, STUCK_FRACTION * floor, 0.0)
+        groups = {k: s[f"{k}_group"] if f"{k}_group" in s else None for k in ("train", "cal")}
+        stuck, after = _stuck_runs(stuck, (tr_lo, tr_hi, groups["train"]),
+                                   (s["cal_window_min"], s["cal_window_max"], groups["cal"])
+                                   if "cal_window_min" in s else None)
         if np.isfinite(low).all() and np.isfinite(high).all() and np.isfinite(stuck).all():
             out["channels"] = {"low": low.tolist(), "high": high.tolist(), "stuck_below": stuck.tolist()}
+            if (after > 1).any():
+                out["channels"]["stuck_after"] = after.tolist()
             parts.append("channels")
+        # every calibration window, not only the reference rows: a relation is the sensors', and a working
+        # sensor keeps it in any state of the process the training data holds (its train part is all rows too)
+        relations = input_relations((tr_lo, tr_hi), (s["cal_window_min"], s["cal_window_max"])
+                                    if "cal_window_min" in s else None)
+        if relations is not None:
+            out["relations"] = relations
+            parts.append("relations")
     if not parts:
         return None
     ref = "normal" if ood_reference(run) == "normal" else "all"
@@ -459,8 +482,116 @@ def input_envelope(run: Run) -> dict[str, Any] | None:
                     f"{ENVELOPE_MIN_MARGIN:g} width and the furthest a calibration window ({ref}) went beyond it"
                     + (f"; stuck: window spread below {STUCK_FRACTION:g} x the least of the train split's "
                        f"{ENVELOPE_QUANTILE:g} quantile and the calibration windows' spread"
-                       if out["channels"] else ""))
+                       + (f" (of their moving windows, for a channel still in more of them, then stuck after "
+                          f"{STUCK_RUNS:g} x its longest still run there)" if "stuck_after" in out["channels"]
+                          else "")
+                       if out["channels"] else "")
+                    + ("; relations: each channel's window level and log spread from the other channels', "
+                       "ridge least squares on the train split, residual ranges as above"
+                       if "relations" in out else ""))
     return out
+
+
+def _longest_runs(still: np.ndarray, groups: np.ndarray | None) -> np.ndarray:
+    """(C,) the most windows in a row each channel is still, within a group (one recording's windows, in
+    order: splits.npz keeps them so); without groups the split is one stream."""
+    from edgekit.plausible import StillRuns
+
+    best = np.zeros(still.shape[1], dtype=np.int64)
+    starts = [0] if groups is None or not len(groups) else \
+        [0, *(np.flatnonzero(groups[1:] != groups[:-1]) + 1).tolist()]
+    for a, b in zip(starts, [*starts[1:], len(still)]):
+        if b > a:
+            best = np.maximum(best, StillRuns(still.shape[1]).update(still[a:b]).max(axis=0))
+    return best
+
+
+def _stuck_runs(stuck: np.ndarray, train: tuple[np.ndarray, np.ndarray, np.ndarray | None],
+                cal: tuple[np.ndarray, np.ndarray, np.ndarray | None] | None) -> tuple[np.ndarray, np.ndarray]:
+    """(stuck_below, stuck_after) per channel. A channel with a stuck floor (always moving in training) is
+    stuck in one window below it; one without (flat in more than ENVELOPE_QUANTILE of the train windows) is
+    still below STUCK_FRACTION x the least spread of its moving train and cal windows, and stuck after more
+    than STUCK_RUNS x its longest still run in either split (contiguous windows of one group)."""
+    after = np.ones(len(stuck), dtype=np.int64)
+    runs_of = [part for part in (train, cal) if part is not None and len(part[0])]
+    spreads = [hi - lo for lo, hi, _ in runs_of]
+    below = stuck.copy()
+    for c in np.flatnonzero(stuck <= 0).tolist():
+        moving = np.concatenate([sp[:, c][sp[:, c] > 0] for sp in spreads])
+        if not len(moving):
+            continue  # never moved in training: never stuck
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            least = np.nanquantile(spreads[0][:, c][spreads[0][:, c] > 0], ENVELOPE_QUANTILE) \
+                if (spreads[0][:, c] > 0).any() else np.inf
+        for sp in spreads[1:]:
+            if (sp[:, c] > 0).any():
+                least = min(least, float(np.nanmin(sp[:, c][sp[:, c] > 0])))
+        if not np.isfinite(least):
+            continue
+        below[c] = STUCK_FRACTION * least
+    if (below > stuck).any():
+        longest = np.zeros(len(stuck), dtype=np.int64)
+        for (_, _, groups), sp in zip(runs_of, spreads):
+            longest = np.maximum(longest, _longest_runs(sp < below, groups))
+        after = np.where(below > stuck, STUCK_RUNS * longest + 1, 1)
+    return below, after
+
+
+def input_relations(train: tuple[np.ndarray, np.ndarray], cal: tuple[np.ndarray, np.ndarray] | None
+                    ) -> dict[str, Any] | None:
+    """The manifest's input.envelope.relations (edgekit/plausible.py ChannelRelations) from the train split's
+    window extremes (lows, highs), each (n, C), residual ranges widened by the calibration windows' (`cal`);
+    None with fewer than 2 channels or too few windows to fit (10 per coefficient)."""
+    from edgekit.plausible import ChannelRelations, relation_stats
+
+    lo, hi = (np.asarray(a, np.float64) for a in train)
+    keep = np.isfinite(lo).all(axis=1) & np.isfinite(hi).all(axis=1)
+    lo, hi = lo[keep], hi[keep]
+    n, c = lo.shape
+    if c < 2 or n < 10 * (2 * c + 1):
+        return None
+    log_level = lo.min(axis=0) > 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        level = 0.5 * lo + 0.5 * hi
+        level_floor = np.where(log_level, RELATION_LEVEL_FLOOR * np.quantile(level, ENVELOPE_QUANTILE, axis=0), 0.0)
+        spread = hi - lo
+        spread_floor = np.array([np.quantile(spread[:, k][spread[:, k] > 0], ENVELOPE_QUANTILE)
+                                 if (spread[:, k] > 0).any() else 1.0 for k in range(c)])
+    stats = relation_stats(lo, hi, log_level, level_floor, spread_floor)
+    mean, std = stats.mean(axis=0), stats.std(axis=0)
+    std = np.where(std > 0, std, 1.0)  # a statistic that never moved: its residual range is what it read
+    z = (stats - mean) / std
+    weights = np.zeros((c + 1, c, 2, 2 * c + 1))
+    for m in range(c + 1):  # set 0: every other channel; set e + 1: channel e left out too
+        for k in range(c):
+            if m == k + 1:
+                continue
+            cols = [j for j in range(2 * c) if j % c != k and (m == 0 or j % c != m - 1)]
+            x = np.concatenate([z[:, cols], np.ones((n, 1))], axis=1)
+            gram = x.T @ x + RELATION_RIDGE * n * np.diag([1.0] * len(cols) + [0.0])  # the intercept unpenalised
+            coef = np.linalg.solve(gram, x.T @ z[:, [k, c + k]])  # (len(cols) + 1, 2)
+            weights[m, k][:, [*cols, 2 * c]] = coef.T
+    # the residual ranges from the agent's own arithmetic (ChannelRelations.residuals), so a calibration
+    # window on a range's edge is inside it on the device too
+    zeros = np.zeros((c + 1, c, 2))
+    rel = ChannelRelations(tuple(map(str, range(c))), log_level, level_floor, spread_floor, mean, std, weights,
+                           zeros, zeros)
+    r = rel.residuals(lo, hi).reshape(n, -1)
+    rc = None
+    if cal is not None and len(cal[0]):
+        cl, ch = (np.asarray(a, np.float64) for a in cal)
+        ok = np.isfinite(cl).all(axis=1) & np.isfinite(ch).all(axis=1)
+        rc = rel.residuals(cl[ok], ch[ok]).reshape(int(ok.sum()), -1)
+    low, high = (b.reshape(c + 1, c, 2) for b in _bounds((r, r), None if rc is None else (rc, rc)))
+    for e in range(c):  # set e + 1 has no model of channel e
+        low[e + 1, e] = high[e + 1, e] = 0.0
+    if not (np.isfinite(weights).all() and np.isfinite(low).all() and np.isfinite(high).all()):
+        return None
+    return {"log_level": log_level.tolist(), "level_floor": level_floor.tolist(),
+            "spread_floor": spread_floor.tolist(), "mean": mean.tolist(), "std": std.tolist(),
+            "weights": weights.tolist(), "low": low.tolist(), "high": high.tolist()}
 
 
 def envelope_outside(run: Run, envelope: dict[str, Any] | None, split: str) -> np.ndarray | None:
@@ -468,15 +599,17 @@ def envelope_outside(run: Run, envelope: dict[str, Any] | None, split: str) -> n
     defers, from the split's window extremes and raw features; None without an envelope."""
     if envelope is None:
         return None
+    from edgekit.manifest import InputEnvelope
     from edgekit.plausible import EnvelopeCheck
 
-    ch, ft = envelope["channels"], envelope["features"]
-    check = EnvelopeCheck(tuple(run.meta.input.channels or ()), tuple(run.meta.input.feature_names),
-                          *(np.asarray(ch[k], np.float64) if ch else None for k in ("low", "high", "stuck_below")),
-                          *(np.asarray(ft[k], np.float64) if ft else None for k in ("low", "high")))
+    check = EnvelopeCheck.from_envelope(run.meta.input.channels or (), run.meta.input.feature_names,
+                                        InputEnvelope.model_validate(envelope))
     s = run.splits
     lo, hi = s.get(f"{split}_window_min"), s.get(f"{split}_window_max")
-    return check.outside(lo if ch else None, hi if ch else None, s.get(f"{split}_features_raw") if ft else None)
+    windows = check.checks_channels
+    # no still runs: a split's windows are not one stream (a channel that takes a run is never stuck here)
+    return check.outside(lo if windows else None, hi if windows else None,
+                         s.get(f"{split}_features_raw") if envelope["features"] else None)
 
 
 def _population(run: Run, names: list[str]) -> dict[str, Any] | None:
