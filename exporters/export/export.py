@@ -487,8 +487,8 @@ def input_envelope(run: Run) -> dict[str, Any] | None:
                           else "")
                        if out["channels"] else "")
                     + ("; relations: each channel's window level and log spread from the other channels', "
-                       "ridge least squares on the train split, residual ranges as above"
-                       if "relations" in out else ""))
+                       "ridge least squares on the train split, residual ranges by the same quantiles and margin, "
+                       "widened to every calibration window" if "relations" in out else ""))
     return out
 
 
