@@ -4,11 +4,14 @@ and labels it; the label is in the database with the reviewer's name and in the 
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import struct
 import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from messagefactory import result, review
@@ -43,6 +46,26 @@ def no_sideways_scroll(page, path: Path) -> None:
     assert png_width(path) == PHONE["width"], (path.name, png_width(path))
 
 
+@contextlib.contextmanager
+def review_hub(mosquitto: Any, tmp_path: Path, reviewer: str) -> Iterator[tuple[str, str]]:
+    """A hub (ingest and web on a free port, SQLite) with one reviewer whose password is "correct horse",
+    subscribed before it yields (its database URL, its base URL); stopped, and checked stopped, after."""
+    db_url = f"sqlite:///{tmp_path / 'hub.db'}"
+    add_user(db_url, reviewer, "correct horse")
+    port = free_port()
+    stop = threading.Event()
+    hub = threading.Thread(target=run_hub, args=(mosquitto.url, db_url),
+                           kwargs={"http": f"127.0.0.1:{port}", "stop": stop}, daemon=True)
+    hub.start()
+    try:
+        hub_listening(db_url, mosquitto.port)
+        yield db_url, f"http://127.0.0.1:{port}"
+    finally:
+        stop.set()
+        hub.join(timeout=30)
+    assert not hub.is_alive()
+
+
 @pytest.mark.browser
 @pytest.mark.broker
 def test_reviewer_labels_an_incident_in_the_browser_on_a_phone(mosquitto, tmp_path):
@@ -53,15 +76,7 @@ def test_reviewer_labels_an_incident_in_the_browser_on_a_phone(mosquitto, tmp_pa
     if not CHROMIUM.exists():
         pytest.skip("Debian chromium not found at /usr/bin/chromium (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
-    db_url = f"sqlite:///{tmp_path / 'hub.db'}"
-    add_user(db_url, "ana", "correct horse")
-    port = free_port()
-    stop = threading.Event()
-    hub = threading.Thread(target=run_hub, args=(mosquitto.url, db_url),
-                           kwargs={"http": f"127.0.0.1:{port}", "stop": stop}, daemon=True)
-    hub.start()
-    try:
-        hub_listening(db_url, mosquitto.port)
+    with review_hub(mosquitto, tmp_path, "ana") as (db_url, base):
         pub = publisher(mosquitto.port)
         res = [result("edge-7", s, site="clinic", start_s=T0 + 2.0 * s, end_s=T0 + 2.0 * s + 2) for s in range(1, 21)]
         msgs = [(topics.topic("clinic", "edge-7", "result"), m.ResultBatch("clinic", "edge-7", res).encode())]
@@ -73,7 +88,6 @@ def test_reviewer_labels_an_incident_in_the_browser_on_a_phone(mosquitto, tmp_pa
         with HubDB(db_url) as db:
             wait_for(lambda: all((db.case(w) or {}).get("signal") for w in windows), 20, "the reviews")
 
-        base = f"http://127.0.0.1:{port}"
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
             page = browser.new_page(viewport=PHONE)
@@ -117,10 +131,6 @@ def test_reviewer_labels_an_incident_in_the_browser_on_a_phone(mosquitto, tmp_pa
             assert (first["label"], first["reviewer"]) == (label, "ana") and first["labelled_at"] > 0
         assert len({history[w][-1]["labelled_at"] for w in windows}) == 1  # one label, one time, every window
         assert len(history[windows[1]]) == 2 and history[windows[1]][0]["reviewer"] == "ana"
-    finally:
-        stop.set()
-        hub.join(timeout=30)
-    assert not hub.is_alive()
 
 
 @pytest.mark.browser
@@ -129,15 +139,7 @@ def test_reviewer_labels_a_case_in_the_browser(mosquitto, tmp_path):
     if not CHROMIUM.exists():
         pytest.skip("Debian chromium not found at /usr/bin/chromium (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright (python) is not installed")
-    db_url = f"sqlite:///{tmp_path / 'hub.db'}"
-    add_user(db_url, "ana", "correct horse")
-    port = free_port()
-    stop = threading.Event()
-    hub = threading.Thread(target=run_hub, args=(mosquitto.url, db_url),
-                           kwargs={"http": f"127.0.0.1:{port}", "stop": stop}, daemon=True)
-    hub.start()
-    try:
-        hub_listening(db_url, mosquitto.port)
+    with review_hub(mosquitto, tmp_path, "ana") as (db_url, base):
         pub = publisher(mosquitto.port)
         res = [result("edge-7", s, site="clinic") for s in range(1, 21)]
         # window 15: the input envelope named a channel, and the autoencoder's error is attributed (issue 14)
@@ -155,7 +157,6 @@ def test_reviewer_labels_a_case_in_the_browser(mosquitto, tmp_path):
         with HubDB(db_url) as db:
             wait_for(lambda: (db.case(case_id) or {}).get("signal") is not None, 20, "the review of the case")
 
-        base = f"http://127.0.0.1:{port}"
         with sync_api.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=ARGS, headless=True)
             page = browser.new_page(viewport={"width": 1280, "height": 1000})
@@ -200,7 +201,3 @@ def test_reviewer_labels_a_case_in_the_browser(mosquitto, tmp_path):
         assert (row["result_id"], row["label"], row["reviewer"]) == (case_id, "turn", "ana")
         assert row["reasons"] == "low_confidence;disagreement;ood;out_of_range:acc_x"
         assert row["attribution"] == "acc_x=0.700;gyro_z=0.200;acc_y=0.100"
-    finally:
-        stop.set()
-        hub.join(timeout=30)
-    assert not hub.is_alive()

@@ -22,8 +22,9 @@ or torch.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from edgekit import topics
 from edgekit.errors import DataError, IdentityError
@@ -552,17 +553,15 @@ class TrialCommand:
     @classmethod
     def decode(cls, payload: bytes, where: str) -> TrialCommand:
         """A command topic's payload; DataError (naming `where`) when it is not a trial command."""
-        obj = topics.decode(payload, where, schemas={cls.SCHEMA})
-        try:
-            _known(obj, cls.KEYS, cls.SCHEMA)
+        def build(obj: dict[str, Any]) -> TrialCommand:
             operator = _object(obj, "operator") or {}
             for key, value in operator.items():
                 if not isinstance(value, (int, float, str)) or isinstance(value, bool):
                     raise DataError(f"operator.{key:.40} must be a number or text")
             return cls(obj.get("action"), _text(obj, "participant", CODE_MAX), operator,  # type: ignore[arg-type]
                        _num(obj, "ts") or 0.0, origin=where)
-        except DataError as exc:
-            raise DataError(exc.message, where=where) from None
+
+        return _decode_command(payload, where, cls.SCHEMA, cls.KEYS, build, "; refused, as it may carry personal data")
 
     @classmethod
     def from_line(cls, text: str, origin: str) -> TrialCommand | None:
@@ -610,21 +609,31 @@ class BaselineCommand:
     @classmethod
     def decode(cls, payload: bytes, where: str) -> BaselineCommand:
         """A command topic's payload; DataError (naming `where`) when it is not a baseline command."""
-        obj = topics.decode(payload, where, schemas={cls.SCHEMA})
-        try:
-            unknown = next((k for k in obj if k not in cls.KEYS), None)
-            if unknown is not None:
-                raise DataError(f"{unknown!r:.40} is not a field of {cls.SCHEMA}")
-            return cls(obj.get("action"), _num(obj, "ts") or 0.0, origin=where)  # type: ignore[arg-type]
-        except DataError as exc:
-            raise DataError(exc.message, where=where) from None
+        return _decode_command(payload, where, cls.SCHEMA, cls.KEYS,
+                               lambda obj: cls(obj.get("action"), _num(obj, "ts") or 0.0, origin=where))  # type: ignore[arg-type]
 
 
-def _known(obj: dict[str, Any], keys: frozenset[str], what: str) -> None:
+C = TypeVar("C")
+
+
+def _decode_command(payload: bytes, where: str, schema: str, keys: frozenset[str],
+                    build: Callable[[dict[str, Any]], C], why: str = "") -> C:
+    """A command's payload: JSON of `schema` with only `keys` (`why` follows the refusal of another key), built
+    by `build`; every DataError names `where` (the command's topic)."""
+    obj = topics.decode(payload, where, schemas={schema})
+    try:
+        _known(obj, keys, schema, why)
+        return build(obj)
+    except DataError as exc:
+        raise DataError(exc.message, where=where) from None
+
+
+def _known(obj: dict[str, Any], keys: frozenset[str], what: str,
+           why: str = "; refused, as it may carry personal data") -> None:
     """DataError naming the first key of `obj` that `keys` does not hold (the key, never its value)."""
     for key in obj:
         if key not in keys:
-            raise DataError(f"{key!r:.40} is not a field of {what}; refused, as it may carry personal data")
+            raise DataError(f"{key!r:.40} is not a field of {what}{why}")
 
 
 @dataclass(slots=True)
