@@ -528,7 +528,8 @@ class Agent:
             implausible=judged.implausible, attribution=judged.attribution)
         results.append(("result", result.encode()))
         if decision.action == "defer":
-            reviews.append(("review", self.reviews.review(result, judged.features, points or [], window.start_s).encode()))
+            reviews.append(("review", self.reviews.review(result, judged.features, points or [], window.start_s,
+                                                          judged.relative).encode()))
 
     def _trial_control(self, channels: int) -> TrialControl | None:
         """What cuts the stream into trials when the bundle reads gait or answers per trial, else None: a trial

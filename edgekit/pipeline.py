@@ -46,6 +46,7 @@ class Judged:
     decision: GateDecision
     implausible: str | None = None
     attribution: dict[str, float] | None = None
+    relative: np.ndarray | None = None  # a baseline bundle's features relative to the device's baseline, once learned
 
 
 class EdgePipeline:
@@ -107,7 +108,8 @@ class EdgePipeline:
             keep, raw = keep[first:], raw[first:]
         else:
             all_raw, all_keep = raw, keep
-        feats = self.pre.features(raw if comm is None or not len(raw) else comm.relative(raw))
+        rel = None if comm is None or not len(raw) else comm.relative(raw)  # rows of keep
+        feats = self.pre.features(raw if rel is None else rel)
         for j, w in enumerate(Plausibility.features(feats, raw, self.feature_names)):
             if w is not None:
                 why[keep[j]] = w
@@ -156,8 +158,9 @@ class EdgePipeline:
                              if env is not None and extremes is not None else ())
                     decisions[i] = self.gate.refuse("implausible", named) if named else refused
         features = dict(zip(all_keep, all_raw))
+        relatives = {} if rel is None else dict(zip(keep, rel))
         return [Judged(w, features.get(i), probs[i], second[i], decisions[i], why[i],  # type: ignore[arg-type]
-                       attribution.get(i)) for i, w in enumerate(windows)]
+                       attribution.get(i), relatives.get(i)) for i, w in enumerate(windows)]
 
     def restart_stream(self) -> None:
         """Forget what earlier windows said about the next ones (how long each channel has been still): a

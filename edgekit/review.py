@@ -33,13 +33,15 @@ class ReviewBuilder:
         self.placer = Placer(population, self.feature_names) if population is not None else None
 
     def review(self, result: messages.Result, features: np.ndarray | None, points: list[list[float]],
-               start_s: float | None) -> messages.Review:
+               start_s: float | None, relative: np.ndarray | None = None) -> messages.Review:
         """The Review of a deferred `result`: its raw features (None: the window never reached the features),
-        the signal's `points` (downsampled per channel) from `start_s`."""
+        the signal's `points` (downsampled per channel) from `start_s`, and with a baseline the features
+        relative to it (None: no baseline yet, or none in the bundle)."""
         named = {} if features is None else dict(zip(self.feature_names, features.tolist()))
         placed = None
         if self.placer is not None and features is not None:
             row = self.placer.place(np.asarray(features, dtype=np.float64)[None, :])[0]
             placed = {n: round(float(p), 1) for n, p in zip(self.feature_names, row.tolist()) if np.isfinite(p)}
         signal = messages.Signal(self.channels, self.rate_hz, start_s, points, self.units, self.ranges)
-        return messages.Review(result, named, signal, placed)
+        rel = None if relative is None else dict(zip(self.feature_names, relative.tolist()))
+        return messages.Review(result, named, signal, placed, rel)

@@ -147,13 +147,70 @@ def test_manifest_field_only_with_a_baseline(baseline_runs) -> None:
     assert with_b["windows"] == 5 and "relative to the mean and std of its own first 5" in with_b["basis"]
 
 
-def test_extra_labels_are_refused_with_a_baseline(baseline_runs, tmp_path) -> None:
-    from edgekit.exporters.training.train import train
+def test_a_baseline_recipe_retrains_from_the_hubs_labels(baseline_runs, tmp_path) -> None:
+    """Labels flow back into a [baseline] recipe: a real agent replays a recording (its first 5 windows learn
+    the baseline), each deferred window's review carries its features relative to that baseline, the hub stores
+    them and `labels export` writes them, and training appends exactly those rows, relative as the models read
+    them; a window deferred while the baseline was learned has none and is skipped, counted."""
+    import csv
+    import sqlite3
+    import time
 
-    labels = tmp_path / "labels.csv"
-    labels.write_text("label,features\nnormal,[]\n")
-    with pytest.raises(ConfigError, match="cannot join extra labels to a recipe with \\[baseline\\] yet"):
-        train(baseline_runs["recipe"], tmp_path / "run", extra_labels=labels, epochs=1, progress=False)
+    from edgekit.agent import Agent
+    from edgekit.config import AgentConfig, validate
+    from edgekit.errors import DataError
+    from edgekit.exporters.training.train import train
+    from edgekit.hub import export_labels
+    from edgekit.hub.db import HubDB
+    from edgekit.hub.ingest import to_batch
+
+    recording = baseline_runs["recipe"].parent / "recordings" / "machine-2" / "run-1.csv"
+    outbox = tmp_path / "outbox.db"
+    cfg = validate(AgentConfig, {"device_id": "pump-9", "site": "plant", "allow_unsigned": True,
+                                 "bundle": str(baseline_runs["bundle-baseline"]), "mqtt": {"url": None},
+                                 "outbox": {"path": str(outbox)},
+                                 "source": {"kind": "replay", "path": str(recording), "speed": 0}},
+                   "tests/test_baseline.py")
+    with Agent(cfg) as agent:
+        agent.run(drain_timeout_s=0)
+    con = sqlite3.connect(outbox)
+    msgs = con.execute("select topic, payload from outbox order by id").fetchall()
+    con.close()
+    reviews = [json.loads(p) for t, p in msgs if t.endswith("/review")]
+    learning = [r for r in reviews if r["reasons"] == ["commissioning"]]
+    judged = [r for r in reviews if "commissioning" not in r["reasons"]]
+    assert len(learning) == 5 and all("relative" not in r for r in learning)
+    assert judged and all(set(r["relative"]) == set(r["features"]) for r in judged)
+    url = f"sqlite:///{tmp_path / 'hub.db'}"
+    ids = [r["id"] for r in learning[:2] + judged]
+    with HubDB(url) as db:
+        db.create()
+        db.store(to_batch(msgs, time.time()))
+        assert db.add_labels(ids, "fault", "ana") == len(ids)
+    out = tmp_path / "labels.csv"
+    assert export_labels(url, out) == len(ids)
+    rows = {r["result_id"]: r for r in csv.DictReader(out.open())}
+    assert json.loads(rows[judged[0]["id"]]["relative"]) == judged[0]["relative"]
+    assert rows[learning[0]["id"]]["relative"] == ""
+
+    run = train(baseline_runs["recipe"], tmp_path / "run", extra_labels=out, epochs=1, progress=False)
+    meta = json.loads((run / "run.json").read_text())
+    assert meta["extra_labels_added"] == len(judged)
+    assert meta["extra_labels_skipped"]["without_baseline"] == 2
+    names = meta["input"]["feature_names"]
+    mean, std = (np.asarray(meta["normalize"]["features"][k]) for k in ("mean", "std"))
+    want = ((np.array([[r["relative"][n] for n in names] for r in judged]) - mean) / std).astype(np.float32)
+    with np.load(run / "splits.npz") as s:
+        added, added_raw = s["train_features"][-len(judged):], s["train_features_raw"][-len(judged):]
+    assert np.allclose(added, want, rtol=1e-5, atol=1e-5)
+    assert np.allclose(added_raw, [[r["features"][n] for n in names] for r in judged], rtol=1e-6)
+
+    # a file without the column (an older hub's export) is refused, naming the column it needs
+    old = tmp_path / "old.csv"
+    old.write_text("label,features\nfault,[]\n")
+    with pytest.raises(DataError, match="needs the 'relative' column") as exc:
+        train(baseline_runs["recipe"], tmp_path / "run-old", extra_labels=old, epochs=1, progress=False)
+    assert exc.value.where == str(old)
 
 
 def _read(recording: Path) -> tuple[np.ndarray, np.ndarray]:

@@ -51,7 +51,8 @@ CASES = {
     "result": lambda: full_result(),
     "review": lambda: m.Review(full_result(), {"mean": 1.5, "energy": None},
                                m.Signal(["a", "b"], 1.0, 10.0, [[1.0, None], [2.0, 3.0]], units=["g", ""],
-                                        ranges=[[-0.5, 1.5], [2.0, 2.0]]), percentiles={"mean": 97.5}),
+                                        ranges=[[-0.5, 1.5], [2.0, 2.0]]), percentiles={"mean": 97.5},
+                               relative={"mean": -1.25, "energy": None}),
     "trial": full_trial,
     "trial-error": lambda: dataclasses.replace(
         full_trial(), error="too short: 3.2 s < 4 s", walk_start_s=None, walk_end_s=None, turn_start_s=None,
@@ -258,11 +259,13 @@ def test_a_trial_with_a_key_the_contract_does_not_know_is_refused_naming_the_key
     ("ranges", [[0.0, 1.0], [0.0, "x"]], "signal.ranges must be one [low, high]"),
     ("percentiles", {"mean": 101.0}, "percentiles['mean'] must be from 0 to 100"),
     ("percentiles", {"mean": "high"}, "mean must be a number"),
+    ("relative", {"mean": "low"}, "relative['mean'] must be a number or null"),
+    ("relative", [1.0], "relative must be an object"),
 ])
 def test_a_review_with_malformed_units_ranges_or_percentiles_is_refused(where: str, value: object,
                                                                        expected: str) -> None:
     obj = CASES["review"]().to_obj()
-    if where == "percentiles":
+    if where in ("percentiles", "relative"):
         obj[where] = value
     else:
         obj["signal"][where] = value
@@ -273,10 +276,10 @@ def test_a_review_with_malformed_units_ranges_or_percentiles_is_refused(where: s
 def test_a_review_without_units_ranges_or_percentiles_reads_and_sends_none_of_them() -> None:
     """What agents before issue 15 send, and what a bundle without an envelope or population sends."""
     full = CASES["review"]()
-    bare = dataclasses.replace(full, percentiles=None,
+    bare = dataclasses.replace(full, percentiles=None, relative=None,
                                signal=dataclasses.replace(full.signal, units=None, ranges=None))
     obj = bare.to_obj()
-    assert "percentiles" not in obj and set(obj["signal"]) == {"channels", "rate_hz", "start_s", "points"}
+    assert "percentiles" not in obj and "relative" not in obj and set(obj["signal"]) == {"channels", "rate_hz", "start_s", "points"}
     assert m.parse(topics.topic(SITE, DEVICE, "review"), bare.encode()) == bare
 
 

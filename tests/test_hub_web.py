@@ -166,10 +166,11 @@ def test_queue_case_label_relabel_and_export(hub, tmp_path):
     out = tmp_path / "labels.csv"
     assert export_labels(url, out) == 2
     rows = list(csv.DictReader(out.open()))
-    assert list(rows[0])[:14] == ["result_id", "device", "site", "label", "reviewer", "labelled_at", "note",
+    assert list(rows[0])[:15] == ["result_id", "device", "site", "label", "reviewer", "labelled_at", "note",
                                   "model_label", "reasons", "attribution", "incident_id", "window_start_s",
-                                  "window_end_s", "window"]
-    assert list(rows[0])[14:] == ["acc_rms", "gyro_rms", "cadence_hz"]
+                                  "window_end_s", "window", "relative"]
+    assert list(rows[0])[15:] == ["acc_rms", "gyro_rms", "cadence_hz"]
+    assert {r["relative"] for r in rows} == {""}  # a bundle without a baseline sends none
     by_id = {r["result_id"]: r for r in rows}
     assert by_id[case_id]["label"] == "sit" and by_id[case_id]["note"] == "second look"
     assert by_id[case_id]["reviewer"] == "ana" and by_id[case_id]["model_label"] == "walk"

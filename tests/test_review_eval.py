@@ -48,9 +48,9 @@ def test_a_round_is_scored_against_the_ground_truth_at_each_windows_last_row() -
     n = review_loop.score(res, labels)
     assert (n["windows"], n["deferred"], n["accepted"], n["accepted_wrong"]) == (40, 2, 38, 21)
     assert n["reasons"] == {"low_confidence": 2, "disagreement": 2}
-    text = review_loop.table({"recipe": "skab", "k": 50, "baseline_dropped": True, "pool": ["a"],
+    text = review_loop.table({"recipe": "skab", "k": 50, "baseline": True, "pool": ["a"],
                               "never_labelled": ["b"], "rounds": [
                                   {"round": 0, **n, "labels_windows": 0, "labelled_now": {"incidents": 1,
                                                                                           "relabelled": 0}},
                                   {"round": 1, **{**n, "deferred": 1}, "labels_windows": 2}]})
-    assert "without its baseline" in text and "0.50 x round 0's" in text
+    assert "with its baseline" in text and "0.50 x round 0's" in text

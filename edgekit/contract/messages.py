@@ -252,12 +252,16 @@ def _low_high(pair: Any) -> bool:
 class Review:
     """A deferred result with what a person needs to judge it; stored as a result with its review.
     `percentiles`: each feature's place in the bundle's training population (0-100, edgekit/population.py),
-    absent when None (a bundle without a population; an older hub ignores the key)."""
+    absent when None (a bundle without a population; an older hub ignores the key). `relative`: for a bundle
+    with a per-machine baseline, the features relative to this device's baseline (edgekit/baseline.py
+    `relative`: what the models read before the bundle's normalisation), so a reviewed case can retrain a
+    baseline recipe; absent when None (no baseline, or the window came before it was learned)."""
 
     result: Result
     features: dict[str, float | None]
     signal: Signal
     percentiles: dict[str, float] | None = None
+    relative: dict[str, float | None] | None = None
 
     SCHEMA = topics.SCHEMA_REVIEW
 
@@ -276,6 +280,8 @@ class Review:
         obj["signal"] = self.signal.to_obj()
         if self.percentiles is not None:
             obj["percentiles"] = self.percentiles
+        if self.relative is not None:
+            obj["relative"] = self.relative
         return obj
 
     def encode(self) -> bytes:
@@ -293,7 +299,12 @@ class Review:
                 value = _num(placed, key)
                 if value is None or not 0.0 <= value <= 100.0:
                     raise DataError(f"percentiles[{key!r:.40}] must be from 0 to 100 (got {value!r:.20})")
-        return cls(result, features, Signal.from_obj(signal), placed)
+        relative = _object(obj, "relative")
+        if relative is not None:
+            for key, value in relative.items():
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise DataError(f"relative[{key!r:.40}] must be a number or null (got {value!r:.20})")
+        return cls(result, features, Signal.from_obj(signal), placed, relative)
 
 
 @dataclass(slots=True)

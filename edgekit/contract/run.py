@@ -172,8 +172,8 @@ class RunMeta(_Part):
     split_sizes: dict[str, int] = Field(default_factory=dict, description="Split -> rows.")
     extra_labels_added: int = Field(0, description="Rows of extra labels joined to the train split.")
     extra_labels_skipped: dict[str, Any] = Field(
-        default_factory=dict, description="{'unknown_label': {label: rows}, 'unreadable_features': rows}; {} "
-        "without extra labels.")
+        default_factory=dict, description="{'unknown_label': {label: rows}, 'unreadable_features': rows, 'without_baseline': rows (a "
+        "[baseline] recipe's rows without features relative to a device baseline)}; {} without extra labels.")
     history: dict[str, dict[str, list[float | None]]] = Field(
         default_factory=dict, description="Model -> split -> loss per epoch (null where not finite).")
     predictor_best_epoch: int | None = Field(

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 DAY_S = 86400.0
 RETENTION_EVERY_S = 3600.0  # a running hub applies --retention-days at start and then this often
 EXPORT_COLUMNS = ("result_id", "device", "site", "label", "reviewer", "labelled_at", "note", "model_label",
-                  "reasons", "attribution", "incident_id", "window_start_s", "window_end_s", "window")
+                  "reasons", "attribution", "incident_id", "window_start_s", "window_end_s", "window", "relative")
 
 
 def parse_http(http: str) -> tuple[str, int]:
@@ -179,7 +179,7 @@ def export_labels(db_url: str, out: Path) -> int:
             writer.writerow([r["id"], r["device"], r["site"], r["review_label"], r["reviewer"], at, r["note"],
                              r["label"] or "", ";".join(r["reasons"]), _attribution_cell(r["attribution"]),
                              incident_of.get(r["id"], ""), _cell(r["window_start_s"]), _cell(r["window_end_s"]),
-                             signal_window(r["signal"]),
+                             signal_window(r["signal"]), _relative_cell(r["relative"]),
                              *(r["features"].get(n, "") for n in names)])
     log.info("hub.labels_exported rows=%d path=%s", len(rows), out)
     return len(rows)
@@ -187,6 +187,11 @@ def export_labels(db_url: str, out: Path) -> int:
 
 def _cell(value: float | None) -> str:
     return "" if value is None else repr(float(value))
+
+
+def _relative_cell(relative: dict[str, float | None] | None) -> str:
+    """A baseline bundle's features relative to the device's baseline as a JSON object, '' without them."""
+    return "" if relative is None else orjson.dumps(relative).decode()
 
 
 def _attribution_cell(stored: str | None) -> str:

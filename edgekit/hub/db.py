@@ -57,6 +57,7 @@ results = sa.Table(
     sa.Column("received_at", sa.Float, nullable=False),
     sa.Column("attribution", sa.Text),  # JSON {channel or feature: share}; added after the table (ADDED_COLUMNS)
     sa.Column("percentiles", sa.Text),  # JSON {feature: 0-100} from the review; added after the table (issue 15)
+    sa.Column("relative", sa.Text),  # JSON {feature: value} relative to the device's baseline, from the review
     sa.Index("ix_edgekit_results_decision_ts", "decision", "ts"),
     sa.Index("ix_edgekit_results_device", "site", "device"),
 )
@@ -155,6 +156,7 @@ ADDED_COLUMNS = (
     (devices, "signature", "VARCHAR(16)", None),  # issue 16: whether the device checks its bundle's signature
     (devices, "rollout", "TEXT", None),  # issue 16: the device's model rollout (JSON messages.Rollout)
     (results, "percentiles", "TEXT", None),  # issue 15: a review's features in the training population (JSON)
+    (results, "relative", "TEXT", None),  # a baseline bundle's review: its features relative to the baseline (JSON)
 )
 
 
@@ -228,6 +230,7 @@ def result_row(msg: Result, now: float) -> dict[str, Any]:
         "scores": _dumps(msg.scores), "thresholds": _dumps(msg.thresholds), "features": None, "signal": None,
         "replayed": msg.replayed, "received_at": now,
         "attribution": None if msg.attribution is None else _dumps(msg.attribution), "percentiles": None,
+        "relative": None,
     }
 
 
@@ -237,6 +240,7 @@ def review_row(msg: Review, now: float) -> dict[str, Any]:
     row["features"] = _dumps(msg.features)
     row["signal"] = _dumps(msg.to_obj()["signal"])
     row["percentiles"] = None if msg.percentiles is None else _dumps(msg.percentiles)
+    row["relative"] = None if msg.relative is None else _dumps(msg.relative)
     return row
 
 
@@ -264,7 +268,7 @@ def trial_result_row(msg: Trial, now: float) -> dict[str, Any] | None:
         "second_opinion": _dumps(None), "scores": _dumps(a.scores), "thresholds": _dumps({}),
         "features": _dumps(a.features), "signal": None if msg.signal is None else _dumps(msg.signal.to_obj()),
         "replayed": msg.replayed, "received_at": now, "attribution": None,
-        "percentiles": _dumps(a.percentiles) if a.percentiles else None,
+        "percentiles": _dumps(a.percentiles) if a.percentiles else None, "relative": None,
     }
 
 
@@ -310,7 +314,8 @@ class HubDB:
             # A review merges into its result's row (whichever came first); a repeated review changes nothing.
             "reviews": new.on_conflict_do_update(
                 index_elements=["id"], set_={"features": new.excluded.features, "signal": new.excluded.signal,
-                                             "percentiles": new.excluded.percentiles},
+                                             "percentiles": new.excluded.percentiles,
+                                             "relative": new.excluded.relative},
                 where=results.c.features.is_(None)),
             "trials": self._insert(trials).values({c.name: sa.bindparam(c.name) for c in trials.columns})
             .on_conflict_do_nothing(index_elements=["id"]),
@@ -484,7 +489,7 @@ class HubDB:
                                    .order_by(labels.c.labelled_at.desc(), labels.c.id.desc())).all()
         case = dict(row._mapping)
         for key in ("probs", "second_opinion", "scores", "thresholds", "features", "signal", "attribution",
-                    "percentiles"):
+                    "percentiles", "relative"):
             case[key] = _loads(case[key])
         case["reasons"] = _reasons(case["reasons"])
         case["labels"] = [dict(h._mapping) for h in history]
@@ -682,6 +687,7 @@ class HubDB:
             for r in conn.execute(q):
                 row = dict(r._mapping)
                 row["features"] = _loads(row["features"]) or {}
+                row["relative"] = _loads(row["relative"])
                 row["reasons"] = _reasons(row["reasons"])
                 yield row
 

@@ -168,10 +168,13 @@ def _imputation_html(run: RunMeta) -> str:
 def _skipped_html(run: RunMeta) -> str:
     sk = run.extra_labels_skipped
     by_label = {**(sk.get("unknown_label") or {}), **(sk.get("skipped_label") or {})}  # unknown: runs before issue 15
-    n_skipped = sum(by_label.values()) + int(sk.get("unreadable_features") or 0)
+    n_skipped = (sum(by_label.values()) + int(sk.get("unreadable_features") or 0)
+                 + int(sk.get("without_baseline") or 0))
     mapped = sk.get("mapped_label") or {}
     text = f"; mapped by the recipe {html.escape(str(mapped))}" if mapped else ""
     if not n_skipped:
         return f" ({text[2:]})" if text else ""
     return (f" (skipped {n_skipped}: labels the recipe skips {html.escape(str(by_label))}, "
-            f"unreadable features or windows {sk.get('unreadable_features', 0)}{text})")
+            f"unreadable features or windows {sk.get('unreadable_features', 0)}"
+            + (f", without features relative to a device baseline {sk['without_baseline']}"
+               if sk.get("without_baseline") else "") + f"{text})")

@@ -166,8 +166,9 @@ def fit_normalizer(x: np.ndarray, axis: int | tuple[int, ...] = 0) -> tuple[np.n
 
 
 def read_extra_labels(path: Path, labels: list[str], names: list[str], need_window: bool,
-                      channels: list[str] | None, window_size: int | None, extra: Any = None
-                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[str, Any]]:
+                      channels: list[str] | None, window_size: int | None, extra: Any = None,
+                      need_relative: bool = False
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None, dict[str, Any]]:
     """Reviewed results exported by the hub (`edgekit labels export`): column `label` (a label name) and the
     raw features, either as one column per feature name or as a `features` column holding a JSON list
     (feature order) or object (name -> value). cnn1d tasks also need `window`: JSON list of W rows of C
@@ -180,14 +181,20 @@ def read_extra_labels(path: Path, labels: list[str], names: list[str], need_wind
     one of `labels` or skips it (counted): a typed label is never guessed. A hub may hold cases of other
     models: rows whose features or window are empty, unreadable or of another shape are skipped and counted.
     A file with rows but none usable is a DataError (probably another task's file).
-    Returns raw features (n, F), y (n,), windows (n, W, C) or None, and the counts: unknown_label (always
-    empty: kept for run.json readers), mapped_label and skipped_label per label, unreadable_features.
+    `need_relative` (a recipe with a [baseline]): the models read features relative to each device's
+    baseline, so each row also needs its `relative` column (a JSON object, name -> value: what the agent's
+    review sent); a row without one (a window deferred while its device learned its baseline, or sent by an
+    agent before reviews carried it) is skipped and counted as without_baseline.
+    Returns raw features (n, F), y (n,), windows (n, W, C) or None, relative features (n, F) or None, and the
+    counts: unknown_label (always empty: kept for run.json readers), mapped_label and skipped_label per label,
+    unreadable_features, and with `need_relative` without_baseline.
     """
-    rows, per_column = _read_labels_csv(path, names, need_window)
+    rows, per_column = _read_labels_csv(path, names, need_window, need_relative)
     shape = (window_size, len(channels or [])) if need_window else None
     mapping: dict[str, str] = dict(getattr(extra, "map", None) or {})
     skip = set(getattr(extra, "skip", None) or ())
-    xs, ys, ws = [], [], []
+    xs, ys, ws, rs = [], [], [], []
+    without_baseline = 0
     unknown: dict[str, int] = {}
     mapped: dict[str, int] = {}
     skipped: dict[str, int] = {}
@@ -214,26 +221,42 @@ def read_extra_labels(path: Path, labels: list[str], names: list[str], need_wind
             lab = mapping[lab]
         try:
             vec, win = _labelled_row(row, names, per_column, shape)
+            rel = _relative_row(row, names) if need_relative else None
         except (ValueError, KeyError, TypeError):
             unreadable.append(i)
             continue
+        if need_relative and rel is None:
+            without_baseline += 1
+            continue
+        if rel is not None:
+            rs.append(rel)
         xs.append(vec)
         ys.append(labels.index(lab))
         if win is not None:
             ws.append(win)
     _log_skipped(path, skipped, mapped, unreadable)
+    if without_baseline:
+        log.warning("extra_labels_skipped reason=without_baseline rows=%d file=%s (no features relative to a "
+                    "device baseline: deferred while it was learned, or from an older agent)", without_baseline, path)
     if rows and not xs:
         raise DataError(f"none of {len(rows)} rows is usable (skipped by the recipe: {skipped}; "
-                        f"unreadable features or windows: {len(unreadable)})", where=str(path))
+                        f"unreadable features or windows: {len(unreadable)}"
+                        + (f"; without features relative to a device baseline: {without_baseline}"
+                           if need_relative else "") + ")", where=str(path))
     x = np.asarray(xs, dtype=np.float64).reshape(len(xs), len(names))
     w = None
     if need_window:
         w = np.stack(ws) if ws else np.empty((0, window_size or 0, len(channels or [])))
-    return x, np.asarray(ys, dtype=np.int64), w, {"unknown_label": {}, "mapped_label": mapped,
-                                                  "skipped_label": skipped, "unreadable_features": len(unreadable)}
+    r = np.asarray(rs, dtype=np.float64).reshape(len(rs), len(names)) if need_relative else None
+    counts: dict[str, Any] = {"unknown_label": {}, "mapped_label": mapped, "skipped_label": skipped,
+                              "unreadable_features": len(unreadable)}
+    if need_relative:
+        counts["without_baseline"] = without_baseline
+    return x, np.asarray(ys, dtype=np.int64), w, r, counts
 
 
-def _read_labels_csv(path: Path, names: list[str], need_window: bool) -> tuple[list[dict[str, str]], bool]:
+def _read_labels_csv(path: Path, names: list[str], need_window: bool, need_relative: bool = False
+                     ) -> tuple[list[dict[str, str]], bool]:
     """The labels file's rows, once its header has what the task needs; and whether the features come one
     column per name (else as a `features` JSON column)."""
     if not path.is_file():
@@ -253,6 +276,11 @@ def _read_labels_csv(path: Path, names: list[str], need_window: bool) -> tuple[l
     if need_window and "window" not in header:
         raise DataError("cnn1d tasks need a 'window' column (JSON list of rows of channel values)",
                         where=str(path), hint="the hub's export carries features only: use an mlp recipe for it")
+    if need_relative and "relative" not in header:
+        raise DataError("a recipe with [baseline] needs the 'relative' column (each case's features relative to "
+                        "its device's baseline, JSON)", where=str(path),
+                        hint="export it again with this version's `edgekit labels export`; cases from agents "
+                             "older than the column are skipped")
     return rows, per_column
 
 
@@ -273,6 +301,21 @@ def _labelled_row(row: dict[str, str], names: list[str], per_column: bool, windo
     if len(vec) != len(names) or not np.all(np.isfinite(vec)):
         raise ValueError("features of another length, or not finite")
     return vec, win
+
+
+def _relative_row(row: dict[str, str], names: list[str]) -> list[float] | None:
+    """One row's features relative to its device's baseline (the `relative` JSON object), None when the cell
+    is empty; ValueError, KeyError or TypeError when unreadable, incomplete or not finite."""
+    cell = (row.get("relative") or "").strip()
+    if not cell:
+        return None
+    rel = json.loads(cell)
+    if not isinstance(rel, dict):
+        raise TypeError("relative is not an object")
+    vec = [float(rel[n]) for n in names]
+    if not np.all(np.isfinite(vec)):
+        raise ValueError("relative features not finite")
+    return vec
 
 
 def _log_skipped(path: Path, skipped: dict[str, int], mapped: dict[str, int], unreadable: list[int]) -> None:
@@ -671,9 +714,9 @@ def _join_extra_labels(train: Split, path: Path, recipe: Recipe, data: TaskData
                        ) -> tuple[Split, int, dict[str, Any]]:
     """Step 3b: the hub's reviewed labels appended to the train split (group and report groups
     "extra_labels"). Returns the new train split, the rows added and the skipped counts."""
-    ex_x, ex_y, ex_w, skipped = read_extra_labels(path, recipe.labels, data.feature_names,
-                                                  _predictor_input(recipe) == "window", data.channels,
-                                                  recipe.window.size if recipe.window else None, recipe.extra_labels)
+    ex_x, ex_y, ex_w, ex_rel, skipped = read_extra_labels(
+        path, recipe.labels, data.feature_names, _predictor_input(recipe) == "window", data.channels,
+        recipe.window.size if recipe.window else None, recipe.extra_labels, need_relative=train.rel is not None)
     added = len(ex_y)
     extremes = train.extremes
     if extremes is not None:
@@ -685,7 +728,8 @@ def _join_extra_labels(train: Split, path: Path, recipe: Recipe, data: TaskData
         window=np.concatenate([train.window, ex_w]) if train.window is not None and ex_w is not None else train.window,
         group=np.concatenate([train.group, np.full(added, "extra_labels")]) if train.group is not None else None,
         report={k: np.concatenate([v, np.full(added, "extra_labels")]) for k, v in train.report.items()},
-        extremes=extremes)
+        extremes=extremes,
+        rel=np.concatenate([train.rel, ex_rel]) if train.rel is not None and ex_rel is not None else train.rel)
     log.info("extra_labels added=%d file=%s", added, path)
     return joined, added, skipped
 
@@ -833,10 +877,6 @@ def _train(recipe_path: Path, out: Path, *, extra_labels: Path | None, epochs: i
     baseline, rel = _commission(recipe, data, rows)
     imputation, splits = _impute(recipe, data, rows, rel)
     added, skipped, extra = 0, {}, Path(extra_labels) if extra_labels is not None else None
-    if extra is not None and baseline is not None:
-        raise ConfigError("cannot join extra labels to a recipe with [baseline] yet: the hub's reviewed cases carry "
-                          "each window's raw features, not the device's baseline they must be made relative to",
-                          where=f"{recipe_path}: baseline", hint="train without --extra-labels")
     if extra is not None:
         splits["train"], added, skipped = _join_extra_labels(splits["train"], extra, recipe, data)
     splits, normalize = _normalise(splits)
