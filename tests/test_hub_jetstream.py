@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
 import paho.mqtt.client as mqtt
@@ -29,7 +30,7 @@ from edgekit import topics
 from edgekit.cluster import NatsCluster, installed
 from edgekit.contract import messages as m
 from edgekit.errors import ConfigError
-from edgekit.hub.db import HubDB, results
+from edgekit.hub.db import Batch, HubDB, Stored, results
 
 pytestmark = pytest.mark.nats
 
@@ -79,6 +80,24 @@ def ids_by_device(db: HubDB) -> dict[str, list[str]]:
     return out
 
 
+class HeldDB(HubDB):
+    """A hub's database whose transactions wait until `release()` is true (at most `hold_s`): the hub is busy
+    with what it pulled first, as behind a slow database. It pulls no further ahead than about two batches
+    meanwhile (JetStreamIngest._pull stops while a transaction's worth is queued), so the rest of the backlog
+    can only go to the other hub on the same durable consumer."""
+
+    def __init__(self, url: str, release: Callable[[], bool], hold_s: float = 20.0) -> None:
+        super().__init__(url)
+        self.release = release
+        self.hold_s = hold_s
+
+    def store(self, batch: Batch, now: float | None = None) -> Stored:
+        deadline = time.monotonic() + self.hold_s
+        while not self.release() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return super().store(batch, now)
+
+
 def test_servers_url_and_subjects():
     from edgekit.hub.jetstream import parse_servers, subject_filter, topic_of
 
@@ -94,14 +113,25 @@ def test_servers_url_and_subjects():
 
 
 def test_two_hubs_on_three_nodes_store_each_result_once(nats_cluster, tmp_path):
-    """Devices on different nodes; batches, singles, duplicates and reviews; both hubs take part."""
+    """Devices on different nodes; batches, singles, duplicates and reviews; both hubs take part.
+
+    Which hub pulls what is a race: on a loaded machine one hub once pulled every message before the other's
+    first pull request reached the server. So each hub's writes wait until both hubs have pulled something
+    (HeldDB): a hub holding its first messages pulls at most ~150 of the 477, the rest must go to the other
+    hub, and from then on both pull and store side by side."""
     from edgekit.hub.jetstream import JetStreamIngest
 
     db_url = f"sqlite:///{tmp_path / 'hub.db'}"
     with HubDB(db_url) as db:
         db.create()
-    dbs = [HubDB(db_url) for _ in range(2)]
-    hubs = [JetStreamIngest(nats_cluster.url, dbs[i], max_batch=50) for i in range(2)]
+
+    def both_pulled() -> bool:
+        return all(h.stats.messages > 0 for h in hubs)
+
+    dbs = [HeldDB(db_url, both_pulled) for _ in range(2)]
+    # ack_wait_s well past the test's length: no redelivery, so each message reaches exactly one hub once.
+    hubs = [JetStreamIngest(nats_cluster.url, dbs[i], max_batch=50, ack_wait_s=120) for i in range(2)]
+    sent = 0
     try:
         for h in hubs:
             h.start()
@@ -116,6 +146,7 @@ def test_two_hubs_on_three_nodes_store_each_result_once(nats_cluster, tmp_path):
             msgs += [(topics.topic("lab", dev, "result"), r.encode()) for r in res[300:]]
             msgs += [(topics.topic("lab", dev, "result"), r.encode()) for r in res[:40]]  # re-sent: duplicates
             msgs += [(topics.topic("lab", dev, "review"), review(r).encode()) for r in res[:20] if r.decision == "defer"]
+            sent += len(msgs)
             threads.append(threading.Thread(target=publish, args=(node.mqtt_port, msgs, f"pub-{d}")))
         for t in threads:
             t.start()
@@ -136,7 +167,8 @@ def test_two_hubs_on_three_nodes_store_each_result_once(nats_cluster, tmp_path):
         for d in dbs:
             d.close()
     assert sum(h.stats.new_results for h in hubs) == 1200
-    assert all(h.stats.messages > 0 for h in hubs), [h.stats for h in hubs]
+    assert all(h.stats.messages > 0 for h in hubs), [h.stats for h in hubs]  # both took a share ...
+    assert sum(h.stats.messages for h in hubs) == sent, [h.stats for h in hubs]  # ... of one consumer's messages
 
 
 def test_the_durable_consumer_keeps_results_while_no_hub_runs_and_end_session_drops_it(nats_cluster, tmp_path):
