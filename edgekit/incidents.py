@@ -33,9 +33,11 @@ SEVERITY = {
     "commissioning": 0.1,  # the device is still learning its baseline: expected, rarely urgent
 }
 UNKNOWN_SEVERITY = 0.5
-# Deferred for these reasons alone, a window was deferred while the device learned its baseline: in an incident
-# like any deferred window (a person may confirm the machine was healthy then), but no judgement of the model,
-# so the review loop's rates and the hub's deferral budget leave it out.
+# Deferred for these reasons alone, a window was deferred while the device learned its baseline: no judgement
+# of the model, so such windows are an incident of their own (`Incident.learning`: never mixed with judged
+# windows), ranked after every other and not waiting for a label (a person may look to confirm the machine was
+# healthy then; a label there trains no baseline model: it has no features relative to a baseline), and the
+# review loop's rates and the hub's deferral budget leave them out.
 LEARNING = frozenset({"commissioning"})
 # score key -> (threshold key, rule): "max" fails above the threshold, "min" below it (edgekit/gate.py).
 RISK_RULES = {"ood": ("ood_max_score", "max"), "confidence": ("min_confidence", "min"),
@@ -66,7 +68,8 @@ class Deferred:
 class Incident:
     """Deferred windows of one device, in sensor time order. `id` is its first window's id (the hub also finds
     an incident by any of its windows' ids). `reasons`: reason -> windows that gave it, most frequent
-    first; `worst`: per gate score its worst value (highest ood and disagreement, lowest confidence)."""
+    first; `worst`: per gate score its worst value (highest ood and disagreement, lowest confidence);
+    `learning`: its windows were deferred while the device learned its baseline (LEARNING), all of them."""
 
     id: str
     site: str
@@ -80,6 +83,7 @@ class Incident:
     severity: float
     risk: float
     last_received: float | None
+    learning: bool = False
 
     @property
     def windows(self) -> int:
@@ -128,7 +132,8 @@ def risk(worst: Mapping[str, float], thresholds: Mapping[str, float]) -> float:
 def group(windows: Iterable[Deferred], gap_s: float = DEFAULT_GAP_S) -> list[Incident]:
     """The incidents of `windows` (any devices, any order): per (site, device), windows sorted by start then
     id; a window joins the open incident when it starts at most `gap_s` after the latest end so far (an
-    overlap starts before it), else it opens the next. A window without times, or `alone`, is an incident of
+    overlap starts before it) and is as the incident's windows are, deferred while a baseline was learned
+    (learning_only) or not; else it opens the next. A window without times, or `alone`, is an incident of
     its own.
     Every window is in exactly one incident. Returned per device in sensor time order, devices sorted."""
     if not (gap_s >= 0 and math.isfinite(gap_s)):
@@ -145,12 +150,15 @@ def group(windows: Iterable[Deferred], gap_s: float = DEFAULT_GAP_S) -> list[Inc
         rows = sorted(timed[key], key=lambda w: (w.start_s, w.id))
         run: list[Deferred] = []
         end = -math.inf
+        run_learning = False
         for w in rows:
             assert w.start_s is not None and w.end_s is not None
-            if run and w.start_s > end + gap_s:
+            learning = learning_only(w.reasons)
+            if run and (w.start_s > end + gap_s or learning != run_learning):
                 out.append(_incident(run))
                 run, end = [], -math.inf
             run.append(w)
+            run_learning = learning
             end = max(end, w.end_s)
         if run:
             out.append(_incident(run))
@@ -159,8 +167,9 @@ def group(windows: Iterable[Deferred], gap_s: float = DEFAULT_GAP_S) -> list[Inc
 
 
 def ranked(incidents: Iterable[Incident], now: float) -> list[Incident]:
-    """Highest priority first; ties: the most recent in sensor time first, then by id."""
-    return sorted(incidents, key=lambda i: (-i.priority(now), -(i.end_s if _finite(i.end_s) else -math.inf),
+    """Highest priority first, incidents of a baseline being learned after every other; ties: the most recent
+    in sensor time first, then by id."""
+    return sorted(incidents, key=lambda i: (i.learning, -i.priority(now), -(i.end_s if _finite(i.end_s) else -math.inf),
                                             i.id))
 
 
@@ -188,7 +197,7 @@ def _incident(run: list[Deferred]) -> Incident:
         id=first.id, site=first.site, device=first.device, start_s=first.start_s,
         end_s=max(ends) if ends else None, window_ids=tuple(w.id for w in run), reasons=reasons, worst=worst,
         thresholds=thresholds, severity=severity(counts), risk=risk(worst, thresholds),
-        last_received=max(received) if received else None)
+        last_received=max(received) if received else None, learning=all(learning_only(w.reasons) for w in run))
 
 
 def _finite(value: object) -> bool:

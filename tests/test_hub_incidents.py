@@ -94,7 +94,8 @@ def test_the_queue_lists_incidents_by_priority_with_the_totals_waiting(tmp_path)
     got = db.incidents(status="all")
     assert sorted(i["window_ids"] for i in got["incidents"]) == sorted(list(i.window_ids) for i in expected)
     assert len(expected) == 4  # pump-1: 10-29 (two accepted inside the run), 60-69, 100 alone; pump-2: 5-14
-    assert got["totals"] == {"incidents": 4, "windows": len(deferred), "waiting": 4, "waiting_windows": len(deferred)}
+    assert got["totals"] == {"incidents": 4, "windows": len(deferred), "waiting": 4, "waiting_windows": len(deferred),
+                             "learning": 0}
     assert got["incidents"][0]["device"] == "pump-2"  # a stuck channel and a high ood score come first
     assert [i["priority"] for i in got["incidents"]] == sorted((i["priority"] for i in got["incidents"]), reverse=True)
     page = client.get("/queue").text
@@ -104,6 +105,32 @@ def test_the_queue_lists_incidents_by_priority_with_the_totals_waiting(tmp_path)
     # sensor time: the recording's own date, not the hub's clock
     assert "2020-03-09 10:35:13 – 10:37:00 (107 s)" in page  # pump-1 windows 10-29: T0 + 40 .. T0 + 147
     assert client.get("/queue", params={"reason": "stuck"}).text.count('class="incident-link"') == 1
+
+
+def test_a_device_learning_its_baseline_is_not_waiting_in_the_queue(tmp_path):
+    """pump-3's first 5 windows were deferred while it learned its baseline, the 3 after it by the gate: two
+    incidents, and only the judged one waits; the learning one is listed on its own (status learning)."""
+    url, db, client, _ = _hub(tmp_path)
+    msgs = []
+    for seq in range(1, 9):
+        r = result("pump-3", seq, site=SITE, defer=True, start_s=T0 + 4.0 * seq, end_s=T0 + 4.0 * seq + 31.0)
+        if seq <= 5:
+            r = dataclasses.replace(r, reasons=["commissioning"], scores={}, thresholds={})
+        msgs += [(topics.topic(SITE, "pump-3", "result"), r.encode()),
+                 (topics.topic(SITE, "pump-3", "review"), review(r).encode())]
+    db.store(to_batch(msgs, time.time()))
+    mine = [i for i in db.incidents(status="all")["incidents"] if i["device"] == "pump-3"]
+    assert [(len(i["window_ids"]), i["learning"]) for i in mine] == [(3, False), (5, True)]
+    waiting = db.incidents()
+    assert [i["id"] for i in waiting["incidents"] if i["device"] == "pump-3"] == [mine[0]["id"]]
+    assert waiting["totals"]["waiting"] == 5 and waiting["totals"]["learning"] == 1  # 4 of pumps 1-2, and 1
+    assert [i["id"] for i in db.incidents(status="learning")["incidents"]] == [mine[1]["id"]]
+    page = client.get("/queue").text
+    assert "<b>5</b> incidents waiting" in page and "1 incident while a device learned its baseline" in page
+    assert mine[1]["id"] not in page
+    assert mine[1]["id"] in client.get("/queue", params={"status": "learning"}).text
+    assert client.get("/api/incidents", params={"status": "learning"}).json()["incidents"][0]["id"] == mine[1]["id"]
+    assert client.get("/api/incidents", params={"status": "nope"}).status_code == 422
 
 
 def test_one_label_reaches_every_window_of_the_incident_and_one_window_can_be_relabelled(tmp_path):

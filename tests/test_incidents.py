@@ -78,6 +78,21 @@ def test_every_gate_reason_has_a_severity_and_a_baseline_being_learned_comes_las
         group([], gap_s=-1.0)
 
 
+def test_a_baseline_being_learned_is_an_incident_of_its_own_ranked_last() -> None:
+    """A device's first windows, deferred while it learned its baseline, never share an incident with the
+    judged windows right after them (a person would label both as one), and come after every other."""
+    learn = [win(i, 4.0 * i, reasons=("commissioning",), scores={}) for i in range(5)]
+    judged = [win(5, 20.0), win(6, 24.0, reasons=("commissioning", "stuck:Current"))]  # overlapping the last
+    found = group(learn + judged, gap_s=60.0)
+    assert [(inc.window_ids, inc.learning) for inc in found] == [
+        (tuple(w.id for w in learn), True), (tuple(w.id for w in judged), False)]
+    old_learning = group([win(9, 0.0, device="b", reasons=("commissioning",), scores={}, received_at=0.0)])[0]
+    fresh_doubt = group([win(8, 0.0, device="c", reasons=("low_confidence",), scores={"confidence": 0.79},
+                             received_at=1e6)])[0]
+    assert old_learning.priority(1e6) > fresh_doubt.priority(1e6)  # aged a day: its score alone would rank it first
+    assert [i.device for i in ranked([old_learning, fresh_doubt], 1e6)] == ["c", "b"]
+
+
 def test_the_module_imports_nothing_but_the_standard_library() -> None:
     code = ("import sys, edgekit.incidents; "
             "print(sorted(m for m in ('numpy', 'sqlalchemy', 'fastapi', 'onnxruntime', 'torch') if m in sys.modules))")

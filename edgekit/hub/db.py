@@ -548,28 +548,32 @@ class HubDB:
                   now: float | None = None) -> dict[str, Any]:
         """The queue: incidents (edgekit/incidents.py `group` at `gap_s`, default the hub's setting) highest
         priority first, each with its windows' labels counted; kept when one of its windows gave `reason`
-        and by `status` (unlabelled: some window has no label yet; labelled: every window has one; all).
-        `totals`: incidents and windows waiting (unlabelled) over every incident of the site and device
-        filters, and incidents and windows in all."""
+        and by `status` (unlabelled: some window has no label yet, a device learning its baseline's
+        incidents left out: they wait for no label; labelled: every window has one; learning: those of a
+        baseline being learned only; all). `totals`: incidents and windows waiting (unlabelled, not
+        learning) over every incident of the site and device filters, the learning incidents, and incidents
+        and windows in all."""
         now = time.time() if now is None else now
         gap = self.incident_gap_s() if gap_s is None else gap_s
         rows = self.deferred_windows(site=site, device=device)
         by_id = {r["id"]: r for r in rows}
         found = incidents_mod.ranked(incidents_mod.group((_deferred(r) for r in rows), gap), now)
-        out, waiting, waiting_windows = [], 0, 0
+        out, waiting, waiting_windows, learning = [], 0, 0, 0
         for inc in found:
             view = _incident_view(inc, [by_id[i] for i in inc.window_ids], now)
-            if view["unlabelled"]:
+            learning += inc.learning
+            if view["unlabelled"] and not inc.learning:
                 waiting += 1
                 waiting_windows += view["unlabelled"]
             if reason and not any(reason == r or reason == incidents_mod.reason_kind(r) for r in inc.reasons):
                 continue
-            if (status == "unlabelled" and not view["unlabelled"]) or (status == "labelled" and view["unlabelled"]):
+            if ((status == "unlabelled" and (not view["unlabelled"] or inc.learning))
+                    or (status == "labelled" and view["unlabelled"]) or (status == "learning" and not inc.learning)):
                 continue
             out.append(view)
         return {"incidents": out, "gap_s": gap,
                 "totals": {"incidents": len(found), "windows": len(rows), "waiting": waiting,
-                           "waiting_windows": waiting_windows}}
+                           "waiting_windows": waiting_windows, "learning": learning}}
 
     def incident(self, window_id: str, gap_s: float | None = None, now: float | None = None) -> dict[str, Any] | None:
         """The incident holding the deferred window `window_id` (found by any of its windows: an incident's
@@ -944,7 +948,7 @@ def _incident_view(inc: incidents_mod.Incident, members: list[dict[str, Any]], n
         "id": inc.id, "site": inc.site, "device": inc.device, "start_s": inc.start_s, "end_s": inc.end_s,
         "windows": inc.windows, "window_ids": list(inc.window_ids), "reasons": inc.reasons, "worst": inc.worst,
         "thresholds": inc.thresholds, "severity": inc.severity, "risk": inc.risk, "age": inc.age(now),
-        "priority": inc.priority(now), "last_received": inc.last_received,
+        "priority": inc.priority(now), "last_received": inc.last_received, "learning": inc.learning,
         "unlabelled": inc.windows - len(labelled), "labels": counts, "model_labels": said,
         "has_review": all(m["has_review"] for m in members), "trial": any(m["trial"] for m in members),
         "model_version": members[0]["model_version"],

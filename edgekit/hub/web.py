@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 SESSION_MAX_AGE_S = 8 * 3600
 PAGE_SIZE = 50
+QUEUE_STATUSES = ("unlabelled", "labelled", "learning", "all")  # HubDB.incidents' status filter
 PALETTE = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#17becf", "#8c564b", "#e377c2")
 
 # score key -> (threshold key, rule): "max" fails above the threshold, "min" fails below it.
@@ -208,7 +209,7 @@ def home(user: str = Depends(page_user)) -> Response:
 def queue_page(request: Request, site: str = "", device: str = "", reason: str = "", status: str = "unlabelled",
                offset: int = 0, user: str = Depends(page_user)) -> HTMLResponse:
     """Incidents (edgekit/incidents.py), highest priority first, with the totals waiting."""
-    status = status if status in ("unlabelled", "labelled", "all") else "unlabelled"
+    status = status if status in QUEUE_STATUSES else "unlabelled"
     offset = max(offset, 0)
     db = _db(request)
     found = db.incidents(site=site or None, device=device or None, reason=reason or None, status=status)
@@ -218,6 +219,7 @@ def queue_page(request: Request, site: str = "", device: str = "", reason: str =
     filters = {"site": site, "device": device, "reason": reason, "status": status}
     return render(request, "queue.html", user, incidents=shown, totals=found["totals"], gap_s=found["gap_s"],
                   matching=len(found["incidents"]), facets=db.facets(), filters=filters, offset=offset,
+                  statuses=QUEUE_STATUSES,
                   page_size=PAGE_SIZE, **_pages(filters, offset, len(found["incidents"]) > offset + PAGE_SIZE))
 
 
@@ -415,8 +417,8 @@ def api_label(request: Request, result_id: str, body: LabelIn, user: str = Depen
 def api_incidents(request: Request, site: str | None = None, device: str | None = None, reason: str | None = None,
                   status: str = "unlabelled", user: str = Depends(api_user)) -> dict[str, Any]:
     """The queue as data: incidents highest priority first, the totals waiting and the gap used."""
-    if status not in ("unlabelled", "labelled", "all"):
-        raise HTTPException(422, "status must be unlabelled, labelled or all")
+    if status not in QUEUE_STATUSES:
+        raise HTTPException(422, f"status must be one of {', '.join(QUEUE_STATUSES)}")
     return _db(request).incidents(site=site, device=device, reason=reason, status=status)
 
 

@@ -143,6 +143,7 @@ def count(results: list[Any], gap_s: float) -> dict[str, Any]:
     member = [i for inc in found for i in inc.window_ids]
     learning = sum(learning_only(w.reasons) for w in d)
     return {"windows": len(results), "deferred": len(d), "learning": learning, "incidents": len(found),
+            "learning_incidents": sum(inc.learning for inc in found),
             "outside": len({w.id for w in d} - set(member)), "twice": len(member) - len(set(member)),
             "largest": max((inc.windows for inc in found), default=0)}
 
@@ -174,7 +175,8 @@ def table(result: dict[str, Any]) -> str:
              + " and ".join(f"gap {g:g} s" for g in gaps),
              f"{'recording':<34}{'starts (sensor time)':>21}{'windows':>8}{'deferred':>9}{'learning':>9}"
              + "".join(f"{f'incidents@{g:g}s':>15}" for g in gaps) + f"{'deferred/incident':>19}"]
-    tot: dict[str, int] = {"windows": 0, "deferred": 0, "learning": 0, **{str(g): 0 for g in gaps}}
+    tot: dict[str, int] = {"windows": 0, "deferred": 0, "learning": 0, **{str(g): 0 for g in gaps},
+                           **{f"learning@{g}": 0 for g in gaps}}
     outside = 0
     for name, r in result["recordings"].items():
         by = r["by_gap"]
@@ -189,11 +191,13 @@ def table(result: dict[str, Any]) -> str:
         tot["learning"] += first.get("learning", 0)
         for g in gaps:
             tot[str(g)] += by[str(g)]["incidents"]
+            tot[f"learning@{g}"] += by[str(g)].get("learning_incidents", 0)
             outside += by[str(g)]["outside"] + by[str(g)]["twice"]
     n = tot[str(gaps[0])]
     ratio = f"{tot['deferred'] / n:.1f}" if n else "-"
     lines.append(f"{'total':<34}{'':>21}{tot['windows']:>8}{tot['deferred']:>9}{tot['learning']:>9}"
                  + "".join(f"{tot[str(g)]:>15}" for g in gaps) + f"{ratio:>19}")
     lines.append(f"deferred windows outside an incident or in two: {outside}; learning: deferred while the device "
-                 "learned its baseline (commissioning), in the incidents too")
+                 "learned its baseline (commissioning), incidents of their own, not waiting in the queue: "
+                 + ", ".join(f"{tot[f'learning@{g}']} of the incidents at gap {g:g} s" for g in gaps))
     return "\n".join(lines)

@@ -8,7 +8,8 @@ are the review pool, odd ones are never labelled. Round 0's bundle is the recipe
      windows deferred, and the error of the accepted windows against the ground truth (SKAB's `anomaly`
      column at each window's last row: the recipe's own label rule), windows a baseline is learned on left out;
   2. the pool is replayed the same way and its results and reviews stored in a hub database (HubDB, SQLite);
-     the hub's queue gives the incidents highest priority first, and the simulated reviewer takes the first K
+     the hub's queue gives the incidents highest priority first (those of a device learning its baseline are
+     not in it: they wait for no label), and the simulated reviewer takes the first K
      with a window it has not labelled before (by sensor time: a later round's bundle sees the same windows),
      labels each with the ground truth most of its new windows have (one label for the incident,
      HubDB.add_labels, as the incident page does) and relabels on its own every window whose truth differs
@@ -92,7 +93,10 @@ def review_round(db: Any, bundle: Path, pool: list[review_load.Recording], work:
         outbox = review_load.outbox_path(work, bundle, rec.path)
         db.store(to_batch(review_load.outbox_messages(outbox), time.time()))
         outbox.unlink(missing_ok=True)
-    queue = [i for i in db.incidents(status="all")["incidents"] if i["device"].startswith(f"r{round_}-")]
+    # the hub's queue without the incidents of a baseline being learned (they wait for no label: the hub's
+    # default queue leaves them out, and their windows carry no features relative to a baseline to train on)
+    queue = [i for i in db.incidents(status="all")["incidents"]
+             if i["device"].startswith(f"r{round_}-") and not i["learning"]]
     used = {"incidents": 0, "incident_windows": 0, "relabelled": 0, "queue": len(queue)}
     for inc in queue:
         if used["incidents"] >= k:
