@@ -317,6 +317,48 @@ def test_train_then_export_fall_screening(tmp_path: Path, data_dir: Path) -> Non
         assert held["x_features"].shape == (m.gate_calibration.n_test, 9)
 
 
+@pytest.mark.data
+@pytest.mark.slow
+def test_skab_mlp_with_steep_hinges_quantizes_within_parity(tmp_path: Path, data_dir: Path) -> None:
+    """The shipped SKAB recipe's MLP keeps first-layer hinges of slope ~300 per normalised unit (train.py
+    init_hinges). Quantized as before (every layer INT8, one grid per tensor) it agreed with fp32 on 65 % of
+    held-out decisions; now its hidden ranges are equalized (the same fp32 function), full INT8 still fails
+    parity on the calibration split, and the plan that keeps the input layer float passes on the test split
+    within the unchanged criteria."""
+    from onnx import numpy_helper
+
+    from edgekit.exporters.export import parity as parity_mod
+    from edgekit.exporters.export.export import check_parity, export_onnx, load_run, quantize_models
+    from edgekit.exporters.export.quantize import calibration_sample, equalize_ranges
+    from edgekit.exporters.training.train import train
+
+    run = load_run(train(ROOT / "edgekit" / "recipes" / "skab.toml", tmp_path / "run", progress=False))
+    out = tmp_path / "bundle"
+    out.mkdir()
+    exported = export_onnx(run, out)
+    fp32 = onnx.load(str(out / "predictor.fp32.onnx"))
+    first = numpy_helper.to_array(next(i for i in fp32.graph.initializer if i.name == "body.0.weight"))
+    assert np.abs(first).max() > 100  # the steep hinges this test is about are there
+
+    equalized = onnx.load(str(out / "predictor.fp32.onnx"))
+    assert equalize_ranges(equalized, calibration_sample(run.x("predictor", "train"))) > 0
+    onnx.save(equalized, str(tmp_path / "equalized.onnx"))
+    x = run.x("predictor", "test")
+    same = parity_mod.run_model(tmp_path / "equalized.onnx", x)["probs"]
+    assert np.abs(same - parity_mod.run_model(out / "predictor.fp32.onnx", x)["probs"]).max() < 1e-4
+
+    quantized = quantize_models(run, out, exported)
+    plans = quantized["predictor"]["plans"]
+    assert [p["plan"] for p in plans] == ["all_int8", "input_float"] and plans[0]["cal_pass"] is False
+    assert quantized["predictor"]["plan"] == "input_float" and quantized["predictor"]["float_nodes"]
+    report = check_parity(run, out, exported, quantized)
+    int8 = report["models"]["predictor"]["int8"]
+    assert report["criteria"]["min_agreement"] == 0.98 and report["criteria"]["max_metric_drop"] == 0.01
+    assert int8["pass"] is True, int8["fail_reasons"]
+    assert int8["decision_agreement"] >= 0.98 and int8["metric_drop"] <= 0.01
+    assert report["models"]["gate"]["int8"]["pass"] is True
+
+
 def test_spectral_cnn_bundle_runs_in_the_agent_pipeline(spectral_cnn_bundle: tuple[Path, Path, dict]) -> None:
     """issue 12: the raw-window CNN for any channel count, and the agent computes exactly the features training
     did: the bundle carries the extractor's params, the agent's EdgePipeline (onnxruntime, the used INT8/fp32

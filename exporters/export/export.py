@@ -34,6 +34,7 @@ from edgekit.manifest import Manifest, bundle_files, sign_bundle, write_manifest
 
 from . import calibrate as calibrate_mod
 from . import parity as parity_mod
+from . import quantize as quantize_mod
 from . import tradeoff
 from .quantize import calibration_sample, quantize_model
 
@@ -246,22 +247,59 @@ def export_onnx(run: Run, out: Path) -> dict[str, Any]:
 # --- step 2: quantize -----------------------------------------------------------------------------
 
 
-def quantize_models(run: Run, out: Path, exported: dict[str, Any]) -> dict[str, Any]:
-    """INT8 QDQ for the torch roles; a failure is recorded per role, not raised."""
+def quantize_models(run: Run, out: Path, exported: dict[str, Any],
+                    criteria: dict[str, float] | None = None) -> dict[str, Any]:
+    """INT8 QDQ for the torch roles; a failure is recorded per role, not raised. Each role tries the plans of
+    quantize.PLANS in order and keeps the first whose decisions pass parity's criteria against fp32 on the
+    calibration split (the test split only judges the one kept, in check_parity); when none passes, the
+    last. Why not one plan for all: keeping the input layer in float was what SKAB's MLP needed (README,
+    SKAB: INT8), while a conv classifier gets its INT8 speed partly from its first layer."""
+    crit = {**parity_mod.CRITERIA, **(criteria or {})}
     result: dict[str, Any] = {}
     for role in TORCH_ROLES:
         fname = f"{ROLES[role]['stem']}.int8.onnx"
-        try:
-            qdq = quantize_model(out / exported[role]["fp32_file"], out / fname,
-                                 calibration_sample(run.x(role, "train")))
-        except ExportError as exc:
-            log.warning("quantize_failed role=%s error=%s", role, exc)
+        fp32 = out / exported[role]["fp32_file"]
+        calibration = calibration_sample(run.x(role, "train"))
+        tried: list[dict[str, Any]] = []
+        kept: dict[str, Any] | None = None
+        for plan in quantize_mod.PLANS:
+            trial = out / f"{ROLES[role]['stem']}.int8.{plan}.onnx"
+            try:
+                made = quantize_model(fp32, trial, calibration, plan=plan)
+            except ExportError as exc:
+                log.warning("quantize_failed role=%s plan=%s error=%s", role, plan, exc)
+                trial.unlink(missing_ok=True)
+                tried.append({"plan": plan, "error": str(exc)})
+                continue
+            check = _int8_check(run, role, fp32, trial, "cal", crit)
+            tried.append({"plan": plan, "cal_decision_agreement": check["decision_agreement"],
+                          "cal_metric_drop": check["metric_drop"], "cal_pass": check["pass"]})
+            log.info("quantize_plan role=%s plan=%s cal_agreement=%.4f cal_pass=%s", role, plan,
+                     check["decision_agreement"], check["pass"])
+            if kept is not None:
+                (out / kept["trial"]).unlink(missing_ok=True)
+            kept = {**made, "trial": trial.name}
+            if check["pass"]:
+                break
+        if kept is None:
             (out / fname).unlink(missing_ok=True)
-            result[role] = {"int8_file": None, "error": str(exc)}
+            result[role] = {"int8_file": None, "error": tried[-1]["error"], "plans": tried}
             continue
+        (out / kept.pop("trial")).replace(out / fname)
         set_metadata(out / fname, _metadata(run, role, "int8-qdq"))
-        result[role] = {"int8_file": fname, "qdq_nodes": qdq}
+        result[role] = {"int8_file": fname, **kept, "plans": tried}
     return result
+
+
+def _int8_check(run: Run, role: str, fp32: Path, int8: Path, split: str, crit: dict[str, float]) -> dict[str, Any]:
+    """fp32 vs INT8 decisions on one split (parity.compare_int8, the criteria check_parity applies)."""
+    out_name = ROLES[role]["outputs"][0]
+    x = run.x(role, split)
+    return parity_mod.compare_int8(
+        "probs" if role == "predictor" else "score", parity_mod.run_model(fp32, x)[out_name],
+        parity_mod.run_model(int8, x)[out_name], run.y(split), n_classes=len(run.labels),
+        positive_index=run.positive_index, normal_index=run.normal_index,
+        ae_threshold=_ood_threshold(run, fp32) if role == "gate" else None, criteria=crit)
 
 
 # --- step 3: parity -------------------------------------------------------------------------------
@@ -301,7 +339,8 @@ def _torch_parity(run: Run, out: Path, role: str, exported: dict[str, Any], quan
             "probs" if role == "predictor" else "score", fp32_test, int8_test, y_test,
             n_classes=len(run.labels), positive_index=run.positive_index, normal_index=run.normal_index,
             ae_threshold=_ood_threshold(run, out / fp32_file) if role == "gate" else None, criteria=crit)
-        int8_report = {"file": int8_file, "qdq_nodes": quantized["qdq_nodes"], **int8_report}
+        int8_report = {"file": int8_file, "qdq_nodes": quantized["qdq_nodes"], "plan": quantized["plan"],
+                       "float_nodes": quantized["float_nodes"], "plans": quantized["plans"], **int8_report}
         latency["int8"] = parity_mod.latency_us(out / int8_file, x_test[0])
     elif quantized is not None:
         error = quantized.get("error")
