@@ -161,20 +161,23 @@ def init(data_dir: Path, out: Path, task: str | None, force: bool) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle directory to write.")
-@click.option("--int8/--no-int8", default=False, help="Also quantize to INT8 (static QDQ) and check parity.")
+@click.option("--int8/--no-int8", default=False, help="Also quantize to INT8 (static QDQ) and check parity; a role "
+              "runs INT8 when it passes parity and is faster single-sample on this machine.")
+@click.option("--prefer-int8", is_flag=True, help="Quantize (implies --int8) and run INT8 wherever it passes parity, "
+              "faster here or not: for a device whose CPU is not this one (an ARM core may run INT8 faster).")
 @click.option("--sign-key", type=click.Path(path_type=Path), default=None, help="Ed25519 private key (PEM).")
 @click.option("--target-error", type=click.FloatRange(0, 1, min_open=True), default=None,
               help="Largest error rate accepted on cases the device answers alone (overrides the recipe).")
 @click.option("--no-progress", is_flag=True, help="No progress bars.")
 @handle_errors
-def export(run_dir: Path, out: Path, int8: bool, sign_key: Path | None, target_error: float | None,
-           no_progress: bool) -> None:
+def export(run_dir: Path, out: Path, int8: bool, prefer_int8: bool, sign_key: Path | None,
+           target_error: float | None, no_progress: bool) -> None:
     """Export RUN_DIR to ONNX (and INT8), check parity, calibrate the gate, write a bundle."""
     require_extra("export")
     from edgekit.exporters.export.export import export as export_fn
 
     report = export_fn(run_dir, out, int8=int8, sign_key=sign_key, target_error=target_error,
-                       progress=not no_progress)
+                       progress=not no_progress, prefer_int8=prefer_int8)
     status = "passed" if report.get("passed", True) else "FAILED"
     click.echo(f"bundle written to {out} (parity {status}; see {out / 'parity.json'})")
 

@@ -153,12 +153,12 @@ def test_a_baseline_recipe_retrains_from_the_hubs_labels(baseline_runs, tmp_path
     them and `labels export` writes them, and training appends exactly those rows, relative as the models read
     them; a window deferred while the baseline was learned has none and is skipped, counted."""
     import csv
-    import sqlite3
     import time
 
     from edgekit.agent import Agent
     from edgekit.config import AgentConfig, validate
     from edgekit.errors import DataError
+    from edgekit.exporters.evaluation.review_load import outbox_messages
     from edgekit.exporters.training.train import train
     from edgekit.hub import export_labels
     from edgekit.hub.db import HubDB
@@ -173,9 +173,7 @@ def test_a_baseline_recipe_retrains_from_the_hubs_labels(baseline_runs, tmp_path
                    "tests/test_baseline.py")
     with Agent(cfg) as agent:
         agent.run(drain_timeout_s=0)
-    con = sqlite3.connect(outbox)
-    msgs = con.execute("select topic, payload from outbox order by id").fetchall()
-    con.close()
+    msgs = outbox_messages(outbox)
     reviews = [json.loads(p) for t, p in msgs if t.endswith("/review")]
     learning = [r for r in reviews if r["reasons"] == ["commissioning"]]
     judged = [r for r in reviews if "commissioning" not in r["reasons"]]

@@ -248,6 +248,8 @@ def test_parity_failures_are_results(mlp_bundle: tuple[Path, Path, dict], tmp_pa
         assert m["int8"]["pass"] is False and m["use"]["quantization"] == "fp32"
         assert "fails parity" in m["use"]["reason"] and m["pass"] is True
     assert (out / "predictor.int8.onnx").is_file()  # kept for inspection
+    preferred = check_parity(run, out, exported, quantized, criteria={"min_agreement": 1.01}, prefer_int8=True)
+    assert {preferred["models"][r]["use"]["quantization"] for r in ("predictor", "gate")} == {"fp32"}  # never unfit
     no_int8 = check_parity(run, out, exported, {})
     assert no_int8["models"]["predictor"]["use"] == {"file": "predictor.fp32.onnx", "quantization": "fp32",
                                                      "reason": "int8 not requested"}
@@ -357,6 +359,11 @@ def test_skab_mlp_with_steep_hinges_quantizes_within_parity(tmp_path: Path, data
     assert int8["pass"] is True, int8["fail_reasons"]
     assert int8["decision_agreement"] >= 0.98 and int8["metric_drop"] <= 0.01
     assert report["models"]["gate"]["int8"]["pass"] is True
+    # --prefer-int8: every role whose INT8 passes runs it, faster on this machine or not (the device is not it)
+    preferred = check_parity(run, out, exported, quantized, prefer_int8=True)["models"]
+    for role in ("predictor", "gate"):
+        assert preferred[role]["use"]["file"] == f"{'predictor' if role == 'predictor' else 'autoencoder'}.int8.onnx"
+        assert preferred[role]["use"]["reason"].startswith("int8 passes parity; preferred (--prefer-int8)")
 
 
 def test_spectral_cnn_bundle_runs_in_the_agent_pipeline(spectral_cnn_bundle: tuple[Path, Path, dict]) -> None:

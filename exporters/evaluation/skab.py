@@ -1,8 +1,9 @@
 """SKAB with the benchmark's own protocol, scored on what the shipped product decides (issue 14).
 
 `edgekit eval skab` trains the shipped recipe (edgekit/recipes/skab.toml, with its [baseline]) as `edgekit train`
-does, exports it as `edgekit export --int8 --sign-key` does (INT8 where it passes parity, else fp32, as export
-chooses; the table names the files used), and replays each fault file through a real
+does, exports it as `edgekit export --prefer-int8 --sign-key` does (each role's INT8 model wherever it passes
+parity, else fp32; the table names the files used: the INT8 bundle a device would run, not only the models
+faster on this machine), and replays each fault file through a real
 `Agent` (replay source, Windower, `Agent.process_many`, the outbox) started as a fresh device: it learns the
 machine's baseline from the file's first windows, those inside SKAB's 400 fit rows, deferring them as
 `commissioning`, and answers every later window. No model, rule or threshold exists only here.
@@ -77,6 +78,7 @@ class SkabEval:
     files: tuple[str, ...] = ()  # fault files ('valve1/1.csv', ...) to score; empty = every one
     epochs: int | None = None  # overrides the recipe's epochs (quick runs and tests only)
     folds: int = 2
+    prefer_int8: bool = True  # export --prefer-int8 (False: --int8, INT8 only where faster on this machine)
 
 
 def fault_files(names: Sequence[str] = ()) -> list[Path]:
@@ -124,7 +126,7 @@ def fold_files(recipe: Recipe, root: Path, scored: set[Path]) -> list[dict[str, 
 
 def _bundle(recipe_path: Path, recipe: Recipe, scored: list[Path], work: Path, cfg: SkabEval, fold: int,
             sign_key: Path) -> Path:
-    """Train the recipe on every file but `scored` (train's overrides) and export it INT8, signed."""
+    """Train the recipe on every file but `scored` (train's overrides) and export it INT8 (cfg.prefer_int8), signed."""
     from edgekit.exporters.export.export import export
     from edgekit.exporters.training.tasks import _resolve
     from edgekit.exporters.training.train import train
@@ -134,7 +136,7 @@ def _bundle(recipe_path: Path, recipe: Recipe, scored: list[Path], work: Path, c
     run = train(recipe_path, work / f"run-{fold}", epochs=cfg.epochs, progress=False,
                 overrides={"data.files": files})
     bundle = work / f"bundle-{fold}"
-    export(run, bundle, int8=True, sign_key=sign_key, progress=False)
+    export(run, bundle, int8=True, sign_key=sign_key, progress=False, prefer_int8=cfg.prefer_int8)
     return bundle
 
 

@@ -306,10 +306,11 @@ def _int8_check(run: Run, role: str, fp32: Path, int8: Path, split: str, crit: d
 
 
 def check_parity(run: Run, out: Path, exported: dict[str, Any], quantized: dict[str, Any],
-                 criteria: dict[str, float] | None = None) -> dict[str, Any]:
-    """The parity report; `models[role]['use']` names the file each role will run."""
+                 criteria: dict[str, float] | None = None, prefer_int8: bool = False) -> dict[str, Any]:
+    """The parity report; `models[role]['use']` names the file each role will run (parity.choose; with
+    `prefer_int8` INT8 wherever it passes parity, faster on this machine or not)."""
     crit = {**parity_mod.CRITERIA, **(criteria or {})}
-    models = {role: _torch_parity(run, out, role, exported[role], quantized.get(role), crit)
+    models = {role: _torch_parity(run, out, role, exported[role], quantized.get(role), crit, prefer_int8)
               for role in TORCH_ROLES}
     models["second_opinion"] = _second_opinion_parity(run, out, exported["second_opinion"], crit)
     passed = all(m["pass"] for m in models.values())
@@ -321,7 +322,7 @@ def check_parity(run: Run, out: Path, exported: dict[str, Any], quantized: dict[
 
 
 def _torch_parity(run: Run, out: Path, role: str, exported: dict[str, Any], quantized: dict[str, Any] | None,
-                  crit: dict[str, float]) -> dict[str, Any]:
+                  crit: dict[str, float], prefer_int8: bool = False) -> dict[str, Any]:
     """One torch role: torch vs fp32 ONNX, fp32 vs INT8 on the test split (when quantized), latency, and the
     file the role will use. It passes by its fp32 closeness; INT8 is used only when its own report passes."""
     fp32_file = exported["fp32_file"]
@@ -350,7 +351,7 @@ def _torch_parity(run: Run, out: Path, role: str, exported: dict[str, Any], quan
         report["heldout"] = {"metric": metric, "fp32": value}
     report["int8"] = int8_report
     report["latency_us"] = latency
-    report["use"] = _choose_file(role, fp32_file, quantized, int8_report, latency)
+    report["use"] = _choose_file(role, fp32_file, quantized, int8_report, latency, prefer_int8)
     report["pass"] = report["fp32"]["pass"]  # the used file passes: fp32 by closeness, int8 by its report
     return report
 
@@ -364,13 +365,13 @@ def _ood_threshold(run: Run, fp32_gate: Path) -> float:
 
 
 def _choose_file(role: str, fp32_file: str, quantized: dict[str, Any] | None, int8_report: dict[str, Any] | None,
-                 latency: dict[str, float | None]) -> dict[str, Any]:
+                 latency: dict[str, float | None], prefer_int8: bool = False) -> dict[str, Any]:
     if quantized is None:
         return {"file": fp32_file, "quantization": "fp32", "reason": "int8 not requested"}
     if not quantized.get("int8_file"):
         return {"file": fp32_file, "quantization": "fp32",
                 "reason": f"int8 quantization failed ({quantized.get('error')}); fp32 kept"}
-    return parity_mod.choose(role, fp32_file, quantized["int8_file"], int8_report, latency)
+    return parity_mod.choose(role, fp32_file, quantized["int8_file"], int8_report, latency, prefer_int8)
 
 
 def _second_opinion_parity(run: Run, out: Path, exported: dict[str, Any], crit: dict[str, float]) -> dict[str, Any]:
@@ -717,8 +718,10 @@ def write_bundle(run: Run, out: Path, parity: dict[str, Any], calibration: dict[
 
 
 def export(run_dir: Path, out: Path, *, int8: bool = True, sign_key: Path | None = None,
-           target_error: float | None = None, progress: bool = True) -> dict:
+           target_error: float | None = None, progress: bool = True, prefer_int8: bool = False) -> dict:
     """Export a run directory to a bundle at `out`; returns the parity report (also out/parity.json).
+    `prefer_int8` (implies `int8`): each role runs its INT8 model whenever it passes parity, even where it is
+    not faster on this machine (parity.choose).
 
     Raises ExportError when a file the bundle uses fails parity (torch vs ONNX fp32 always counts).
     """
@@ -742,10 +745,10 @@ def export(run_dir: Path, out: Path, *, int8: bool = True, sign_key: Path | None
     exported = export_onnx(run, out)
     steps.update()
     steps.set_postfix_str("int8")
-    quantized = quantize_models(run, out, exported) if int8 else {}
+    quantized = quantize_models(run, out, exported) if int8 or prefer_int8 else {}
     steps.update()
     steps.set_postfix_str("parity")
-    parity = check_parity(run, out, exported, quantized)
+    parity = check_parity(run, out, exported, quantized, prefer_int8=prefer_int8)
     steps.update()
     failed = [r for r, m in parity["models"].items() if not m["pass"]]
     if failed:

@@ -116,14 +116,20 @@ def compare_int8(kind: str, fp32_out: np.ndarray, int8_out: np.ndarray, y: np.nd
 
 
 def choose(role: str, fp32_file: str, int8_file: str | None, int8_report: dict[str, Any] | None,
-           latency: dict[str, float | None]) -> dict[str, str]:
-    """INT8 only when it exists, passes parity and is faster single-sample; otherwise fp32, with the reason."""
+           latency: dict[str, float | None], prefer_int8: bool = False) -> dict[str, str]:
+    """INT8 only when it exists, passes parity and is faster single-sample; otherwise fp32, with the reason.
+    `prefer_int8`: INT8 whenever it passes parity, faster here or not (the device's CPU is not the export
+    host's: an ARM core with dot-product instructions may run INT8 faster where this one does not)."""
     if int8_file is None or int8_report is None:
         return {"file": fp32_file, "quantization": "fp32", "reason": "int8 not requested or not produced"}
     if not int8_report.get("pass", False):
         why = "; ".join(int8_report.get("fail_reasons") or [str(int8_report.get("error", "failed"))])
         return {"file": fp32_file, "quantization": "fp32", "reason": f"int8 fails parity ({why}); fp32 kept"}
     t32, t8 = latency.get("fp32"), latency.get("int8")
+    if prefer_int8:
+        timed = f" ({t8:.1f} us vs {t32:.1f} us fp32 here)" if t32 is not None and t8 is not None else ""
+        return {"file": int8_file, "quantization": "int8-qdq",
+                "reason": f"int8 passes parity; preferred (--prefer-int8){timed}"}
     if t32 is not None and t8 is not None and t8 >= t32:
         return {"file": fp32_file, "quantization": "fp32",
                 "reason": f"int8 passes parity but is not faster ({t8:.1f} us vs {t32:.1f} us fp32, "
