@@ -33,11 +33,13 @@ SEVERITY = {
     "commissioning": 0.1,  # the device is still learning its baseline: expected, rarely urgent
 }
 UNKNOWN_SEVERITY = 0.5
-# Deferred for these reasons alone, a window was deferred while the device learned its baseline: no judgement
-# of the model, so such windows are an incident of their own (`Incident.learning`: never mixed with judged
-# windows), ranked after every other and not waiting for a label (a person may look to confirm the machine was
-# healthy then; a label there trains no baseline model: it has no features relative to a baseline), and the
-# review loop's rates and the hub's deferral budget leave them out.
+# A window deferred with one of these reasons came while the device learned its baseline: no judgement of the
+# model. The windows of a commissioning are incidents of their own, never mixed with the judged windows after
+# them. Deferred for these reasons alone (`Incident.learning`: every window so), an incident is ranked after
+# every other and waits for no label (a person may look to confirm the machine was healthy then; a label there
+# trains no baseline model: it has no features relative to a baseline); one where the envelope also named a
+# channel (a sensor stuck or out of range while the baseline was learned on it) waits like any other. The
+# review loop's rates and the hub's deferral budget leave learning windows out.
 LEARNING = frozenset({"commissioning"})
 # score key -> (threshold key, rule): "max" fails above the threshold, "min" below it (edgekit/gate.py).
 RISK_RULES = {"ood": ("ood_max_score", "max"), "confidence": ("min_confidence", "min"),
@@ -112,6 +114,11 @@ def learning_only(reasons: Iterable[str]) -> bool:
     return bool(kinds) and kinds <= LEARNING
 
 
+def commissioning(reasons: Iterable[str]) -> bool:
+    """Whether a deferred window came while its device learned its baseline (a LEARNING reason among others)."""
+    return any(reason_kind(r) in LEARNING for r in reasons)
+
+
 def severity(reasons: Iterable[str]) -> float:
     return max((SEVERITY.get(reason_kind(r), UNKNOWN_SEVERITY) for r in reasons), default=0.0)
 
@@ -133,7 +140,7 @@ def group(windows: Iterable[Deferred], gap_s: float = DEFAULT_GAP_S) -> list[Inc
     """The incidents of `windows` (any devices, any order): per (site, device), windows sorted by start then
     id; a window joins the open incident when it starts at most `gap_s` after the latest end so far (an
     overlap starts before it) and is as the incident's windows are, deferred while a baseline was learned
-    (learning_only) or not; else it opens the next. A window without times, or `alone`, is an incident of
+    (`commissioning`) or not; else it opens the next. A window without times, or `alone`, is an incident of
     its own.
     Every window is in exactly one incident. Returned per device in sensor time order, devices sorted."""
     if not (gap_s >= 0 and math.isfinite(gap_s)):
@@ -153,7 +160,7 @@ def group(windows: Iterable[Deferred], gap_s: float = DEFAULT_GAP_S) -> list[Inc
         run_learning = False
         for w in rows:
             assert w.start_s is not None and w.end_s is not None
-            learning = learning_only(w.reasons)
+            learning = commissioning(w.reasons)
             if run and (w.start_s > end + gap_s or learning != run_learning):
                 out.append(_incident(run))
                 run, end = [], -math.inf

@@ -82,10 +82,16 @@ def test_a_baseline_being_learned_is_an_incident_of_its_own_ranked_last() -> Non
     """A device's first windows, deferred while it learned its baseline, never share an incident with the
     judged windows right after them (a person would label both as one), and come after every other."""
     learn = [win(i, 4.0 * i, reasons=("commissioning",), scores={}) for i in range(5)]
-    judged = [win(5, 20.0), win(6, 24.0, reasons=("commissioning", "stuck:Current"))]  # overlapping the last
+    judged = [win(5, 20.0), win(6, 24.0)]  # overlapping the last learning one
     found = group(learn + judged, gap_s=60.0)
     assert [(inc.window_ids, inc.learning) for inc in found] == [
         (tuple(w.id for w in learn), True), (tuple(w.id for w in judged), False)]
+    # a channel named while the baseline was learned: one commissioning incident still, and it waits (not
+    # learning alone), at the envelope reason's severity
+    named = win(2, 8.0, reasons=("commissioning", "stuck:Current"), scores={})
+    first, second = group([*learn[:2], named, *learn[3:], *judged], gap_s=60.0)
+    assert first.windows == 5 and not first.learning and first.severity == incidents.SEVERITY["stuck"]
+    assert second.window_ids == tuple(w.id for w in judged)
     old_learning = group([win(9, 0.0, device="b", reasons=("commissioning",), scores={}, received_at=0.0)])[0]
     fresh_doubt = group([win(8, 0.0, device="c", reasons=("low_confidence",), scores={"confidence": 0.79},
                              received_at=1e6)])[0]
