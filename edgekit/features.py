@@ -402,6 +402,8 @@ class SpectralFeatures:
         self.per_channel = tuple(params.per_channel())
         self._time = [TIME_STATS.index(s) for s in params.time]
         self._spectral = [SPECTRAL_STATS.index(s) for s in params.spectral]
+        # the time statistics that need the window's moments (its mean-removed powers), and the spectrum
+        self._moments = bool(set(self._time) - set(_LEVEL_STATS))
         self._plans: dict[tuple[int, float], _SpectralPlan] = {}
 
     def names(self, channels: Sequence[str]) -> list[str]:
@@ -426,6 +428,11 @@ class SpectralFeatures:
         plan = self.plan(size, rate_hz)
         x = np.ascontiguousarray(x.transpose(0, 2, 1))  # (n, C, size)
         f = np.zeros((len(self.per_channel), n, c))  # one row per feature, in per_channel order
+        if plan.bands is None and not self._spectral and plan.carrier is None and not self._moments:
+            t = np.zeros((len(TIME_STATS), n, c))  # mean, peak and ptp only (SKAB's means: a third of the time)
+            _level_stats(x, t)
+            f[:] = t[self._time]
+            return _channel_major(f, n, c)
         xc, ok = self._time_stats(x, f)
         row = len(self._time)
         if plan.bands is None and not self._spectral and plan.carrier is None:
@@ -461,10 +468,7 @@ class SpectralFeatures:
         n, c, size = x.shape
         t = np.zeros((len(TIME_STATS), n, c))  # TIME_STATS order
         mean, std, rms, peak, ptp = t[:5]
-        _add(x, 2, out=mean)
-        mean /= size
-        mn, mx = _min(x, 2), _max(x, 2)
-        np.subtract(mx, mn, out=ptp)
+        mn, mx = _level_stats(x, t)
         buf = np.empty((5, n, c, size))
         xc = np.subtract(x, mean[..., None], out=buf[0])
         np.multiply(xc, xc, out=buf[3])
@@ -474,7 +478,6 @@ class SpectralFeatures:
         sums = _add(buf[1:], 3)  # (4, n, c): sums of xc^4, xc^3, xc^2, x^2
         sums /= size  # 4th and 3rd central moments, variance, mean square
         np.sqrt(sums[2:], out=t[1:3])  # std, rms
-        np.maximum(mx - mean, mean - mn, out=peak)
         ok = std > _FLAT_RTOL * np.maximum(mx, -mn)
         var = sums[2]
         num, den = np.empty((2, 3, n, c))  # crest, kurtosis, skewness = num / den
@@ -517,6 +520,23 @@ class SpectralFeatures:
         if 3 in self._spectral:
             s[3] = plan.freqs[ac.argmax(axis=2)]
         out[...] = s[self._spectral]
+
+
+# TIME_STATS that need no moment of the window: its level and extremes
+_LEVEL_STATS = tuple(TIME_STATS.index(s) for s in ("mean", "peak", "ptp"))
+
+
+def _level_stats(x: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """x (n, C, size) -> mean, peak and ptp into t's TIME_STATS rows (the same arithmetic whether or not the
+    moments follow); returns the window minima and maxima."""
+    size = x.shape[2]
+    mean, peak, ptp = t[0], t[3], t[4]
+    _add(x, 2, out=mean)
+    mean /= size
+    mn, mx = _min(x, 2), _max(x, 2)
+    np.subtract(mx, mn, out=ptp)
+    np.maximum(mx - mean, mean - mn, out=peak)
+    return mn, mx
 
 
 def _channel_major(f: np.ndarray, n: int, c: int) -> np.ndarray:
