@@ -27,7 +27,7 @@ from rolloutfactory import variant
 from streamfactory import signal, write_csv
 from test_credentials import Client
 from test_rollout_fleet import _rollouts, _wait
-from test_transport import _tls_files, wait_for
+from test_transport import _tls_files, production_broker, wait_for
 
 from edgekit import topics
 from edgekit.agent import Agent, Summary
@@ -43,7 +43,6 @@ from edgekit.mqtt import MqttSecurity
 
 pytestmark = [pytest.mark.broker, pytest.mark.torch, pytest.mark.slow]
 
-DEPLOY = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
 SITE = "plant"
 DEVICES = ("edge-1", "edge-2")
 RATE_HZ = 1000.0  # the stream bundle's (tests/conftest.py stream_bundle)
@@ -55,21 +54,7 @@ def _shipped_broker(workdir: Path, tls: dict[str, Path]) -> tuple[Mosquitto, int
     there): the devices' TLS listener (returned) and the hub's loopback listener (the broker's .port)."""
     if installed() is None:
         pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
-    conf = (DEPLOY / "production.conf").read_text()
-    broker = Mosquitto(workdir / "broker")
-    tls_port = free_port()
-    (workdir / "broker" / "data").mkdir()
-    for old, new in (("/var/lib/mosquitto/", f"{workdir}/broker/data/"),
-                     ("/etc/mosquitto/passwd", str(workdir / "passwd")), ("/etc/mosquitto/acl", str(workdir / "acl")),
-                     ("listener 1883 127.0.0.1", f"listener {broker.port} 127.0.0.1"),
-                     ("listener 8883\n", f"listener {tls_port} 127.0.0.1\n"),
-                     ("/etc/mosquitto/certs/ca.crt", str(tls["ca"])),
-                     ("/etc/mosquitto/certs/server.crt", str(tls["cert"])),
-                     ("/etc/mosquitto/certs/server.key", str(tls["key"]))):
-        assert old in conf, old
-        conf = conf.replace(old, new)
-    broker.conf.write_text(conf + "user root\n")  # root in CI: keep it, so the tmp dir stays writable
-    return broker, tls_port
+    return production_broker(workdir, tls)
 
 
 class TlsProxy:

@@ -366,20 +366,20 @@ def _tls_files(workdir: Path) -> dict[str, Path]:
     return files
 
 
-@pytest.mark.broker
-def test_production_config_authenticates_and_enforces_acl(tmp_path: Path) -> None:
-    """deploy/mosquitto/production.conf as shipped, paths and ports moved: devices over TLS, hub on loopback."""
-    deploy = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
-    conf = (deploy / "production.conf").read_text()
-    broker = Mosquitto(tmp_path / "prod")
+DEPLOY_MOSQUITTO = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto"
+
+
+def production_broker(workdir: Path, tls: dict[str, Path]) -> tuple[Mosquitto, int]:
+    """deploy/mosquitto/production.conf as shipped, its paths and ports moved into `workdir` (its passwd and acl
+    files there, its data in workdir/broker/data): the devices' TLS listener (its port returned) and the hub's
+    loopback listener (the broker's .port)."""
+    conf = (DEPLOY_MOSQUITTO / "production.conf").read_text()
+    broker = Mosquitto(workdir / "broker")
     tls_port = free_port()
-    (tmp_path / "prod" / "data").mkdir()
-    acl = tmp_path / "prod" / "acl"
-    acl.write_text((deploy / "acl.example").read_text())
-    passwd = _password_file(tmp_path / "prod" / "passwd", {"hub": "hubpw", DEVICE: "devpw", "pump8": "pw8"})
-    tls = _tls_files(tmp_path / "prod")
-    for old, new in (("/var/lib/mosquitto/", f"{tmp_path}/prod/data/"), ("/etc/mosquitto/passwd", str(passwd)),
-                     ("/etc/mosquitto/acl", str(acl)), ("listener 1883 127.0.0.1", f"listener {broker.port} 127.0.0.1"),
+    (workdir / "broker" / "data").mkdir(parents=True)
+    for old, new in (("/var/lib/mosquitto/", f"{workdir}/broker/data/"),
+                     ("/etc/mosquitto/passwd", str(workdir / "passwd")), ("/etc/mosquitto/acl", str(workdir / "acl")),
+                     ("listener 1883 127.0.0.1", f"listener {broker.port} 127.0.0.1"),
                      ("listener 8883\n", f"listener {tls_port} 127.0.0.1\n"),
                      ("/etc/mosquitto/certs/ca.crt", str(tls["ca"])),
                      ("/etc/mosquitto/certs/server.crt", str(tls["cert"])),
@@ -387,6 +387,17 @@ def test_production_config_authenticates_and_enforces_acl(tmp_path: Path) -> Non
         assert old in conf, old
         conf = conf.replace(old, new)
     broker.conf.write_text(conf + "user root\n")  # root in CI: keep it, so the tmp dir stays writable
+    return broker, tls_port
+
+
+@pytest.mark.broker
+def test_production_config_authenticates_and_enforces_acl(tmp_path: Path) -> None:
+    """deploy/mosquitto/production.conf as shipped, paths and ports moved: devices over TLS, hub on loopback."""
+    (tmp_path / "prod").mkdir()
+    (tmp_path / "prod" / "acl").write_text((DEPLOY_MOSQUITTO / "acl.example").read_text())
+    _password_file(tmp_path / "prod" / "passwd", {"hub": "hubpw", DEVICE: "devpw", "pump8": "pw8"})
+    tls = _tls_files(tmp_path / "prod")
+    broker, tls_port = production_broker(tmp_path / "prod", tls)
     device_url = f"mqtts://127.0.0.1:{tls_port}"
     with broker:
         hub = Subscriber(broker.port, client_id="prod-hub", username="hub", password="hubpw")
