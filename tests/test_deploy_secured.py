@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from rolloutfactory import variant
 from streamfactory import signal, write_csv
 from test_credentials import Client
-from test_rollout_fleet import _rollouts, _wait
+from test_rollout_fleet import _rollouts, _wait, wait_all_stored
 from test_transport import _tls_files, production_broker, wait_for
 
 from edgekit import topics
@@ -286,12 +286,7 @@ def _rejected_statuses(text: str) -> float:
 def _check_results(db: HubDB, summaries: dict[str, Summary]) -> None:
     """Every window each agent made is stored once: as many rows as windows, contiguous sequence numbers,
     received without a pause, v1's results then v2's."""
-    def stored() -> bool:
-        with db.engine.connect() as conn:
-            n = conn.execute(sa.select(sa.func.count()).select_from(results)).scalar_one()
-        return n == sum(s.windows for s in summaries.values())
-
-    _wait(stored, 60)
+    wait_all_stored(db, summaries)
     with db.engine.connect() as conn:
         rows = conn.execute(sa.select(results.c.device, results.c.seq, results.c.received_at, results.c.model_version)
                             .order_by(results.c.device, results.c.seq)).all()

@@ -159,17 +159,21 @@ def test_rollout_canary_then_rest_rollback_and_refusal_with_results_flowing(stre
         hub.join(30)
 
 
-def _check_results(db: HubDB, summaries: dict[str, Summary]) -> None:
-    """Every window each agent made reached the hub once: ids, one hop of sensor time apart, in the order the
-    bundles ran, never long apart in the agent's clock or the hub's."""
-    hop_s = HOP / RATE_HZ
-
+def wait_all_stored(db: HubDB, summaries: dict[str, Summary], timeout_s: float = 60) -> None:
+    """Until the hub holds as many results as the agents made windows (each stored once: ids are unique)."""
     def stored() -> bool:
         with db.engine.connect() as conn:
             n = conn.execute(sa.select(sa.func.count()).select_from(results)).scalar_one()
         return n == sum(s.windows for s in summaries.values())
 
-    _wait(stored, 60)
+    _wait(stored, timeout_s)
+
+
+def _check_results(db: HubDB, summaries: dict[str, Summary]) -> None:
+    """Every window each agent made reached the hub once: ids, one hop of sensor time apart, in the order the
+    bundles ran, never long apart in the agent's clock or the hub's."""
+    hop_s = HOP / RATE_HZ
+    wait_all_stored(db, summaries)
     with db.engine.connect() as conn:
         rows = conn.execute(sa.select(results.c.device, results.c.seq, results.c.window_start_s, results.c.ts,
                                       results.c.received_at, results.c.model_version)
