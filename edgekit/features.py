@@ -429,7 +429,7 @@ class SpectralFeatures:
         x = np.ascontiguousarray(x.transpose(0, 2, 1))  # (n, C, size)
         f = np.zeros((len(self.per_channel), n, c))  # one row per feature, in per_channel order
         if plan.bands is None and not self._spectral and plan.carrier is None and not self._moments:
-            t = np.zeros((len(TIME_STATS), n, c))  # mean, peak and ptp only (SKAB's means: a third of the time)
+            t = np.zeros((len(TIME_STATS), n, c))  # mean, peak and ptp only: no moments to compute
             _level_stats(x, t)
             f[:] = t[self._time]
             return _channel_major(f, n, c)

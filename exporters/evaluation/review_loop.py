@@ -93,10 +93,9 @@ def review_round(db: Any, bundle: Path, pool: list[review_load.Recording], work:
         outbox = review_load.outbox_path(work, bundle, rec.path)
         db.store(to_batch(review_load.outbox_messages(outbox), time.time()))
         outbox.unlink(missing_ok=True)
-    # the hub's queue without the incidents of a baseline being learned (they wait for no label: the hub's
-    # default queue leaves them out, and their windows carry no features relative to a baseline to train on)
-    queue = [i for i in db.incidents(status="all")["incidents"]
-             if i["device"].startswith(f"r{round_}-") and not i["learning"]]
+    # the hub's default queue: this round's devices are new, so every incident waiting for a label (not those of
+    # a baseline being learned: their windows carry no features relative to a baseline to train on)
+    queue = [i for i in db.incidents(status="unlabelled")["incidents"] if i["device"].startswith(f"r{round_}-")]
     used = {"incidents": 0, "incident_windows": 0, "relabelled": 0, "queue": len(queue)}
     for inc in queue:
         if used["incidents"] >= k:
